@@ -1,0 +1,47 @@
+# One venv for everything; every target that needs it depends on it, so
+# `make demo` and `make test` work on a fresh machine with no other step.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench lint format deploy clean emulators-check
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+emulators-check:
+	@bash scripts/check_emulators.sh
+
+test: venv emulators-check
+	$(VENV)/bin/ruff check shared functions infra tests bench
+	$(VENV)/bin/pytest -q
+
+demo: venv emulators-check
+	$(VENV)/bin/l2cache demo
+
+bench: venv emulators-check
+	for b in $(BENCHES); do $(PY) $$b || exit 1; done
+
+BENCHES := bench/features.py
+
+lint: venv
+	$(VENV)/bin/ruff check shared functions infra tests bench
+	$(VENV)/bin/ruff format --check shared functions infra tests bench
+
+format: venv
+	$(VENV)/bin/ruff format shared functions infra tests bench
+	$(VENV)/bin/ruff check --fix shared functions infra tests bench
+
+deploy: venv
+	cd infra && pulumi up
+
+clean:
+	rm -rf $(VENV) var .pytest_cache
