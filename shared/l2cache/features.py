@@ -9,7 +9,8 @@ Semantics (DESIGN.md section 4, comparable with the existing L2 cache):
 - EDT of the L2 label volume (anisotropic, ``black_border=False``), truncated to whole
   nm; ``max_dt_nm`` its max and ``mean_dt_nm`` its float64 mean cast to float16.
   A node whose voxels see no other label anywhere in the chunk has infinite distance;
-  it saturates at 65,535 nm (the u16 limit) before any statistic.
+  it saturates at 65,535 nm (the u16 limit) before any statistic, and a float16 mean
+  saturates at 65,504 (the float16 max) instead of becoming inf.
 - ``rep_coord_nm``: chunk-relative index of the voxel maximising
   ``dt * (1 - d / max(d))`` (d: nm from the node's voxel centroid; weight 1 where
   ``max(d) == 0``), first in C (x-major) order on ties.
@@ -36,6 +37,7 @@ from .attributes import BY_NAME, saturate
 
 PCA_MIN_SIZE_NM3 = 1e7  # 0.01 um^3
 PCA_SAMPLE_CAP = 10_000  # the old service's subsample size, kept for comparable pca_val
+F16_MAX = float(np.finfo(np.float16).max)  # 65,504: saturate, never cast to inf
 
 FEATURE_KEYS = ("l2id",) + tuple(BY_NAME)
 
@@ -136,7 +138,7 @@ def compute_features(
         "size_nm3": saturate(n, np.uint32).astype("<u4"),
         "area_nm2": saturate(area, np.uint32).astype("<u4"),
         "max_dt_nm": saturate(dt_max[sel], np.uint16).astype("<u2"),
-        "mean_dt_nm": (dt_sum[sel] / n).astype("<f2"),
+        "mean_dt_nm": np.minimum(dt_sum[sel] / n, F16_MAX).astype("<f2"),
         "rep_coord_nm": saturate(rep[sel], np.uint16).astype("<u2"),
         "chunk_intersect_count": saturate(contacts[sel], np.uint16).astype("<u2"),
         "pca": pca,
