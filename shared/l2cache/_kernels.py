@@ -184,37 +184,46 @@ def second_pass(dense, wanted, centroid, res, perm):
     """Centred second moments (nm^2) and squared max distance (nm) from the centroid.
 
     Centring here (instead of raw moments) keeps the covariance exact to float64
-    rounding however far the chunk sits from the origin.
+    rounding however far the chunk sits from the origin. Scalars only in the loop:
+    small temporary arrays there cost ~50 % more time.
     """
     n0, n1, n2 = dense.shape
     n_labels = centroid.shape[0]
-    moments = np.zeros((n_labels, 3, 3), dtype=np.float64)
+    moments = np.zeros((n_labels, 6), dtype=np.float64)  # xx, xy, xz, yy, yz, zz
     max_d2 = np.zeros(n_labels, dtype=np.float64)
-    c = np.zeros(3, dtype=np.float64)
-    idx = np.zeros(3, dtype=np.int64)
-    p0, p1, p2 = perm[0], perm[1], perm[2]
+    rev = perm[0] == 2
+    rx, ry, rz = res[0], res[1], res[2]
     for i in range(n0):
         for j in range(n1):
             for k in range(n2):
                 a = dense[i, j, k]
                 if a == 0 or not wanted[a]:
                     continue
-                idx[p0] = i
-                idx[p1] = j
-                idx[p2] = k
-                for ax in range(3):
-                    c[ax] = (idx[ax] - centroid[a, ax]) * res[ax]
-                d2 = c[0] * c[0] + c[1] * c[1] + c[2] * c[2]
+                if rev:
+                    x, z = k, i
+                else:
+                    x, z = i, k
+                cx = (x - centroid[a, 0]) * rx
+                cy = (j - centroid[a, 1]) * ry
+                cz = (z - centroid[a, 2]) * rz
+                d2 = cx * cx + cy * cy + cz * cz
                 if d2 > max_d2[a]:
                     max_d2[a] = d2
-                for r in range(3):
-                    for s in range(r, 3):
-                        moments[a, r, s] += c[r] * c[s]
+                moments[a, 0] += cx * cx
+                moments[a, 1] += cx * cy
+                moments[a, 2] += cx * cz
+                moments[a, 3] += cy * cy
+                moments[a, 4] += cy * cz
+                moments[a, 5] += cz * cz
+    full = np.empty((n_labels, 3, 3), dtype=np.float64)
     for a in range(n_labels):
-        for r in range(3):
-            for s in range(r):
-                moments[a, r, s] = moments[a, s, r]
-    return moments, max_d2
+        full[a, 0, 0] = moments[a, 0]
+        full[a, 0, 1] = full[a, 1, 0] = moments[a, 1]
+        full[a, 0, 2] = full[a, 2, 0] = moments[a, 2]
+        full[a, 1, 1] = moments[a, 3]
+        full[a, 1, 2] = full[a, 2, 1] = moments[a, 4]
+        full[a, 2, 2] = moments[a, 5]
+    return full, max_d2
 
 
 @njit(cache=True, nogil=True)
@@ -228,10 +237,8 @@ def representative_pass(dense, dt, wanted, centroid, max_d, res, perm, shape_xyz
     n_labels = centroid.shape[0]
     best = np.full(n_labels, -1.0, dtype=np.float64)
     best_flat = np.full(n_labels, -1, dtype=np.int64)
-    best_idx = np.zeros((n_labels, 3), dtype=np.int64)
-    c = np.zeros(3, dtype=np.float64)
-    idx = np.zeros(3, dtype=np.int64)
-    p0, p1, p2 = perm[0], perm[1], perm[2]
+    rev = perm[0] == 2
+    rx, ry, rz = res[0], res[1], res[2]
     ny, nz = shape_xyz[1], shape_xyz[2]
     for i in range(n0):
         for j in range(n1):
@@ -239,25 +246,31 @@ def representative_pass(dense, dt, wanted, centroid, max_d, res, perm, shape_xyz
                 a = dense[i, j, k]
                 if a == 0 or not wanted[a]:
                     continue
-                idx[p0] = i
-                idx[p1] = j
-                idx[p2] = k
+                if rev:
+                    x, z = k, i
+                else:
+                    x, z = i, k
                 t = dt[i, j, k]
                 if not t < DT_CLIP:
                     t = DT_CLIP
                 t = np.floor(t)
-                if max_d[a] > 0:
-                    for ax in range(3):
-                        c[ax] = (idx[ax] - centroid[a, ax]) * res[ax]
-                    d = np.sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2])
-                    score = t * (1.0 - d / max_d[a])
+                m = max_d[a]
+                if m > 0:
+                    cx = (x - centroid[a, 0]) * rx
+                    cy = (j - centroid[a, 1]) * ry
+                    cz = (z - centroid[a, 2]) * rz
+                    score = t * (1.0 - np.sqrt(cx * cx + cy * cy + cz * cz) / m)
                 else:
                     score = t
-                flat = (idx[0] * ny + idx[1]) * nz + idx[2]
+                flat = (x * ny + j) * nz + z
                 if score > best[a] or (score == best[a] and flat < best_flat[a]):
                     best[a] = score
                     best_flat[a] = flat
-                    best_idx[a, 0] = idx[0]
-                    best_idx[a, 1] = idx[1]
-                    best_idx[a, 2] = idx[2]
+    best_idx = np.zeros((n_labels, 3), dtype=np.int64)
+    for a in range(n_labels):
+        f = best_flat[a]
+        if f >= 0:
+            best_idx[a, 0] = f // (ny * nz)
+            best_idx[a, 1] = (f // nz) % ny
+            best_idx[a, 2] = f % nz
     return best_idx
