@@ -14,14 +14,14 @@ Two row flavours are served:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from google.cloud.bigtable import column_family, row_filters
-from google.cloud.bigtable.row_set import RowSet
+from google.cloud.bigtable import column_family
 
 from . import ids as idlib
 from .attributes import (
@@ -29,13 +29,16 @@ from .attributes import (
     ATTRIBUTES,
     BY_NAME,
     FEATURE_FAMILY,
+    LEGACY_REP_COORD_DTYPE,
     LINEAGE_FAMILY,
     LINEAGE_RUN_COLUMN,
-    decode_cell,
     encode_column,
 )
+from .bigtable_client import RowReader
 from .config import DatasetConfig
 from .lineage import Lineage
+
+log = logging.getLogger(__name__)
 
 WRITE_BATCH = 2_000
 READ_BATCH = 2_500
@@ -76,6 +79,7 @@ class CacheStore:
     def __init__(self, table, dataset: DatasetConfig) -> None:
         self.table = table
         self.dataset = dataset
+        self._reader: RowReader | None = None
 
     # -- writing ---------------------------------------------------------------
     def write_features(self, features: dict[str, np.ndarray], lineage: Lineage) -> int:
@@ -125,74 +129,54 @@ class CacheStore:
         raise StoreWriteError(errors)
 
     # -- reading ---------------------------------------------------------------
+    @property
+    def reader(self) -> RowReader:
+        if self._reader is None:
+            self._reader = RowReader(self.table.name)
+        return self._reader
+
     def read_raw(self, l2ids) -> dict[int, dict[str, dict[bytes, bytes]]]:
         """Newest cell bytes per family and column, for byte-level checks and tools."""
         out: dict[int, dict[str, dict[bytes, bytes]]] = {}
-        filt = row_filters.CellsColumnLimitFilter(1)
-        for rows in self._read_batches(idlib.as_uint64(l2ids), filt):
-            for row in rows:
-                out[int(row.row_key)] = {
-                    fam: {col: cells[0].value for col, cells in cols.items()}
-                    for fam, cols in row.cells.items()
-                }
+        for rows in self._read_batches(idlib.as_uint64(l2ids), None, None):
+            out.update({int(k): v for k, v in rows.items()})
         return out
 
     def read_features(
         self, l2ids, attribute_names: Sequence[str] | None = None
     ) -> dict[int, dict[str, Any]]:
-        """Features of the ids that have rows, in API units, JSON-ready.
+        """Features of the layer-2 ids that have rows, in API units, JSON-ready.
 
         Missing ids are absent from the result. Raises ``KeyError`` for an unknown
-        attribute name (the lookup turns that into a 400 before reading).
+        attribute name (the lookup turns that into a 400 before reading). Decoding is
+        per attribute over all rows at once (one ``frombuffer`` per attribute), not
+        per cell.
         """
         names = list(attribute_names) if attribute_names else list(ATTRIBUTE_NAMES)
         for name in names:
             if name not in BY_NAME:
                 raise KeyError(name)
         ids = np.unique(idlib.as_uint64(l2ids))
-        layer = idlib.get_layer(ids)
-        ids = ids[layer == 2]
+        ids = ids[idlib.get_layer(ids) == 2]
         if ids.size == 0:
             return {}
-        qualifiers = "|".join(sorted(names))
-        filt = row_filters.RowFilterChain(
-            [
-                row_filters.CellsColumnLimitFilter(1),
-                row_filters.RowFilterUnion(
-                    [
-                        row_filters.RowFilterChain(
-                            [
-                                row_filters.FamilyNameRegexFilter(FEATURE_FAMILY),
-                                row_filters.ColumnQualifierRegexFilter(
-                                    f"^({qualifiers})$".encode()
-                                ),
-                            ]
-                        ),
-                        row_filters.RowFilterChain(
-                            [
-                                row_filters.FamilyNameRegexFilter(LINEAGE_FAMILY),
-                                row_filters.ColumnQualifierRegexFilter(b"^run$"),
-                            ]
-                        ),
-                    ]
-                ),
-            ]
-        )
-        result: dict[int, dict[str, Any]] = {}
-        for rows in self._read_batches(ids, filt):
-            self._decode_rows(rows, names, result)
-        return result
+        families = [FEATURE_FAMILY, LINEAGE_FAMILY]
+        qualifiers = {
+            FEATURE_FAMILY: [n.encode() for n in names],
+            LINEAGE_FAMILY: [LINEAGE_RUN_COLUMN],
+        }
+        rows: dict[bytes, dict] = {}
+        for part in self._read_batches(ids, families, qualifiers):
+            rows.update(part)
+        return self._decode(rows, names)
 
-    def _read_batches(self, ids: np.ndarray, filt):
+    def _read_batches(self, ids: np.ndarray, families, qualifiers):
         """Read ``ids`` in concurrent batches; yields each batch's rows."""
         keys = idlib.row_keys(ids)
         batches = [keys[i : i + READ_BATCH] for i in range(0, len(keys), READ_BATCH)]
 
-        def read(batch: list[bytes]) -> list:
-            row_set = RowSet()
-            for key in batch:
-                row_set.add_row_key(key)
-            return list(self.table.read_rows(row_set=row_set, filter_=filt))
+        def read(batch: list[bytes]) -> dict:
+            return self.reader.read(batch, families, qualifiers)
 
         if len(batches) <= 1:
             yield from (read(b) for b in batches)
@@ -200,43 +184,62 @@ class CacheStore:
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(batches))) as pool:
             yield from pool.map(read, batches)
 
-    def _decode_rows(self, rows: list, names: list[str], result: dict[int, dict[str, Any]]) -> None:
-        if not rows:
-            return
-        ds = self.dataset
-        res = np.asarray(ds.resolution, dtype=np.float64)
-        for row in rows:
-            node = int(row.row_key)
-            feats = row.cells.get(FEATURE_FAMILY, {})
-            if not feats:
-                continue
-            ours = LINEAGE_RUN_COLUMN in row.cells.get(LINEAGE_FAMILY, {})
-            entry: dict[str, Any] = {}
-            for name in names:
-                cells = feats.get(name.encode())
-                if not cells:
-                    continue
-                value = decode_cell(BY_NAME[name], cells[0].value)
-                if value is None:
-                    continue  # empty pca/pca_val: omitted, as the existing service does
-                entry[name] = self._api_value(name, value, node, ours, res)
-            result[node] = entry
+    def _decode(self, rows: dict[bytes, dict], names: list[str]) -> dict[int, dict[str, Any]]:
+        feature_rows = [(k, r[FEATURE_FAMILY]) for k, r in rows.items() if r.get(FEATURE_FAMILY)]
+        if not feature_rows:
+            return {}
+        nodes = np.array([int(k) for k, _ in feature_rows], dtype=np.uint64)
+        ours = np.array(
+            [LINEAGE_RUN_COLUMN in rows[k].get(LINEAGE_FAMILY, {}) for k, _ in feature_rows]
+        )
+        result: dict[int, dict[str, Any]] = {int(n): {} for n in nodes.tolist()}
+        keys = list(result)
+        for name in names:
+            attr = BY_NAME[name]
+            cells = [cols.get(attr.key) for _, cols in feature_rows]
+            lengths = np.array([-1 if c is None else len(c) for c in cells])
+            for index, values in self._decode_attribute(attr, cells, lengths, nodes, ours):
+                for i, value in zip(index.tolist(), values, strict=True):
+                    result[keys[i]][name] = value
+        return result
 
-    def _api_value(self, name: str, value: np.ndarray, node: int, ours: bool, res: np.ndarray):
-        if name == "size_nm3":
-            nm3 = float(value) * self.dataset.voxel_volume_nm3 if ours else float(value)
-            return int(nm3) if nm3.is_integer() else nm3
-        if name == "rep_coord_nm":
-            if value.dtype.itemsize == 8:  # legacy: absolute nm already
-                return [int(v) for v in value.tolist()]
-            coords = idlib.get_chunk_coords(np.uint64(node), self.dataset.spatial_bits)[0]
-            origin = np.asarray(self.dataset.voxel_offset) + coords * np.asarray(
-                self.dataset.chunk_size
-            )
-            nm = (value.astype(np.float64) + origin) * res
-            return [int(v) if float(v).is_integer() else float(v) for v in nm.tolist()]
-        if name == "mean_dt_nm":
-            return float(value)
-        if value.ndim == 0:
-            return value.item()
-        return value.tolist()
+    def _decode_attribute(self, attr, cells, lengths, nodes, ours):
+        """Yield ``(row indices, API values)`` for each storage variant of ``attr``."""
+        ds = self.dataset
+        standard = np.flatnonzero(lengths == attr.nbytes)
+        if standard.size:
+            blob = b"".join(cells[i] for i in standard.tolist())
+            arr = np.frombuffer(blob, dtype=attr.dtype).reshape(-1, *attr.shape)
+            if attr.name == "size_nm3":
+                scale = np.where(ours[standard], ds.voxel_volume_nm3, 1.0)
+                yield standard, _numbers(arr.astype(np.float64) * scale)
+            elif attr.name == "rep_coord_nm":
+                chunk = idlib.get_chunk_coords(nodes[standard], ds.spatial_bits)
+                origin = np.asarray(ds.voxel_offset) + chunk * np.asarray(ds.chunk_size)
+                nm = (arr.astype(np.float64) + origin) * np.asarray(ds.resolution)
+                yield standard, _numbers(nm)
+            else:
+                yield (
+                    standard,
+                    arr.astype(np.float64 if attr.dtype.kind == "f" else np.int64).tolist(),
+                )
+        if attr.name == "rep_coord_nm":  # the old service's absolute nm in uint64[3]
+            legacy = np.flatnonzero(lengths == 3 * LEGACY_REP_COORD_DTYPE.itemsize)
+            if legacy.size:
+                blob = b"".join(cells[i] for i in legacy.tolist())
+                arr = np.frombuffer(blob, dtype=LEGACY_REP_COORD_DTYPE).reshape(-1, 3)
+                yield legacy, arr.tolist()
+        # 0-byte pca/pca_val (nodes too small) are omitted, as the old service does;
+        # cells of any other length are corrupt and are not served.
+        bad = (lengths > 0) & (lengths != attr.nbytes)
+        if attr.name == "rep_coord_nm":
+            bad &= lengths != 3 * LEGACY_REP_COORD_DTYPE.itemsize
+        if bad.any():
+            log.warning("%s: %d cells of unexpected length not served", attr.name, bad.sum())
+
+
+def _numbers(values: np.ndarray) -> list:
+    """Integers where every value is whole (the common case), floats otherwise."""
+    if np.all(values == np.floor(values)):
+        return values.astype(np.int64).tolist()
+    return values.tolist()
