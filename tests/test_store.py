@@ -126,7 +126,7 @@ def test_attribute_subset_missing_and_non_l2_ids(store):
 
 def test_many_ids_are_read_in_concurrent_batches(store):
     spatial = DATASET.spatial_bits
-    n = 6000
+    n = 12_000  # more than one read batch
     l2 = ids.encode_ids(2, np.tile([9, 9, 9], (n, 1)), np.arange(1, n + 1), spatial)
     feats = {"l2id": l2}
     for attr in BY_NAME.values():

@@ -41,8 +41,8 @@ from .lineage import Lineage
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 2_000
-READ_BATCH = 2_500
-READ_THREADS = 8
+READ_BATCH = 10_000  # one stream per 10k ids: measured fastest on the emulator (GIL-bound parse)
+READ_THREADS = 4
 WRITE_ATTEMPTS = 4
 
 
@@ -160,13 +160,11 @@ class CacheStore:
         ids = ids[idlib.get_layer(ids) == 2]
         if ids.size == 0:
             return {}
-        families = [FEATURE_FAMILY, LINEAGE_FAMILY]
-        qualifiers = {
-            FEATURE_FAMILY: [n.encode() for n in names],
-            LINEAGE_FAMILY: [LINEAGE_RUN_COLUMN],
-        }
+        # Whole rows (newest cells only), no family/qualifier filters: a row is ~100
+        # bytes, and regex filters made the emulator 4-7x slower (0.25 s -> 1.7 s for
+        # 10,000 rows); the decoder picks the requested columns.
         rows: dict[bytes, dict] = {}
-        for part in self._read_batches(ids, families, qualifiers):
+        for part in self._read_batches(ids, None, None):
             rows.update(part)
         return self._decode(rows, names)
 
