@@ -77,13 +77,17 @@ class RowReader:
         keys: list[bytes],
         families: list[str] | None = None,
         qualifiers: dict[str, list[bytes]] | None = None,
+        until_micros: int | None = None,
     ) -> dict[bytes, RowCells]:
-        """Rows of ``keys`` that exist; retried (remaining keys only) on UNAVAILABLE."""
+        """Rows of ``keys`` that exist; retried (remaining keys only) on UNAVAILABLE.
+
+        ``until_micros``: only cells with a timestamp <= this (the graph "at time T").
+        """
         out: dict[bytes, RowCells] = {}
         remaining = list(keys)
         for attempt in range(READ_ATTEMPTS):
             try:
-                self._stream(remaining, families, qualifiers, out)
+                self._stream(remaining, families, qualifiers, out, until_micros)
                 return out
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
@@ -93,15 +97,20 @@ class RowReader:
                 remaining = [k for k in remaining if k not in out]
         return out
 
-    def _request(self, keys, families, qualifiers):
+    def _request(self, keys, families, qualifiers, until_micros=None):
         """ReadRows request; Bigtable wants chains and interleaves of >= 2 filters."""
         req = _ReadRowsRequest(table_name=self.table_name)
         req.rows.row_keys.extend(keys)
-        if not families:
+        if not families and until_micros is None:
             req.filter.cells_per_column_limit_filter = 1
             return req
         chain = req.filter.chain.filters
+        if until_micros is not None:
+            # end is exclusive; Bigtable timestamps are whole milliseconds
+            chain.add().timestamp_range_filter.end_timestamp_micros = until_micros + 1000
         chain.add().cells_per_column_limit_filter = 1
+        if not families:
+            return req
         per_family = chain.add() if len(families) == 1 else None
         union = None if per_family is not None else chain.add().interleave.filters
         for fam in families:
@@ -115,11 +124,11 @@ class RowReader:
                 target.family_name_regex_filter = f"^{fam}$"
         return req
 
-    def _stream(self, keys, families, qualifiers, out: dict[bytes, RowCells]) -> None:
+    def _stream(self, keys, families, qualifiers, out: dict[bytes, RowCells], until=None) -> None:
         row: RowCells = {}
         key = family = qualifier = None
         parts: list[bytes] = []
-        for response in self._call(self._request(keys, families, qualifiers)):
+        for response in self._call(self._request(keys, families, qualifiers, until)):
             for chunk in response.chunks:
                 if chunk.reset_row:
                     row, parts = {}, []

@@ -36,6 +36,9 @@ class SpatialBits:
 
     table: tuple[int, ...]
 
+    def __repr__(self) -> str:
+        return f"SpatialBits({self.to_mapping()})"
+
     @classmethod
     def from_mapping(cls, bits_per_layer: Mapping[int | str, int]) -> SpatialBits:
         """Build from ``{layer: bits}`` (keys may be strings, as in JSON info files)."""

@@ -1,0 +1,173 @@
+"""PCG-style merges and splits on the local graph table, published like PCG does.
+
+An edit writes new L2 rows (``children``) and new ``parents`` cells for the affected
+supervoxels at a new timestamp; the old cells stay, so a read at an earlier time
+still sees the old graph. New segment ids and operation ids come from counter rows
+(read-modify-write increments), as in PCG. The message is PCG's own:
+``pickle.dumps({"operation_id", "new_lvl2_ids", "new_root_ids"})`` with attributes
+``table_id``, ``user_id``, ``remesh_priority``, ``remesh``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+
+from .. import ids as idlib
+from ..graph import CHILDREN, GRAPH_FAMILY, PARENTS, BigtableGraphReader, encode_children
+from ..lineage import utc_now
+from ..remap import remap_to_l2
+from ..volume import read_chunk
+from .build import COUNTER_FAMILY, counter_key
+
+OPERATION_COUNTER = b"counter:operations"
+
+
+@dataclass(frozen=True)
+class EditResult:
+    operation_id: int
+    timestamp: datetime
+    new_l2_ids: np.ndarray
+    old_l2_ids: np.ndarray
+    kind: str
+
+
+def _increment(table, key: bytes, by: int = 1) -> int:
+    row = table.append_row(key)
+    row.increment_cell_value(COUNTER_FAMILY, b"segment", by)
+    cells = row.commit()
+    return struct.unpack(">q", cells[COUNTER_FAMILY][b"segment"][0][0])[0]
+
+
+def _new_l2_ids(table, chunk_coord, count: int, bits) -> np.ndarray:
+    chunk_id = int(idlib.chunk_id_from_coords(2, np.asarray(chunk_coord)[None], bits)[0])
+    last = _increment(table, counter_key(chunk_id), count)
+    segs = np.arange(last - count + 1, last + 1)
+    return idlib.encode_ids(2, np.tile(chunk_coord, (count, 1)), segs, bits)
+
+
+def _write(table, new_nodes: dict[int, np.ndarray], ts: datetime) -> None:
+    rows = []
+    for node, children in new_nodes.items():
+        row = table.direct_row(idlib.row_key(node))
+        row.set_cell(
+            GRAPH_FAMILY, CHILDREN, encode_children(children, children.size >= 4), timestamp=ts
+        )
+        rows.append(row)
+        for sv in children.tolist():
+            r = table.direct_row(idlib.row_key(sv))
+            r.set_cell(GRAPH_FAMILY, PARENTS, struct.pack("<Q", node), timestamp=ts)
+            rows.append(r)
+    statuses = table.mutate_rows(rows)
+    if any(s.code != 0 for s in statuses):
+        raise RuntimeError("edit rows failed to write")
+
+
+def _edit_timestamp() -> datetime:
+    # strictly after anything written in the same millisecond
+    time.sleep(0.002)
+    return utc_now()
+
+
+def _operation_id(table) -> int:
+    return _increment(table, OPERATION_COUNTER)
+
+
+def _l2_volume(dataset, table, chunk_coord):
+    reader = BigtableGraphReader(table.name)
+    sv = read_chunk(dataset, chunk_coord)
+    sv_ids = np.unique(sv)
+    sv_ids = sv_ids[sv_ids != 0]
+    parents = reader.l2_parents(sv_ids, utc_now())
+    return remap_to_l2(sv, sv_ids, parents), reader
+
+
+def pick_merge(dataset, table, chunk_coord) -> tuple[int, int]:
+    """The two L2 nodes of a chunk with the largest contact surface."""
+    labels, _ = _l2_volume(dataset, table, chunk_coord)
+    pairs = []
+    for axis in range(3):
+        a = np.take(labels, range(labels.shape[axis] - 1), axis=axis).ravel()
+        b = np.take(labels, range(1, labels.shape[axis]), axis=axis).ravel()
+        keep = (a != b) & (a != 0) & (b != 0)
+        pairs.append(np.stack([np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])], 1))
+    allp = np.concatenate(pairs)
+    if allp.size == 0:
+        raise ValueError(f"no two touching L2 nodes in chunk {tuple(chunk_coord)}")
+    uniq, counts = np.unique(allp, axis=0, return_counts=True)
+    best = uniq[np.argmax(counts)]
+    return int(best[0]), int(best[1])
+
+
+def pick_split(dataset, table, chunk_coord) -> int:
+    """The L2 node of a chunk with the most supervoxels (>= 2)."""
+    labels, reader = _l2_volume(dataset, table, chunk_coord)
+    nodes = np.unique(labels)
+    nodes = nodes[nodes != 0]
+    children = reader.l2_children(nodes)
+    node, kids = max(children.items(), key=lambda kv: (kv[1].size, -kv[0]))
+    if kids.size < 2:
+        raise ValueError(f"no L2 node with several supervoxels in chunk {tuple(chunk_coord)}")
+    return node
+
+
+def apply_merge(table, dataset, a: int, b: int) -> EditResult:
+    """Merge two L2 nodes of one chunk into one new L2 node."""
+    bits = dataset.spatial_bits
+    coords = idlib.get_chunk_coords(np.array([a, b], dtype=np.uint64), bits)
+    if not (coords[0] == coords[1]).all():
+        raise ValueError("a merge of L2 nodes must stay inside one chunk")
+    reader = BigtableGraphReader(table.name)
+    kids = reader.l2_children(np.array([a, b], dtype=np.uint64))
+    if len(kids) != 2:
+        raise ValueError("both L2 nodes must exist")
+    ts = _edit_timestamp()
+    (new,) = _new_l2_ids(table, coords[0], 1, bits)
+    _write(table, {int(new): np.sort(np.concatenate([kids[a], kids[b]]))}, ts)
+    return EditResult(
+        _operation_id(table), ts, np.array([new], np.uint64), np.array([a, b], np.uint64), "merge"
+    )
+
+
+def apply_split(table, dataset, node: int) -> EditResult:
+    """Split an L2 node's supervoxels into two halves, each a new L2 node."""
+    bits = dataset.spatial_bits
+    reader = BigtableGraphReader(table.name)
+    kids = reader.l2_children(np.array([node], dtype=np.uint64)).get(node)
+    if kids is None or kids.size < 2:
+        raise ValueError(f"L2 node {node} needs at least two supervoxels to split")
+    coord = idlib.get_chunk_coords(np.uint64(node), bits)[0]
+    ts = _edit_timestamp()
+    new = _new_l2_ids(table, coord, 2, bits)
+    kids = np.sort(kids)
+    half = kids.size // 2
+    _write(table, {int(new[0]): kids[:half], int(new[1]): kids[half:]}, ts)
+    return EditResult(_operation_id(table), ts, new, np.array([node], np.uint64), "split")
+
+
+def edit_message(
+    table_id: str, result: EditResult, user_id: str = "l2cache-demo"
+) -> tuple[bytes, dict]:
+    """PCG's edit message for ``result`` (payload bytes, attributes)."""
+    payload = {
+        "operation_id": int(result.operation_id),
+        "new_lvl2_ids": result.new_l2_ids.tolist(),
+        "new_root_ids": [],
+    }
+    attributes = {
+        "table_id": table_id,
+        "user_id": user_id,
+        "remesh_priority": "true",
+        "remesh": "true",
+    }
+    return pickle.dumps(payload), attributes
+
+
+def publish_edit(publisher, topic_path: str, table_id: str, result: EditResult) -> str:
+    data, attributes = edit_message(table_id, result)
+    return publisher.publish(topic_path, data, **attributes).result(timeout=30)
