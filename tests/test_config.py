@@ -45,7 +45,7 @@ def test_valid_map_loads_from_env(tmp_path, monkeypatch):
     ("raw", "words"),
     [
         ({"datasets": BASE["datasets"]}, "missing section 'bigtable'"),
-        ({**BASE, "datasets": {}}, "'datasets' must map"),
+        ({**BASE, "datasets": ["ds"]}, "'datasets' must map"),
         (with_dataset(graph={"kind": "sql"}), "graph.kind"),
         (with_dataset(graph={"kind": "graphene"}), "needs url"),
         (with_dataset(resolution=[8, 8]), "resolution must be a list of 3"),

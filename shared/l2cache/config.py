@@ -120,6 +120,7 @@ class L2CacheConfig:
     pubsub: PubSubConfig | None = None
     tasks: TasksConfig | None = None
     max_ids_per_request: int = DEFAULT_MAX_IDS
+    runs_table_id: str = "l2cache_runs"
     source: str = field(default="", compare=False)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -185,13 +186,16 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
         else None
     )
     datasets_raw = raw.get("datasets")
-    if not isinstance(datasets_raw, Mapping) or not datasets_raw:
+    if not isinstance(datasets_raw, Mapping):
         raise ConfigError(f"{source}: 'datasets' must map dataset names to entries")
     datasets = {str(n): _dataset(str(n), e, source) for n, e in datasets_raw.items()}
     max_ids = raw.get("max_ids_per_request", DEFAULT_MAX_IDS)
     if not isinstance(max_ids, int) or max_ids <= 0:
         raise ConfigError(f"{source}: max_ids_per_request must be a positive integer")
-    return L2CacheConfig(bigtable, datasets, pubsub, tasks, max_ids, source)
+    runs_table_id = raw.get("runs_table_id", "l2cache_runs")
+    if not isinstance(runs_table_id, str) or not runs_table_id:
+        raise ConfigError(f"{source}: runs_table_id must be a non-empty string")
+    return L2CacheConfig(bigtable, datasets, pubsub, tasks, max_ids, runs_table_id, source)
 
 
 def _section(raw: Mapping, key: str, source: str, required: bool = False) -> Mapping:

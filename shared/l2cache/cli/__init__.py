@@ -12,9 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = (
-    "features_cmd",
-)
+COMMAND_MODULES: tuple[str, ...] = ("features_cmd",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,48 @@
+"""on_edit: Pub/Sub CloudEvent function for PCG edit and missing-id messages.
+
+Thin by design: unwrap the Pub/Sub envelope, let ``l2cache.messages`` do the work.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import functions_framework
+
+from l2cache.config import load_config
+from l2cache.messages import handle_message
+
+_state: dict = {}
+
+
+def _dead_letter():
+    if "dead_letter" not in _state:
+        config = _state["config"]
+        ps = config.pubsub
+        if not (ps and ps.dead_letter_topic):
+            _state["dead_letter"] = None
+        else:
+            from google.cloud import pubsub_v1
+
+            client = pubsub_v1.PublisherClient()
+            topic = client.topic_path(ps.project, ps.dead_letter_topic)
+            _state["dead_letter"] = lambda data, attrs: client.publish(topic, data, **attrs).result(
+                timeout=30
+            )
+    return _state["dead_letter"]
+
+
+@functions_framework.cloud_event
+def on_edit(cloud_event):
+    if "config" not in _state:
+        _state["config"] = load_config()
+    message = (cloud_event.data or {}).get("message", {})
+    try:
+        data = base64.b64decode(message.get("data", ""), validate=False)
+    except (ValueError, TypeError):
+        data = b""
+    attributes = dict(message.get("attributes") or {})
+    message_id = str(message.get("messageId") or message.get("message_id") or "unknown")
+    result = handle_message(_state["config"], data, attributes, message_id, _dead_letter())
+    logging.info("on_edit %s: %s", message_id, result)

@@ -1,0 +1,240 @@
+"""The whole local stack on 127.0.0.1: emulators, the three functions, topics, queue.
+
+The same code paths as the cloud run here; only endpoints differ. ``LocalStack``
+starts everything on free ports, writes the dataset map (``l2cache.yaml``) and a state
+file (``local-stack.json``) into its directory, and stops every process group on exit.
+``l2cache local up|down`` wrap it for a shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..bigtable_client import bigtable_instance
+from .emulators import (
+    Emulator,
+    free_port,
+    start_bigtable_emulator,
+    start_pubsub_emulator,
+    wait_for_port,
+)
+from .functions import start_function
+
+PROJECT = "l2cache-local"
+INSTANCE = "l2cache"
+LOCATION = "us-east1"
+QUEUE = "l2cache-compute"
+EDITS_TOPIC = "pcg-edits"
+MISSING_TOPIC = "l2cache-missing-ids"
+DEAD_LETTER_TOPIC = "l2cache-dead-letter"
+STATE_FILE = "local-stack.json"
+CONFIG_FILE = "l2cache.yaml"
+
+
+def start_tasks_emulator(log_dir: Path) -> Emulator:
+    port = free_port()
+    log = open(Path(log_dir) / "tasks-emulator.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l2cache.local.tasks_emulator", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    emu = Emulator("tasks", port, proc, {"L2CACHE_TASKS_EMULATOR_HOST": f"127.0.0.1:{port}"})
+    try:
+        wait_for_port(port, 30, proc)
+    except Exception:
+        emu.stop()
+        raise
+    return emu
+
+
+class LocalStack:
+    """Start with ``with LocalStack(dir) as stack:``; ``stack.env`` reaches everything."""
+
+    def __init__(self, directory: Path, compute_workers: int = 2, max_attempts: int = 5) -> None:
+        self.dir = Path(directory).resolve()
+        self.compute_workers = compute_workers
+        self.max_attempts = max_attempts
+        self.processes: list[Emulator] = []
+        self.env: dict[str, str] = {}
+        self.urls: dict[str, str] = {}
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_FILE
+
+    def base_config(self, compute_url: str) -> dict:
+        return {
+            "bigtable": {"project": PROJECT, "instance": INSTANCE},
+            "pubsub": {
+                "project": PROJECT,
+                "missing_ids_topic": MISSING_TOPIC,
+                "edits_topic": EDITS_TOPIC,
+                "dead_letter_topic": DEAD_LETTER_TOPIC,
+            },
+            "tasks": {
+                "project": PROJECT,
+                "location": LOCATION,
+                "queue": QUEUE,
+                "compute_url": compute_url,
+            },
+            "max_ids_per_request": 200_000,
+            "runs_table_id": "l2cache_runs",
+            "datasets": {},
+        }
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        bt = start_bigtable_emulator(log_dir=logs)
+        self.processes.append(bt)
+        ps = start_pubsub_emulator(self.dir / "pubsub-data", log_dir=logs)
+        self.processes.append(ps)
+        tasks = start_tasks_emulator(logs)
+        self.processes.append(tasks)
+        self.env = {**bt.env, **ps.env, **tasks.env, "L2CACHE_CONFIG": str(self.config_path)}
+        os.environ.update(self.env)
+        compute_port = free_port()
+        compute_url = f"http://127.0.0.1:{compute_port}/"
+        if not self.config_path.exists():
+            self.config_path.write_text(yaml.safe_dump(self.base_config(compute_url)))
+        else:  # keep datasets, refresh endpoints
+            cfg = yaml.safe_load(self.config_path.read_text())
+            cfg.update({k: v for k, v in self.base_config(compute_url).items() if k != "datasets"})
+            self.config_path.write_text(yaml.safe_dump(cfg))
+        instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
+        from ..runs import create_runs_table
+
+        create_runs_table(instance, "l2cache_runs")
+        fn_env = {**self.env, "PYTHONUNBUFFERED": "1", "NUMBA_CACHE_DIR": str(self.dir / "numba")}
+        self.processes.append(
+            start_function(
+                "compute_chunk",
+                {**fn_env, "WORKERS": str(self.compute_workers), "THREADS": "1"},
+                port=compute_port,
+                log_dir=logs,
+            )
+        )
+        lookup = start_function("lookup", fn_env, log_dir=logs)
+        self.processes.append(lookup)
+        on_edit = start_function(
+            "on_edit",
+            {**fn_env, "WORKERS": "1", "THREADS": "2"},
+            signature_type="cloudevent",
+            log_dir=logs,
+        )
+        self.processes.append(on_edit)
+        self.urls = {
+            "compute_chunk": compute_url,
+            "lookup": f"http://{lookup.host}",
+            "on_edit": f"http://{on_edit.host}",
+        }
+        self._create_messaging()
+        self._create_queue()
+        self.write_state()
+
+    def _create_messaging(self) -> None:
+        from google.cloud import pubsub_v1
+        from google.protobuf import duration_pb2
+        from google.pubsub_v1.types import DeadLetterPolicy, PushConfig, RetryPolicy
+
+        pub = pubsub_v1.PublisherClient()
+        sub = pubsub_v1.SubscriberClient()
+        for topic in (EDITS_TOPIC, MISSING_TOPIC, DEAD_LETTER_TOPIC):
+            pub.create_topic(name=pub.topic_path(PROJECT, topic))
+        dead = pub.topic_path(PROJECT, DEAD_LETTER_TOPIC)
+        for topic in (EDITS_TOPIC, MISSING_TOPIC):
+            path = pub.topic_path(PROJECT, topic)
+            sub.create_subscription(
+                request={
+                    "name": sub.subscription_path(PROJECT, f"{topic}-on-edit"),
+                    "topic": path,
+                    # the event source is taken from the push URL path
+                    "push_config": PushConfig(
+                        push_endpoint=f"{self.urls['on_edit']}/projects/{PROJECT}/topics/{topic}"
+                    ),
+                    "ack_deadline_seconds": 60,
+                    "retry_policy": RetryPolicy(
+                        minimum_backoff=duration_pb2.Duration(seconds=1),
+                        maximum_backoff=duration_pb2.Duration(seconds=10),
+                    ),
+                    "dead_letter_policy": DeadLetterPolicy(
+                        dead_letter_topic=dead, max_delivery_attempts=5
+                    ),
+                }
+            )
+        sub.create_subscription(
+            name=sub.subscription_path(PROJECT, "dead-letter-inspect"), topic=dead
+        )
+
+    def _create_queue(self) -> None:
+        from ..config import load_config
+        from ..tasks import ensure_queue, tasks_client
+
+        cfg = load_config(self.config_path)
+        ensure_queue(
+            tasks_client(),
+            cfg.tasks,
+            max_attempts=self.max_attempts,
+            min_backoff_s=0.2,
+            max_backoff_s=5,
+            max_concurrent=self.compute_workers,
+        )
+
+    def write_state(self) -> None:
+        state = {
+            "env": self.env,
+            "urls": self.urls,
+            "pids": {p.name: p.process.pid for p in self.processes},
+            "started_at": time.time(),
+        }
+        (self.dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            try:
+                proc.stop()
+            except Exception:  # noqa: BLE001 - stop everything we can
+                pass
+        self.processes = []
+        (self.dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def stop_from_state(directory: Path) -> int:
+    """Stop a stack started by ``l2cache local up`` (its process groups)."""
+    import signal
+
+    path = Path(directory) / STATE_FILE
+    if not path.exists():
+        return 0
+    state = json.loads(path.read_text())
+    stopped = 0
+    for pid in state["pids"].values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            stopped += 1
+        except ProcessLookupError:
+            pass
+    path.unlink()
+    return stopped

@@ -1,0 +1,158 @@
+"""gcloud-tasks-emulator, extended where the local stack relies on Cloud Tasks behaviour.
+
+Measured gaps of gcloud-tasks-emulator 0.6.2 (see the README) and what this module
+changes, keeping its gRPC API (so ``google-cloud-tasks`` talks to it unchanged):
+
+- it listens on all interfaces -> the API binds 127.0.0.1 only;
+- it retries every ~0.1 s forever, ignoring the queue's retry config -> failed tasks
+  are retried after exponential backoff between the queue's min and max backoff and
+  dropped (logged, counted) after ``max_attempts``;
+- it dispatches one task at a time per queue -> up to the queue's
+  ``max_concurrent_dispatches`` tasks run at once, as on Cloud Tasks.
+
+Run: ``python -m l2cache.local.tasks_emulator --port N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from urllib import error
+
+import grpc
+from gcloud_tasks_emulator import server as upstream
+from google.cloud.tasks_v2 import Queue, Task
+
+log = logging.getLogger("l2cache.tasks-emulator")
+HOST = "127.0.0.1"
+DEFAULT_CONCURRENCY = 2
+TICK_S = 0.02
+
+
+def _seconds(duration, default: float) -> float:
+    if duration is None:
+        return default
+    try:
+        value = duration.total_seconds()
+    except AttributeError:
+        value = duration.seconds + duration.nanos / 1e9
+    return value or default
+
+
+class RetryingQueueState(upstream.QueueState):
+    """Queue state with retry backoff, max attempts and a record of abandoned tasks."""
+
+    def __init__(self) -> None:
+        super().__init__(upstream.DEFAULT_TARGET_HOST, upstream.DEFAULT_TARGET_PORT, -1)
+        self.abandoned: list[str] = []
+        self.dispatched = 0
+
+    def take_due(self, queue_name: str, limit: int) -> list[Task]:
+        """Remove and return up to ``limit`` tasks whose schedule time has come."""
+        now = datetime.now(UTC)
+        due = []
+        for task in list(self._queue_tasks.get(queue_name, [])):
+            if len(due) >= limit:
+                break
+            st = task.schedule_time
+            if st and st.replace(tzinfo=UTC) > now:
+                continue
+            try:
+                self._queue_tasks[queue_name].remove(task)
+            except ValueError:
+                continue
+            due.append(task)
+        return due
+
+    def dispatch(self, queue_name: str, task: Task) -> None:
+        task.dispatch_count += 1
+        self.dispatched += 1
+        try:
+            response = upstream._make_task_request(queue_name, task, self._target_host, 0)
+            status = response.status
+        except error.HTTPError as exc:
+            status = exc.code
+        except Exception as exc:  # connection refused, reset, ...
+            log.warning("task %s: %s", task.name, exc)
+            status = 503
+        if 200 <= status < 300:
+            return
+        queue: Queue = self._queues[queue_name]
+        rc = queue.retry_config
+        max_attempts = rc.max_attempts if rc and rc.max_attempts else -1
+        if 0 < max_attempts <= task.dispatch_count:
+            log.warning("giving up task %s after %d attempts", task.name, task.dispatch_count)
+            self.abandoned.append(task.name)
+            return
+        lo = _seconds(rc.min_backoff if rc else None, 0.1)
+        hi = _seconds(rc.max_backoff if rc else None, 3600.0)
+        delay = min(hi, lo * 2 ** (task.dispatch_count - 1))
+        task.schedule_time = datetime.now(UTC) + timedelta(seconds=delay)
+        self._queue_tasks[queue_name].append(task)
+
+
+class ConcurrentProcessor(threading.Thread):
+    """Dispatch due tasks of every running queue with bounded concurrency."""
+
+    def __init__(self, state: RetryingQueueState) -> None:
+        super().__init__(daemon=True)
+        self.state = state
+        self.running = threading.Event()
+        self.pools: dict[str, ThreadPoolExecutor] = {}
+        self.in_flight: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        self.running.set()
+        while self.running.is_set():
+            for name in list(self.state.queue_names()):
+                queue = self.state._queues.get(name)
+                if queue is None or queue.state != Queue.State.RUNNING:
+                    continue
+                limit = queue.rate_limits.max_concurrent_dispatches or DEFAULT_CONCURRENCY
+                pool = self.pools.setdefault(name, ThreadPoolExecutor(limit))
+                with self.lock:
+                    free = limit - self.in_flight.get(name, 0)
+                for task in self.state.take_due(name, max(free, 0)):
+                    with self.lock:
+                        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+                    pool.submit(self._run, name, task)
+            time.sleep(TICK_S)
+
+    def _run(self, name: str, task: Task) -> None:
+        try:
+            self.state.dispatch(name, task)
+        finally:
+            with self.lock:
+                self.in_flight[name] -= 1
+
+
+def serve(port: int) -> None:
+    state = RetryingQueueState()
+    api = grpc.server(upstream.futures.ThreadPoolExecutor(max_workers=4))
+    upstream.add_CloudTasksServicer_to_server(upstream.Greeter(state), api)
+    api.add_insecure_port(f"{HOST}:{port}")  # loopback only, unlike upstream's [::]
+    api.start()
+    processor = ConcurrentProcessor(state)
+    processor.start()
+    log.info("tasks emulator on %s:%d", HOST, port)
+    try:
+        api.wait_for_termination()
+    finally:
+        processor.running.clear()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve(args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The local stack end to end: real emulators, functions over HTTP, Cloud Tasks, Pub/Sub."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from google.cloud import pubsub_v1
+
+from l2cache import ids
+from l2cache.attributes import ATTRIBUTES, encode_column
+from l2cache.bigtable_client import bigtable_instance
+from l2cache.config import load_config
+from l2cache.dataset import apply_merge, apply_split, build_dataset, publish_edit
+from l2cache.dataset.edits import pick_merge, pick_split
+from l2cache.features import compute_features
+from l2cache.ingest import start_ingest
+from l2cache.local.stack import DEAD_LETTER_TOPIC, EDITS_TOPIC, INSTANCE, PROJECT, LocalStack
+from l2cache.pipeline import _in_chunk, compute_chunk, dataset_context, load_chunk_l2
+from l2cache.runs import new_run
+from l2cache.status import run_status
+from l2cache.store import create_cache_table
+
+CHUNK = (48, 48, 24)
+RES = (16.0, 16.0, 40.0)
+DATASET = "pinky_test"
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    saved = dict(os.environ)
+    directory = tmp_path_factory.mktemp("stack")
+    with LocalStack(directory, compute_workers=2) as st:
+        volume = np.load("tests/data/pinky40_crop_96x96x48.npz")["labels"]
+        instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
+        built = build_dataset(volume, f"file://{directory}/sv", RES, CHUNK, instance, DATASET)
+        cfg = yaml.safe_load(st.config_path.read_text())
+        cfg["datasets"][DATASET] = {
+            "segmentation": built.segmentation,
+            "graph": {
+                "kind": "bigtable",
+                "project": PROJECT,
+                "instance": INSTANCE,
+                "table_id": DATASET,
+            },
+            "cache_table_id": "l2cache_pinky_test_v1",
+        }
+        st.config_path.write_text(yaml.safe_dump(cfg))
+        create_cache_table(instance, "l2cache_pinky_test_v1")
+        config = load_config(st.config_path)
+        yield {
+            "stack": st,
+            "config": config,
+            "ctx": dataset_context(config, DATASET),
+            "instance": instance,
+            "built": built,
+        }
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def ingested(stack):
+    run = start_ingest(stack["config"], DATASET, batch=2)
+    status = wait_for(
+        lambda: (s := run_status(stack["ctx"].ledger, run.run_id)).finished and s,
+        120,
+        "the ingest to finish",
+    )
+    return run, status
+
+
+def expected_cells(ctx, run, coords):
+    chunk = load_chunk_l2(ctx, coords, run.snapshot)
+    feats = _in_chunk(ctx, compute_features(chunk.labels, RES), coords)
+    cells = {a.name: encode_column(a, feats[a.name]) for a in ATTRIBUTES}
+    return {
+        int(n): {a.key: cells[a.name][i] for a in ATTRIBUTES}
+        for i, n in enumerate(feats["l2id"].tolist())
+    }
+
+
+def test_full_ingest_equals_direct_computation_byte_for_byte(stack, ingested):
+    run, status = ingested
+    assert status.total == 8 and status.done == 8 and status.failed == 0
+    ctx = stack["ctx"]
+    expected = {}
+    for x in range(2):
+        for y in range(2):
+            for z in range(2):
+                expected.update(expected_cells(ctx, run, (x, y, z)))
+    assert len(expected) == stack["built"].n_l2
+    raw = ctx.store.read_raw(np.array(list(expected), dtype=np.uint64))
+    assert set(raw) == set(expected)
+    for node, cells in expected.items():
+        assert raw[node]["0"] == cells, node
+        assert raw[node]["lineage"][b"run"] == run.run_id.encode()
+    assert status.l2_rows == len(expected)
+
+
+def test_task_delivered_twice_leaves_identical_bytes_and_counts_once(stack, ingested):
+    ctx = stack["ctx"]
+    run = new_run("region_reprocess", ctx.dataset, [1, 1, 1, 2, 2, 2], 1)
+    ctx.ledger.create_run(run)
+    first = compute_chunk(ctx, run, [1, 1, 1])
+    ids_written = list(expected_cells(ctx, run, (1, 1, 1)))
+    before = ctx.store.read_raw(np.array(ids_written, dtype=np.uint64))
+    second = compute_chunk(ctx, run, [1, 1, 1])  # the same task again
+    assert first["status"] == second["status"] == "done"
+    assert ctx.store.read_raw(np.array(ids_written, dtype=np.uint64)) == before
+    status = run_status(ctx.ledger, run.run_id)
+    assert status.done == 1 and status.total == 1
+    (row,) = ctx.ledger.chunk_rows(run.run_id)
+    assert row["attempts"] == 2
+    # delivered through the function: a done chunk is skipped, not recomputed
+    url = stack["stack"].urls["compute_chunk"]
+    body = {"dataset": DATASET, "run_id": run.run_id, "region": [1, 1, 1, 2, 2, 2]}
+    r = requests.post(url, json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["chunks"][0]["status"] == "skipped"
+    assert ctx.ledger.chunk_rows(run.run_id)[0]["attempts"] == 2
+
+
+def test_bad_task_bodies_get_400(stack):
+    url = stack["stack"].urls["compute_chunk"]
+    assert requests.post(url, data=b"nope", timeout=30).status_code == 400
+    r = requests.post(
+        url, json={"dataset": "nope", "run_id": "x", "region": [0, 0, 0, 1, 1, 1]}, timeout=30
+    )
+    assert r.status_code == 400 and "unknown dataset" in r.json()["error"]
+    r = requests.post(url, json={"dataset": DATASET, "run_id": "x", "region": [0, 0]}, timeout=30)
+    assert r.status_code == 400 and "region" in r.json()["error"]
+
+
+def lookup(stack, l2ids):
+    url = f"{stack['stack'].urls['lookup']}/l2cache/api/v1/table/{DATASET}/attributes"
+    r = requests.post(
+        url, json={"l2_ids": [int(v) for v in l2ids]}, params={"update_cache": "false"}, timeout=30
+    )
+    r.raise_for_status()
+    return {int(k): v for k, v in r.json().items()}
+
+
+def cache_row_keys(stack) -> set[int]:
+    table = stack["instance"].table("l2cache_pinky_test_v1")
+    return {int(r.row_key) for r in table.read_rows()}
+
+
+def test_edits_make_exactly_the_new_l2_ids_appear(stack, ingested):
+    ctx = stack["ctx"]
+    graph_table = stack["instance"].table(DATASET)
+    before = cache_row_keys(stack)
+    a, b = pick_merge(ctx.dataset, graph_table, (0, 0, 0))
+    merge = apply_merge(graph_table, ctx.dataset, a, b)
+    split = apply_split(graph_table, ctx.dataset, pick_split(ctx.dataset, graph_table, (1, 0, 0)))
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(PROJECT, EDITS_TOPIC)
+    for result in (merge, split):
+        publish_edit(publisher, topic, DATASET, result)
+    new_ids = set(merge.new_l2_ids.tolist()) | set(split.new_l2_ids.tolist())
+    found = wait_for(
+        lambda: (d := lookup(stack, new_ids)) and all(d.values()) and d,
+        60,
+        "on_edit to write the new L2 nodes",
+    )
+    assert cache_row_keys(stack) - before == new_ids
+    # the values are those of a direct computation at the edit's graph state
+    chunk = load_chunk_l2(ctx, (0, 0, 0), None)
+    direct = compute_features(chunk.labels, RES, only=merge.new_l2_ids)
+    (node,) = merge.new_l2_ids.tolist()
+    assert found[node]["size_nm3"] == int(direct["size_nm3"][0]) * 16 * 16 * 40
+    assert found[node]["area_nm2"] == int(direct["area_nm2"][0])
+
+
+def pull_dead_letters(timeout=60):
+    sub = pubsub_v1.SubscriberClient()
+    path = sub.subscription_path(PROJECT, "dead-letter-inspect")
+    got = []
+
+    def poll():
+        resp = sub.pull(subscription=path, max_messages=10, timeout=5)
+        if resp.received_messages:
+            sub.acknowledge(subscription=path, ack_ids=[m.ack_id for m in resp.received_messages])
+            got.extend(m.message for m in resp.received_messages)
+        return got
+
+    return wait_for(poll, timeout, "a dead-lettered message")
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_poison_and_malicious_messages_are_dead_lettered_and_service_continues(
+    stack, ingested, tmp_path
+):
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(PROJECT, EDITS_TOPIC)
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({"operation_id": 1, "new_lvl2_ids": [_Exploit(str(marker))]})
+    publisher.publish(topic, evil, table_id=DATASET).result(timeout=30)
+    publisher.publish(topic, b"\x00garbage", table_id=DATASET).result(timeout=30)
+    letters = pull_dead_letters()
+    while len(letters) < 2:
+        letters = pull_dead_letters()
+    reasons = sorted(m.attributes["dead_letter_reason"] for m in letters)
+    assert any("not allowed" in r for r in reasons), reasons
+    assert any("not a decodable pickle" in r for r in reasons), reasons
+    assert not marker.exists(), "the malicious pickle was executed"
+    # the function keeps serving: a missing-id message for an uncached node is processed
+    ctx = stack["ctx"]
+    graph_table = stack["instance"].table(DATASET)
+    a, b = pick_merge(ctx.dataset, graph_table, (1, 1, 0))
+    merge = apply_merge(graph_table, ctx.dataset, a, b)
+    missing_topic = publisher.topic_path(PROJECT, "l2cache-missing-ids")
+    data = merge.new_l2_ids.astype("<u8").tobytes()
+    publisher.publish(
+        missing_topic, data, table_id=DATASET, l2_cache_id="l2cache_pinky_test_v1"
+    ).result(timeout=30)
+    wait_for(
+        lambda: all(lookup(stack, merge.new_l2_ids).values()),
+        60,
+        "the missing id to be computed after the poison messages",
+    )
+    assert DEAD_LETTER_TOPIC
+
+
+def test_edit_recompute_reads_each_chunk_once(stack, ingested):
+    ctx = stack["ctx"]
+    graph_table = stack["instance"].table(DATASET)
+    split = apply_split(graph_table, ctx.dataset, pick_split(ctx.dataset, graph_table, (0, 1, 1)))
+    from l2cache.dataset.edits import edit_message
+    from l2cache.messages import handle_message
+
+    data, attrs = edit_message(DATASET, split)
+    extra = ids.encode_ids(1, [[0, 1, 1]], 3, ctx.dataset.spatial_bits)  # not layer 2
+    result = handle_message(stack["config"], data, attrs, "direct-1")
+    assert result["status"] == "ok"
+    assert result["chunks_read"] == 1 and result["written"] == 2
+    assert extra.size == 1
