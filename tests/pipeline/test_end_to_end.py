@@ -256,3 +256,22 @@ def test_edit_recompute_reads_each_chunk_once(stack, ingested):
     assert result["status"] == "ok"
     assert result["chunks_read"] == 1 and result["written"] == 2
     assert extra.size == 1
+
+
+def test_rollback_restores_the_previous_run(stack, ingested):
+    from l2cache.rollback import rollback_run
+
+    first, _ = ingested
+    ctx = stack["ctx"]
+    time.sleep(0.01)
+    again = new_run("region_reprocess", ctx.dataset, [0, 1, 0, 1, 2, 1], 1)
+    ctx.ledger.create_run(again)
+    compute_chunk(ctx, again, [0, 1, 0])
+    nodes = np.array(list(expected_cells(ctx, first, (0, 1, 0))), dtype=np.uint64)
+    raw = ctx.store.read_raw(nodes)
+    assert {r["lineage"][b"run"] for r in raw.values()} == {again.run_id.encode()}
+    touched = rollback_run(ctx.store.table, again)
+    assert touched == nodes.size
+    raw_after = ctx.store.read_raw(nodes)
+    assert {r["lineage"][b"run"] for r in raw_after.values()} == {first.run_id.encode()}
+    assert all(raw_after[n]["0"] == raw[n]["0"] for n in raw)  # same inputs, same bytes
