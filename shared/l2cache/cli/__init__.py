@@ -12,7 +12,13 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("features_cmd",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "features_cmd",
+    "dataset_cmd",
+    "ingest_cmd",
+    "local_cmd",
+    "demo_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,11 +104,11 @@ def pick_merge(dataset, table, chunk_coord) -> tuple[int, int]:
     return int(best[0]), int(best[1])
 
 
-def pick_split(dataset, table, chunk_coord) -> int:
-    """The L2 node of a chunk with the most supervoxels (>= 2)."""
+def pick_split(dataset, table, chunk_coord, exclude=()) -> int:
+    """The L2 node of a chunk with the most supervoxels (>= 2), not in ``exclude``."""
     labels, reader = _l2_volume(dataset, table, chunk_coord)
     nodes = np.unique(labels)
-    nodes = nodes[nodes != 0]
+    nodes = nodes[(nodes != 0) & ~np.isin(nodes, np.asarray(list(exclude), dtype=np.uint64))]
     children = reader.l2_children(nodes)
     node, kids = max(children.items(), key=lambda kv: (kv[1].size, -kv[0]))
     if kids.size < 2:

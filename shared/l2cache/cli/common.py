@@ -1,0 +1,48 @@
+"""Helpers shared by the subcommands: config loading and table printing."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import L2CacheConfig, load_config
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="dataset map YAML (default: $L2CACHE_CONFIG)")
+
+
+def config_from(args: argparse.Namespace) -> L2CacheConfig:
+    return load_config(getattr(args, "config", None))
+
+
+def print_features(rows: dict[int, dict], title: str = "") -> None:
+    """Looked-up features (API units) as a table a person can read."""
+    if title:
+        print(title)
+    header = (
+        f"{'l2id':>20} {'size_um3':>9} {'area_um2':>9} {'max_dt':>7} {'mean_dt':>8} "
+        f"{'rep_coord_nm (x,y,z)':>26}"
+    )
+    print(header)
+    print("-" * len(header))
+    for node, f in rows.items():
+        if not f:
+            print(f"{node:>20} {'(not in cache)':>9}")
+            continue
+        rep = ",".join(str(int(v)) for v in f.get("rep_coord_nm", []))
+        print(
+            f"{node:>20} {f['size_nm3'] / 1e9:>9.4f} {f['area_nm2'] / 1e6:>9.3f} "
+            f"{f['max_dt_nm']:>7} {f['mean_dt_nm']:>8.1f} {'(' + rep + ')':>26}"
+        )
+
+
+def print_status(status) -> None:
+    eta = f"{status.eta_s:.0f}s" if status.eta_s is not None else "-"
+    print(
+        f"run {status.run_id}: {status.done}/{status.total} done, {status.failed} failed, "
+        f"{status.retrying} retrying, {status.pending} pending; {status.rate_per_s:.2f} chunks/s, "
+        f"ETA {eta}; {status.l2_rows} L2 rows; compute {status.compute_s:.1f}s; "
+        f"est. cost ${status.cost_usd:.6f}"
+    )
+    for f in status.failures:
+        print(f"  chunk {f['chunk']}: {f['error']} (attempts {f['attempts']})")

@@ -1,0 +1,137 @@
+"""``l2cache ingest|status|reconcile|runs``: bulk runs through Cloud Tasks and their ledger."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .common import add_config_arg, config_from, print_status
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ingest", help="start (or resume) a bulk ingest run through Cloud Tasks")
+    add_config_arg(p)
+    p.add_argument("dataset")
+    p.add_argument("--bbox", help="voxel box x0,y0,z0,x1,y1,z1 (default: whole dataset)")
+    p.add_argument("--batch", type=int, default=4, help="chunks per leaf task")
+    p.add_argument("--resume", metavar="RUN", help="re-enqueue a run; done chunks are skipped")
+    p.add_argument("--watch", action="store_true", help="show progress until the run ends")
+    p.set_defaults(func=ingest)
+
+    s = sub.add_parser("status", help="progress, rate, ETA, failures and cost of a run")
+    add_config_arg(s)
+    s.add_argument("dataset")
+    s.add_argument("run")
+    s.add_argument("--watch", action="store_true", help="live progress bar until the run ends")
+    s.set_defaults(func=status)
+
+    r = sub.add_parser("reconcile", help="re-queue the chunks of a run that are not done")
+    add_config_arg(r)
+    r.add_argument("dataset")
+    r.add_argument("run")
+    r.set_defaults(func=reconcile)
+
+    runs = sub.add_parser("runs", help="list, show or roll back runs")
+    rs = runs.add_subparsers(dest="runs_command", required=True)
+    for name in ("list", "show", "rollback"):
+        q = rs.add_parser(name)
+        add_config_arg(q)
+        q.add_argument("dataset")
+        if name != "list":
+            q.add_argument("run")
+        q.set_defaults(func=runs_command)
+
+
+def _ctx(args):
+    from ..pipeline import dataset_context
+
+    cfg = config_from(args)
+    return cfg, dataset_context(cfg, args.dataset)
+
+
+def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = None):
+    """tqdm bar over the run's chunks until it finishes; returns the final status."""
+    from tqdm import tqdm
+
+    from ..status import run_status
+
+    st = run_status(ledger, run_id)
+    start = time.monotonic()
+    with tqdm(
+        total=st.total, unit="chunk", desc=run_id, dynamic_ncols=True, mininterval=1.0
+    ) as bar:
+        while True:
+            st = run_status(ledger, run_id)
+            bar.set_postfix(failed=st.failed, retrying=st.retrying, rows=st.l2_rows, refresh=False)
+            bar.update(st.done + st.failed - bar.n)
+            if st.finished:
+                return st
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s")
+            time.sleep(interval)
+
+
+def ingest(args: argparse.Namespace) -> int:
+    from ..ingest import start_ingest
+
+    cfg = config_from(args)
+    bbox = [int(v) for v in args.bbox.split(",")] if args.bbox else None
+    run = start_ingest(cfg, args.dataset, bbox, args.batch, args.resume)
+    print(f"run {run.run_id}: {run.n_chunks} chunks in region {run.region}, enqueued")
+    if args.watch:
+        _, ctx = _ctx(args)
+        print_status(watch(ctx.ledger, run.run_id))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from ..status import run_status
+
+    _, ctx = _ctx(args)
+    st = watch(ctx.ledger, args.run) if args.watch else run_status(ctx.ledger, args.run)
+    print_status(st)
+    return 0 if st.failed == 0 else 1
+
+
+def reconcile(args: argparse.Namespace) -> int:
+    from ..ingest import region_chunks
+    from ..pipeline import chunk_id
+    from ..tasks import enqueue, tasks_client
+
+    cfg, ctx = _ctx(args)
+    run = ctx.ledger.get_run(args.run)
+    done = ctx.ledger.done_chunks(run.run_id)
+    gaps = [c for c in region_chunks(run.region) if chunk_id(ctx, c) not in done]
+    client = tasks_client()
+    for c in gaps:
+        region = [*c, *(v + 1 for v in c)]
+        enqueue(
+            client,
+            cfg.tasks,
+            {"dataset": args.dataset, "run_id": run.run_id, "region": region, "batch": 1},
+        )
+    print(f"run {run.run_id}: re-queued {len(gaps)} chunks")
+    return 0
+
+
+def runs_command(args: argparse.Namespace) -> int:
+    from ..rollback import rollback_run
+
+    _, ctx = _ctx(args)
+    if args.runs_command == "list":
+        for run in ctx.ledger.list_runs():
+            print(
+                f"{run.run_id:40} {run.kind:18} {run.dataset:16} {run.created_at} "
+                f"chunks={run.n_chunks} params={run.params_hash} code={run.code_revision}"
+            )
+        return 0
+    run = ctx.ledger.get_run(args.run)
+    if args.runs_command == "show":
+        from dataclasses import asdict
+
+        for k, v in asdict(run).items():
+            print(f"{k:20} {v}")
+        return 0
+    n = rollback_run(ctx.store.table, run)
+    print(f"rolled back run {run.run_id}: {n} rows restored to their previous version")
+    return 0

@@ -1,0 +1,39 @@
+"""``l2cache local up|down``: the local stack in the background, for a shell session."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_DIR = "var/local"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("local", help="start/stop the local stack (emulators + functions)")
+    s = p.add_subparsers(dest="local_command", required=True)
+    up = s.add_parser("up")
+    up.add_argument("--dir", default=DEFAULT_DIR)
+    up.add_argument("--workers", type=int, default=2)
+    up.set_defaults(func=run_up)
+    down = s.add_parser("down")
+    down.add_argument("--dir", default=DEFAULT_DIR)
+    down.set_defaults(func=run_down)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from ..local.stack import LocalStack
+
+    stack = LocalStack(Path(args.dir), compute_workers=args.workers)
+    stack.start()  # processes run in their own sessions and outlive this command
+    print(json.dumps(stack.urls, indent=2))
+    print("export " + " ".join(f"{k}={v}" for k, v in stack.env.items()))
+    print(f"stop with: l2cache local down --dir {args.dir}")
+    return 0
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from ..local.stack import stop_from_state
+
+    print(f"stopped {stop_from_state(Path(args.dir))} process groups")
+    return 0
