@@ -1,0 +1,163 @@
+"""Local-stack ingest throughput and edit recompute cost, each against its in-process baseline.
+
+    .venv/bin/python bench/pipeline.py [--workers 2]
+
+1. Ingest: the single-process rate (read chunk + graph + engine + write, one chunk after
+   another in this process) against the local stack's rate through Cloud Tasks and
+   ``workers`` compute_chunk processes, on the same 64 chunks of real pinky40 data.
+2. Edits: recomputing k = 1, 5, 20 new L2 ids of one chunk (one chunk read, ``only=``)
+   against computing that whole chunk, in process; and the end-to-end latency from
+   publishing PCG's edit message to the rows being readable through the lookup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import crackle
+import numpy as np
+import requests
+from google.cloud import pubsub_v1
+
+from l2cache.cli.dataset_cmd import build_into_config
+from l2cache.config import load_config
+from l2cache.dataset import apply_split
+from l2cache.dataset.edits import edit_message, pick_split
+from l2cache.features import compute_features
+from l2cache.ingest import region_chunks, start_ingest
+from l2cache.local.stack import EDITS_TOPIC, PROJECT, LocalStack
+from l2cache.pipeline import compute_chunk, compute_l2_ids, dataset_context, load_chunk_l2
+from l2cache.runs import new_run
+from l2cache.status import run_status
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "pinky40_bench"
+
+
+def wait(pred, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp), args.workers) as stack:
+        volume = crackle.load(str(ROOT / "data" / "pinky40" / "pinky40_512.ckl.gz"))
+        build_into_config(
+            stack.config_path, NAME, volume, Path(tmp) / "sv", (16, 16, 40), (128, 128, 128)
+        )
+        del volume
+        config = load_config(stack.config_path)
+        ctx = dataset_context(config, NAME)
+        chunks = region_chunks([0, 0, 0, 4, 4, 4])
+
+        # 1. single process, in this process, sequential
+        base = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 4, 4, 4], len(chunks))
+        ctx.ledger.create_run(base)
+        compute_chunk(ctx, base, chunks[0])  # warm the kernels
+        t = time.perf_counter()
+        for c in chunks:
+            compute_chunk(ctx, base, c)
+        single = len(chunks) / (time.perf_counter() - t)
+
+        # 2. the local stack, through Cloud Tasks (first run warms the workers)
+        rates = []
+        for _ in range(2):
+            t = time.perf_counter()
+            run = start_ingest(config, NAME, batch=2)
+            wait(lambda r=run: run_status(ctx.ledger, r.run_id).finished, 600)
+            rates.append(len(chunks) / (time.perf_counter() - t))
+        stack_rate = rates[-1]
+        voxels = 512**3
+        print("# ingest: 64 chunks of 128^3 voxels, real pinky40 data")
+        print(
+            f"single process (in-process, sequential): {single:.2f} chunks/s "
+            f"({single * voxels / len(chunks) / 1e6:.1f} Mvoxel/s)"
+        )
+        print(
+            f"local stack, {args.workers} workers via Cloud Tasks: {stack_rate:.2f} chunks/s "
+            f"({stack_rate * voxels / len(chunks) / 1e6:.1f} Mvoxel/s); cold first run "
+            f"{rates[0]:.2f} chunks/s"
+        )
+        print(f"ratio stack / (workers x single) = {stack_rate / (args.workers * single):.2f}")
+
+        # 3. edits: k new ids in one chunk
+        chunk = [1, 2, 1]
+        graph = stack_graph(ctx)
+        edits = new_run("edit_stream", ctx.dataset)
+        ctx.ledger.create_run(edits)
+        pub = pubsub_v1.PublisherClient()
+        topic = pub.topic_path(PROJECT, EDITS_TOPIC)
+        lookup = f"{stack.urls['lookup']}/l2cache/api/v1/table/{NAME}/attributes"
+        print("\n# edit recompute: k new L2 ids in one chunk (128^3)")
+        print(
+            f"{'k':>3} {'ids_s':>7} {'chunk_s':>8} {'ratio':>6} {'reads':>6} {'publish->readable_s':>20}"
+        )
+        used: set[int] = set()
+        warm = load_chunk_l2(ctx, chunk, None).labels
+        compute_l2_ids(ctx, np.unique(warm[warm > 0])[:1], None, edits)  # warm the only= path
+        for k in (1, 5, 20):
+            new_ids = []
+            while len(new_ids) < k:
+                target = pick_split(ctx.dataset, graph, chunk, exclude=used)
+                used.add(target)
+                result = apply_split(graph, ctx.dataset, target)
+                used.update(result.new_l2_ids.tolist())
+                new_ids.extend(result.new_l2_ids.tolist())
+            new_ids = np.array(new_ids[:k], dtype=np.uint64)
+            # end to end: PCG's message naming the k new ids -> rows readable via lookup
+            payload, attrs = edit_message(NAME, replace(result, new_l2_ids=new_ids))
+            t = time.perf_counter()
+            pub.publish(topic, payload, **attrs).result(timeout=30)
+            wait(
+                lambda ids=new_ids: all(
+                    requests.post(
+                        lookup,
+                        json={"l2_ids": ids.tolist()},
+                        params={"update_cache": "false"},
+                        timeout=30,
+                    )
+                    .json()
+                    .values()
+                ),
+                60,
+            )
+            latency = time.perf_counter() - t
+            # in process: the k ids (one chunk read, only=) vs the whole chunk
+            t = time.perf_counter()
+            res = compute_l2_ids(ctx, new_ids, None, edits)
+            part = time.perf_counter() - t
+            t = time.perf_counter()
+            data = load_chunk_l2(ctx, chunk, None)
+            full = compute_features(data.labels, ctx.dataset.resolution)
+            ctx.store.write_features(full, edits.lineage(data.checksum))
+            whole = time.perf_counter() - t
+            print(
+                f"{k:>3} {part:>7.3f} {whole:>8.3f} {part / whole:>6.2f} "
+                f"{res['chunks_read']:>6} {latency:>20.2f}"
+            )
+    return 0
+
+
+def stack_graph(ctx):
+    from l2cache.bigtable_client import bigtable_instance
+
+    g = ctx.dataset.graph
+    return bigtable_instance(g.project, g.instance).table(g.table_id)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
