@@ -1,0 +1,72 @@
+"""Pub/Sub: PCG edit topic, missing-id topic, dead-letter topic, push to on_edit."""
+
+from __future__ import annotations
+
+import pulumi_gcp as gcp
+from config import StackConfig
+
+
+def topics(cfg: StackConfig) -> dict[str, gcp.pubsub.Topic]:
+    ps = cfg.datasets.get("pubsub", {})
+    names = {
+        "edits": ps.get("edits_topic", "pcg-edits"),
+        "missing": ps.get("missing_ids_topic", "l2cache-missing-ids"),
+        "dead_letter": ps.get("dead_letter_topic", "l2cache-dead-letter"),
+    }
+    return {
+        k: gcp.pubsub.Topic(f"topic-{k}", name=v, project=cfg.project) for k, v in names.items()
+    }
+
+
+def push_subscriptions(cfg: StackConfig, tps: dict, on_edit_url, push_sa) -> dict:
+    """Edits and missing ids are pushed to on_edit with an OIDC token of ``push_sa``."""
+    project_number = gcp.organizations.get_project(project_id=cfg.project).number
+    pubsub_agent = f"serviceAccount:service-{project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+    subs, grants = {}, []
+    for key in ("edits", "missing"):
+        sub = gcp.pubsub.Subscription(
+            f"push-{key}",
+            name=f"l2cache-{key}-to-on-edit",
+            topic=tps[key].id,
+            project=cfg.project,
+            ack_deadline_seconds=600,
+            push_config={
+                "push_endpoint": on_edit_url,
+                "oidc_token": {"service_account_email": push_sa.email},
+            },
+            retry_policy={"minimum_backoff": "10s", "maximum_backoff": "600s"},
+            dead_letter_policy={
+                "dead_letter_topic": tps["dead_letter"].id,
+                "max_delivery_attempts": 10,
+            },
+        )
+        # the Pub/Sub service agent must be able to move messages to the dead-letter topic
+        grants.append(
+            gcp.pubsub.SubscriptionIAMMember(
+                f"dlq-ack-{key}",
+                subscription=sub.name,
+                role="roles/pubsub.subscriber",
+                member=pubsub_agent,
+                project=cfg.project,
+            )
+        )
+        subs[key] = sub
+    grants.append(
+        gcp.pubsub.TopicIAMMember(
+            "dlq-publish-agent",
+            topic=tps["dead_letter"].name,
+            role="roles/pubsub.publisher",
+            member=pubsub_agent,
+            project=cfg.project,
+        )
+    )
+    dlq_sub = gcp.pubsub.Subscription(
+        "dead-letter-inspect",
+        name="l2cache-dead-letter-inspect",
+        topic=tps["dead_letter"].id,
+        project=cfg.project,
+        message_retention_duration="604800s",
+    )
+    subs["dead_letter"] = dlq_sub
+    subs["grants"] = grants
+    return subs

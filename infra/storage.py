@@ -1,0 +1,70 @@
+"""Bigtable instance, one cache table per dataset, the runs table, the source bucket."""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_gcp as gcp
+from config import StackConfig
+
+CACHE_FAMILIES = ("0", "lineage")
+RUNS_FAMILIES = ("run", "ledger")  # l2cache.runs: RUN_FAMILY, LEDGER_FAMILY
+
+
+def bigtable(cfg: StackConfig) -> dict:
+    cluster = {"cluster_id": "l2cache-c1", "zone": cfg.bigtable_zone, "storage_type": "SSD"}
+    if cfg.bigtable_instance_type == "PRODUCTION":
+        cluster["num_nodes"] = cfg.bigtable_nodes
+    instance = gcp.bigtable.Instance(
+        "bigtable",
+        name="l2cache",
+        project=cfg.project,
+        instance_type=cfg.bigtable_instance_type,
+        clusters=[cluster],
+        deletion_protection=cfg.bigtable_instance_type == "PRODUCTION",
+    )
+    cache_tables, policies = {}, []
+    for name, ds in sorted(cfg.datasets["datasets"].items()):
+        table_id = ds["cache_table_id"]
+        table = gcp.bigtable.Table(
+            f"cache-{name}",
+            name=table_id,
+            instance_name=instance.name,
+            project=cfg.project,
+            column_families=[{"family": f} for f in CACHE_FAMILIES],
+        )
+        cache_tables[name] = table
+        for fam in CACHE_FAMILIES:
+            # the last N versions are what make a bad run roll-backable
+            policies.append(
+                gcp.bigtable.GCPolicy(
+                    f"gc-{name}-{fam}",
+                    instance_name=instance.name,
+                    table=table.name,
+                    column_family=fam,
+                    max_versions=[{"number": cfg.cache_max_versions}],
+                    deletion_policy="ABANDON",
+                    opts=pulumi.ResourceOptions(depends_on=[table]),
+                )
+            )
+    runs = gcp.bigtable.Table(
+        "runs",
+        name=cfg.datasets.get("runs_table_id", "l2cache_runs"),
+        instance_name=instance.name,
+        project=cfg.project,
+        column_families=[{"family": f} for f in RUNS_FAMILIES],
+    )
+    bucket = gcp.storage.Bucket(
+        "source",
+        name=f"{cfg.project}-l2cache-source",
+        location=cfg.region.upper(),
+        project=cfg.project,
+        uniform_bucket_level_access=True,
+        force_destroy=True,
+    )
+    return {
+        "instance": instance,
+        "cache_tables": cache_tables,
+        "runs": runs,
+        "gc_policies": policies,
+        "bucket": bucket,
+    }

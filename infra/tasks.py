@@ -1,0 +1,27 @@
+"""The Cloud Tasks queue compute tasks go through, with retry and rate settings."""
+
+from __future__ import annotations
+
+import pulumi_gcp as gcp
+from config import StackConfig
+
+
+def queue(cfg: StackConfig) -> gcp.cloudtasks.Queue:
+    tk = cfg.datasets.get("tasks", {})
+    return gcp.cloudtasks.Queue(
+        "compute-queue",
+        name=tk.get("queue", "l2cache-compute"),
+        location=cfg.region,
+        project=cfg.project,
+        rate_limits={
+            "max_concurrent_dispatches": cfg.queue_max_concurrent,
+            "max_dispatches_per_second": cfg.queue_max_per_second,
+        },
+        retry_config={
+            "max_attempts": cfg.queue_max_attempts,
+            "min_backoff": f"{cfg.queue_min_backoff_s}s",
+            "max_backoff": f"{cfg.queue_max_backoff_s}s",
+            "max_doublings": 5,
+        },
+        stackdriver_logging_config={"sampling_ratio": 0.1},
+    )
