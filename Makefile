@@ -41,7 +41,8 @@ format: venv
 	$(VENV)/bin/ruff check --fix shared functions infra tests bench
 
 deploy: venv
-	cd infra && pulumi up
+	@command -v pulumi >/dev/null || { echo "deploy needs the pulumi CLI: https://www.pulumi.com/docs/install/" >&2; exit 1; }
+	cd infra && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" pulumi up
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
