@@ -17,29 +17,30 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_features.py et
 from l2cache.local.emulators import start_bigtable_emulator, start_pubsub_emulator  # noqa: E402
 
 
+def _serve(emu):
+    """Expose ``emu`` through its environment variables for the session, then restore."""
+    saved = {k: os.environ.get(k) for k in emu.env}
+    os.environ.update(emu.env)
+    try:
+        yield emu
+    finally:
+        emu.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def bigtable_emulator(tmp_path_factory):
-    emu = start_bigtable_emulator(log_dir=tmp_path_factory.mktemp("bigtable-log"))
-    old = os.environ.get("BIGTABLE_EMULATOR_HOST")
-    os.environ.update(emu.env)
-    yield emu
-    emu.stop()
-    if old is None:
-        os.environ.pop("BIGTABLE_EMULATOR_HOST", None)
-    else:
-        os.environ["BIGTABLE_EMULATOR_HOST"] = old
+    yield from _serve(start_bigtable_emulator(log_dir=tmp_path_factory.mktemp("bigtable-log")))
 
 
 @pytest.fixture(scope="session")
 def pubsub_emulator(tmp_path_factory):
-    emu = start_pubsub_emulator(
-        tmp_path_factory.mktemp("pubsub-data"), log_dir=tmp_path_factory.mktemp("pubsub-log")
+    yield from _serve(
+        start_pubsub_emulator(
+            tmp_path_factory.mktemp("pubsub-data"), log_dir=tmp_path_factory.mktemp("pubsub-log")
+        )
     )
-    old = os.environ.get("PUBSUB_EMULATOR_HOST")
-    os.environ.update(emu.env)
-    yield emu
-    emu.stop()
-    if old is None:
-        os.environ.pop("PUBSUB_EMULATOR_HOST", None)
-    else:
-        os.environ["PUBSUB_EMULATOR_HOST"] = old

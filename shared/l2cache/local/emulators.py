@@ -85,6 +85,16 @@ class Emulator:
         self.stop()
 
 
+def ready(emu: Emulator, timeout: float) -> Emulator:
+    """Wait until ``emu`` listens; stop its process group if it never does."""
+    try:
+        wait_for_port(emu.port, timeout, emu.process)
+    except Exception:
+        emu.stop()
+        raise
+    return emu
+
+
 def sdk_root() -> Path:
     """Root of the Google Cloud SDK (where the emulator components live)."""
     gcloud = shutil.which("gcloud")
@@ -118,12 +128,7 @@ def start_bigtable_emulator(log_dir: Path | None = None, port: int | None = None
     log_path = Path(log_dir) / "bigtable-emulator.log" if log_dir else None
     proc = _spawn([str(binary), "-host", HOST, "-port", str(port)], log_path)
     emu = Emulator("bigtable", port, proc, {"BIGTABLE_EMULATOR_HOST": f"{HOST}:{port}"}, log_path)
-    try:
-        wait_for_port(port, 30, proc)
-    except Exception:
-        emu.stop()
-        raise
-    return emu
+    return ready(emu, 30)
 
 
 def start_pubsub_emulator(
@@ -152,9 +157,4 @@ def start_pubsub_emulator(
     ]
     proc = _spawn(cmd, log_path)
     emu = Emulator("pubsub", port, proc, {"PUBSUB_EMULATOR_HOST": f"{HOST}:{port}"}, log_path)
-    try:
-        wait_for_port(port, 90, proc)
-    except Exception:
-        emu.stop()
-        raise
-    return emu
+    return ready(emu, 90)

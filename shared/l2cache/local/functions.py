@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .emulators import HOST, Emulator, free_port, wait_for_port
+from .emulators import HOST, Emulator, free_port, ready
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FUNCTIONS_DIR = REPO_ROOT / "functions"
@@ -54,10 +54,4 @@ def start_function(
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    fn = Emulator(f"function:{name}", port, proc, {}, log_path)
-    try:
-        wait_for_port(port, 60, proc)
-    except Exception:
-        fn.stop()
-        raise
-    return fn
+    return ready(Emulator(f"function:{name}", port, proc, {}, log_path), 60)

@@ -21,9 +21,9 @@ from ..bigtable_client import bigtable_instance
 from .emulators import (
     Emulator,
     free_port,
+    ready,
     start_bigtable_emulator,
     start_pubsub_emulator,
-    wait_for_port,
 )
 from .functions import start_function
 
@@ -49,12 +49,7 @@ def start_tasks_emulator(log_dir: Path) -> Emulator:
         start_new_session=True,
     )
     emu = Emulator("tasks", port, proc, {"L2CACHE_TASKS_EMULATOR_HOST": f"127.0.0.1:{port}"})
-    try:
-        wait_for_port(port, 30, proc)
-    except Exception:
-        emu.stop()
-        raise
-    return emu
+    return ready(emu, 30)
 
 
 class LocalStack:
