@@ -186,19 +186,25 @@ def test_edits_make_exactly_the_new_l2_ids_appear(stack, ingested):
     assert found[node]["area_nm2"] == int(direct["area_nm2"][0])
 
 
-def pull_dead_letters(timeout=60):
+def pull_dead_letters(count: int, timeout: float = 120) -> list:
+    """Pull from the dead-letter inspection subscription until ``count`` distinct messages."""
     sub = pubsub_v1.SubscriberClient()
     path = sub.subscription_path(PROJECT, "dead-letter-inspect")
-    got = []
+    got: dict[str, object] = {}
 
     def poll():
-        resp = sub.pull(subscription=path, max_messages=10, timeout=5)
+        try:
+            resp = sub.pull(subscription=path, max_messages=10, timeout=10)
+        except Exception:  # an empty long-poll may end in DEADLINE_EXCEEDED
+            return None
         if resp.received_messages:
             sub.acknowledge(subscription=path, ack_ids=[m.ack_id for m in resp.received_messages])
-            got.extend(m.message for m in resp.received_messages)
-        return got
+            for m in resp.received_messages:
+                got[m.message.message_id] = m.message
+        return len(got) >= count
 
-    return wait_for(poll, timeout, "a dead-lettered message")
+    wait_for(poll, timeout, f"{count} dead-lettered messages")
+    return list(got.values())
 
 
 class _Exploit:
@@ -218,9 +224,7 @@ def test_poison_and_malicious_messages_are_dead_lettered_and_service_continues(
     evil = pickle.dumps({"operation_id": 1, "new_lvl2_ids": [_Exploit(str(marker))]})
     publisher.publish(topic, evil, table_id=DATASET).result(timeout=30)
     publisher.publish(topic, b"\x00garbage", table_id=DATASET).result(timeout=30)
-    letters = pull_dead_letters()
-    while len(letters) < 2:
-        letters = pull_dead_letters()
+    letters = pull_dead_letters(2)
     reasons = sorted(m.attributes["dead_letter_reason"] for m in letters)
     assert any("not allowed" in r for r in reasons), reasons
     assert any("not a decodable pickle" in r for r in reasons), reasons
