@@ -103,12 +103,16 @@ class BigtableGraphReader:
 
 
 class GrapheneGraphReader:
-    """A PCG server through CloudVolume's graphene client."""
+    """A PCG server through CloudVolume's graphene client.
 
-    def __init__(self, url: str) -> None:
+    The CAVE token comes from ``token`` or CloudVolume's usual secret files
+    (``~/.cloudvolume/secrets/cave-secret.json``).
+    """
+
+    def __init__(self, url: str, token: str | None = None) -> None:
         from cloudvolume import CloudVolume
 
-        self.cv = CloudVolume(url, progress=False, use_https=True)
+        self.cv = CloudVolume(url, progress=False, use_https=True, secrets=token)
 
     def l2_parents(self, sv_ids: np.ndarray, timestamp: datetime | None = None) -> np.ndarray:
         sv_ids = idlib.as_uint64(sv_ids)
