@@ -279,3 +279,20 @@ def test_rollback_restores_the_previous_run(stack, ingested):
     raw_after = ctx.store.read_raw(nodes)
     assert {r["lineage"][b"run"] for r in raw_after.values()} == {first.run_id.encode()}
     assert all(raw_after[n]["0"] == raw[n]["0"] for n in raw)  # same inputs, same bytes
+
+
+def test_status_runs_and_reconcile_commands(stack, ingested, capsys):
+    from l2cache.cli import main
+
+    run, _ = ingested
+    cfg = str(stack["stack"].config_path)
+    assert main(["status", DATASET, run.run_id, "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert f"run {run.run_id}: 8/8 done, 0 failed" in out and "est. cost $" in out
+    assert main(["runs", "list", DATASET, "--config", cfg]) == 0
+    assert run.run_id in capsys.readouterr().out
+    assert main(["runs", "show", DATASET, run.run_id, "--config", cfg]) == 0
+    shown = capsys.readouterr().out
+    assert "params_hash" in shown and "code_revision" in shown
+    assert main(["reconcile", DATASET, run.run_id, "--config", cfg]) == 0
+    assert "re-queued 0 chunks" in capsys.readouterr().out
