@@ -176,6 +176,21 @@ class RunLedger:
     def done_chunks(self, run_id: str) -> set[int]:
         return {r["chunk_id"] for r in self.chunk_rows(run_id) if r["status"] == "done"}
 
+    def done_among(self, run_id: str, chunk_ids: list[int]) -> set[int]:
+        """Which of ``chunk_ids`` are done: reads only their rows, not the run's ledger.
+
+        A leaf task asks this for its own few chunks, so resume costs O(batch) reads
+        per task instead of a scan of a ledger that may hold millions of rows.
+        """
+        rs = RowSet()
+        for cid in chunk_ids:
+            rs.add_row_key(self._chunk_key(run_id, cid))
+        done = set()
+        for row in self.table.read_rows(row_set=rs):
+            if _cells(row, LEDGER_FAMILY).get("status") == b"done":
+                done.add(int(row.row_key.rsplit(b":", 1)[1]))
+        return done
+
     # edit-stream events --------------------------------------------------------------
     def record_event(self, run_id: str, message_id: str, **fields: Any) -> None:
         row = self.table.direct_row(f"event:{run_id}:{message_id}".encode())

@@ -79,7 +79,7 @@ def handle_task(config: L2CacheConfig, body: bytes, enqueue=None) -> tuple[int, 
             for sub in items:
                 enqueue({**task, "region": sub})
             return 200, {"split": len(items)}
-        done = ctx.ledger.done_chunks(run.run_id)
+        done = ctx.ledger.done_among(run.run_id, [_chunk_id(ctx, c) for c in items])
         results = []
         for coords in items:
             if _chunk_id(ctx, coords) in done:
