@@ -9,7 +9,6 @@ else: the caller answers 5xx so Cloud Tasks / Pub/Sub retry).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,10 +16,10 @@ from datetime import datetime
 import numpy as np
 
 from . import ids as idlib
+from .chunk_labels import labels_from_supervoxels
 from .config import DatasetConfig, L2CacheConfig
 from .features import compute_features
 from .graph import GraphReader, make_graph_reader
-from .remap import remap_to_l2
 from .runs import RunLedger, RunRecord
 from .store import CacheStore
 from .volume import read_chunk
@@ -73,14 +72,8 @@ def load_chunk_l2(ctx: DatasetContext, coords, timestamp: datetime | None) -> Ch
         sv = read_chunk(ctx.dataset, coords)
     except ValueError as exc:
         raise PermanentError(str(exc)) from None
-    sv_ids = np.unique(sv)
-    sv_ids = sv_ids[sv_ids != 0]
-    parents = ctx.graph.l2_parents(sv_ids, timestamp)
-    labels = remap_to_l2(sv, sv_ids, parents)
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(sv).tobytes())
-    digest.update(sv_ids.tobytes() + parents.tobytes())
-    return ChunkL2(labels, digest.hexdigest()[:16])
+    chunk = labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, timestamp))
+    return ChunkL2(chunk.labels, chunk.checksum)
 
 
 def chunk_id(ctx: DatasetContext, coords) -> int:
