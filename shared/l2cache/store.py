@@ -15,7 +15,6 @@ Two row flavours are served:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,24 +34,14 @@ from .attributes import (
     encode_column,
 )
 from .bigtable_client import RowReader
+from .bigtable_write import write_rows
 from .config import DatasetConfig
 from .lineage import Lineage
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 2_000
 READ_BATCH = 10_000  # one stream per 10k ids: measured fastest on the emulator (GIL-bound parse)
 READ_THREADS = 4
-WRITE_ATTEMPTS = 4
-
-
-class StoreWriteError(RuntimeError):
-    """Rows that still failed after every retry; nothing is silently dropped."""
-
-    def __init__(self, failed: dict[int, str]) -> None:
-        self.failed = failed
-        sample = ", ".join(f"{k}: {v}" for k, v in list(failed.items())[:5])
-        super().__init__(f"{len(failed)} rows failed to write after retries ({sample})")
 
 
 def create_cache_table(instance, table_id: str, max_versions: int = 5):
@@ -106,27 +95,8 @@ class CacheStore:
             for col, value in lineage_cols.items():
                 row.set_cell(LINEAGE_FAMILY, col, value, timestamp=ts)
             rows.append(row)
-        self._mutate(rows)
+        write_rows(self.table, rows, "cache")
         return n
-
-    def _mutate(self, rows: list) -> None:
-        pending = rows
-        errors: dict[int, str] = {}
-        for attempt in range(WRITE_ATTEMPTS):
-            failed = []
-            errors = {}
-            for start in range(0, len(pending), WRITE_BATCH):
-                batch = pending[start : start + WRITE_BATCH]
-                statuses = self.table.mutate_rows(batch)
-                for row, status in zip(batch, statuses, strict=True):
-                    if status.code != 0:
-                        failed.append(row)
-                        errors[int(row.row_key)] = status.message or f"code {status.code}"
-            if not failed:
-                return
-            pending = failed
-            time.sleep(min(0.1 * 2**attempt, 2.0))
-        raise StoreWriteError(errors)
 
     # -- reading ---------------------------------------------------------------
     @property
