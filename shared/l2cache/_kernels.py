@@ -76,6 +76,43 @@ def _rehash(ids, k, cap):
     return keys, vals
 
 
+def dense_dtype(n_ids: int) -> type:
+    """The narrowest index dtype for ``n_ids`` non-zero ids (index 0 = background)."""
+    if n_ids <= np.iinfo(np.uint16).max:
+        return np.uint16
+    if n_ids <= np.iinfo(np.uint32).max:
+        return np.uint32
+    raise ValueError("more than 2**32 - 1 labels in one chunk")
+
+
+@njit(cache=True, nogil=True)
+def _apply_lut(src, lut, dst):
+    for i in range(src.size):
+        dst[i] = lut[src[i]]
+
+
+def apply_lut(index: np.ndarray, lut: np.ndarray, dtype) -> np.ndarray:
+    """``lut[index]`` as ``dtype``, same shape; in place when ``index`` has that dtype.
+
+    One compiled pass (numpy's fancy indexing would build an int64 temporary of the
+    whole volume). ``lut`` values must fit ``dtype``; ``index`` must be C-contiguous.
+    """
+    if not index.flags.c_contiguous:
+        raise ValueError("index must be C-contiguous")
+    if lut.size and (int(lut.min()) < 0 or int(lut.max()) > np.iinfo(dtype).max):
+        raise ValueError(f"lookup table values do not fit {np.dtype(dtype).name}")
+    out = index if index.dtype == dtype else np.empty(index.shape, dtype=dtype)
+    lut_into(index, lut.astype(np.int64, copy=False), out)
+    return out
+
+
+def lut_into(index: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = lut[index]`` for C-contiguous ``index``/``out`` of one shape."""
+    if not (index.flags.c_contiguous and out.flags.c_contiguous) or index.shape != out.shape:
+        raise ValueError("index and out must be C-contiguous and of one shape")
+    _apply_lut(index.reshape(-1), lut, out.reshape(-1))
+
+
 def dense_index(vol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dense label index (0 = background, 1..K) of ``vol`` and the original ids.
 
@@ -129,6 +166,8 @@ def first_pass(dense, dt, n_labels, perm):
         for j in range(n1):
             for k in range(n2):
                 a = dense[i, j, k]
+                if a >= n_labels:
+                    raise ValueError("dense index out of range of its ids")
                 # faces with the +1 neighbour along each array axis count for both sides
                 if i + 1 < n0:
                     b = dense[i + 1, j, k]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import edt
 import numpy as np
@@ -51,6 +52,47 @@ def _memory_view(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(labels), np.array([0, 1, 2], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class DenseLabels:
+    """A label volume already relabelled to a dense index: ``ids[index]`` = the labels.
+
+    Lets the worker hand the engine the narrow index it built while relabelling
+    supervoxels (:mod:`l2cache.chunk_labels`), so the uint64 L2 volume never exists.
+    ``index``: (x, y, z) uint16/uint32, C or Fortran order, values < ``ids.size``;
+    ``ids``: uint64, ``ids[0] == 0`` (background), the others distinct and non-zero
+    (one index per label: two indices for one label would split it in the EDT).
+    """
+
+    index: np.ndarray
+    ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.index.ndim != 3 or self.index.dtype not in (np.uint16, np.uint32):
+            raise ValueError(f"index must be 3-D uint16/uint32, got {self.index.dtype}")
+        ids = self.ids
+        if ids.dtype != np.uint64 or ids.ndim != 1 or ids.size == 0 or ids[0] != 0:
+            raise ValueError("ids must be 1-D uint64 starting with 0")
+        rest = np.sort(ids[1:])
+        if rest.size and (rest[0] == 0 or np.any(rest[1:] == rest[:-1])):
+            raise ValueError("ids after the first must be distinct and non-zero")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.index.shape
+
+    @property
+    def size(self) -> int:
+        return self.index.size
+
+    def to_ids(self) -> np.ndarray:
+        """The uint64 label volume (a full-size array), same shape and memory order."""
+        fortran = self.index.flags.f_contiguous and not self.index.flags.c_contiguous
+        view = self.index.T if fortran else np.ascontiguousarray(self.index)
+        out = np.empty(view.shape, dtype=np.uint64)
+        _kernels.lut_into(view, self.ids, out)
+        return out.T if fortran else out
+
+
 def empty_features() -> dict[str, np.ndarray]:
     """The result for a chunk with no node (all arrays of length 0)."""
     out = {"l2id": np.zeros(0, dtype=np.uint64)}
@@ -60,7 +102,7 @@ def empty_features() -> dict[str, np.ndarray]:
 
 
 def compute_features(
-    labels: np.ndarray,
+    labels: np.ndarray | DenseLabels,
     resolution: Sequence[float],
     only: np.ndarray | Sequence[int] | None = None,
     timings: dict[str, float] | None = None,
@@ -71,6 +113,8 @@ def compute_features(
     ----------
     labels : (X, Y, Z) array of L2 ids, 0 = background; C or Fortran order give
         identical results (CloudVolume returns Fortran order). Unsigned integers.
+        Or a :class:`DenseLabels` (the worker's relabelled chunk): same result as
+        its ``to_ids()`` volume, without the relabel pass.
     resolution : nm per voxel along x, y, z.
     only : ids to report. The whole chunk still shapes the EDT and the faces, so a
         subset equals the matching rows of the full result; ids absent from the chunk
@@ -82,22 +126,31 @@ def compute_features(
     dict with ``l2id`` (uint64, ascending) and the eight attributes in the dtypes of
     :mod:`l2cache.attributes`, one row per reported node.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be 3-D (x, y, z), got shape {labels.shape}")
-    if labels.dtype.kind not in "ui" or (
-        labels.dtype.kind == "i" and labels.size and labels.min() < 0
-    ):
-        raise ValueError(f"labels must be non-negative integers, got {labels.dtype}")
     res = np.asarray(resolution, dtype=np.float64).reshape(-1)
     if res.shape != (3,) or not np.all(np.isfinite(res)) or np.any(res <= 0):
         raise ValueError(f"resolution must be 3 positive numbers, got {resolution!r}")
     clock = _Clock(timings)
-    if labels.size == 0:
-        return empty_features()
-
-    vol, perm = _memory_view(labels.astype(np.uint64, copy=False))
-    dense, orig_ids = _kernels.dense_index(vol)
+    if isinstance(labels, DenseLabels):
+        shape = labels.shape
+        if labels.size == 0:
+            return empty_features()
+        dense, perm = _memory_view(labels.index)
+        orig_ids = labels.ids
+    else:
+        labels = np.asarray(labels)
+        if labels.ndim != 3:
+            raise ValueError(f"labels must be 3-D (x, y, z), got shape {labels.shape}")
+        if labels.dtype.kind not in "ui" or (
+            labels.dtype.kind == "i" and labels.size and labels.min() < 0
+        ):
+            raise ValueError(f"labels must be non-negative integers, got {labels.dtype}")
+        shape = labels.shape
+        if labels.size == 0:
+            return empty_features()
+        # unsigned input is indexed as it is (no uint64 copy of a uint32 chunk)
+        vol, perm = _memory_view(labels if labels.dtype.kind == "u" else labels.astype(np.uint64))
+        dense, orig_ids = _kernels.dense_index(vol)
+        del vol
     n_labels = orig_ids.size
     clock.lap("relabel")
     if n_labels == 1:
@@ -113,13 +166,14 @@ def compute_features(
 
     wanted = np.ones(n_labels, dtype=np.bool_)
     wanted[0] = False
+    wanted &= count > 0  # a DenseLabels id with no voxel is not a node
     if only is not None:
         only_ids = np.asarray(only, dtype=np.uint64).reshape(-1)
         wanted &= np.isin(orig_ids, only_ids)
     centroid = coord_sum / np.maximum(count, 1)[:, None]
     moments, max_d2 = _kernels.second_pass(dense, wanted, centroid, res, perm)
     clock.lap("pass2")
-    shape_xyz = np.array(labels.shape, dtype=np.int64)
+    shape_xyz = np.array(shape, dtype=np.int64)
     rep = _kernels.representative_pass(
         dense, dt, wanted, centroid, np.sqrt(max_d2), res, perm, shape_xyz
     )
