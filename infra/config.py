@@ -1,16 +1,29 @@
-"""Stack configuration: everything that differs between deployments, read in one place."""
+"""Stack configuration: everything that differs between deployments, read and checked in one place.
+
+Keys are listed with their meaning in ``Pulumi.example.yaml``. ``validate`` refuses a
+configuration that would deploy something unsafe or inconsistent (more queue
+dispatches than worker instances, ``allUsers`` on lookup with no CAVE auth in the app,
+a malformed edits topic path) before any resource is declared.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pulumi
+import sizing
 import yaml
 
-INTERPRETER_MIB = 300  # python + numpy + numba + clients, measured ~250 MiB
-BYTES_PER_VOXEL = 24  # uint64 input + uint16 dense labels + float32 EDT + engine scratch
+TOPIC_PATH = re.compile(r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[A-Za-z][\w.~+%-]{2,254}$")
+LB_SCHEMES = ("EXTERNAL_MANAGED", "EXTERNAL")
+INGRESS = ("ALLOW_ALL", "ALLOW_INTERNAL_ONLY", "ALLOW_INTERNAL_AND_GCLB")
+
+
+class ConfigError(ValueError):
+    """The stack configuration cannot be deployed; the message names the key to change."""
 
 
 @dataclass(frozen=True)
@@ -34,19 +47,122 @@ class StackConfig:
     queue_max_per_second: float
     graph_instances: list[str]
     segmentation_buckets: list[str]
+    # CAVE auth in the lookup app (middle-auth-client): lookup is then invocable by
+    # allUsers and the app checks the CAVE token; None/False = Cloud Run IAM only.
+    cave_auth: bool = False
+    cave_auth_url: str | None = None  # sets the library's AUTH_URI/AUTH_URL on lookup
+    # PCG's existing edits topic, projects/<p>/topics/<t>; None = no edits subscription
+    pcg_edits_topic: str | None = None
+    existing_cache_tables: frozenset[str] = field(default_factory=frozenset)
+    existing_bigtable_instance: bool = False
+    lookup_backend: bool = False  # serverless NEG + backend service for an existing LB
+    lb_scheme: str = "EXTERNAL_MANAGED"
+    lookup_domain: str | None = None  # standalone HTTPS load balancer for this domain
+    url_map: str | None = None  # the operator's existing URL map (for the printed commands)
+    lookup_ingress: str | None = None  # None: derived (ALLOW_INTERNAL_AND_GCLB behind an LB)
+    chunks_per_task: int = sizing.DEFAULT_CHUNKS_PER_TASK
+
+    @property
+    def bigtable_project(self) -> str:
+        return (self.datasets.get("bigtable") or {}).get("project") or self.project
+
+    @property
+    def bigtable_instance(self) -> str:
+        return (self.datasets.get("bigtable") or {}).get("instance") or "l2cache"
+
+    @property
+    def routed(self) -> bool:
+        """Lookup sits behind a load balancer (existing one or ours)."""
+        return self.lookup_backend or bool(self.lookup_domain)
+
+    @property
+    def ingress(self) -> str:
+        if self.lookup_ingress:
+            return self.lookup_ingress
+        return "ALLOW_INTERNAL_AND_GCLB" if self.routed else "ALLOW_ALL"
+
+    def is_existing_table(self, dataset: str) -> bool:
+        """A cache table Pulumi must not create or own: the dataset map's
+        ``existing_cache_table: true`` or its id in ``l2cache:existingCacheTables``."""
+        ds = self.datasets["datasets"][dataset]
+        return bool(ds.get("existing_cache_table")) or (
+            ds["cache_table_id"] in self.existing_cache_tables
+        )
 
 
-def worker_memory_mib(chunk_size) -> int:
-    """Memory for a compute function: measured ~1.0 GiB peak for 256x256x512, rounded up."""
-    voxels = math.prod(chunk_size)
-    need = voxels * BYTES_PER_VOXEL / 2**20 + INTERPRETER_MIB
-    return int(math.ceil(need * 1.25 / 256) * 256)
+def map_auth_section(datasets: Mapping) -> Mapping | None:
+    """The dataset map's top-level ``auth:`` section if it turns CAVE auth on."""
+    auth = datasets.get("auth")
+    if not isinstance(auth, Mapping) or not auth or auth.get("enabled") is False:
+        return None
+    return auth
 
 
-def worker_timeout_s(chunk_size) -> int:
-    """~2 s per 33 M voxels measured on one vCPU; 60x headroom, capped at HTTP's 3600 s."""
-    voxels = math.prod(chunk_size)
-    return int(min(3600, max(120, 60 * 2.0 * voxels / 33.5e6)))
+def parse_cave_auth(raw: str | None, datasets: Mapping) -> tuple[bool, str | None]:
+    """``l2cache:caveAuth``: ``true``/``false`` or the auth service URL (= true).
+
+    Unset: on exactly when the dataset map has an ``auth:`` section.
+    """
+    if raw is None or raw == "":
+        return map_auth_section(datasets) is not None, None
+    low = raw.strip().lower()
+    if low in ("true", "yes", "1"):
+        return True, None
+    if low in ("false", "no", "0"):
+        return False, None
+    if low.startswith("https://") or low.startswith("http://"):
+        return True, raw.strip()
+    raise ConfigError(f"l2cache:caveAuth must be true, false or the auth URL, got {raw!r}")
+
+
+def edits_topic_path(raw: str | None, datasets: Mapping) -> str | None:
+    """PCG's edits topic: ``l2cache:pcgEditsTopic``, else the dataset map's
+    ``pubsub.edits_topic`` when it is a full path or comes with ``pubsub.edits_project``.
+    A bare name alone is not enough: the topic lives in PCG's project, not ours."""
+    if raw:
+        return raw.strip()
+    ps = datasets.get("pubsub") or {}
+    topic = ps.get("edits_topic")
+    if not topic:
+        return None
+    if str(topic).startswith("projects/"):
+        return str(topic)
+    if ps.get("edits_project"):
+        return f"projects/{ps['edits_project']}/topics/{topic}"
+    return None
+
+
+def validate(cfg: StackConfig) -> None:
+    """Refuse configurations that would deploy something inconsistent or unsafe."""
+    try:
+        sizing.check_queue_concurrency(cfg.queue_max_concurrent, cfg.worker_max_instances)
+        sizing.worker_memory_mib(cfg.chunk_size)
+        sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
+    except sizing.SizingError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.pcg_edits_topic is not None and not TOPIC_PATH.match(cfg.pcg_edits_topic):
+        raise ConfigError(
+            f"l2cache:pcgEditsTopic must be projects/<pcg-project>/topics/<name>, "
+            f"got {cfg.pcg_edits_topic!r}"
+        )
+    if cfg.cave_auth and not cfg.cave_auth_url and map_auth_section(cfg.datasets) is None:
+        raise ConfigError(
+            "l2cache:caveAuth is on but the dataset map has no auth section and no auth URL "
+            "was given: lookup would be open to allUsers with nothing checking tokens"
+        )
+    if cfg.lb_scheme not in LB_SCHEMES:
+        raise ConfigError(f"l2cache:loadBalancingScheme must be one of {LB_SCHEMES}")
+    if cfg.lookup_ingress is not None and cfg.lookup_ingress not in INGRESS:
+        raise ConfigError(f"l2cache:lookupIngress must be one of {INGRESS}")
+    if cfg.routed and cfg.ingress == "ALLOW_INTERNAL_ONLY":
+        raise ConfigError("lookup behind a load balancer needs ingress ALLOW_INTERNAL_AND_GCLB")
+    names = cfg.datasets.get("datasets") or {}
+    known = {ds["cache_table_id"] for ds in names.values()}
+    unknown = sorted(cfg.existing_cache_tables - known)
+    if unknown:
+        raise ConfigError(
+            f"l2cache:existingCacheTables names tables no dataset uses: {', '.join(unknown)}"
+        )
 
 
 def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> StackConfig:
@@ -56,7 +172,8 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
     if not datasets_file.is_absolute():
         datasets_file = (Path(__file__).parent / datasets_file).resolve()
     datasets = yaml.safe_load(datasets_file.read_text())
-    return StackConfig(
+    cave_auth, cave_auth_url = parse_cave_auth(cfg.get("caveAuth"), datasets)
+    out = StackConfig(
         project=gcp.require("project"),
         region=gcp.get("region") or "us-east1",
         datasets_file=datasets_file,
@@ -68,12 +185,27 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
         chunk_size=tuple(cfg.get_object("chunkSize") or (256, 256, 512)),
         lookup_invokers=list(cfg.get_object("lookupInvokers") or []),
         lookup_max_instances=cfg.get_int("lookupMaxInstances") or 20,
-        worker_max_instances=cfg.get_int("workerMaxInstances") or 50,
+        worker_max_instances=cfg.get_int("workerMaxInstances")
+        or sizing.DEFAULT_WORKER_MAX_INSTANCES,
         queue_max_attempts=cfg.get_int("queueMaxAttempts") or 10,
         queue_min_backoff_s=cfg.get_int("queueMinBackoffSeconds") or 5,
         queue_max_backoff_s=cfg.get_int("queueMaxBackoffSeconds") or 300,
-        queue_max_concurrent=cfg.get_int("queueMaxConcurrent") or 100,
+        queue_max_concurrent=cfg.get_int("queueMaxConcurrent")
+        or sizing.DEFAULT_QUEUE_MAX_CONCURRENT,
         queue_max_per_second=cfg.get_float("queueMaxPerSecond") or 20.0,
         graph_instances=list(cfg.get_object("graphInstances") or []),
         segmentation_buckets=list(cfg.get_object("segmentationBuckets") or []),
+        cave_auth=cave_auth,
+        cave_auth_url=cave_auth_url,
+        pcg_edits_topic=edits_topic_path(cfg.get("pcgEditsTopic"), datasets),
+        existing_cache_tables=frozenset(cfg.get_object("existingCacheTables") or []),
+        existing_bigtable_instance=cfg.get_bool("existingBigtableInstance") or False,
+        lookup_backend=cfg.get_bool("lookupBackend") or False,
+        lb_scheme=cfg.get("loadBalancingScheme") or "EXTERNAL_MANAGED",
+        lookup_domain=cfg.get("lookupDomain") or None,
+        url_map=cfg.get("urlMap") or None,
+        lookup_ingress=cfg.get("lookupIngress") or None,
+        chunks_per_task=cfg.get_int("maxChunksPerTask") or sizing.DEFAULT_CHUNKS_PER_TASK,
     )
+    validate(out)
+    return out

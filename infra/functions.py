@@ -1,4 +1,15 @@
-"""The three gen2 Cloud Functions, their deploy archives and who may invoke them."""
+"""The three gen2 Cloud Functions, their deploy archives and who may invoke them.
+
+compute_chunk and on_edit are Cloud Run IAM only, always: exactly the tasks-invoker
+and the push identity. lookup depends on where the user check happens:
+
+- CAVE auth configured (``l2cache:caveAuth`` or the dataset map's ``auth:``): the app
+  checks every request's CAVE token with middle-auth-client, so Cloud Run lets every
+  request through (``allUsers`` invoker). Cloud Run IAM accepts only Google identity
+  tokens, which caveclient does not send; IAM in front would refuse every CAVE user.
+- otherwise: IAM only, the configured ``l2cache:lookupInvokers`` and nobody else
+  (``allUsers`` only if listed).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +17,9 @@ from pathlib import Path
 
 import pulumi
 import pulumi_gcp as gcp
+import sizing
 from archive import build_archive
-from config import StackConfig, worker_memory_mib, worker_timeout_s
+from config import StackConfig
 
 RUNTIME = "python311"
 BUILD_DIR = Path(__file__).parent / ".build"
@@ -33,6 +45,7 @@ def function(
     max_instances: int,
     concurrency: int,
     env: dict,
+    ingress: str = "ALLOW_ALL",
 ) -> gcp.cloudfunctionsv2.Function:
     return gcp.cloudfunctionsv2.Function(
         f"fn-{name}",
@@ -46,12 +59,12 @@ def function(
         },
         service_config={
             "available_memory": f"{memory_mib}Mi",
-            "available_cpu": "1" if memory_mib <= 4096 else "2",
+            "available_cpu": sizing.cpu_for_memory(memory_mib),
             "timeout_seconds": timeout_s,
             "max_instance_count": max_instances,
             "max_instance_request_concurrency": concurrency,
             "service_account_email": sa.email,
-            "ingress_settings": "ALLOW_ALL",
+            "ingress_settings": ingress,
             "environment_variables": env,
         },
     )
@@ -71,15 +84,35 @@ def invoker(
     )
 
 
-def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> dict:
+def lookup_invokers(cfg: StackConfig) -> list[str]:
+    """Who Cloud Run lets call lookup (see the module docstring)."""
+    if cfg.cave_auth:
+        if cfg.lookup_invokers:
+            pulumi.log.info(
+                "CAVE auth is on: lookup is invocable by allUsers and the app checks tokens; "
+                "l2cache:lookupInvokers is not used"
+            )
+        return ["allUsers"]
+    if cfg.routed and "allUsers" not in cfg.lookup_invokers:
+        pulumi.log.warn(
+            "lookup is behind a load balancer without CAVE auth: only callers sending a "
+            "Google identity token of a lookupInvokers member get through (caveclient does not)"
+        )
+    return list(cfg.lookup_invokers)
+
+
+def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list]:
     revision = pulumi.get_stack()
     env = {
         "L2CACHE_CONFIG": "/workspace/datasets.yaml",
         "L2CACHE_REVISION": revision,
         "NUMBA_CACHE_DIR": "/tmp/numba",
     }
-    worker_mem = worker_memory_mib(cfg.chunk_size)
-    worker_timeout = worker_timeout_s(cfg.chunk_size)
+    lookup_env = dict(env)
+    if cfg.cave_auth_url:  # middle-auth-client reads its service address from these
+        lookup_env.update(AUTH_URI=cfg.cave_auth_url, AUTH_URL=cfg.cave_auth_url)
+    worker_mem = sizing.worker_memory_mib(cfg.chunk_size)
+    worker_timeout = sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
     fns = {
         "lookup": function(
             "lookup",
@@ -90,7 +123,8 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> dict:
             120,
             cfg.lookup_max_instances,
             8,
-            env,
+            lookup_env,
+            ingress=cfg.ingress,
         ),
         # one chunk per instance at a time: memory is sized for exactly one chunk
         "compute_chunk": function(
@@ -101,7 +135,7 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> dict:
             worker_mem,
             worker_timeout,
             cfg.worker_max_instances,
-            1,
+            sizing.WORKER_REQUESTS_PER_INSTANCE,
             env,
         ),
         "on_edit": function(
@@ -110,9 +144,9 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> dict:
             upload("on_edit", cfg, bucket),
             accounts["worker"],
             worker_mem,
-            min(worker_timeout, 540),
+            sizing.on_edit_timeout_s(cfg.chunk_size, cfg.chunks_per_task),
             cfg.worker_max_instances,
-            1,
+            sizing.WORKER_REQUESTS_PER_INSTANCE,
             env,
         ),
     }
@@ -120,6 +154,6 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> dict:
         invoker("compute_chunk", fns["compute_chunk"], cfg, member(accounts["tasks-invoker"])),
         invoker("on_edit", fns["on_edit"], cfg, member(accounts["pubsub-push"])),
     ]
-    for i, who in enumerate(cfg.lookup_invokers):  # from config; allUsers only if listed
+    for i, who in enumerate(lookup_invokers(cfg)):
         invokers.append(invoker("lookup", fns["lookup"], cfg, who, suffix=f"-{i}"))
     return fns, invokers

@@ -1,15 +1,25 @@
-"""Pub/Sub: PCG edit topic, missing-id topic, dead-letter topic, push to on_edit."""
+"""Pub/Sub: our missing-id and dead-letter topics, and push subscriptions to on_edit.
+
+PCG's edits topic is NOT ours: PCG publishes every edit to one existing topic that
+other services (mesh workers) read too. We only attach a subscription to it, by its
+full path (``l2cache:pcgEditsTopic``, ``projects/<pcg-project>/topics/<name>``); this
+program never creates, changes or re-points that topic. The subscription lives in our
+project; when the topic is in PCG's project, whoever runs ``pulumi up`` needs
+``pubsub.topics.attachSubscription`` on it (``roles/pubsub.subscriber`` on the topic,
+granted by the PCG project's owner). Once attached, delivery needs nothing from PCG.
+"""
 
 from __future__ import annotations
 
+import pulumi
 import pulumi_gcp as gcp
 from config import StackConfig
 
 
 def topics(cfg: StackConfig) -> dict[str, gcp.pubsub.Topic]:
-    ps = cfg.datasets.get("pubsub", {})
+    """The topics l2cache owns: missing ids (lookup -> on_edit) and dead letters."""
+    ps = cfg.datasets.get("pubsub") or {}
     names = {
-        "edits": ps.get("edits_topic", "pcg-edits"),
         "missing": ps.get("missing_ids_topic", "l2cache-missing-ids"),
         "dead_letter": ps.get("dead_letter_topic", "l2cache-dead-letter"),
     }
@@ -19,15 +29,24 @@ def topics(cfg: StackConfig) -> dict[str, gcp.pubsub.Topic]:
 
 
 def push_subscriptions(cfg: StackConfig, tps: dict, on_edit_url, push_sa) -> dict:
-    """Edits and missing ids are pushed to on_edit with an OIDC token of ``push_sa``."""
+    """Edits (if PCG's topic is configured) and missing ids are pushed to on_edit with
+    an OIDC token of ``push_sa``."""
     project_number = gcp.organizations.get_project(project_id=cfg.project).number
     pubsub_agent = f"serviceAccount:service-{project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+    sources = {"missing": tps["missing"].id}
+    if cfg.pcg_edits_topic:
+        sources["edits"] = cfg.pcg_edits_topic  # the existing topic, referenced by path
+    else:
+        pulumi.log.warn(
+            "no PCG edits topic (l2cache:pcgEditsTopic): on_edit gets missing ids only and "
+            "edits will not update the cache"
+        )
     subs, grants = {}, []
-    for key in ("edits", "missing"):
+    for key, topic in sorted(sources.items()):
         sub = gcp.pubsub.Subscription(
             f"push-{key}",
             name=f"l2cache-{key}-to-on-edit",
-            topic=tps[key].id,
+            topic=topic,
             project=cfg.project,
             ack_deadline_seconds=600,
             push_config={

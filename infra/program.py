@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import config
 import iam
 import messaging
 import monitoring
 import pulumi
 import pulumi_gcp as gcp
+import routing
 import storage
 import tasks
 from config import StackConfig
@@ -18,35 +20,38 @@ def grants(cfg: StackConfig, accounts: dict, store: dict, tps: dict, queue) -> l
     """Exactly the access each identity needs (see iam.py)."""
     lookup, worker = iam.member(accounts["lookup"]), iam.member(accounts["worker"])
     out = []
-    for name, table in store["cache_tables"].items():
+    tables = {name: t.name for name, t in store["cache_tables"].items()}
+    for name, table in sorted({**tables, **store["existing_tables"]}.items()):
         out.append(
             gcp.bigtable.TableIamMember(
                 f"lookup-reads-{name}",
-                instance_name=store["instance"].name,
-                table=table.name,
+                instance_name=store["instance_name"],
+                table=table,
                 role="roles/bigtable.reader",
                 member=lookup,
-                project=cfg.project,
+                project=cfg.bigtable_project,
             )
         )
+        if name in store["existing_tables"]:
+            continue  # served unchanged: l2cache never writes a table it does not own
         out.append(
             gcp.bigtable.TableIamMember(
                 f"worker-writes-{name}",
-                instance_name=store["instance"].name,
-                table=table.name,
+                instance_name=store["instance_name"],
+                table=table,
                 role="roles/bigtable.user",
                 member=worker,
-                project=cfg.project,
+                project=cfg.bigtable_project,
             )
         )
     out.append(
         gcp.bigtable.TableIamMember(
             "worker-writes-runs",
-            instance_name=store["instance"].name,
+            instance_name=store["instance_name"],
             table=store["runs"].name,
             role="roles/bigtable.user",
             member=worker,
-            project=cfg.project,
+            project=cfg.bigtable_project,
         )
     )
     out.append(
@@ -119,6 +124,7 @@ def grants(cfg: StackConfig, accounts: dict, store: dict, tps: dict, queue) -> l
 
 
 def build(cfg: StackConfig) -> dict:
+    config.validate(cfg)  # also when a StackConfig is built by hand (tests)
     accounts = iam.service_accounts(cfg.project)
     store = storage.bigtable(cfg)
     tps = messaging.topics(cfg)
@@ -126,6 +132,7 @@ def build(cfg: StackConfig) -> dict:
     fns, invokers = functions.deploy(cfg, store["bucket"], accounts, iam.member)
     subs = messaging.push_subscriptions(cfg, tps, fns["on_edit"].url, accounts["pubsub-push"])
     iam_grants = grants(cfg, accounts, store, tps, queue)
+    routes = routing.build(cfg, fns["lookup"])
     board = monitoring.dashboard(cfg)
     return {
         "accounts": accounts,
@@ -136,6 +143,7 @@ def build(cfg: StackConfig) -> dict:
         "invokers": invokers,
         "subscriptions": subs,
         "grants": iam_grants,
+        "routes": routes,
         "dashboard": board,
     }
 
@@ -143,11 +151,15 @@ def build(cfg: StackConfig) -> dict:
 def export(res: dict) -> None:
     pulumi.export("lookup_url", res["functions"]["lookup"].url)
     pulumi.export("compute_chunk_url", res["functions"]["compute_chunk"].url)
-    pulumi.export("edits_topic", res["topics"]["edits"].id)
+    if "edits" in res["subscriptions"]:  # PCG's topic, subscribed to by path
+        pulumi.export("edits_topic", res["subscriptions"]["edits"].topic)
     pulumi.export("missing_ids_topic", res["topics"]["missing"].id)
     pulumi.export("dead_letter_topic", res["topics"]["dead_letter"].id)
     pulumi.export("queue", res["queue"].id)
-    pulumi.export("bigtable_instance", res["store"]["instance"].name)
+    pulumi.export("bigtable_instance", res["store"]["instance_name"])
     pulumi.export("cache_tables", {k: t.name for k, t in res["store"]["cache_tables"].items()})
+    pulumi.export("existing_cache_tables", res["store"]["existing_tables"])
     pulumi.export("runs_table", res["store"]["runs"].name)
     pulumi.export("tasks_invoker_email", res["accounts"]["tasks-invoker"].email)
+    pulumi.export("lookup_ingress", res["functions"]["lookup"].service_config.ingress_settings)
+    routing.export(res["routes"])

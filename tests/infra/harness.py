@@ -6,6 +6,7 @@ mocks before importing the program, as Pulumi's unit-testing guide requires.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,12 +16,31 @@ INFRA = Path(__file__).resolve().parents[2] / "infra"
 sys.path.insert(0, str(INFRA))
 
 
+COMPUTE_COLLECTIONS = {
+    "gcp:compute/regionNetworkEndpointGroup:RegionNetworkEndpointGroup": (
+        "regions/us-east1/networkEndpointGroups"
+    ),
+    "gcp:compute/backendService:BackendService": "global/backendServices",
+    "gcp:compute/globalAddress:GlobalAddress": "global/addresses",
+    "gcp:compute/managedSslCertificate:ManagedSslCertificate": "global/sslCertificates",
+    "gcp:compute/uRLMap:URLMap": "global/urlMaps",
+    "gcp:compute/targetHttpsProxy:TargetHttpsProxy": "global/targetHttpsProxies",
+    "gcp:compute/globalForwardingRule:GlobalForwardingRule": "global/forwardingRules",
+}
+
+
 class RecordingMocks(pulumi.runtime.Mocks):
     def __init__(self) -> None:
         self.resources: list[pulumi.runtime.MockResourceArgs] = []
 
     def new_resource(self, args):
         outputs = dict(args.inputs)
+        kind = COMPUTE_COLLECTIONS.get(args.typ)
+        if kind:  # ids and self links as the Compute API returns them
+            outputs["id"] = f"projects/proj/{kind}/{args.inputs['name']}"
+            outputs["selfLink"] = f"https://www.googleapis.com/compute/v1/{outputs['id']}"
+        if args.typ == "gcp:compute/globalAddress:GlobalAddress":
+            outputs["address"] = "203.0.113.7"
         if args.typ == "gcp:serviceaccount/account:Account":
             outputs["email"] = f"{args.inputs['accountId']}@proj.iam.gserviceaccount.com"
             outputs["name"] = f"projects/proj/serviceAccounts/{outputs['email']}"
@@ -42,6 +62,7 @@ pulumi.runtime.set_mocks(MOCKS, preview=False)
 
 import config  # noqa: E402
 import program  # noqa: E402
+import sizing  # noqa: E402, F401  (re-exported for the tests)
 
 DATASETS_YAML = """\
 bigtable: {project: proj, instance: l2cache}
@@ -60,32 +81,44 @@ datasets:
 """
 
 
-def stack_config(tmp: Path, lookup_invokers=("group:cave@example.org",)) -> config.StackConfig:
+PCG_EDITS = "projects/pcg-project/topics/pcg-edits"
+
+
+def stack_config(tmp: Path, datasets_yaml: str = DATASETS_YAML, **overrides) -> config.StackConfig:
+    """The test stack; ``overrides`` replace StackConfig fields (validated by the program)."""
     import yaml
 
     path = tmp / "datasets.yaml"
-    path.write_text(DATASETS_YAML)
-    return config.StackConfig(
+    path.write_text(datasets_yaml)
+    datasets = yaml.safe_load(datasets_yaml)
+    cave_auth, cave_auth_url = config.parse_cave_auth(None, datasets)  # as config.load does
+    base = config.StackConfig(
         project="proj",
         region="us-east1",
         datasets_file=path,
-        datasets=yaml.safe_load(DATASETS_YAML),
+        datasets=datasets,
         bigtable_instance_type="PRODUCTION",
         bigtable_nodes=3,
         bigtable_zone="us-east1-b",
         cache_max_versions=4,
         chunk_size=(256, 256, 512),
-        lookup_invokers=list(lookup_invokers),
+        lookup_invokers=["group:cave@example.org"],
         lookup_max_instances=20,
         worker_max_instances=80,
         queue_max_attempts=7,
         queue_min_backoff_s=5,
         queue_max_backoff_s=300,
-        queue_max_concurrent=150,
+        queue_max_concurrent=80,
         queue_max_per_second=40.0,
         graph_instances=["projects/proj/instances/pcg"],
         segmentation_buckets=["bucket"],
+        pcg_edits_topic=PCG_EDITS,
+        cave_auth=cave_auth,
+        cave_auth_url=cave_auth_url,
     )
+    if "existing_cache_tables" in overrides:
+        overrides["existing_cache_tables"] = frozenset(overrides["existing_cache_tables"])
+    return dataclasses.replace(base, **overrides)
 
 
 def settle(res: dict):
@@ -106,25 +139,27 @@ def settle(res: dict):
     return pulumi.Output.all(*outs)
 
 
-if __name__ == "__main__":  # variant config: print the lookup invokers as JSON
+if __name__ == "__main__":
+    # a variant config in a fresh process (resource names are per stack, so one build
+    # per process): argv[1] = JSON {"datasets_yaml": ..., StackConfig field: value};
+    # prints every registered resource as JSON {"type", "name", "inputs"}, one per line.
     import json
     import tempfile
 
-    invokers = sys.argv[1:]
+    overrides = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
 
     @pulumi.runtime.test
     def run():
-        res = program.build(stack_config(Path(tempfile.mkdtemp()), invokers))
+        res = program.build(stack_config(Path(tempfile.mkdtemp()), **overrides))
 
-        def report(_):
-            members = sorted(
-                r.inputs["member"]
-                for r in MOCKS.resources
-                if r.typ == "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
-                and r.name.startswith("invoke-lookup")
-            )
-            print(json.dumps(members))
+        def report(args):
+            for r in MOCKS.resources:
+                row = {"type": r.typ, "name": r.name, "inputs": r.inputs}
+                print(json.dumps(row, default=str, sort_keys=True))
+            row = {"type": "output", "name": "url_map_commands", "inputs": args[1]}
+            print(json.dumps(row, sort_keys=True))
 
-        return settle(res).apply(report)
+        commands = res["routes"].get("commands", "")
+        return pulumi.Output.all(settle(res), commands).apply(report)
 
     run()

@@ -1,0 +1,197 @@
+"""The program under other stack configs: CAVE auth, routing, existing tables, no edits topic.
+
+Each variant is built in a fresh process (harness.py as a script): Pulumi registers one
+resource per name and stack, so two builds cannot share a process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .harness import DATASETS_YAML
+
+HARNESS = Path(__file__).with_name("harness.py")
+INVOKE = "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
+FUNCTION = "gcp:cloudfunctionsv2/function:Function"
+NEG = "gcp:compute/regionNetworkEndpointGroup:RegionNetworkEndpointGroup"
+BACKEND = "gcp:compute/backendService:BackendService"
+LB_TYPES = {
+    "gcp:compute/globalAddress:GlobalAddress",
+    "gcp:compute/managedSslCertificate:ManagedSslCertificate",
+    "gcp:compute/uRLMap:URLMap",
+    "gcp:compute/targetHttpsProxy:TargetHttpsProxy",
+    "gcp:compute/globalForwardingRule:GlobalForwardingRule",
+}
+TASKS = "serviceAccount:l2cache-tasks-invoker@proj.iam.gserviceaccount.com"
+PUSH = "serviceAccount:l2cache-pubsub-push@proj.iam.gserviceaccount.com"
+BACKEND_ID = "projects/proj/global/backendServices/l2cache-lookup-backend"
+NEG_ID = "projects/proj/regions/us-east1/networkEndpointGroups/l2cache-lookup-neg"
+AUTH_SECTION = "auth: {server: https://auth.example.org/auth}\n"
+
+
+class Built:
+    """The resources one variant registered, by type."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = [r for r in rows if r["type"] != "output"]
+        self.outputs = {r["name"]: r["inputs"] for r in rows if r["type"] == "output"}
+
+    def of(self, typ: str) -> list[dict]:
+        return [r for r in self.rows if r["type"] == typ]
+
+    def one(self, typ: str) -> dict:
+        (row,) = self.of(typ)
+        return row["inputs"]
+
+    def invokers(self, fn: str) -> list[str]:
+        return sorted(
+            r["inputs"]["member"] for r in self.of(INVOKE) if r["name"].startswith(f"invoke-{fn}")
+        )
+
+    def service_config(self, name: str) -> dict:
+        (fn,) = [r for r in self.of(FUNCTION) if r["inputs"]["name"] == name]
+        return fn["inputs"]["serviceConfig"]
+
+
+def build(**overrides) -> Built:
+    out = subprocess.run(
+        [sys.executable, str(HARNESS), json.dumps(overrides)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return Built(rows)
+
+
+def assert_workers_iam_only(b: Built) -> None:
+    assert b.invokers("compute_chunk") == [TASKS]
+    assert b.invokers("on_edit") == [PUSH]
+    for name in ("l2cache-compute-chunk", "l2cache-on-edit"):
+        assert b.service_config(name)["ingressSettings"] == "ALLOW_ALL"
+
+
+@pytest.fixture(scope="module")
+def cave_auth_with_domain() -> Built:
+    """CAVE auth from the dataset map's auth section; a standalone LB for a domain."""
+    return build(datasets_yaml=AUTH_SECTION + DATASETS_YAML, lookup_domain="l2.example.org")
+
+
+def test_cave_auth_lets_every_request_reach_lookup_and_only_lookup(cave_auth_with_domain):
+    b = cave_auth_with_domain
+    # the app checks the CAVE token; Cloud Run IAM would refuse caveclient's requests
+    assert b.invokers("lookup") == ["allUsers"]
+    assert_workers_iam_only(b)
+
+
+def test_lookup_is_behind_a_serverless_neg_and_backend(cave_auth_with_domain):
+    b = cave_auth_with_domain
+    neg = b.one(NEG)
+    assert neg["networkEndpointType"] == "SERVERLESS"
+    assert neg["region"] == "us-east1"
+    assert neg["cloudRun"] == {"service": "l2cache-lookup"}  # lookup's Cloud Run service
+    backend = b.one(BACKEND)
+    assert backend["protocol"] == "HTTPS"
+    assert backend["loadBalancingScheme"] == "EXTERNAL_MANAGED"
+    assert backend["backends"] == [{"group": NEG_ID}]
+    assert b.service_config("l2cache-lookup")["ingressSettings"] == "ALLOW_INTERNAL_AND_GCLB"
+
+
+def test_standalone_lb_routes_l2cache_paths_for_the_domain(cave_auth_with_domain):
+    b = cave_auth_with_domain
+    assert {r["type"] for r in b.rows} >= LB_TYPES
+    url_map = b.one("gcp:compute/uRLMap:URLMap")
+    assert url_map["hostRules"] == [{"hosts": ["l2.example.org"], "pathMatcher": "l2cache"}]
+    (matcher,) = url_map["pathMatchers"]
+    assert matcher["name"] == "l2cache"
+    assert matcher["pathRules"] == [{"paths": ["/l2cache/*"], "service": BACKEND_ID}]
+    cert = b.one("gcp:compute/managedSslCertificate:ManagedSslCertificate")
+    assert cert["managed"] == {"domains": ["l2.example.org"]}
+    proxy = b.one("gcp:compute/targetHttpsProxy:TargetHttpsProxy")
+    assert proxy["urlMap"] == "projects/proj/global/urlMaps/l2cache-lookup"
+    assert proxy["sslCertificates"] == ["projects/proj/global/sslCertificates/l2cache-lookup-cert"]
+    rule = b.one("gcp:compute/globalForwardingRule:GlobalForwardingRule")
+    assert rule["portRange"] == "443"
+    assert rule["target"] == "projects/proj/global/targetHttpsProxies/l2cache-lookup-https"
+    assert rule["ipAddress"] == "projects/proj/global/addresses/l2cache-lookup-ip"
+    assert rule["loadBalancingScheme"] == "EXTERNAL_MANAGED"
+
+
+def test_auth_url_from_stack_config_and_backend_for_an_existing_lb():
+    b = build(
+        cave_auth=True,
+        cave_auth_url="https://global.example.org/auth",
+        lookup_backend=True,
+        lb_scheme="EXTERNAL",
+        url_map="cave-https",
+    )
+    assert b.invokers("lookup") == ["allUsers"]
+    assert_workers_iam_only(b)
+    env = b.service_config("l2cache-lookup")["environmentVariables"]
+    assert env["AUTH_URI"] == env["AUTH_URL"] == "https://global.example.org/auth"
+    assert "AUTH_URI" not in b.service_config("l2cache-compute-chunk")["environmentVariables"]
+    assert b.one(BACKEND)["loadBalancingScheme"] == "EXTERNAL"  # matches the operator's LB
+    assert b.one(NEG)["cloudRun"] == {"service": "l2cache-lookup"}
+    assert not [r for r in b.rows if r["type"] in LB_TYPES]  # no domain: no LB of ours
+    commands = b.outputs["url_map_commands"]
+    link = f"https://www.googleapis.com/compute/v1/{BACKEND_ID}"
+    assert "gcloud compute url-maps add-path-matcher cave-https --global" in commands
+    assert f"--path-rules='/l2cache/*={link}'" in commands
+    assert "gcloud compute url-maps import cave-https --global" in commands
+
+
+def test_without_cave_auth_lookup_is_iam_only_even_behind_an_lb():
+    b = build(lookup_backend=True, lookup_invokers=["group:cave@example.org"])
+    assert b.invokers("lookup") == ["group:cave@example.org"]
+    assert "allUsers" not in {r["inputs"].get("member") for r in b.rows}
+    assert_workers_iam_only(b)
+    assert b.one(NEG)["cloudRun"] == {"service": "l2cache-lookup"}
+    assert b.service_config("l2cache-lookup")["ingressSettings"] == "ALLOW_INTERNAL_AND_GCLB"
+
+
+def test_without_cave_auth_allusers_only_when_listed():
+    b = build(lookup_invokers=["allUsers"])
+    assert b.invokers("lookup") == ["allUsers"]
+    b = build(lookup_invokers=[])
+    assert b.invokers("lookup") == []
+    assert_workers_iam_only(b)
+
+
+def test_existing_tables_and_instance_are_served_not_owned():
+    marked = DATASETS_YAML.replace(
+        "    cache_table_id: l2cache_minnie_v1\n",
+        "    cache_table_id: l2cache_minnie_v1\n    existing_cache_table: true\n",
+    )
+    assert marked != DATASETS_YAML
+    b = build(datasets_yaml=marked, existing_bigtable_instance=True, pcg_edits_topic=None)
+    assert not b.of("gcp:bigtable/instance:Instance")
+    tables = sorted(r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table"))
+    assert tables == ["l2cache_pinky_v1", "l2cache_runs"]  # the new one and ours
+    assert all(r["inputs"]["instanceName"] == "l2cache" for r in b.of("gcp:bigtable/table:Table"))
+    gc = {r["inputs"]["table"] for r in b.of("gcp:bigtable/gCPolicy:GCPolicy")}
+    assert gc == {"l2cache_pinky_v1"}  # the existing table's GC rules stay as they are
+    grants = {
+        (r["name"], r["inputs"]["table"], r["inputs"]["role"])
+        for r in b.of("gcp:bigtable/tableIamMember:TableIamMember")
+    }
+    assert ("lookup-reads-minnie", "l2cache_minnie_v1", "roles/bigtable.reader") in grants
+    assert not [g for g in grants if g[0] == "worker-writes-minnie"]  # never written
+    assert ("worker-writes-pinky", "l2cache_pinky_v1", "roles/bigtable.user") in grants
+    # no edits topic configured: no edits subscription, and still no topic created for it
+    subs = {r["name"] for r in b.of("gcp:pubsub/subscription:Subscription")}
+    assert subs == {"push-missing", "dead-letter-inspect"}
+    topics = sorted(r["inputs"]["name"] for r in b.of("gcp:pubsub/topic:Topic"))
+    assert topics == ["l2cache-dead-letter", "l2cache-missing-ids"]
+
+
+def test_existing_tables_from_the_stack_config_list():
+    b = build(existing_cache_tables=["l2cache_minnie_v1", "l2cache_pinky_v1"])
+    assert [r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table")] == ["l2cache_runs"]
+    assert not b.of("gcp:bigtable/gCPolicy:GCPolicy")
+    assert len(b.of("gcp:bigtable/instance:Instance")) == 1  # the instance is still ours
