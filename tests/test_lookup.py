@@ -132,12 +132,13 @@ def test_versions_metadata_mapping(stack):
     assert mapping["pinky_test"]["l2cache_id"] == "cache_lookup"
 
 
-def test_json_lookup_returns_stored_features_in_request_order(stack):
+def test_json_lookup_answers_each_id_once_in_id_order(stack):
+    """As upstream (np.unique of the request): duplicates collapse, keys ascend."""
     l2 = stack["feats"]["l2id"][::-1][:20].tolist()
-    r = post(stack, json.dumps({"l2_ids": l2}))
+    r = post(stack, json.dumps({"l2_ids": l2 + l2[:3]}))
     assert r.status_code == 200
     data = r.json()
-    assert list(data) == [str(v) for v in l2]
+    assert list(data) == [str(v) for v in sorted(l2)]
     expected = stack["store"].read_features(l2)
     assert {int(k): v for k, v in data.items()} == expected
     i = stack["feats"]["l2id"].tolist().index(l2[0])
@@ -174,6 +175,7 @@ def test_attribute_subset_and_missing_ids_are_published(stack):
     assert data[str(missing)] == {} and data[str(layer1)] == {}
     assert r.headers["X-L2Cache-Non-L2-Ids"] == "1"
     assert r.headers["X-L2Cache-Queued-Ids"] == "1"
+    assert r.headers["X-L2Cache-Queue"] in ("published", "pending")
     deadline = time.monotonic() + 20
     received = []
     while time.monotonic() < deadline and not received:

@@ -137,8 +137,15 @@ def test_many_ids_are_read_in_concurrent_batches(store):
     assert {v["size_nm3"] for v in got.values()} == {16 * 16 * 40}
 
 
-def test_rows_of_the_existing_service_are_served(store):
-    """Rows written with kvdbclient serializers, family 0, no lineage (the old service)."""
+def test_pre_2022_rows_are_served_as_stored_only_where_the_map_says_legacy_nm(store):
+    """Rows in the pre-2022 format (nm^3, absolute u64 nm), kvdbclient serializers, no
+    lineage: served as stored by a ``row_format: legacy_nm`` dataset, while rows l2cache
+    wrote into the same table (with lineage) keep the current format."""
+    legacy_cfg = {
+        **CONFIG,
+        "datasets": {"ds": {**CONFIG["datasets"]["ds"], "row_format": "legacy_nm"}},
+    }
+    legacy = CacheStore(store.table, parse_config(legacy_cfg).dataset("ds"))
     u4, u2, f2, f4, u8 = (np.dtype(t).newbyteorder("L") for t in ("u4", "u2", "f2", "f4", "u8"))
     serializers = {
         "size_nm3": NumPyValue(dtype=u4),
@@ -165,7 +172,7 @@ def test_rows_of_the_existing_service_are_served(store):
     for name, value in values.items():
         row.set_cell("0", name.encode(), serializers[name].serialize(value))
     row.commit()
-    got = store.read_features([node])[node]
+    got = legacy.read_features([node])[node]
     assert got["size_nm3"] == 4_096_000
     assert got["area_nm2"] == 123_456
     assert got["max_dt_nm"] == 321
@@ -174,6 +181,16 @@ def test_rows_of_the_existing_service_are_served(store):
     assert got["chunk_intersect_count"] == [[1, 2, 3], [4, 5, 6]]
     assert got["pca"] == np.eye(3).tolist()
     assert got["pca_val"] == [30.0, 20.0, 10.0]
+    assert legacy.read_features([node], int64_as_str=True)[node]["rep_coord_nm"] == [
+        "1600",
+        "3200",
+        "4000",
+    ]
+    # the same bytes in a current-format table: the 24-byte rep_coord is not a u16[3]
+    assert "rep_coord_nm" not in store.read_features([node])[node]
+    ours = chunk_features(chunk_xyz=(2, 2, 3), seed=7)
+    store.write_features(ours, Lineage("run-legacy", cell_timestamp=TS))
+    assert legacy.read_features(ours["l2id"]) == store.read_features(ours["l2id"])
 
 
 def test_create_cache_table_sets_families_and_gc(bigtable_emulator):

@@ -11,13 +11,17 @@ to name the paths. Example::
              edits_topic: pcg-edits, dead_letter_topic: l2cache-dead-letter}
     tasks: {project: my-project, location: us-east1, queue: l2cache-compute,
             compute_url: https://.../compute_chunk}
-    max_ids_per_request: 200000
+    max_ids_per_request: 100000
+    auth: {url: global.example.org/auth, service_namespace: pychunkedgraph}   # optional: CAVE auth
+    virtual_tables: {minnie65_public_v117: minnie65_public}                  # optional aliases
     datasets:
       minnie65_public:                      # the PCG graph table id
         segmentation: graphene://https://.../segmentation/table/minnie65_public
         graph: {kind: bigtable, project: p, instance: pychunkedgraph, table_id: minnie65_public}
         cache_table_id: l2cache_minnie65_v1
         resolution: [8, 8, 40]              # optional: else from the segmentation info
+        row_format: current                 # optional: or legacy_nm (pre-2022 rows)
+        auth_dataset: minnie65_phase3       # optional: else asked from the auth service
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ import yaml
 from .ids import SpatialBits
 
 CONFIG_ENV = "L2CACHE_CONFIG"
-DEFAULT_MAX_IDS = 200_000
+# 100,000 ids with every attribute are ~29 MiB of JSON: under Cloud Run's 32 MiB
+# response limit without compression (measured in tests/test_lookup_limits.py).
+DEFAULT_MAX_IDS = 100_000
+ROW_FORMATS = ("current", "legacy_nm")
+DEFAULT_AUTH_NAMESPACE = "pychunkedgraph"
 
 
 class ConfigError(ValueError):
@@ -71,6 +79,16 @@ class DatasetConfig:
     chunk_size: tuple[int, int, int]
     spatial_bits: SpatialBits
     volume_size: tuple[int, int, int] | None = None
+    # How rows without l2cache lineage are stored: "current" (the existing service since
+    # 2022: voxel count, chunk-relative u16 voxel index) or "legacy_nm" (before: nm^3
+    # and absolute u64 nm). Rows l2cache writes are always "current".
+    row_format: str = "current"
+    # CAVE auth dataset whose `view` permission guards this table; None = ask the auth
+    # service which dataset the table belongs to (as the existing service does).
+    auth_dataset: str | None = None
+    # True when the resolution was given as integers (as in a graphene info): the
+    # existing service's size_nm3 is then an int64 (and stringified by int64_as_str).
+    integral_resolution: bool = True
 
     @property
     def voxel_volume_nm3(self) -> float:
@@ -100,6 +118,9 @@ class PubSubConfig:
     missing_ids_topic: str | None = None
     edits_topic: str | None = None
     dead_letter_topic: str | None = None
+    # deliveries before Pub/Sub's dead-letter policy gives up; on_edit answers the last
+    # one itself (ack + dead letter "gave up after N attempts"), so it must match infra
+    max_delivery_attempts: int = 10
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,23 @@ class TasksConfig:
     queue: str
     compute_url: str
     service_account_email: str | None = None
+    # the queue's max attempts: a task's last attempt records "gave up" instead of 5xx
+    max_attempts: int = 10
+    # an attempt silent for longer than this (worker killed, timed out) is presumed lost
+    attempt_deadline_s: float = 1800.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """CAVE auth (middle-auth-client) for the lookup; absent = Cloud Run IAM only.
+
+    ``url`` is the auth service's host and path without a scheme, as the library's
+    ``AUTH_URL`` (it always speaks https); ``sticky_url`` its ``STICKY_AUTH_URL``.
+    """
+
+    url: str
+    service_namespace: str = DEFAULT_AUTH_NAMESPACE
+    sticky_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +160,13 @@ class L2CacheConfig:
     max_ids_per_request: int = DEFAULT_MAX_IDS
     runs_table_id: str = "l2cache_runs"
     source: str = field(default="", compare=False)
+    auth: AuthConfig | None = None
+    # Public alias -> real graph table id, as the existing service's VIRTUAL_TABLES.
+    virtual_tables: dict[str, str] = field(default_factory=dict)
+
+    def resolve_table(self, name: str) -> DatasetConfig:
+        """The dataset a request's table name means, following a virtual alias."""
+        return self.dataset(self.virtual_tables.get(name, name))
 
     def dataset(self, name: str) -> DatasetConfig:
         try:
@@ -169,6 +214,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
             missing_ids_topic=ps.get("missing_ids_topic"),
             edits_topic=ps.get("edits_topic"),
             dead_letter_topic=ps.get("dead_letter_topic"),
+            max_delivery_attempts=_positive_int(ps, "max_delivery_attempts", 10, source),
         )
         if ps
         else None
@@ -181,6 +227,8 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
             queue=_str(tk, "queue", source),
             compute_url=_str(tk, "compute_url", source),
             service_account_email=tk.get("service_account_email"),
+            max_attempts=_positive_int(tk, "max_attempts", 10, source),
+            attempt_deadline_s=float(_positive_int(tk, "attempt_deadline_s", 1800, source)),
         )
         if tk
         else None
@@ -195,7 +243,50 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
     runs_table_id = raw.get("runs_table_id", "l2cache_runs")
     if not isinstance(runs_table_id, str) or not runs_table_id:
         raise ConfigError(f"{source}: runs_table_id must be a non-empty string")
-    return L2CacheConfig(bigtable, datasets, pubsub, tasks, max_ids, runs_table_id, source)
+    return L2CacheConfig(
+        bigtable,
+        datasets,
+        pubsub,
+        tasks,
+        max_ids,
+        runs_table_id,
+        source,
+        auth=_auth(raw, source),
+        virtual_tables=_virtual_tables(raw, datasets, source),
+    )
+
+
+def _auth(raw: Mapping, source: str) -> AuthConfig | None:
+    section = _section(raw, "auth", source)
+    if not section:
+        return None
+    where = f"{source}: auth"
+    url = _str(section, "url", where)
+    if "://" in url:
+        raise ConfigError(f"{where}: url is host/path without a scheme (the client adds https)")
+    namespace = section.get("service_namespace", DEFAULT_AUTH_NAMESPACE)
+    sticky = section.get("sticky_url")
+    if not isinstance(namespace, str) or not namespace:
+        raise ConfigError(f"{where}: service_namespace must be a non-empty string")
+    if sticky is not None and (not isinstance(sticky, str) or "://" in sticky):
+        raise ConfigError(f"{where}: sticky_url is host/path without a scheme")
+    return AuthConfig(url=url, service_namespace=namespace, sticky_url=sticky)
+
+
+def _virtual_tables(raw: Mapping, datasets: Mapping, source: str) -> dict[str, str]:
+    """``alias: real`` or the existing service's ``alias: {table_id: real}``."""
+    section = _section(raw, "virtual_tables", source)
+    out: dict[str, str] = {}
+    for alias, target in section.items():
+        real = target.get("table_id") if isinstance(target, Mapping) else target
+        if not isinstance(real, str) or real not in datasets:
+            raise ConfigError(
+                f"{source}: virtual table {alias!r} must name a dataset of the map, got {real!r}"
+            )
+        if str(alias) in datasets:
+            raise ConfigError(f"{source}: virtual table {alias!r} is also a dataset name")
+        out[str(alias)] = real
+    return out
 
 
 def _section(raw: Mapping, key: str, source: str, required: bool = False) -> Mapping:
@@ -206,6 +297,13 @@ def _section(raw: Mapping, key: str, source: str, required: bool = False) -> Map
         return {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"{source}: '{key}' must be a mapping")
+    return value
+
+
+def _positive_int(section: Mapping, key: str, default: int, where: str) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{where}: '{key}' must be a positive integer, got {value!r}")
     return value
 
 
@@ -264,6 +362,14 @@ def _dataset(name: str, entry: Any, source: str) -> DatasetConfig:
     if bits.table[2] < 0:
         raise ConfigError(f"{where}: spatial_bits has no entry for layer 2")
     volume_size = merged.get("volume_size")
+    row_format = entry.get("row_format", "current")
+    if row_format not in ROW_FORMATS:
+        raise ConfigError(f"{where}: row_format must be one of {', '.join(ROW_FORMATS)}")
+    auth_dataset = entry.get("auth_dataset")
+    if auth_dataset is not None and (not isinstance(auth_dataset, str) or not auth_dataset):
+        raise ConfigError(f"{where}: auth_dataset must be a non-empty string")
+    # CloudVolume types the resolution as int unless a component is a float.
+    integral = not any(isinstance(v, float) for v in merged["resolution"])
     return DatasetConfig(
         name=name,
         segmentation=segmentation,
@@ -274,6 +380,9 @@ def _dataset(name: str, entry: Any, source: str) -> DatasetConfig:
         chunk_size=chunk_size,
         spatial_bits=bits,
         volume_size=_triple(volume_size, int, f"{where}: volume_size") if volume_size else None,
+        row_format=row_format,
+        auth_dataset=auth_dataset,
+        integral_resolution=integral,
     )
 
 

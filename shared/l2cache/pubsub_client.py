@@ -6,8 +6,13 @@ only fixes the message formats so producer and consumer cannot drift apart.
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future
+
 import numpy as np
 from google.cloud import pubsub_v1
+
+log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 10.0
 
@@ -28,3 +33,24 @@ def publish_missing_ids(
     """Publish one missing-id message and wait for its id (raises on failure)."""
     data, attrs = missing_ids_message(l2ids, table_id, l2_cache_id)
     return client.publish(topic_path, data, **attrs).result(timeout=PUBLISH_TIMEOUT_S)
+
+
+def publish_missing_ids_async(
+    client: pubsub_v1.PublisherClient, topic_path: str, l2ids, table_id: str, l2_cache_id: str
+) -> Future:
+    """Publish one missing-id message without waiting; a failure is logged when it happens.
+
+    ``publish`` only enqueues (the client batches and sends from its own thread), so the
+    caller decides how long, if at all, to wait on the returned future.
+    """
+    data, attrs = missing_ids_message(l2ids, table_id, l2_cache_id)
+    future = client.publish(topic_path, data, **attrs)
+    n = int(np.asarray(l2ids).size)
+
+    def report(done: Future) -> None:
+        exc = done.exception()
+        if exc is not None:
+            log.error("publishing %d missing ids of %s failed: %r", n, table_id, exc)
+
+    future.add_done_callback(report)
+    return future

@@ -1,12 +1,17 @@
 """The lookup API, framework-free: request in, status + body + headers out.
 
-API-compatible with the existing L2 cache (``/l2cache/api/v1/...``) so caveclient's
-``L2CacheClient`` works unchanged. The HTTP function (functions/lookup/main.py) only
-adapts a Flask request to :meth:`LookupService.handle`.
+A drop-in for the existing L2 cache service (PCGL2Cache, ``/l2cache/api/v1/...``):
+same routes, same JSON values and types (:mod:`l2cache.rowformat`), same open and
+guarded routes, so caveclient's ``L2CacheClient`` and browser clients work unchanged.
+The HTTP function (functions/lookup/main.py via :mod:`l2cache.lookup_http`) adapts a
+Flask request, CORS and CAVE auth around :meth:`LookupService.handle`.
 
-Every bad request gets a 4xx JSON ``{"code", "message"}`` that says what to fix;
-a server-side failure (Bigtable down) gets a 5xx so clients retry. Ids that are not
-layer 2 are answered with ``{}`` and counted in the ``X-L2Cache-Non-L2-Ids`` header.
+Failure contract: every bad request gets a 4xx JSON ``{"code", "message"}`` saying what
+to fix (nothing a client sends can make it a 5xx); a server-side failure (Bigtable
+down) gets a 503 so clients retry. Request bodies are read and decompressed within a
+bound derived from the id cap before memory is spent; responses over Cloud Run's
+32 MiB limit are gzip-encoded when the client accepts it and refused with a 413
+otherwise. Publishing missing ids waits at most ``PUBLISH_WAIT_S``.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import logging
 import re
 import zlib
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
+from . import __version__
 from . import ids as idlib
 from .attributes import ATTRIBUTE_NAMES
 from .config import L2CacheConfig, UnknownDatasetError, load_config
@@ -32,21 +39,35 @@ log = logging.getLogger(__name__)
 
 API_VERSIONS = [1]
 PREFIX = "/l2cache/api"
-_ATTRIBUTES_ROUTE = re.compile(r"^/l2cache/api/v1/table/(?P<dataset>[^/]+)/attributes/?$")
+_ATTRIBUTES_ROUTE = re.compile(r"^/l2cache/api/v1/table/(?P<table>[^/]+)/attributes$")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: "²".isdigit() is True
 GZIP_MIN_BYTES = 1024
+# Cloud Run refuses responses over 32 MiB; keep room for headers.
+RESPONSE_LIMIT_BYTES = 32 * 2**20 - 64 * 2**10
+# Longest JSON spelling of one id: 20 digits, quotes, comma and a space, with slack.
+BODY_BYTES_PER_ID = 32
+MIN_BODY_LIMIT = 64 * 2**10
+PUBLISH_WAIT_S = 0.1
 
-# What the existing service answers for attribute_metadata: the numpy type of each
-# value as the API returns it (rep_coord in nm, hence uint64 there as here).
+# attribute_metadata as the existing service answers it: str(serializer.basetype) of
+# each kvdbclient attribute (pcgl2cache/core/attributes.py).
 ATTRIBUTE_METADATA = {
     "size_nm3": "<class 'numpy.uint32'>",
     "area_nm2": "<class 'numpy.uint32'>",
     "max_dt_nm": "<class 'numpy.uint16'>",
     "mean_dt_nm": "<class 'numpy.float16'>",
-    "rep_coord_nm": "<class 'numpy.uint64'>",
+    "rep_coord_nm": "<class 'numpy.uint16'>",
     "chunk_intersect_count": "<class 'numpy.uint16'>",
     "pca": "<class 'numpy.float16'>",
     "pca_val": "<class 'numpy.float32'>",
 }
+
+# (table id or None, permission or None) -> None to go on, or the refusal to send.
+Authorizer = Callable[[str | None, str | None, str | None], "Response | None"]
+# (limit in bytes) -> the raw body; raises ApiError(413) past the limit.
+BodyReader = Callable[[int], bytes]
+# (ids, graph table id, cache table id) -> a future of the publish, or None.
+Publisher = Callable[[np.ndarray, str, str], "Future | None"]
 
 
 class ApiError(Exception):
@@ -77,12 +98,44 @@ def _truthy(value: str | None, default: bool) -> bool:
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    # Trailing newline as the existing service's jsonify_with_kwargs writes it.
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
     return Response(status, body, {"Content-Type": "application/json", **(headers or {})})
 
 
-def _error(status: int, message: str) -> Response:
+def error_response(status: int, message: str) -> Response:
     return _json(status, {"code": status, "message": message})
+
+
+def _bytes_body(body: bytes) -> BodyReader:
+    def read(limit: int) -> bytes:
+        if len(body) > limit:
+            raise ApiError(413, f"request body of {len(body)} bytes is over the {limit} limit")
+        return body
+
+    return read
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress gzip (all members) without ever holding more than ``limit`` bytes.
+
+    A gzip bomb stops at ``limit + 1`` output bytes with a 413, whatever its ratio.
+    """
+    out = bytearray()
+    while data:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error:
+            raise ApiError(400, "Content-Encoding is gzip but the body is not gzip") from None
+        if len(out) > limit:
+            raise ApiError(413, f"the decompressed body is over the {limit}-byte limit")
+        if not d.eof:
+            raise ApiError(400, "Content-Encoding is gzip but the gzip body is truncated")
+        data = d.unused_data
+        if not data.strip(b"\x00"):  # trailing zero padding, as gzip.decompress allows
+            break
+    return bytes(out)
 
 
 def parse_l2_ids(body: bytes, content_type: str) -> np.ndarray:
@@ -99,8 +152,9 @@ def parse_l2_ids(body: bytes, content_type: str) -> np.ndarray:
         # stdlib json keeps integers exact at any size (orjson turns > 2**64 into floats),
         # so an out-of-range id is reported as such.
         payload = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ApiError(400, f"the body is not valid JSON ({reason})") from None
     if not isinstance(payload, dict) or "l2_ids" not in payload:
         raise ApiError(400, 'the body must be a JSON object {"l2_ids": [...]}')
     raw = payload["l2_ids"]
@@ -108,16 +162,19 @@ def parse_l2_ids(body: bytes, content_type: str) -> np.ndarray:
         raise ApiError(400, "l2_ids must be a list of integer ids")
     values = []
     for v in raw:
-        if isinstance(v, bool):
-            raise ApiError(400, f"l2_ids must be integers, got {v!r}")
-        if isinstance(v, str) and v.strip().isdigit():
-            v = int(v)
-        if not isinstance(v, int):
-            raise ApiError(400, f"l2_ids must be integers, got {v!r}")
+        if isinstance(v, str) and _DIGITS.fullmatch(v.strip()):
+            v = int(v.strip())
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ApiError(400, f"l2_ids must be integers, got {_short(v)}")
         if v < 0 or v >= 2**64:
-            raise ApiError(400, f"l2 id {v} is outside 0..2**64-1")
+            raise ApiError(400, f"l2 id {_short(v)} is outside 0..2**64-1")
         values.append(v)
     return np.array(values, dtype=np.uint64)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) else str(value)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} chars)"
 
 
 class LookupService:
@@ -127,7 +184,7 @@ class LookupService:
         self,
         config: L2CacheConfig,
         store_factory: Callable[[str], CacheStore],
-        publish_missing: Callable[[np.ndarray, str, str], None] | None = None,
+        publish_missing: Publisher | None = None,
     ) -> None:
         self.config = config
         self._store_factory = store_factory
@@ -138,7 +195,7 @@ class LookupService:
     def from_env(cls) -> LookupService:
         """Build from ``L2CACHE_CONFIG`` with real Bigtable and Pub/Sub clients."""
         from .bigtable_client import bigtable_instance
-        from .pubsub_client import publish_missing_ids, publisher
+        from .pubsub_client import publish_missing_ids_async, publisher
 
         config = load_config()
         instance = bigtable_instance(config.bigtable.project, config.bigtable.instance)
@@ -152,10 +209,15 @@ class LookupService:
             client = publisher()
             topic = client.topic_path(config.pubsub.project, config.pubsub.missing_ids_topic)
 
-            def publish(l2ids: np.ndarray, table_id: str, l2_cache_id: str) -> None:
-                publish_missing_ids(client, topic, l2ids, table_id, l2_cache_id)
+            def publish(l2ids: np.ndarray, table_id: str, l2_cache_id: str) -> Future:
+                return publish_missing_ids_async(client, topic, l2ids, table_id, l2_cache_id)
 
         return cls(config, store_factory, publish)
+
+    @property
+    def body_limit(self) -> int:
+        """Largest request body (raw or decompressed) a request within the id cap needs."""
+        return max(MIN_BODY_LIMIT, self.config.max_ids_per_request * BODY_BYTES_PER_ID)
 
     def store(self, dataset: str) -> CacheStore:
         if dataset not in self._stores:
@@ -168,44 +230,76 @@ class LookupService:
         path: str,
         query: Mapping[str, str],
         headers: Mapping[str, str],
-        body: bytes,
+        body: bytes | BodyReader,
+        authorize: Authorizer | None = None,
     ) -> Response:
+        """Answer one request. ``authorize`` enforces CAVE auth where upstream does."""
+        reader = _bytes_body(body) if isinstance(body, bytes | bytearray) else body
         try:
-            response = self._route(method, path.rstrip("/") or "/", query, headers, body)
+            response = self._route(method, path, query, headers, reader, authorize)
         except ApiError as exc:
-            response = _error(exc.status, exc.message)
+            response = error_response(exc.status, exc.message)
         except Exception as exc:  # server-side failure: 5xx so clients retry
             log.exception("lookup failed")
-            response = _error(503, f"the cache could not be read right now: {type(exc).__name__}")
-        return self._maybe_gzip(response, headers)
+            response = error_response(
+                503, f"the cache could not be read right now: {type(exc).__name__}"
+            )
+        return self._encode(response, headers)
 
-    def _route(self, method, path, query, headers, body) -> Response:
+    def _route(self, method, path, query, headers, reader, authorize) -> Response:
+        path = path.rstrip("/") or "/"
+        if method == "OPTIONS":  # CORS preflight (answered by the HTTP layer normally)
+            return Response(200, b"", {"Allow": "GET, POST, OPTIONS"})
+        if path in ("/l2cache", "/l2cache/index"):  # open, as upstream
+            return self._text(method, f"l2cache v{__version__} (PCGL2Cache API v1)")
+        if path in (f"{PREFIX}/v1", f"{PREFIX}/v1/index"):  # upstream: auth_required
+            refusal = authorize(None, None, None) if authorize else None
+            return refusal or self._text(method, f"l2cache v{__version__} (PCGL2Cache API v1)")
         if path == f"{PREFIX}/versions":
+            self._only(method, "GET")
             return _json(200, API_VERSIONS)
         if path == f"{PREFIX}/v1/attribute_metadata":
+            self._only(method, "GET")
             return _json(200, ATTRIBUTE_METADATA)
         if path == f"{PREFIX}/v1/table_mapping":
+            self._only(method, "GET")
             return _json(200, self._table_mapping())
         match = _ATTRIBUTES_ROUTE.match(path)
         if match:
-            if method != "POST":
-                raise ApiError(405, "use POST with a body of l2_ids")
-            return self._attributes(match["dataset"], query, headers, body)
-        raise ApiError(404, f"no such endpoint: {method} {path}")
+            self._only(method, "POST")
+            table = match["table"]
+            if authorize is not None:
+                refusal = authorize(table, "view", self._auth_dataset(table))
+                if refusal is not None:
+                    return refusal
+            return self._attributes(table, query, headers, reader)
+        raise ApiError(404, f"no such endpoint: {method} {path[:200]}")
+
+    @staticmethod
+    def _only(method: str, allowed: str) -> None:
+        if method != allowed and not (allowed == "GET" and method == "HEAD"):
+            raise ApiError(405, f"use {allowed} for this endpoint, not {method[:20]}")
+
+    @staticmethod
+    def _text(method: str, text: str) -> Response:
+        LookupService._only(method, "GET")
+        return Response(200, text.encode(), {"Content-Type": "text/html; charset=utf-8"})
+
+    def _auth_dataset(self, table: str) -> str | None:
+        """The configured CAVE dataset of a real table; aliases ask the auth service."""
+        ds = self.config.datasets.get(table)
+        return ds.auth_dataset if ds else None
 
     def _table_mapping(self) -> dict[str, Any]:
+        """What upstream's read_l2cache_config() returns: graph table -> cv_path, l2cache_id."""
         return {
-            name: {
-                "l2cache_id": ds.cache_table_id,
-                "cv_path": ds.segmentation,
-                **ds.public_mapping(),
-            }
+            name: {"cv_path": ds.segmentation, "l2cache_id": ds.cache_table_id}
             for name, ds in sorted(self.config.datasets.items())
         }
 
-    def _attributes(self, dataset: str, query, headers, body: bytes) -> Response:
+    def _attributes(self, table: str, query, headers, reader: BodyReader) -> Response:
         try:
-            ds = self.config.dataset(dataset)
+            ds = self.config.resolve_table(table)
         except UnknownDatasetError as exc:
             raise ApiError(404, str(exc)) from None
         names = None
@@ -214,54 +308,78 @@ class LookupService:
             unknown = [n for n in names if n not in ATTRIBUTE_NAMES]
             if unknown:
                 raise ApiError(
-                    400, f"unknown attribute(s) {unknown}; known: {list(ATTRIBUTE_NAMES)}"
+                    400,
+                    f"unknown attribute(s) {[_short(n) for n in unknown[:5]]}; "
+                    f"known: {list(ATTRIBUTE_NAMES)}",
                 )
         int64_as_str = _truthy(query.get("int64_as_str"), False)
         update_cache = _truthy(query.get("update_cache"), True)
-        body = self._decompress(body, headers)
-        l2ids = parse_l2_ids(body, headers.get("Content-Type", ""))
+        body = self._decompress(reader(self.body_limit), headers)
+        l2ids = parse_l2_ids(body, headers.get("Content-Type", "") or "")
         if l2ids.size > self.config.max_ids_per_request:
             raise ApiError(
                 413,
                 f"{l2ids.size} ids in one request; the limit is "
                 f"{self.config.max_ids_per_request} (split the request)",
             )
+        l2ids = np.unique(l2ids)  # upstream answers each id once, in id order
         is_l2 = idlib.get_layer(l2ids) == 2 if l2ids.size else np.zeros(0, bool)
-        found = self.store(dataset).read_features(l2ids[is_l2], names)
-        result: dict[str, Any] = {}
-        for node in l2ids.tolist():
-            entry = found.get(node, {})
-            if int64_as_str and "rep_coord_nm" in entry:
-                entry = {**entry, "rep_coord_nm": [str(v) for v in entry["rep_coord_nm"]]}
-            result[str(node)] = entry
+        found = self.store(ds.name).read_features(l2ids[is_l2], names, int64_as_str)
+        result: dict[str, Any] = {str(node): found.get(node, {}) for node in l2ids.tolist()}
         headers_out = {"X-L2Cache-Non-L2-Ids": str(int((~is_l2).sum()))}
-        missing = np.unique(l2ids[is_l2][[n not in found for n in l2ids[is_l2].tolist()]])
+        candidates = l2ids[is_l2]
+        missing = candidates[[n not in found for n in candidates.tolist()]]
         headers_out["X-L2Cache-Missing-Ids"] = str(missing.size)
         if update_cache and missing.size and self._publish_missing is not None:
-            try:
-                self._publish_missing(missing, ds.name, ds.cache_table_id)
-                headers_out["X-L2Cache-Queued-Ids"] = str(missing.size)
-            except Exception:  # a lookup never fails because the recompute queue did
-                log.exception("could not queue %d missing ids", missing.size)
-                headers_out["X-L2Cache-Queued-Ids"] = "0"
+            headers_out.update(self._queue_missing(missing, ds.name, ds.cache_table_id))
         return _json(200, result, headers_out)
 
-    @staticmethod
-    def _decompress(body: bytes, headers: Mapping[str, str]) -> bytes:
-        if "gzip" in headers.get("Content-Encoding", "").lower():
+    def _queue_missing(self, missing: np.ndarray, table_id: str, cache_id: str) -> dict:
+        """Hand missing ids to Pub/Sub, waiting at most ``PUBLISH_WAIT_S`` for the ack.
+
+        A lookup never fails or stalls because the recompute queue does: a publish still
+        pending after the wait completes (or logs its failure) in the background.
+        """
+        try:
+            future = self._publish_missing(missing, table_id, cache_id)
+        except Exception:
+            log.exception("could not queue %d missing ids", missing.size)
+            return {"X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "failed"}
+        state = "pending"
+        if future is not None:
             try:
-                return gzip.decompress(body)
-            except (OSError, EOFError, zlib.error):
-                raise ApiError(400, "Content-Encoding is gzip but the body is not gzip") from None
+                future.result(timeout=PUBLISH_WAIT_S)
+                state = "published"
+            except TimeoutError:
+                state = "pending"
+            except Exception:
+                log.exception("could not queue %d missing ids", missing.size)
+                return {"X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "failed"}
+        return {"X-L2Cache-Queued-Ids": str(missing.size), "X-L2Cache-Queue": state}
+
+    def _decompress(self, body: bytes, headers: Mapping[str, str]) -> bytes:
+        encoding = (headers.get("Content-Encoding", "") or "").strip().lower()
+        if "gzip" in encoding:
+            return gunzip_bounded(body, self.body_limit)
+        if encoding not in ("", "identity"):
+            raise ApiError(415, f"unsupported Content-Encoding {_short(encoding)}; use gzip")
         return body
 
     @staticmethod
-    def _maybe_gzip(response: Response, headers: Mapping[str, str]) -> Response:
-        if (
-            "gzip" in headers.get("Accept-Encoding", "").lower()
-            and len(response.body) >= GZIP_MIN_BYTES
-        ):
+    def _encode(response: Response, headers: Mapping[str, str]) -> Response:
+        """gzip when the client accepts it; refuse what Cloud Run could not send."""
+        accepts_gzip = "gzip" in (headers.get("Accept-Encoding", "") or "").lower()
+        size = len(response.body)
+        if accepts_gzip and size >= GZIP_MIN_BYTES and 200 <= response.status < 300:
             response.body = gzip.compress(response.body, compresslevel=1, mtime=0)
             response.headers["Content-Encoding"] = "gzip"
             response.headers["Vary"] = "Accept-Encoding"
+        if len(response.body) > RESPONSE_LIMIT_BYTES:
+            how = "even gzip-encoded" if accepts_gzip else "(send Accept-Encoding: gzip, or"
+            tail = "; split the request" if accepts_gzip else " split the request)"
+            return error_response(
+                413,
+                f"the response would be {size / 2**20:.1f} MiB, over the 32 MiB a "
+                f"response may have {how}{tail}",
+            )
         return response

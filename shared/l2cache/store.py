@@ -5,11 +5,9 @@ bytes of :mod:`l2cache.attributes` (byte-compatible with tables of the existing
 service), family ``lineage`` the run id and friends, written in the same mutation so
 a row never has features without provenance.
 
-Two row flavours are served:
-- ours (``lineage:run`` present): ``size_nm3`` is a voxel count, ``rep_coord_nm`` a
-  chunk-relative voxel index (u16[3]); the reader converts both to nm.
-- the existing service's (no lineage): ``size_nm3`` already in nm^3 and
-  ``rep_coord_nm`` absolute nm (u64[3]); served as stored.
+Rows are stored in the existing service's current format (``size_nm3`` a voxel count,
+``rep_coord_nm`` a chunk-relative voxel index) whoever wrote them; reading them back in
+API units, exactly as the existing frontend does, is :mod:`l2cache.rowformat`'s job.
 """
 
 from __future__ import annotations
@@ -28,15 +26,14 @@ from .attributes import (
     ATTRIBUTES,
     BY_NAME,
     FEATURE_FAMILY,
-    LEGACY_REP_COORD_DTYPE,
     LINEAGE_FAMILY,
-    LINEAGE_RUN_COLUMN,
     encode_column,
 )
 from .bigtable_client import RowReader
 from .bigtable_write import write_rows
 from .config import DatasetConfig
 from .lineage import Lineage
+from .rowformat import decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +110,15 @@ class CacheStore:
         return out
 
     def read_features(
-        self, l2ids, attribute_names: Sequence[str] | None = None
+        self, l2ids, attribute_names: Sequence[str] | None = None, int64_as_str: bool = False
     ) -> dict[int, dict[str, Any]]:
-        """Features of the layer-2 ids that have rows, in API units, JSON-ready.
+        """Features of the layer-2 ids that have rows, as the existing service serves them.
 
-        Missing ids are absent from the result. Raises ``KeyError`` for an unknown
-        attribute name (the lookup turns that into a 400 before reading). Decoding is
-        per attribute over all rows at once (one ``frombuffer`` per attribute), not
-        per cell.
+        A row is present when it has any of the requested attribute cells (the existing
+        service's read with a column filter); absent ids are left out of the result. The
+        values are what PCGL2Cache's frontend returns, JSON-ready (see :mod:`.rowformat`).
+        Raises ``KeyError`` for an unknown attribute name (the lookup turns that into a
+        400 before reading).
         """
         names = list(attribute_names) if attribute_names else list(ATTRIBUTE_NAMES)
         for name in names:
@@ -136,7 +134,7 @@ class CacheStore:
         rows: dict[bytes, dict] = {}
         for part in self._read_batches(ids, None, None):
             rows.update(part)
-        return self._decode(rows, names)
+        return decode_rows(rows, names, self.dataset, int64_as_str)
 
     def _read_batches(self, ids: np.ndarray, families, qualifiers):
         """Read ``ids`` in concurrent batches; yields each batch's rows."""
@@ -151,63 +149,3 @@ class CacheStore:
             return
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(batches))) as pool:
             yield from pool.map(read, batches)
-
-    def _decode(self, rows: dict[bytes, dict], names: list[str]) -> dict[int, dict[str, Any]]:
-        feature_rows = [(k, r[FEATURE_FAMILY]) for k, r in rows.items() if r.get(FEATURE_FAMILY)]
-        if not feature_rows:
-            return {}
-        nodes = np.array([int(k) for k, _ in feature_rows], dtype=np.uint64)
-        ours = np.array(
-            [LINEAGE_RUN_COLUMN in rows[k].get(LINEAGE_FAMILY, {}) for k, _ in feature_rows]
-        )
-        result: dict[int, dict[str, Any]] = {int(n): {} for n in nodes.tolist()}
-        keys = list(result)
-        for name in names:
-            attr = BY_NAME[name]
-            cells = [cols.get(attr.key) for _, cols in feature_rows]
-            lengths = np.array([-1 if c is None else len(c) for c in cells])
-            for index, values in self._decode_attribute(attr, cells, lengths, nodes, ours):
-                for i, value in zip(index.tolist(), values, strict=True):
-                    result[keys[i]][name] = value
-        return result
-
-    def _decode_attribute(self, attr, cells, lengths, nodes, ours):
-        """Yield ``(row indices, API values)`` for each storage variant of ``attr``."""
-        ds = self.dataset
-        standard = np.flatnonzero(lengths == attr.nbytes)
-        if standard.size:
-            blob = b"".join(cells[i] for i in standard.tolist())
-            arr = np.frombuffer(blob, dtype=attr.dtype).reshape(-1, *attr.shape)
-            if attr.name == "size_nm3":
-                scale = np.where(ours[standard], ds.voxel_volume_nm3, 1.0)
-                yield standard, _numbers(arr.astype(np.float64) * scale)
-            elif attr.name == "rep_coord_nm":
-                chunk = idlib.get_chunk_coords(nodes[standard], ds.spatial_bits)
-                origin = np.asarray(ds.voxel_offset) + chunk * np.asarray(ds.chunk_size)
-                nm = (arr.astype(np.float64) + origin) * np.asarray(ds.resolution)
-                yield standard, _numbers(nm)
-            else:
-                yield (
-                    standard,
-                    arr.astype(np.float64 if attr.dtype.kind == "f" else np.int64).tolist(),
-                )
-        if attr.name == "rep_coord_nm":  # the old service's absolute nm in uint64[3]
-            legacy = np.flatnonzero(lengths == 3 * LEGACY_REP_COORD_DTYPE.itemsize)
-            if legacy.size:
-                blob = b"".join(cells[i] for i in legacy.tolist())
-                arr = np.frombuffer(blob, dtype=LEGACY_REP_COORD_DTYPE).reshape(-1, 3)
-                yield legacy, arr.tolist()
-        # 0-byte pca/pca_val (nodes too small) are omitted, as the old service does;
-        # cells of any other length are corrupt and are not served.
-        bad = (lengths > 0) & (lengths != attr.nbytes)
-        if attr.name == "rep_coord_nm":
-            bad &= lengths != 3 * LEGACY_REP_COORD_DTYPE.itemsize
-        if bad.any():
-            log.warning("%s: %d cells of unexpected length not served", attr.name, bad.sum())
-
-
-def _numbers(values: np.ndarray) -> list:
-    """Integers where every value is whole (the common case), floats otherwise."""
-    if np.all(values == np.floor(values)):
-        return values.astype(np.int64).tolist()
-    return values.tolist()
