@@ -20,5 +20,5 @@ def compute_chunk(request):
     global _config
     if _config is None:
         _config = load_config()
-    status, summary = handle_task(_config, request.get_data())
+    status, summary = handle_task(_config, request.get_data(), request.headers)
     return json.dumps(summary), status, {"Content-Type": "application/json"}

@@ -11,7 +11,7 @@ import logging
 import functions_framework
 
 from l2cache.config import load_config
-from l2cache.messages import handle_message
+from l2cache.messages import handle_message, parse_publish_time
 
 _state: dict = {}
 
@@ -37,12 +37,22 @@ def _dead_letter():
 def on_edit(cloud_event):
     if "config" not in _state:
         _state["config"] = load_config()
-    message = (cloud_event.data or {}).get("message", {})
+    envelope = cloud_event.data if isinstance(cloud_event.data, dict) else {}
+    message = envelope.get("message") if isinstance(envelope.get("message"), dict) else {}
     try:
-        data = base64.b64decode(message.get("data", ""), validate=False)
+        data = base64.b64decode(message.get("data") or "", validate=False)
     except (ValueError, TypeError):
-        data = b""
-    attributes = dict(message.get("attributes") or {})
-    message_id = str(message.get("messageId") or message.get("message_id") or "unknown")
-    result = handle_message(_state["config"], data, attributes, message_id, _dead_letter())
+        data = b""  # undecodable: handle_message dead-letters it as having no ids
+    raw_attributes = message.get("attributes")
+    attributes = (
+        {str(k): str(v) for k, v in raw_attributes.items()}
+        if isinstance(raw_attributes, dict)
+        else {}
+    )
+    message_id = str(message.get("messageId") or message.get("message_id") or cloud_event.get("id"))
+    published = parse_publish_time(message.get("publishTime") or cloud_event.get("time"))
+    # a transient failure raises: functions-framework answers 500 and Pub/Sub redelivers
+    result = handle_message(
+        _state["config"], data, attributes, message_id, _dead_letter(), published
+    )
     logging.info("on_edit %s: %s", message_id, result)

@@ -97,6 +97,18 @@ class RowReader:
                 remaining = [k for k in remaining if k not in out]
         return out
 
+    def any_in_range(self, start_key: bytes, end_key: bytes) -> bool:
+        """Whether any row has a key in ``[start_key, end_key)`` (reads one key at most)."""
+        req = _ReadRowsRequest(table_name=self.table_name, rows_limit=1)
+        rng = req.rows.row_ranges.add()
+        rng.start_key_closed = start_key
+        rng.end_key_open = end_key
+        req.filter.strip_value_transformer = True
+        for response in self._call(req):
+            if any(chunk.row_key for chunk in response.chunks):
+                return True
+        return False
+
     def _request(self, keys, families, qualifiers, until_micros=None):
         """ReadRows request; Bigtable wants chains and interleaves of >= 2 filters."""
         req = _ReadRowsRequest(table_name=self.table_name)

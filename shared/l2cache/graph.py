@@ -36,6 +36,13 @@ class GraphReader(Protocol):
     def l2_children(self, l2_ids: np.ndarray) -> dict[int, np.ndarray]:
         """Supervoxel children of each L2 node that exists."""
 
+    def has_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> bool | None:
+        """Whether the graph has any supervoxel in this atomic chunk (None: cannot tell).
+
+        Asked only when the chunk's segmentation file is missing, to decide between
+        "empty chunk" and "lost input".
+        """
+
 
 def decode_children(cell: bytes) -> np.ndarray:
     """A ``children`` cell: raw or zstd-compressed little-endian uint64 array."""
@@ -101,6 +108,18 @@ class BigtableGraphReader:
                     out[int(key)] = decode_children(cell)
         return out
 
+    def has_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> bool:
+        """Any row in the key range of the chunk's layer-1 ids (one row read at most).
+
+        Supervoxel ids of a chunk share its layer-1 chunk id in their high bits, so
+        their ``%020d`` keys form one contiguous range.
+        """
+        first = int(idlib.chunk_id_from_coords(1, np.asarray(chunk_coords)[None], spatial_bits)[0])
+        seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(np.array([1]))[0])
+        return self.reader.any_in_range(
+            idlib.row_key(first), idlib.row_key(first + (1 << seg_bits))
+        )
+
 
 class GrapheneGraphReader:
     """A PCG server through CloudVolume's graphene client.
@@ -120,6 +139,10 @@ class GrapheneGraphReader:
             return np.zeros(0, dtype=np.uint64)
         ts = None if timestamp is None else timestamp.timestamp()
         return np.asarray(self.cv.get_roots(sv_ids, stop_layer=2, timestamp=ts), dtype=np.uint64)
+
+    def has_supervoxels(self, chunk_coords, spatial_bits) -> None:
+        """A PCG server offers no cheap "is this chunk empty" query: cannot tell."""
+        return None
 
     def l2_children(self, l2_ids: np.ndarray) -> dict[int, np.ndarray]:
         return {

@@ -76,21 +76,29 @@ def start_ingest(
     resume_run: str | None = None,
     trigger: str = "cli",
 ):
-    """Record a run (or reopen one to resume) and enqueue its root split task."""
+    """Record a run (or reopen one to resume) and enqueue its root split task.
+
+    A new run's tasks are generation 0; a resume gets a fresh generation (task names
+    stay unique per (run, region, generation), see :func:`l2cache.tasks.task_id`).
+    """
+    from .lineage import utc_now
     from .pipeline import dataset_context
     from .runs import new_run
-    from .tasks import enqueue, tasks_client
+    from .tasks import enqueue_region, tasks_client
 
     if config.tasks is None:
         raise ValueError("the dataset map has no 'tasks' section: nowhere to enqueue")
     ctx = dataset_context(config, dataset_name)
     if resume_run:
         run = ctx.ledger.get_run(resume_run)
+        generation = "resume" + utc_now().strftime("%Y%m%dT%H%M%S%f")
     else:
         region = region_from_bbox(ctx.dataset, bbox_voxels)
         kind = "region_reprocess" if bbox_voxels is not None else "bulk_ingest"
         run = new_run(kind, ctx.dataset, region, region_size(region), trigger)
         ctx.ledger.create_run(run)
-    payload = {"dataset": dataset_name, "run_id": run.run_id, "region": run.region, "batch": batch}
-    enqueue(tasks_client(), config.tasks, payload)
+        generation = 0
+    enqueue_region(
+        tasks_client(), config.tasks, dataset_name, run.run_id, run.region, batch, generation
+    )
     return run

@@ -1,36 +1,51 @@
-"""Pub/Sub messages on_edit accepts, and where the bad ones go.
+"""Pub/Sub messages on_edit accepts, and what happens to each under the failure contract.
 
-- PCG edit message: attributes ``table_id`` (+ user_id, remesh ...), data =
-  ``pickle.dumps({"operation_id", "new_lvl2_ids", ...})``, decoded with the
-  restricted unpickler (never plain ``pickle.loads``).
+- PCG edit message (on PCG's own edits topic, which other services also read):
+  attributes ``table_id`` (+ user_id, remesh ...), data =
+  ``pickle.dumps({"operation_id", "new_lvl2_ids", ...})``, decoded with the restricted
+  unpickler (never plain ``pickle.loads``).
 - missing-id message (from the lookup): raw little-endian uint64 data, attributes
   ``table_id`` and ``l2_cache_id``.
 
-A message that cannot be decoded or names an unknown dataset is published to the
-dead-letter topic with the reason and acknowledged: it would fail the same way on
-every redelivery, so retrying it would only be a crash loop. Transient failures
-raise, the function answers 5xx, and Pub/Sub redelivers (its own dead-letter policy
-caps the attempts).
+Outcomes (:mod:`l2cache.failures`):
+
+- ``table_id`` that l2cache does not cache: acknowledged and counted (the existing
+  service ignores these too; the topic carries every PCG table's edits).
+- undecodable, no ids, or an ``l2_cache_id`` that is not the dataset's cache table:
+  permanent, dead-lettered with the reason, acknowledged.
+- per chunk: good chunks are written once (a redelivery skips them), chunks that fail
+  permanently (outside the volume, missing/corrupt/inconsistent input) are dead-lettered
+  with their ids and reasons while the rest of the message is still computed.
+- transient: raised, so the function answers 5xx and Pub/Sub redelivers; the last
+  delivery (counted per event in the ledger) is dead-lettered "gave up after N attempts".
+
+Idempotence: the graph is read and every cell is written at the message's publish
+time, and the event row is keyed by the PCG operation id (or the message id), so a
+redelivered message rewrites the same bytes at the same version and the same row.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 
-from .config import L2CacheConfig, UnknownDatasetError
-from .lineage import utc_now
+from .config import L2CacheConfig
+from .failures import BadRequest, PermanentError, describe, gave_up
+from .lineage import code_revision, utc_now
 from .pipeline import compute_l2_ids, dataset_context
-from .runs import new_run
+from .runs import RunLedger, new_run
 from .safe_pickle import UnsafePickleError, restricted_loads
 
 log = logging.getLogger(__name__)
 
+DeadLetter = Callable[[bytes, dict[str, str]], None]
 
-class PoisonMessage(ValueError):
+
+class PoisonMessage(BadRequest):
     """Can never succeed: goes to the dead-letter topic with this reason."""
 
 
@@ -40,17 +55,19 @@ class RecomputeRequest:
     l2ids: np.ndarray
     kind: str  # "edit" | "missing_ids"
     operation_id: int | None = None
+    l2_cache_id: str | None = None
 
 
 def decode_message(data: bytes, attributes: dict[str, str]) -> RecomputeRequest:
     table_id = attributes.get("table_id")
     if not table_id:
         raise PoisonMessage("message has no table_id attribute")
-    if "l2_cache_id" in attributes:
+    l2_cache_id = attributes.get("l2_cache_id")
+    if l2_cache_id is not None:  # the lookup's missing-id message: raw uint64 ids
         if len(data) % 8:
             raise PoisonMessage(f"missing-id data of {len(data)} bytes is not uint64 ids")
         ids = np.frombuffer(data, dtype="<u8").astype(np.uint64)
-        return RecomputeRequest(table_id, ids, "missing_ids")
+        return RecomputeRequest(table_id, ids, "missing_ids", None, l2_cache_id)
     try:
         payload = restricted_loads(data)
     except UnsafePickleError as exc:
@@ -62,7 +79,22 @@ def decode_message(data: bytes, attributes: dict[str, str]) -> RecomputeRequest:
     except (TypeError, ValueError, OverflowError) as exc:
         raise PoisonMessage(f"new_lvl2_ids are not uint64 ids: {exc}") from None
     op = payload.get("operation_id")
-    return RecomputeRequest(table_id, ids, "edit", int(op) if isinstance(op, int) else None)
+    op = int(op) if isinstance(op, int | np.integer) and not isinstance(op, bool) else None
+    return RecomputeRequest(table_id, ids, "edit", op)
+
+
+def event_key(request: RecomputeRequest, message_id: str) -> str:
+    """Ledger key of one event: the PCG operation, else the Pub/Sub message."""
+    if request.kind == "edit" and request.operation_id is not None:
+        return f"op-{request.operation_id}"
+    return f"msg-{message_id}"
+
+
+def runs_ledger(config: L2CacheConfig) -> RunLedger:
+    from .bigtable_client import bigtable_instance
+
+    instance = bigtable_instance(config.bigtable.project, config.bigtable.instance)
+    return RunLedger(instance.table(config.runs_table_id))
 
 
 def handle_message(
@@ -70,50 +102,155 @@ def handle_message(
     data: bytes,
     attributes: dict[str, str],
     message_id: str,
-    dead_letter=None,
-    now: datetime | None = None,
+    dead_letter: DeadLetter | None = None,
+    publish_time: datetime | None = None,
+    ledger_factory: Callable[[L2CacheConfig], RunLedger] = runs_ledger,
 ) -> dict:
-    """Recompute what a message asks for; poison goes to ``dead_letter(data, attrs)``."""
+    """Recompute what a message asks for; returns a summary (raises when transient)."""
+    when = _ms(publish_time or utc_now())
+
+    def to_dead_letter(reason: str, payload: bytes = data, extra: dict | None = None) -> None:
+        log.warning("dead-lettering message %s: %s", message_id, reason)
+        if dead_letter is None:
+            return
+        dead_letter(
+            payload,
+            {
+                **attributes,
+                **(extra or {}),
+                "dead_letter_reason": reason[:1000],
+                "original_message_id": message_id,
+            },
+        )
+
     try:
         request = decode_message(data, attributes)
-        try:
-            ctx = dataset_context(config, request.dataset)
-        except UnknownDatasetError as exc:
-            raise PoisonMessage(str(exc)) from None
+    except PoisonMessage as exc:
+        to_dead_letter(str(exc))
+        return {"status": "dead_lettered", "reason": str(exc)}
+    if request.dataset not in config.datasets:
+        total = ledger_factory(config).count_ignored(request.dataset)
+        log.info("edit for %s ignored: no cache for that table (%d so far)", request.dataset, total)
+        return {"status": "ignored", "table_id": request.dataset, "ignored_total": total}
+    ctx = dataset_context(config, request.dataset)
+    try:
+        _check_target(request, ctx.dataset.cache_table_id)
         if request.l2ids.size == 0:
             raise PoisonMessage("message names no L2 ids")
     except PoisonMessage as exc:
-        log.warning("dead-lettering message %s: %s", message_id, exc)
-        if dead_letter is not None:
-            dead_letter(
-                data,
-                {
-                    **attributes,
-                    "dead_letter_reason": str(exc)[:1000],
-                    "original_message_id": message_id,
-                },
-            )
+        to_dead_letter(str(exc))
         return {"status": "dead_lettered", "reason": str(exc)}
-    now = now or utc_now()
+
     kind = "edit_stream" if request.kind == "edit" else "missing_ids"
-    run = ctx.ledger.ensure_run(_stream_run(kind, ctx.dataset))
-    result = compute_l2_ids(ctx, request.l2ids, now, run, cell_timestamp=now)
-    ctx.ledger.record_event(
-        run.run_id,
+    run = ctx.ledger.ensure_run(stream_run(kind, ctx.dataset))
+    key = event_key(request, message_id)
+    attempt = ctx.ledger.event_delivered(run.run_id, key)
+    max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
+    try:
+        result = compute_l2_ids(ctx, request.l2ids, when, run, cell_timestamp=when, event_key=key)
+    except PermanentError:  # compute_l2_ids reports these per chunk; never expected here
+        raise
+    except Exception as exc:
+        if max_attempts is None or attempt < max_attempts:
+            raise  # transient: 5xx, Pub/Sub redelivers with backoff
+        reason = gave_up(attempt, exc)
+        _record(ctx, run, key, request, message_id, when, attempt, status="failed", error=reason)
+        to_dead_letter(reason)
+        return {"status": "dead_lettered", "reason": reason}
+    status = "ok"
+    if result["failed"]:
+        status = "partial"
+        bad = np.array([i for f in result["failed"] for i in f["ids"]], dtype="<u8")
+        reason = "; ".join(f"chunk {f['chunk']}: {f['error']}" for f in result["failed"])
+        to_dead_letter(
+            f"{bad.size} of {request.l2ids.size} ids could not be computed: {reason}",
+            payload=bad.tobytes(),
+            extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
+        )
+    _record(
+        ctx,
+        run,
+        key,
+        request,
         message_id,
-        kind=request.kind,
-        operation_id=request.operation_id,
-        ids=len(request.l2ids),
+        when,
+        attempt,
+        status=status,
         written=result["written"],
         chunks_read=result["chunks_read"],
+        chunks_skipped=result["chunks_skipped"],
         not_found=len(result["not_found"]),
-        at=now.isoformat(),
+        not_found_sample=result["not_found"][:10],
+        failed_ids=sum(len(f["ids"]) for f in result["failed"]),
+        errors=[f["error"] for f in result["failed"]][:10],
     )
-    return {"status": "ok", **result}
+    return {"status": status, **result}
 
 
-def _stream_run(kind: str, dataset):
-    """One long-lived run per dataset and stream kind; each cell carries its own time."""
+def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:
+    if request.l2_cache_id is not None and request.l2_cache_id != cache_table_id:
+        raise PoisonMessage(
+            f"l2_cache_id {request.l2_cache_id!r} is not the cache table of {request.dataset!r} "
+            f"({cache_table_id!r}); l2cache writes only the table its dataset map names"
+        )
+
+
+def _record(ctx, run, key, request, message_id, when, attempt, **fields) -> None:
+    ctx.ledger.record_event(
+        run.run_id,
+        key,
+        kind=request.kind,
+        operation_id=request.operation_id,
+        message_id=message_id,
+        ids=int(request.l2ids.size),
+        published_at=when.isoformat(),
+        deliveries=attempt,
+        **fields,
+    )
+
+
+def stream_run(kind: str, dataset):
+    """The run of a message stream: one per dataset, kind, code revision and parameters.
+
+    A new deployment (new revision) starts a new stream run, so lineage never credits
+    cells to code that did not compute them; each cell carries its message's time.
+    """
     run = new_run(kind, dataset, trigger="pubsub")
-    run.run_id = f"{kind}-{dataset.name}"
+    revision = code_revision()
+    run.run_id = f"{kind}-{dataset.name}-{revision[:12]}-{run.params_hash[:8]}"
+    run.code_revision = revision
     return run
+
+
+def _ms(when: datetime) -> datetime:
+    """Bigtable versions are whole milliseconds; so is everything derived from them."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.replace(microsecond=(when.microsecond // 1000) * 1000)
+
+
+def parse_publish_time(value: str | None) -> datetime | None:
+    """Pub/Sub's RFC 3339 publish time (``...Z``, up to nanoseconds) as a datetime."""
+    if not value:
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    if "." in text:
+        head, rest = text.split(".", 1)
+        frac = "".join(ch for ch in rest if ch.isdigit())
+        tz = rest[len(frac) :]
+        text = f"{head}.{frac[:6].ljust(6, '0')}{tz}"
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+__all__ = [
+    "PoisonMessage",
+    "RecomputeRequest",
+    "decode_message",
+    "describe",
+    "handle_message",
+    "parse_publish_time",
+    "stream_run",
+]

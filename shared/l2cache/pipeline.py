@@ -2,9 +2,14 @@
 
 Both paths read a chunk once (supervoxels via CloudVolume, their L2 parents at the
 run's graph time), remap it to L2 labels and run the engine; the edit path passes
-``only=`` so the rest of the chunk still shapes the EDT and the faces. Errors are
-split into permanent (bad input: recorded, never retried) and transient (anything
-else: the caller answers 5xx so Cloud Tasks / Pub/Sub retry).
+``only=`` so the rest of the chunk still shapes the EDT and the faces.
+
+Input integrity comes before any write: a chunk whose supervoxels have no L2 parent,
+or whose parents belong to another chunk, is :class:`~l2cache.failures.InconsistentInput`
+and is never written as done with partial features. Errors follow the one failure
+contract of :mod:`l2cache.failures`: permanent ones are recorded and not retried,
+transient ones propagate (the caller answers 5xx) until the last attempt, which
+records "gave up after N attempts".
 """
 
 from __future__ import annotations
@@ -16,17 +21,24 @@ from datetime import datetime
 import numpy as np
 
 from . import ids as idlib
-from .chunk_labels import labels_from_supervoxels
+from .chunk_labels import ChunkLabels, labels_from_supervoxels
 from .config import DatasetConfig, L2CacheConfig
+from .failures import (
+    PERMANENT,
+    InconsistentInput,
+    PermanentError,
+    classify,
+    describe,
+    gave_up,
+    is_last_attempt,
+)
 from .features import compute_features
 from .graph import GraphReader, make_graph_reader
 from .runs import RunLedger, RunRecord
 from .store import CacheStore
 from .volume import read_chunk
 
-
-class PermanentError(ValueError):
-    """Retrying cannot help (chunk outside the volume, corrupt input, ...)."""
+__all__ = ["PermanentError", "compute_chunk", "compute_l2_ids", "dataset_context", "load_chunk_l2"]
 
 
 @dataclass
@@ -59,44 +71,74 @@ def dataset_context(config: L2CacheConfig, name: str) -> DatasetContext:
     return _contexts[key]
 
 
-@dataclass(frozen=True)
-class ChunkL2:
-    """One chunk read and remapped to L2 labels."""
-
-    labels: np.ndarray
-    checksum: str
-
-
-def load_chunk_l2(ctx: DatasetContext, coords, timestamp: datetime | None) -> ChunkL2:
-    try:
-        sv = read_chunk(ctx.dataset, coords)
-    except ValueError as exc:
-        raise PermanentError(str(exc)) from None
+def load_chunk_l2(ctx: DatasetContext, coords, timestamp: datetime | None) -> ChunkLabels:
+    """Read, relabel and check one chunk; raises a PermanentError for bad input."""
+    coords = [int(c) for c in coords]
+    sv = read_chunk(
+        ctx.dataset,
+        coords,
+        lambda: ctx.graph.has_supervoxels(coords, ctx.dataset.spatial_bits),
+    )
     chunk = labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, timestamp))
-    return ChunkL2(chunk.labels, chunk.checksum)
+    check_consistency(ctx, chunk, coords, timestamp)
+    return chunk
+
+
+def check_consistency(ctx: DatasetContext, chunk: ChunkLabels, coords, timestamp) -> None:
+    """Supervoxels and graph must agree: every supervoxel has an L2 parent in this chunk."""
+    at = timestamp.isoformat() if timestamp else "now"
+    if chunk.unmapped_sv:
+        sample = chunk.sv_ids[chunk.parents == 0][:3].tolist()
+        raise InconsistentInput(
+            f"chunk {tuple(coords)}: {chunk.unmapped_sv} of {chunk.sv_ids.size} supervoxels "
+            f"have no L2 parent in the graph at {at} (e.g. {sample})"
+        )
+    l2 = chunk.l2_ids
+    if l2.size == 0:
+        return
+    wrong_layer = idlib.get_layer(l2) != 2
+    elsewhere = (idlib.get_chunk_coords(l2, ctx.dataset.spatial_bits) != np.asarray(coords)).any(1)
+    stray = l2[wrong_layer | elsewhere]
+    if stray.size:
+        raise InconsistentInput(
+            f"chunk {tuple(coords)}: {stray.size} L2 parents are not layer-2 nodes of this "
+            f"chunk (e.g. {stray[:3].tolist()}); the graph and the segmentation disagree"
+        )
 
 
 def chunk_id(ctx: DatasetContext, coords) -> int:
     return int(idlib.chunk_id_from_coords(2, np.asarray(coords)[None], ctx.dataset.spatial_bits)[0])
 
 
-def compute_chunk(ctx: DatasetContext, run: RunRecord, coords) -> dict:
-    """Compute and write every L2 node of one chunk; record it in the ledger."""
+def compute_chunk(
+    ctx: DatasetContext,
+    run: RunRecord,
+    coords,
+    max_attempts: int | None = None,
+    last_attempt: bool = False,
+) -> dict:
+    """Compute and write every L2 node of one chunk; record the outcome in the ledger.
+
+    Returns the outcome for a permanent failure or a transient one on the last attempt
+    (``last_attempt``, or the chunk's own attempt count reaching ``max_attempts``);
+    re-raises any other transient failure after recording it as ``retrying``.
+    """
     cid = chunk_id(ctx, coords)
     attempt = ctx.ledger.chunk_started(run.run_id, cid)
     t0 = time.perf_counter()
     try:
         chunk = load_chunk_l2(ctx, coords, run.snapshot)
         feats = compute_features(chunk.labels, ctx.dataset.resolution)
-        feats = _in_chunk(ctx, feats, coords)
         written = ctx.store.write_features(feats, run.lineage(chunk.checksum))
-    except PermanentError as exc:
-        ctx.ledger.chunk_finished(run.run_id, cid, coords, "failed", error=str(exc), permanent=True)
-        return {"chunk": list(coords), "status": "failed", "error": str(exc), "attempt": attempt}
     except Exception as exc:
-        ctx.ledger.chunk_finished(
-            run.run_id, cid, coords, "retrying", error=f"{type(exc).__name__}: {exc}"
-        )
+        permanent = classify(exc) == PERMANENT
+        if permanent or last_attempt or is_last_attempt(attempt, max_attempts):
+            reason = describe(exc) if permanent else gave_up(attempt, exc)
+            ctx.ledger.chunk_finished(
+                run.run_id, cid, coords, "failed", error=reason, permanent=permanent
+            )
+            return {"chunk": list(coords), "status": "failed", "error": reason, "attempt": attempt}
+        ctx.ledger.chunk_finished(run.run_id, cid, coords, "retrying", error=describe(exc))
         raise
     duration = time.perf_counter() - t0
     ctx.ledger.chunk_finished(
@@ -108,20 +150,11 @@ def compute_chunk(ctx: DatasetContext, run: RunRecord, coords) -> dict:
         input_checksum=chunk.checksum,
         duration_s=round(duration, 4),
         voxels=int(chunk.labels.size),
+        supervoxels=int(chunk.sv_ids.size),
+        unmapped_sv=chunk.unmapped_sv,
+        stray_ids=0,
     )
     return {"chunk": list(coords), "status": "done", "l2_count": written, "attempt": attempt}
-
-
-def _in_chunk(ctx: DatasetContext, feats: dict, coords) -> dict:
-    """Keep only L2 ids that belong to this chunk (a stray id would be misplaced)."""
-    if feats["l2id"].size == 0:
-        return feats
-    own = (
-        idlib.get_chunk_coords(feats["l2id"], ctx.dataset.spatial_bits) == np.asarray(coords)
-    ).all(1)
-    if own.all():
-        return feats
-    return {k: v[own] for k, v in feats.items()}
 
 
 def compute_l2_ids(
@@ -130,22 +163,47 @@ def compute_l2_ids(
     timestamp: datetime | None,
     run: RunRecord,
     cell_timestamp: datetime | None = None,
+    event_key: str | None = None,
 ) -> dict:
-    """Recompute the given L2 ids: grouped by chunk, each chunk read once."""
+    """Recompute the given L2 ids: grouped by chunk, each chunk read once.
+
+    Per chunk: a permanent failure (outside the volume, missing/corrupt/inconsistent
+    input) is reported in ``failed`` and the other chunks still run; a transient one
+    propagates. With ``event_key``, each written chunk is recorded, so a redelivered
+    message skips the chunks an earlier delivery already wrote.
+    """
     l2ids = np.unique(idlib.as_uint64(l2ids))
     valid = l2ids[idlib.get_layer(l2ids) == 2]
     coords = idlib.get_chunk_coords(valid, ctx.dataset.spatial_bits)
-    written, not_found, chunks = 0, [], 0
+    done = ctx.ledger.event_chunks_done(run.run_id, event_key) if event_key else {}
+    written, not_found, chunks, failed, skipped = 0, [], 0, [], 0
     for chunk in np.unique(coords, axis=0):
         members = valid[(coords == chunk).all(1)]
-        data = load_chunk_l2(ctx, chunk.tolist(), timestamp)
-        feats = compute_features(data.labels, ctx.dataset.resolution, only=members)
-        not_found.extend(sorted(set(members.tolist()) - set(feats["l2id"].tolist())))
-        written += ctx.store.write_features(feats, run.lineage(data.checksum, cell_timestamp))
+        cid = chunk_id(ctx, chunk)
+        if cid in done:
+            written += int(done[cid].get("written", 0))
+            skipped += 1
+            continue
+        try:
+            data = load_chunk_l2(ctx, chunk.tolist(), timestamp)
+        except PermanentError as exc:
+            failed.append({"chunk": chunk.tolist(), "ids": members.tolist(), "error": str(exc)})
+            continue
         chunks += 1
+        feats = compute_features(data.labels, ctx.dataset.resolution, only=members)
+        absent = sorted(set(members.tolist()) - set(feats["l2id"].tolist()))
+        not_found.extend(absent)
+        n = ctx.store.write_features(feats, run.lineage(data.checksum, cell_timestamp))
+        written += n
+        if event_key:
+            ctx.ledger.event_chunk_done(
+                run.run_id, event_key, cid, written=n, not_found=len(absent)
+            )
     return {
         "written": written,
         "chunks_read": chunks,
+        "chunks_skipped": skipped,
         "not_layer2": int(l2ids.size - valid.size),
         "not_found": not_found,
+        "failed": failed,
     }

@@ -8,7 +8,11 @@ L2 count, input checksum, duration). Status, resume, reconcile, rollback and cos
 estimates all read this table and nothing else.
 
 Row keys: ``run:<run_id>``, ``chunk:<run_id>:<chunk_id %020d>``,
-``event:<run_id>:<message id>``.
+``task:<run_id>:<region>`` (split tasks that gave up), ``event:<run_id>:<event key>``
+(one per PCG operation or missing-id message), ``evchunk:<run_id>:<event key>:<chunk>``
+(chunks of an event already written, so a redelivery computes each chunk once) and
+``ignored:<table_id>`` (edits for tables without a cache, counted). Every write goes
+through :func:`l2cache.bigtable_write.write_rows`, which checks each row's status.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from google.cloud.bigtable import column_family
 from google.cloud.bigtable.row_set import RowSet
 
+from .bigtable_write import write_rows
 from .lineage import Lineage, code_revision, params_hash, utc_now
 
 RUN_FAMILY = "run"
@@ -113,7 +118,7 @@ class RunLedger:
     def create_run(self, run: RunRecord) -> None:
         row = self.table.direct_row(f"run:{run.run_id}".encode())
         row.set_cell(RUN_FAMILY, b"meta", json.dumps(asdict(run), sort_keys=True).encode())
-        row.commit()
+        write_rows(self.table, [row], "run")
 
     def get_run(self, run_id: str) -> RunRecord:
         row = self.table.read_row(f"run:{run_id}".encode())
@@ -140,11 +145,21 @@ class RunLedger:
         return b"chunk:%s:%020d" % (run_id.encode(), chunk_id)
 
     def chunk_started(self, run_id: str, chunk_id: int) -> int:
-        """Count one more attempt; returns the attempt number."""
-        row = self.table.append_row(self._chunk_key(run_id, chunk_id))
+        """Count one more attempt and mark the chunk running; returns the attempt number.
+
+        The increment is a read-modify-write (it raises on failure); ``started_at`` lets
+        status tell an attempt in flight from one whose worker died without a word.
+        """
+        key = self._chunk_key(run_id, chunk_id)
+        row = self.table.append_row(key)
         row.increment_cell_value(LEDGER_FAMILY, b"attempts", 1)
         cells = row.commit()
-        return struct.unpack(">q", cells[LEDGER_FAMILY][b"attempts"][0][0])[0]
+        attempt = struct.unpack(">q", cells[LEDGER_FAMILY][b"attempts"][0][0])[0]
+        mark = self.table.direct_row(key)
+        mark.set_cell(LEDGER_FAMILY, b"status", b"running")
+        mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode())
+        write_rows(self.table, [mark], "ledger")
+        return attempt
 
     def chunk_finished(
         self, run_id: str, chunk_id: int, coords, status: str, **fields: Any
@@ -155,7 +170,26 @@ class RunLedger:
         row.set_cell(LEDGER_FAMILY, b"finished_at", utc_now().isoformat().encode())
         for key, value in fields.items():
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
-        row.commit()
+        write_rows(self.table, [row], "ledger")
+
+    def task_gave_up(self, run_id: str, region, reason: str, attempts: int) -> None:
+        """A split task's last attempt failed: its region's unstarted chunks are failed."""
+        key = "task:{}:{}".format(run_id, "-".join(str(int(v)) for v in region)).encode()
+        row = self.table.direct_row(key)
+        row.set_cell(LEDGER_FAMILY, b"status", b"failed")
+        row.set_cell(LEDGER_FAMILY, b"region", json.dumps([int(v) for v in region]).encode())
+        row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
+        row.set_cell(LEDGER_FAMILY, b"attempts", json.dumps(attempts).encode())
+        write_rows(self.table, [row], "ledger")
+
+    def failed_tasks(self, run_id: str) -> list[dict[str, Any]]:
+        return [
+            {
+                k: json.loads(v) if k != "status" else v.decode()
+                for k, v in _cells(r, LEDGER_FAMILY).items()
+            }
+            for r in _prefix_rows(self.table, f"task:{run_id}:".encode())
+        ]
 
     def chunk_rows(self, run_id: str) -> list[dict[str, Any]]:
         out = []
@@ -165,7 +199,7 @@ class RunLedger:
             for k, v in cells.items():
                 if k == "attempts":
                     entry[k] = struct.unpack(">q", v)[0]
-                elif k in ("status", "finished_at"):
+                elif k in ("status", "finished_at", "started_at"):
                     entry[k] = v.decode()
                 else:
                     entry[k] = json.loads(v)
@@ -192,14 +226,62 @@ class RunLedger:
         return done
 
     # edit-stream events --------------------------------------------------------------
-    def record_event(self, run_id: str, message_id: str, **fields: Any) -> None:
-        row = self.table.direct_row(f"event:{run_id}:{message_id}".encode())
+    def _event_key(self, run_id: str, event_key: str) -> bytes:
+        return f"event:{run_id}:{event_key}".encode()
+
+    def record_event(self, run_id: str, event_key: str, **fields: Any) -> None:
+        """One row per event (PCG operation or missing-id message); rewritten, not added,
+        when the same event is delivered again."""
+        row = self.table.direct_row(self._event_key(run_id, event_key))
         for key, value in fields.items():
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
-        row.commit()
+        write_rows(self.table, [row], "event")
+
+    def event_delivered(self, run_id: str, event_key: str) -> int:
+        """Count one more delivery of an event; returns the delivery number (1-based)."""
+        row = self.table.append_row(self._event_key(run_id, event_key))
+        row.increment_cell_value(LEDGER_FAMILY, b"delivery_count", 1)
+        cells = row.commit()
+        return struct.unpack(">q", cells[LEDGER_FAMILY][b"delivery_count"][0][0])[0]
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
-        return [
-            {k: json.loads(v) for k, v in _cells(r, LEDGER_FAMILY).items()}
-            for r in _prefix_rows(self.table, f"event:{run_id}:".encode())
-        ]
+        out = []
+        for r in _prefix_rows(self.table, f"event:{run_id}:".encode()):
+            entry: dict[str, Any] = {"key": r.row_key.decode().split(":", 2)[2]}
+            for k, v in _cells(r, LEDGER_FAMILY).items():
+                entry[k] = struct.unpack(">q", v)[0] if k == "delivery_count" else json.loads(v)
+            out.append(entry)
+        return out
+
+    def event_chunk_done(self, run_id: str, event_key: str, chunk_id: int, **fields: Any) -> None:
+        row = self.table.direct_row(
+            b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
+        )
+        row.set_cell(LEDGER_FAMILY, b"status", b"done")
+        for key, value in fields.items():
+            row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
+        write_rows(self.table, [row], "event")
+
+    def event_chunks_done(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:
+        """Chunks of an event already written (by an earlier delivery), with their counts."""
+        prefix = f"evchunk:{run_id}:{event_key}:".encode()
+        return {
+            int(r.row_key.rsplit(b":", 1)[1]): {
+                k: json.loads(v) for k, v in _cells(r, LEDGER_FAMILY).items() if k != "status"
+            }
+            for r in _prefix_rows(self.table, prefix)
+        }
+
+    # edits for tables without a cache -------------------------------------------------
+    def count_ignored(self, table_id: str) -> int:
+        """Count one more edit for a graph table l2cache does not cache; returns the total."""
+        row = self.table.append_row(f"ignored:{table_id}".encode())
+        row.increment_cell_value(LEDGER_FAMILY, b"count", 1)
+        cells = row.commit()
+        return struct.unpack(">q", cells[LEDGER_FAMILY][b"count"][0][0])[0]
+
+    def ignored_count(self, table_id: str) -> int:
+        row = self.table.read_row(f"ignored:{table_id}".encode())
+        if row is None:
+            return 0
+        return struct.unpack(">q", _cells(row, LEDGER_FAMILY)["count"])[0]

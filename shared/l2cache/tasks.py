@@ -9,11 +9,15 @@ form-encoded bodies) and, in the cloud, an OIDC token of the queue's service acc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.api_core import exceptions as api_exceptions
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 from google.protobuf import duration_pb2
@@ -65,8 +69,31 @@ def ensure_queue(
     )
 
 
-def enqueue(client, cfg: TasksConfig, payload: dict[str, Any]) -> str:
-    """Create one HTTP POST task for the compute function; returns the task name."""
+def task_id(run_id: str, region: Sequence[int], generation: int | str = 0) -> str:
+    """Deterministic task id for one (run, region, generation).
+
+    Cloud Tasks refuses a second task with the same name (ALREADY_EXISTS), so a split
+    task that is retried re-enqueues the same names and duplicates are dropped by the
+    queue itself, not by luck. ``generation`` distinguishes deliberate re-runs
+    (resume, reconcile): Cloud Tasks keeps a name reserved for a while after the task
+    ran, so a re-run needs new names. Ids are ``[A-Za-z0-9_-]``, at most 500 chars.
+    """
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", f"{run_id}-g{generation}")
+    box = "-".join(str(int(v)) for v in region)
+    name = f"{base}-{box}"
+    if len(name) > 500:
+        name = f"{base[:400]}-{hashlib.sha256(box.encode()).hexdigest()[:32]}"
+    return name
+
+
+def enqueue(
+    client, cfg: TasksConfig, payload: dict[str, Any], name: str | None = None
+) -> str | None:
+    """Create one HTTP POST task for the compute function.
+
+    Returns the task name, or None when a task of that ``name`` already exists (a
+    duplicate: the earlier one does the work).
+    """
     http = tasks_v2.HttpRequest(
         http_method=tasks_v2.HttpMethod.POST,
         url=cfg.compute_url,
@@ -75,5 +102,26 @@ def enqueue(client, cfg: TasksConfig, payload: dict[str, Any]) -> str:
     )
     if cfg.service_account_email:
         http.oidc_token = tasks_v2.OidcToken(service_account_email=cfg.service_account_email)
-    task = client.create_task(parent=queue_path(client, cfg), task=tasks_v2.Task(http_request=http))
-    return task.name
+    parent = queue_path(client, cfg)
+    task = tasks_v2.Task(http_request=http)
+    if name:
+        task.name = f"{parent}/tasks/{name}"
+    try:
+        created = client.create_task(parent=parent, task=task)
+    except api_exceptions.AlreadyExists:
+        return None
+    return created.name
+
+
+def enqueue_region(
+    client, cfg: TasksConfig, dataset: str, run_id: str, region, batch: int, generation=0
+) -> str | None:
+    """Enqueue the task for one region of a run under its deterministic name."""
+    payload = {
+        "dataset": dataset,
+        "run_id": run_id,
+        "region": [int(v) for v in region],
+        "batch": int(batch),
+        "generation": generation,
+    }
+    return enqueue(client, cfg, payload, task_id(run_id, region, generation))

@@ -21,7 +21,7 @@ from l2cache.dataset.edits import pick_merge, pick_split
 from l2cache.features import compute_features
 from l2cache.ingest import start_ingest
 from l2cache.local.stack import DEAD_LETTER_TOPIC, EDITS_TOPIC, INSTANCE, PROJECT, LocalStack
-from l2cache.pipeline import _in_chunk, compute_chunk, dataset_context, load_chunk_l2
+from l2cache.pipeline import compute_chunk, dataset_context, load_chunk_l2
 from l2cache.runs import new_run
 from l2cache.status import run_status
 from l2cache.store import create_cache_table
@@ -87,7 +87,7 @@ def ingested(stack):
 
 def expected_cells(ctx, run, coords):
     chunk = load_chunk_l2(ctx, coords, run.snapshot)
-    feats = _in_chunk(ctx, compute_features(chunk.labels, RES), coords)
+    feats = compute_features(chunk.labels, RES)
     cells = {a.name: encode_column(a, feats[a.name]) for a in ATTRIBUTES}
     return {
         int(n): {a.key: cells[a.name][i] for a in ATTRIBUTES}
@@ -135,15 +135,23 @@ def test_task_delivered_twice_leaves_identical_bytes_and_counts_once(stack, inge
     assert ctx.ledger.chunk_rows(run.run_id)[0]["attempts"] == 2
 
 
-def test_bad_task_bodies_get_400(stack):
+def test_bad_tasks_are_rejected_with_2xx_so_cloud_tasks_stops(stack):
+    """Permanent by the failure contract: Cloud Tasks retries every non-2xx answer."""
     url = stack["stack"].urls["compute_chunk"]
-    assert requests.post(url, data=b"nope", timeout=30).status_code == 400
-    r = requests.post(
-        url, json={"dataset": "nope", "run_id": "x", "region": [0, 0, 0, 1, 1, 1]}, timeout=30
-    )
-    assert r.status_code == 400 and "unknown dataset" in r.json()["error"]
-    r = requests.post(url, json={"dataset": DATASET, "run_id": "x", "region": [0, 0]}, timeout=30)
-    assert r.status_code == 400 and "region" in r.json()["error"]
+    cases = [
+        (b"nope", "not JSON"),
+        (b'{"dataset": "nope", "run_id": "x", "region": [0, 0, 0, 1, 1, 1]}', "unknown dataset"),
+        (b'{"dataset": "%s", "run_id": "x", "region": [0, 0]}' % DATASET.encode(), "region"),
+        (
+            b'{"dataset": "%s", "run_id": "no-such-run", "region": [0, 0, 0, 1, 1, 1]}'
+            % DATASET.encode(),
+            "no run",
+        ),
+    ]
+    for body, words in cases:
+        r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 200, (body, r.status_code)
+        assert r.json()["status"] == "rejected" and words in r.json()["error"], r.json()
 
 
 def lookup(stack, l2ids):

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2cache", description="Per-L2-node feature cache for PyChunkedGraph datasets."
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of unexpected errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"l2cache.cli.{name}").register(sub)
@@ -32,11 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a subcommand. A user error prints one ``error: ...`` line and exits 2; any
+    other failure prints one line too (exit 1), with the traceback only under --debug."""
+    from .errors import report
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - every failure gets a one-line verdict
+        return report(exc, debug=args.debug)
 
 
 if __name__ == "__main__":

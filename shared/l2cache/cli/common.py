@@ -40,9 +40,10 @@ def print_status(status) -> None:
     eta = f"{status.eta_s:.0f}s" if status.eta_s is not None else "-"
     print(
         f"run {status.run_id}: {status.done}/{status.total} done, {status.failed} failed, "
-        f"{status.retrying} retrying, {status.pending} pending; {status.rate_per_s:.2f} chunks/s, "
+        f"{status.retrying} retrying, {status.running} running, {status.pending} pending; "
+        f"{status.rate_per_s:.2f} chunks/s, "
         f"ETA {eta}; {status.l2_rows} L2 rows; compute {status.compute_s:.1f}s; "
         f"est. cost ${status.cost_usd:.6f}"
     )
     for f in status.failures:
-        print(f"  chunk {f['chunk']}: {f['error']} (attempts {f['attempts']})")
+        print(f"  chunk {f['chunk']} {f['status']}: {f['error']} (attempts {f['attempts']})")

@@ -49,20 +49,61 @@ def _ctx(args):
     return cfg, dataset_context(cfg, args.dataset)
 
 
-def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = None):
-    """tqdm bar over the run's chunks until it finishes; returns the final status."""
-    from tqdm import tqdm
+def _status_args(cfg) -> dict:
+    if cfg.tasks is None:
+        return {}
+    return {
+        "max_attempts": cfg.tasks.max_attempts,
+        "attempt_deadline_s": cfg.tasks.attempt_deadline_s,
+    }
+
+
+def current_status(ledger, run_id: str, cfg=None):
+    """The run's status; a run whose ledger row is gone is reported broken, not pending."""
+    from google.api_core.exceptions import NotFound
 
     from ..status import run_status
 
-    st = run_status(ledger, run_id)
+    try:
+        return run_status(ledger, run_id, **_status_args(cfg) if cfg else {})
+    except (KeyError, NotFound) as exc:
+        raise RunBroken(
+            f"run {run_id} is broken: its ledger cannot be read ({_words(exc)}); "
+            "it will never be done: start a new run"
+        ) from None
+
+
+class RunBroken(LookupError):
+    pass
+
+
+def _words(exc) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc).splitlines()[0]
+
+
+def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = None, cfg=None):
+    """tqdm bar over the run's chunks until it finishes; returns the final status.
+
+    It always returns: a run finishes when every chunk is done or failed, failed
+    includes "gave up after N attempts" (recorded by the last attempt, or presumed
+    after the attempt deadline), and a run whose ledger vanished raises RunBroken.
+    """
+    from tqdm import tqdm
+
+    st = current_status(ledger, run_id, cfg)
     start = time.monotonic()
     with tqdm(
         total=st.total, unit="chunk", desc=run_id, dynamic_ncols=True, mininterval=1.0
     ) as bar:
         while True:
-            st = run_status(ledger, run_id)
-            bar.set_postfix(failed=st.failed, retrying=st.retrying, rows=st.l2_rows, refresh=False)
+            st = current_status(ledger, run_id, cfg)
+            bar.set_postfix(
+                failed=st.failed,
+                retrying=st.retrying,
+                running=st.running,
+                rows=st.l2_rows,
+                refresh=False,
+            )
             bar.update(st.done + st.failed - bar.n)
             if st.finished:
                 return st
@@ -80,36 +121,40 @@ def ingest(args: argparse.Namespace) -> int:
     print(f"run {run.run_id}: {run.n_chunks} chunks in region {run.region}, enqueued")
     if args.watch:
         _, ctx = _ctx(args)
-        print_status(watch(ctx.ledger, run.run_id))
+        st = watch(ctx.ledger, run.run_id, cfg=cfg)
+        print_status(st)
+        return 0 if st.failed == 0 else 1
     return 0
 
 
 def status(args: argparse.Namespace) -> int:
-    from ..status import run_status
-
-    _, ctx = _ctx(args)
-    st = watch(ctx.ledger, args.run) if args.watch else run_status(ctx.ledger, args.run)
+    cfg, ctx = _ctx(args)
+    st = (
+        watch(ctx.ledger, args.run, cfg=cfg)
+        if args.watch
+        else current_status(ctx.ledger, args.run, cfg)
+    )
     print_status(st)
     return 0 if st.failed == 0 else 1
 
 
 def reconcile(args: argparse.Namespace) -> int:
     from ..ingest import region_chunks
+    from ..lineage import utc_now
     from ..pipeline import chunk_id
-    from ..tasks import enqueue, tasks_client
+    from ..tasks import enqueue_region, tasks_client
 
     cfg, ctx = _ctx(args)
+    if cfg.tasks is None:
+        raise ValueError("the dataset map has no 'tasks' section: nowhere to enqueue")
     run = ctx.ledger.get_run(args.run)
     done = ctx.ledger.done_chunks(run.run_id)
     gaps = [c for c in region_chunks(run.region) if chunk_id(ctx, c) not in done]
     client = tasks_client()
+    generation = "reconcile" + utc_now().strftime("%Y%m%dT%H%M%S%f")
     for c in gaps:
         region = [*c, *(v + 1 for v in c)]
-        enqueue(
-            client,
-            cfg.tasks,
-            {"dataset": args.dataset, "run_id": run.run_id, "region": region, "batch": 1},
-        )
+        enqueue_region(client, cfg.tasks, args.dataset, run.run_id, region, 1, generation)
     print(f"run {run.run_id}: re-queued {len(gaps)} chunks")
     return 0
 

@@ -36,6 +36,7 @@ MISSING_TOPIC = "l2cache-missing-ids"
 DEAD_LETTER_TOPIC = "l2cache-dead-letter"
 STATE_FILE = "local-stack.json"
 CONFIG_FILE = "l2cache.yaml"
+MAX_DELIVERY_ATTEMPTS = 5
 
 
 def start_tasks_emulator(log_dir: Path) -> Emulator:
@@ -55,10 +56,17 @@ def start_tasks_emulator(log_dir: Path) -> Emulator:
 class LocalStack:
     """Start with ``with LocalStack(dir) as stack:``; ``stack.env`` reaches everything."""
 
-    def __init__(self, directory: Path, compute_workers: int = 2, max_attempts: int = 5) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        compute_workers: int = 2,
+        max_attempts: int = 5,
+        attempt_deadline_s: int = 120,
+    ) -> None:
         self.dir = Path(directory).resolve()
         self.compute_workers = compute_workers
         self.max_attempts = max_attempts
+        self.attempt_deadline_s = attempt_deadline_s
         self.processes: list[Emulator] = []
         self.env: dict[str, str] = {}
         self.urls: dict[str, str] = {}
@@ -75,12 +83,15 @@ class LocalStack:
                 "missing_ids_topic": MISSING_TOPIC,
                 "edits_topic": EDITS_TOPIC,
                 "dead_letter_topic": DEAD_LETTER_TOPIC,
+                "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS,
             },
             "tasks": {
                 "project": PROJECT,
                 "location": LOCATION,
                 "queue": QUEUE,
                 "compute_url": compute_url,
+                "max_attempts": self.max_attempts,
+                "attempt_deadline_s": self.attempt_deadline_s,
             },
             "max_ids_per_request": 200_000,
             "runs_table_id": "l2cache_runs",
@@ -175,7 +186,7 @@ class LocalStack:
                         maximum_backoff=duration_pb2.Duration(seconds=10),
                     ),
                     "dead_letter_policy": DeadLetterPolicy(
-                        dead_letter_topic=dead, max_delivery_attempts=5
+                        dead_letter_topic=dead, max_delivery_attempts=MAX_DELIVERY_ATTEMPTS
                     ),
                 }
             )

@@ -8,7 +8,10 @@ changes, keeping its gRPC API (so ``google-cloud-tasks`` talks to it unchanged):
   are retried after exponential backoff between the queue's min and max backoff and
   dropped (logged, counted) after ``max_attempts``;
 - it dispatches one task at a time per queue -> up to the queue's
-  ``max_concurrent_dispatches`` tasks run at once, as on Cloud Tasks.
+  ``max_concurrent_dispatches`` tasks run at once, as on Cloud Tasks;
+- it accepts duplicate task names -> a second task with a name already used in the
+  queue (pending or already run, as Cloud Tasks' tombstones) fails with ALREADY_EXISTS,
+  which is what makes named split tasks idempotent.
 
 Run: ``python -m l2cache.local.tasks_emulator --port N``.
 """
@@ -19,12 +22,14 @@ import argparse
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from urllib import error
 
 import grpc
 from gcloud_tasks_emulator import server as upstream
+from google.api_core.exceptions import AlreadyExists
 from google.cloud.tasks_v2 import Queue, Task
 
 log = logging.getLogger("l2cache.tasks-emulator")
@@ -50,6 +55,19 @@ class RetryingQueueState(upstream.QueueState):
         super().__init__(upstream.DEFAULT_TARGET_HOST, upstream.DEFAULT_TARGET_PORT, -1)
         self.abandoned: list[str] = []
         self.dispatched = 0
+        self._names: set[str] = set()
+        self._names_lock = threading.Lock()
+
+    def create_task(self, queue: str, task: Task):
+        """Upstream's create_task, refusing a name the queue has already seen."""
+        if task.name:
+            with self._names_lock:
+                if task.name in self._names:
+                    raise AlreadyExists(f"Requested entity already exists: {task.name}")
+                self._names.add(task.name)
+        else:
+            task.name = f"{queue}/tasks/{uuid.uuid4().hex}"
+        return super().create_task(queue, task)
 
     def take_due(self, queue_name: str, limit: int) -> list[Task]:
         """Remove and return up to ``limit`` tasks whose schedule time has come."""

@@ -1,0 +1,76 @@
+"""The failure contract: every error is permanent or transient, and that decides its fate.
+
+One mechanism for every entry point (compute_chunk tasks, split tasks, on_edit
+messages, the CLI):
+
+============================  =========================  ==============================
+failure                       Cloud Tasks                Pub/Sub (on_edit)
+============================  =========================  ==============================
+permanent (bad input, outside 2xx, recorded with the     ack; dead-lettered with the
+the volume, corrupt/missing   reason (ledger ``failed``) reason
+input, unknown dataset/run)
+transient (anything else:     5xx, retried with backoff  5xx, redelivered with backoff
+Bigtable, storage, network)   (ledger ``retrying``)
+retries exhausted             2xx on the last attempt,   ack on the last delivery,
+                              ledger ``failed: gave up   dead-lettered "gave up after
+                              after N attempts: ...``    N attempts: ..."
+============================  =========================  ==============================
+
+A permanent error is raised as a :class:`PermanentError` (or a subclass) where it is
+detected; everything else is transient by default, because retrying an unknown error a
+bounded number of times is safe and recording it as permanent could lose work. The
+"last attempt" is known from the transport (Cloud Tasks' retry-count header, Pub/Sub's
+``deliveryAttempt``) and the configured maximum, so every run ends: no chunk or message
+stays "retrying" after its queue has given up.
+"""
+
+from __future__ import annotations
+
+PERMANENT = "permanent"
+TRANSIENT = "transient"
+
+
+class PermanentError(ValueError):
+    """Retrying cannot help: record the reason and stop."""
+
+
+class BadRequest(PermanentError):
+    """A task or message that is malformed or names something that does not exist."""
+
+
+class OutsideVolume(PermanentError):
+    """A chunk (or an L2 id's chunk) that lies outside the dataset's volume."""
+
+
+class MissingInput(PermanentError):
+    """Segmentation data absent where the graph says there are supervoxels."""
+
+
+class CorruptInput(PermanentError):
+    """Segmentation data present but undecodable."""
+
+
+class InconsistentInput(PermanentError):
+    """Supervoxels and the graph disagree (no L2 parent, or a parent in another chunk)."""
+
+
+def classify(exc: BaseException) -> str:
+    """``"permanent"`` or ``"transient"`` for any exception."""
+    return PERMANENT if isinstance(exc, PermanentError) else TRANSIENT
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for the ledger and dead letters (type name kept for transients)."""
+    if isinstance(exc, PermanentError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def is_last_attempt(attempt: int, max_attempts: int | None) -> bool:
+    """Whether ``attempt`` (1-based) is the last one the transport will make."""
+    return max_attempts is not None and max_attempts > 0 and attempt >= max_attempts
+
+
+def gave_up(attempt: int, exc: BaseException) -> str:
+    """The recorded reason when the last attempt fails transiently."""
+    return f"gave up after {attempt} attempts: {describe(exc)}"
