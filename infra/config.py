@@ -47,10 +47,12 @@ class StackConfig:
     queue_max_per_second: float
     graph_instances: list[str]
     segmentation_buckets: list[str]
-    # CAVE auth in the lookup app (middle-auth-client): lookup is then invocable by
-    # allUsers and the app checks the CAVE token; None/False = Cloud Run IAM only.
+    # CAVE auth in the lookup app (the dataset map's auth section): lookup is then
+    # invocable by allUsers and the app checks the CAVE token; False = Cloud Run IAM only.
     cave_auth: bool = False
-    cave_auth_url: str | None = None  # sets the library's AUTH_URI/AUTH_URL on lookup
+    # Secret Manager secret (ours) holding a CAVE service token, given to lookup as
+    # AUTH_TOKEN; optional (else the user's own token asks the auth service)
+    auth_token_secret: str | None = None
     # PCG's existing edits topic, projects/<p>/topics/<t>; None = no edits subscription
     pcg_edits_topic: str | None = None
     existing_cache_tables: frozenset[str] = field(default_factory=frozenset)
@@ -81,6 +83,21 @@ class StackConfig:
             return self.lookup_ingress
         return "ALLOW_INTERNAL_AND_GCLB" if self.routed else "ALLOW_ALL"
 
+    @property
+    def map_task_attempts(self) -> int:
+        """The dataset map's ``tasks.max_attempts`` (l2cache.config's default 10)."""
+        return int((self.datasets.get("tasks") or {}).get("max_attempts", 10))
+
+    @property
+    def map_attempt_deadline_s(self) -> float:
+        return float((self.datasets.get("tasks") or {}).get("attempt_deadline_s", 1800))
+
+    @property
+    def max_delivery_attempts(self) -> int:
+        """Pub/Sub deliveries before dead-lettering: the dataset map's
+        ``pubsub.max_delivery_attempts`` (on_edit answers the last one itself)."""
+        return int((self.datasets.get("pubsub") or {}).get("max_delivery_attempts", 10))
+
     def is_existing_table(self, dataset: str) -> bool:
         """A cache table Pulumi must not create or own: the dataset map's
         ``existing_cache_table: true`` or its id in ``l2cache:existingCacheTables``."""
@@ -91,28 +108,30 @@ class StackConfig:
 
 
 def map_auth_section(datasets: Mapping) -> Mapping | None:
-    """The dataset map's top-level ``auth:`` section if it turns CAVE auth on."""
+    """The dataset map's top-level ``auth:`` section (``{url, service_namespace,
+    sticky_url}``, parsed by ``l2cache.config``): when present, the lookup app checks
+    every request's CAVE token with middle-auth-client."""
     auth = datasets.get("auth")
-    if not isinstance(auth, Mapping) or not auth or auth.get("enabled") is False:
-        return None
-    return auth
+    return auth if isinstance(auth, Mapping) and auth else None
 
 
-def parse_cave_auth(raw: str | None, datasets: Mapping) -> tuple[bool, str | None]:
-    """``l2cache:caveAuth``: ``true``/``false`` or the auth service URL (= true).
+def parse_cave_auth(raw: str | None, datasets: Mapping) -> bool:
+    """Whether Cloud Run lets everyone reach lookup (the app enforcing CAVE auth).
 
-    Unset: on exactly when the dataset map has an ``auth:`` section.
+    Follows the dataset map's ``auth:`` section, the one thing the app enforces.
+    ``l2cache:caveAuth`` may state it: ``true`` without the section is refused by
+    ``validate`` (it would make lookup public); ``false`` with the section keeps
+    Cloud Run IAM in front as well (only Google identities that also hold a CAVE token).
     """
+    in_map = map_auth_section(datasets) is not None
     if raw is None or raw == "":
-        return map_auth_section(datasets) is not None, None
+        return in_map
     low = raw.strip().lower()
     if low in ("true", "yes", "1"):
-        return True, None
+        return True
     if low in ("false", "no", "0"):
-        return False, None
-    if low.startswith("https://") or low.startswith("http://"):
-        return True, raw.strip()
-    raise ConfigError(f"l2cache:caveAuth must be true, false or the auth URL, got {raw!r}")
+        return False
+    raise ConfigError(f"l2cache:caveAuth must be true or false, got {raw!r}")
 
 
 def edits_topic_path(raw: str | None, datasets: Mapping) -> str | None:
@@ -145,10 +164,25 @@ def validate(cfg: StackConfig) -> None:
             f"l2cache:pcgEditsTopic must be projects/<pcg-project>/topics/<name>, "
             f"got {cfg.pcg_edits_topic!r}"
         )
-    if cfg.cave_auth and not cfg.cave_auth_url and map_auth_section(cfg.datasets) is None:
+    if cfg.cave_auth and map_auth_section(cfg.datasets) is None:
         raise ConfigError(
-            "l2cache:caveAuth is on but the dataset map has no auth section and no auth URL "
-            "was given: lookup would be open to allUsers with nothing checking tokens"
+            "l2cache:caveAuth is true but the dataset map has no auth section: lookup would "
+            "be open to allUsers with nothing checking tokens"
+        )
+    if cfg.auth_token_secret and not cfg.cave_auth:
+        raise ConfigError("l2cache:authTokenSecret is only used with CAVE auth (dataset map auth)")
+    if cfg.queue_max_attempts != cfg.map_task_attempts:
+        raise ConfigError(
+            f"l2cache:queueMaxAttempts={cfg.queue_max_attempts} but the dataset map's "
+            f"tasks.max_attempts={cfg.map_task_attempts}: compute_chunk records a task as "
+            "given up on the queue's last attempt, so they must be equal"
+        )
+    timeout = sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
+    if timeout > cfg.map_attempt_deadline_s:
+        raise ConfigError(
+            f"compute_chunk's {timeout} s timeout exceeds the dataset map's "
+            f"tasks.attempt_deadline_s={cfg.map_attempt_deadline_s:g}: running attempts "
+            "would be presumed lost"
         )
     if cfg.lb_scheme not in LB_SCHEMES:
         raise ConfigError(f"l2cache:loadBalancingScheme must be one of {LB_SCHEMES}")
@@ -172,7 +206,7 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
     if not datasets_file.is_absolute():
         datasets_file = (Path(__file__).parent / datasets_file).resolve()
     datasets = yaml.safe_load(datasets_file.read_text())
-    cave_auth, cave_auth_url = parse_cave_auth(cfg.get("caveAuth"), datasets)
+    map_attempts = int((datasets.get("tasks") or {}).get("max_attempts", 10))
     out = StackConfig(
         project=gcp.require("project"),
         region=gcp.get("region") or "us-east1",
@@ -187,7 +221,7 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
         lookup_max_instances=cfg.get_int("lookupMaxInstances") or 20,
         worker_max_instances=cfg.get_int("workerMaxInstances")
         or sizing.DEFAULT_WORKER_MAX_INSTANCES,
-        queue_max_attempts=cfg.get_int("queueMaxAttempts") or 10,
+        queue_max_attempts=cfg.get_int("queueMaxAttempts") or map_attempts,
         queue_min_backoff_s=cfg.get_int("queueMinBackoffSeconds") or 5,
         queue_max_backoff_s=cfg.get_int("queueMaxBackoffSeconds") or 300,
         queue_max_concurrent=cfg.get_int("queueMaxConcurrent")
@@ -195,8 +229,8 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
         queue_max_per_second=cfg.get_float("queueMaxPerSecond") or 20.0,
         graph_instances=list(cfg.get_object("graphInstances") or []),
         segmentation_buckets=list(cfg.get_object("segmentationBuckets") or []),
-        cave_auth=cave_auth,
-        cave_auth_url=cave_auth_url,
+        cave_auth=parse_cave_auth(cfg.get("caveAuth"), datasets),
+        auth_token_secret=cfg.get("authTokenSecret") or None,
         pcg_edits_topic=edits_topic_path(cfg.get("pcgEditsTopic"), datasets),
         existing_cache_tables=frozenset(cfg.get_object("existingCacheTables") or []),
         existing_bigtable_instance=cfg.get_bool("existingBigtableInstance") or False,

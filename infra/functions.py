@@ -3,7 +3,7 @@
 compute_chunk and on_edit are Cloud Run IAM only, always: exactly the tasks-invoker
 and the push identity. lookup depends on where the user check happens:
 
-- CAVE auth configured (``l2cache:caveAuth`` or the dataset map's ``auth:``): the app
+- CAVE auth configured (the dataset map's ``auth:`` section): the app
   checks every request's CAVE token with middle-auth-client, so Cloud Run lets every
   request through (``allUsers`` invoker). Cloud Run IAM accepts only Google identity
   tokens, which caveclient does not send; IAM in front would refuse every CAVE user.
@@ -46,7 +46,21 @@ def function(
     concurrency: int,
     env: dict,
     ingress: str = "ALLOW_ALL",
+    secrets: list[dict] | None = None,
+    depends_on: list | None = None,
 ) -> gcp.cloudfunctionsv2.Function:
+    service = {
+        "available_memory": f"{memory_mib}Mi",
+        "available_cpu": sizing.cpu_for_memory(memory_mib),
+        "timeout_seconds": timeout_s,
+        "max_instance_count": max_instances,
+        "max_instance_request_concurrency": concurrency,
+        "service_account_email": sa.email,
+        "ingress_settings": ingress,
+        "environment_variables": env,
+    }
+    if secrets:
+        service["secret_environment_variables"] = secrets
     return gcp.cloudfunctionsv2.Function(
         f"fn-{name}",
         name=f"l2cache-{name.replace('_', '-')}",
@@ -57,16 +71,8 @@ def function(
             "entry_point": name,
             "source": {"storage_source": {"bucket": obj.bucket, "object": obj.name}},
         },
-        service_config={
-            "available_memory": f"{memory_mib}Mi",
-            "available_cpu": sizing.cpu_for_memory(memory_mib),
-            "timeout_seconds": timeout_s,
-            "max_instance_count": max_instances,
-            "max_instance_request_concurrency": concurrency,
-            "service_account_email": sa.email,
-            "ingress_settings": ingress,
-            "environment_variables": env,
-        },
+        service_config=service,
+        opts=pulumi.ResourceOptions(depends_on=depends_on or []),
     )
 
 
@@ -101,6 +107,36 @@ def lookup_invokers(cfg: StackConfig) -> list[str]:
     return list(cfg.lookup_invokers)
 
 
+def auth_token_access(cfg: StackConfig, lookup_sa, member) -> list:
+    """Lookup may read the operator's CAVE service token secret (``AUTH_TOKEN``, what the
+    existing service uses to ask the auth service which dataset a table belongs to).
+    The secret itself is the operator's: a credential never passes through this program."""
+    if not cfg.auth_token_secret:
+        return []
+    return [
+        gcp.secretmanager.SecretIamMember(
+            "lookup-reads-auth-token",
+            secret_id=cfg.auth_token_secret,
+            project=cfg.project,
+            role="roles/secretmanager.secretAccessor",
+            member=member(lookup_sa),
+        )
+    ]
+
+
+def lookup_secrets(cfg: StackConfig) -> list[dict]:
+    if not cfg.auth_token_secret:
+        return []
+    return [
+        {
+            "key": "AUTH_TOKEN",
+            "project_id": cfg.project,
+            "secret": cfg.auth_token_secret,
+            "version": "latest",
+        }
+    ]
+
+
 def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list]:
     revision = pulumi.get_stack()
     env = {
@@ -108,9 +144,7 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list
         "L2CACHE_REVISION": revision,
         "NUMBA_CACHE_DIR": "/tmp/numba",
     }
-    lookup_env = dict(env)
-    if cfg.cave_auth_url:  # middle-auth-client reads its service address from these
-        lookup_env.update(AUTH_URI=cfg.cave_auth_url, AUTH_URL=cfg.cave_auth_url)
+    token_access = auth_token_access(cfg, accounts["lookup"], member)  # before the deploy
     worker_mem = sizing.worker_memory_mib(cfg.chunk_size)
     worker_timeout = sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
     fns = {
@@ -123,8 +157,10 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list
             120,
             cfg.lookup_max_instances,
             8,
-            lookup_env,
+            env,
             ingress=cfg.ingress,
+            secrets=lookup_secrets(cfg),
+            depends_on=token_access,
         ),
         # one chunk per instance at a time: memory is sized for exactly one chunk
         "compute_chunk": function(
@@ -156,4 +192,4 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list
     ]
     for i, who in enumerate(lookup_invokers(cfg)):
         invokers.append(invoker("lookup", fns["lookup"], cfg, who, suffix=f"-{i}"))
-    return fns, invokers
+    return fns, invokers + token_access

@@ -56,7 +56,7 @@ def push_subscriptions(cfg: StackConfig, tps: dict, on_edit_url, push_sa) -> dic
             retry_policy={"minimum_backoff": "10s", "maximum_backoff": "600s"},
             dead_letter_policy={
                 "dead_letter_topic": tps["dead_letter"].id,
-                "max_delivery_attempts": 10,
+                "max_delivery_attempts": cfg.max_delivery_attempts,
             },
         )
         # the Pub/Sub service agent must be able to move messages to the dead-letter topic

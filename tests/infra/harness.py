@@ -68,7 +68,8 @@ DATASETS_YAML = """\
 bigtable: {project: proj, instance: l2cache}
 pubsub: {project: proj, missing_ids_topic: l2cache-missing-ids, edits_topic: pcg-edits,
          dead_letter_topic: l2cache-dead-letter}
-tasks: {project: proj, location: us-east1, queue: l2cache-compute, compute_url: https://x}
+tasks: {project: proj, location: us-east1, queue: l2cache-compute, compute_url: https://x,
+        max_attempts: 7}
 datasets:
   minnie:
     segmentation: gs://bucket/seg
@@ -91,7 +92,6 @@ def stack_config(tmp: Path, datasets_yaml: str = DATASETS_YAML, **overrides) -> 
     path = tmp / "datasets.yaml"
     path.write_text(datasets_yaml)
     datasets = yaml.safe_load(datasets_yaml)
-    cave_auth, cave_auth_url = config.parse_cave_auth(None, datasets)  # as config.load does
     base = config.StackConfig(
         project="proj",
         region="us-east1",
@@ -113,8 +113,7 @@ def stack_config(tmp: Path, datasets_yaml: str = DATASETS_YAML, **overrides) -> 
         graph_instances=["projects/proj/instances/pcg"],
         segmentation_buckets=["bucket"],
         pcg_edits_topic=PCG_EDITS,
-        cave_auth=cave_auth,
-        cave_auth_url=cave_auth_url,
+        cave_auth=config.parse_cave_auth(None, datasets),  # as config.load does
     )
     if "existing_cache_tables" in overrides:
         overrides["existing_cache_tables"] = frozenset(overrides["existing_cache_tables"])

@@ -71,8 +71,17 @@ def test_edits_topic_must_be_a_full_path(cfg):
 
 
 def test_cave_auth_on_needs_the_app_to_check_tokens(cfg):
-    assert "allUsers" in refused(cfg, cave_auth=True)  # no auth section, no URL
-    config.validate(dataclasses.replace(cfg, cave_auth=True, cave_auth_url="https://a.org/auth"))
+    assert "allUsers" in refused(cfg, cave_auth=True)  # the map has no auth section
+    with_auth = {**cfg.datasets, "auth": {"url": "auth.example.org/auth"}}
+    config.validate(dataclasses.replace(cfg, cave_auth=True, datasets=with_auth))
+    assert "authTokenSecret" in refused(cfg, auth_token_secret="l2cache-auth-token")
+
+
+def test_queue_attempts_must_match_the_dataset_map(cfg):
+    msg = refused(cfg, queue_max_attempts=10)  # the test map says tasks.max_attempts: 7
+    assert "queueMaxAttempts=10" in msg and "max_attempts=7" in msg
+    short = {**cfg.datasets, "tasks": {**cfg.datasets["tasks"], "attempt_deadline_s": 60}}
+    assert "attempt_deadline_s=60" in refused(cfg, datasets=short)
 
 
 def test_other_refusals(cfg):
@@ -86,15 +95,14 @@ def test_other_refusals(cfg):
 
 
 def test_parse_cave_auth_and_edits_topic():
-    with_auth = {"auth": {"server": "https://auth.example.org/auth"}}
-    assert config.parse_cave_auth(None, {}) == (False, None)
-    assert config.parse_cave_auth(None, with_auth) == (True, None)
-    assert config.parse_cave_auth(None, {"auth": {"enabled": False}}) == (False, None)
-    assert config.parse_cave_auth("false", with_auth) == (False, None)
-    assert config.parse_cave_auth("true", {}) == (True, None)
-    assert config.parse_cave_auth("https://x.org/auth", {}) == (True, "https://x.org/auth")
+    with_auth = {"auth": {"url": "auth.example.org/auth"}}
+    assert config.parse_cave_auth(None, {}) is False
+    assert config.parse_cave_auth(None, {"auth": {}}) is False
+    assert config.parse_cave_auth(None, with_auth) is True  # what the app enforces
+    assert config.parse_cave_auth("false", with_auth) is False  # IAM in front as well
+    assert config.parse_cave_auth("true", {}) is True  # refused by validate (see above)
     with pytest.raises(config.ConfigError):
-        config.parse_cave_auth("maybe", {})
+        config.parse_cave_auth("https://x.org/auth", {})
     assert config.edits_topic_path(PCG_EDITS, {}) == PCG_EDITS
     bare = {"pubsub": {"edits_topic": "pcg-edits"}}
     assert config.edits_topic_path(None, bare) is None  # a bare name says nothing of the project
@@ -121,7 +129,8 @@ def stack_settings(tmp_path):
 def test_load_reads_the_new_keys(stack_settings):
     stack_settings(
         **{
-            "l2cache:caveAuth": "https://auth.example.org/auth",
+            "l2cache:caveAuth": "false",
+            "l2cache:authTokenSecret": "",
             "l2cache:pcgEditsTopic": PCG_EDITS,
             "l2cache:existingCacheTables": '["l2cache_minnie_v1"]',
             "l2cache:existingBigtableInstance": "true",
@@ -132,7 +141,8 @@ def test_load_reads_the_new_keys(stack_settings):
         }
     )
     got = config.load()
-    assert (got.cave_auth, got.cave_auth_url) == (True, "https://auth.example.org/auth")
+    assert got.cave_auth is False and got.auth_token_secret is None
+    assert got.queue_max_attempts == 7  # from the dataset map's tasks.max_attempts
     assert got.pcg_edits_topic == PCG_EDITS
     assert got.existing_cache_tables == frozenset({"l2cache_minnie_v1"})
     assert got.is_existing_table("minnie") and not got.is_existing_table("pinky")
@@ -149,4 +159,20 @@ def test_load_defaults_are_deployable_and_refuses_oversubscription(stack_setting
     assert got.pcg_edits_topic is None  # the map's bare "pcg-edits" names no project
     stack_settings(**{"l2cache:queueMaxConcurrent": "100"})
     with pytest.raises(config.ConfigError, match="workerMaxInstances=50"):
+        config.load()
+    stack_settings(**{"l2cache:queueMaxAttempts": "3"})
+    with pytest.raises(config.ConfigError, match="tasks.max_attempts=7"):
+        config.load()
+
+
+def test_load_follows_the_dataset_maps_auth_section(stack_settings, tmp_path):
+    path = tmp_path / "with-auth.yaml"
+    path.write_text("auth: {url: auth.example.org/auth}\n" + DATASETS_YAML)
+    stack_settings(
+        **{"l2cache:datasetsFile": str(path), "l2cache:authTokenSecret": "l2cache-auth-token"}
+    )
+    got = config.load()
+    assert got.cave_auth and got.auth_token_secret == "l2cache-auth-token"
+    stack_settings(**{"l2cache:caveAuth": "true"})  # stated, but the map has no auth
+    with pytest.raises(config.ConfigError, match="no auth section"):
         config.load()

@@ -31,7 +31,7 @@ TASKS = "serviceAccount:l2cache-tasks-invoker@proj.iam.gserviceaccount.com"
 PUSH = "serviceAccount:l2cache-pubsub-push@proj.iam.gserviceaccount.com"
 BACKEND_ID = "projects/proj/global/backendServices/l2cache-lookup-backend"
 NEG_ID = "projects/proj/regions/us-east1/networkEndpointGroups/l2cache-lookup-neg"
-AUTH_SECTION = "auth: {server: https://auth.example.org/auth}\n"
+AUTH_SECTION = "auth: {url: auth.example.org/auth, service_namespace: pychunkedgraph}\n"
 
 
 class Built:
@@ -123,19 +123,32 @@ def test_standalone_lb_routes_l2cache_paths_for_the_domain(cave_auth_with_domain
     assert rule["loadBalancingScheme"] == "EXTERNAL_MANAGED"
 
 
-def test_auth_url_from_stack_config_and_backend_for_an_existing_lb():
+def test_cave_auth_with_service_token_and_backend_for_an_existing_lb():
     b = build(
-        cave_auth=True,
-        cave_auth_url="https://global.example.org/auth",
+        datasets_yaml=AUTH_SECTION + DATASETS_YAML,
+        auth_token_secret="l2cache-auth-token",
         lookup_backend=True,
         lb_scheme="EXTERNAL",
         url_map="cave-https",
     )
     assert b.invokers("lookup") == ["allUsers"]
     assert_workers_iam_only(b)
-    env = b.service_config("l2cache-lookup")["environmentVariables"]
-    assert env["AUTH_URI"] == env["AUTH_URL"] == "https://global.example.org/auth"
-    assert "AUTH_URI" not in b.service_config("l2cache-compute-chunk")["environmentVariables"]
+    # the operator's secret reaches lookup as AUTH_TOKEN, and only lookup
+    assert b.service_config("l2cache-lookup")["secretEnvironmentVariables"] == [
+        {
+            "key": "AUTH_TOKEN",
+            "projectId": "proj",
+            "secret": "l2cache-auth-token",
+            "version": "latest",
+        }
+    ]
+    for name in ("l2cache-compute-chunk", "l2cache-on-edit"):
+        assert "secretEnvironmentVariables" not in b.service_config(name)
+    access = b.one("gcp:secretmanager/secretIamMember:SecretIamMember")
+    assert access["secretId"] == "l2cache-auth-token"
+    assert access["role"] == "roles/secretmanager.secretAccessor"
+    assert access["member"] == "serviceAccount:l2cache-lookup@proj.iam.gserviceaccount.com"
+    assert not b.of("gcp:secretmanager/secret:Secret")  # the credential is never ours
     assert b.one(BACKEND)["loadBalancingScheme"] == "EXTERNAL"  # matches the operator's LB
     assert b.one(NEG)["cloudRun"] == {"service": "l2cache-lookup"}
     assert not [r for r in b.rows if r["type"] in LB_TYPES]  # no domain: no LB of ours
