@@ -74,3 +74,12 @@ def handle(request: flask.Request) -> flask.Response:
         )
     _drain(request)
     return flask.Response(r.body, r.status, r.headers)
+
+
+def reset() -> None:
+    """Forget the built service, so the next request reads ``L2CACHE_CONFIG`` again.
+
+    For in-process tests that serve several dataset maps from one interpreter.
+    """
+    with _lock:
+        _built.clear()
