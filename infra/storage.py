@@ -34,32 +34,40 @@ def bigtable(cfg: StackConfig) -> dict:
             deletion_protection=cfg.bigtable_instance_type == "PRODUCTION",
         )
         instance_name = instance.name
+    protect = cfg.bigtable_instance_type == "PRODUCTION"  # as the instance
     cache_tables, existing, policies = {}, {}, []
     for name, ds in sorted(cfg.datasets["datasets"].items()):
         table_id = ds["cache_table_id"]
         if cfg.is_existing_table(name):
             existing[name] = table_id  # served as it is; no Table, no GC policy of ours
             continue
+        # Keyed by table id, not dataset name: moving a table from a staging dataset
+        # entry to the served one (README, "Switching") leaves the resource untouched
+        # instead of deleting one table and creating another of the same name.
         table = gcp.bigtable.Table(
-            f"cache-{name}",
+            f"cache-{table_id}",
             name=table_id,
             instance_name=instance_name,
             project=cfg.bigtable_project,
             column_families=[{"family": f} for f in CACHE_FAMILIES],
+            deletion_protection="PROTECTED" if protect else "UNPROTECTED",
+            opts=pulumi.ResourceOptions(aliases=[pulumi.Alias(name=f"cache-{name}")]),
         )
         cache_tables[name] = table
         for fam in CACHE_FAMILIES:
             # the last N versions are what make a bad run roll-backable
             policies.append(
                 gcp.bigtable.GCPolicy(
-                    f"gc-{name}-{fam}",
+                    f"gc-{table_id}-{fam}",
                     instance_name=instance_name,
                     table=table.name,
                     column_family=fam,
                     project=cfg.bigtable_project,
                     max_versions=[{"number": cfg.cache_max_versions}],
                     deletion_policy="ABANDON",
-                    opts=pulumi.ResourceOptions(depends_on=[table]),
+                    opts=pulumi.ResourceOptions(
+                        depends_on=[table], aliases=[pulumi.Alias(name=f"gc-{name}-{fam}")]
+                    ),
                 )
             )
     runs = gcp.bigtable.Table(
@@ -68,6 +76,7 @@ def bigtable(cfg: StackConfig) -> dict:
         instance_name=instance_name,
         project=cfg.bigtable_project,
         column_families=[{"family": f} for f in RUNS_FAMILIES],
+        deletion_protection="PROTECTED" if protect else "UNPROTECTED",
     )
     bucket = gcp.storage.Bucket(
         "source",

@@ -176,6 +176,10 @@ def test_bigtable_tables_families_and_gc_rules(built):
         for t in ("l2cache_minnie_v1", "l2cache_pinky_v1"):
             assert tables[t]["columnFamilies"] == [{"family": "0"}, {"family": "lineage"}]
         assert tables["l2cache_runs"]["columnFamilies"] == [{"family": "run"}, {"family": "ledger"}]
+        assert all(t["deletionProtection"] == "PROTECTED" for t in tables.values())  # production
+        # resources keyed by table id: moving a table between dataset entries keeps it
+        names = sorted(r.name for r in of_type("gcp:bigtable/table:Table"))
+        assert names == ["cache-l2cache_minnie_v1", "cache-l2cache_pinky_v1", "runs"]
         policies = of_type("gcp:bigtable/gCPolicy:GCPolicy")
         assert sorted((p.inputs["table"], p.inputs["columnFamily"]) for p in policies) == sorted(
             (t, f) for t in ("l2cache_minnie_v1", "l2cache_pinky_v1") for f in ("0", "lineage")
