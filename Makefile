@@ -30,7 +30,7 @@ demo: venv emulators-check
 bench: venv emulators-check
 	for b in $(BENCHES); do $(PY) $$b || exit 1; done
 
-BENCHES := bench/features.py bench/lookup.py bench/pipeline.py
+BENCHES := bench/features.py bench/worker.py bench/lookup.py bench/pipeline.py
 
 lint: venv
 	$(VENV)/bin/ruff check shared functions infra tests bench
