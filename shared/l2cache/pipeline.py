@@ -124,7 +124,7 @@ def compute_chunk(
     re-raises any other transient failure after recording it as ``retrying``.
     """
     cid = chunk_id(ctx, coords)
-    attempt = ctx.ledger.chunk_started(run.run_id, cid)
+    attempt = ctx.ledger.chunk_started(run.run_id, cid, coords)
     t0 = time.perf_counter()
     try:
         chunk = load_chunk_l2(ctx, coords, run.snapshot)

@@ -144,7 +144,7 @@ class RunLedger:
     def _chunk_key(self, run_id: str, chunk_id: int) -> bytes:
         return b"chunk:%s:%020d" % (run_id.encode(), chunk_id)
 
-    def chunk_started(self, run_id: str, chunk_id: int) -> int:
+    def chunk_started(self, run_id: str, chunk_id: int, coords=None) -> int:
         """Count one more attempt and mark the chunk running; returns the attempt number.
 
         The increment is a read-modify-write (it raises on failure); ``started_at`` lets
@@ -158,6 +158,8 @@ class RunLedger:
         mark = self.table.direct_row(key)
         mark.set_cell(LEDGER_FAMILY, b"status", b"running")
         mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode())
+        if coords is not None:
+            mark.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
         write_rows(self.table, [mark], "ledger")
         return attempt
 

@@ -13,6 +13,12 @@ Two rules make the values match the existing service and keep bad input out:
   A missing file is background only when the graph confirms the chunk has no
   supervoxels; otherwise it is :class:`~l2cache.failures.MissingInput`. Undecodable
   data is :class:`~l2cache.failures.CorruptInput`. Both are permanent.
+
+One corruption cannot be caught here: a well-formed gzip file whose content is not a
+valid compressed_segmentation stream makes the decoder (a C extension) crash the
+process. The attempt then never answers, the queue retries it up to its maximum, and
+the run's status presumes it failed ("gave up after N attempts: no answer") once the
+attempt deadline has passed, so the run still ends (tests/pipeline/test_faults.py).
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     """Exception types CloudVolume / CloudFiles raise for undecodable chunk files."""
     from cloudfiles.exceptions import DecompressionError
     from cloudvolume.exceptions import DecodingError
+    from deflate import DeflateError
 
-    return (DecodingError, DecompressionError, zlib.error, EOFError)
+    return (DecodingError, DecompressionError, DeflateError, zlib.error, EOFError)
 
 
 def chunk_origin(dataset, chunk_coords: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,405 @@
+"""Faults through the real stack: every run ends, nothing is lost or silently wrong.
+
+The local stack (Bigtable and Pub/Sub emulators, the extended Cloud Tasks emulator, the
+three functions under functions-framework) with max 3 attempts per task, on a real
+pinky40 crop of 2x2x2 chunks. Each test states which part of the failure contract
+(``l2cache.failures``) it exercises.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import requests
+from google.cloud import pubsub_v1
+from stackutil import (
+    CHUNK,
+    RES,
+    add_dataset,
+    crop_volume,
+    lookup,
+    pull_dead_letters,
+    wait_for,
+)
+
+from l2cache import ids as idlib
+from l2cache.config import load_config
+from l2cache.dataset.edits import apply_merge, edit_message, pick_merge
+from l2cache.features import compute_features
+from l2cache.ingest import start_ingest
+from l2cache.local.stack import EDITS_TOPIC, PROJECT, LocalStack
+from l2cache.pipeline import dataset_context, load_chunk_l2
+from l2cache.runs import new_run
+from l2cache.status import run_status
+from l2cache.worker import handle_task
+
+DS = "faults"
+MAX_ATTEMPTS = 3
+ATTEMPT_DEADLINE_S = 8
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    saved = dict(os.environ)
+    directory = tmp_path_factory.mktemp("faults")
+    with LocalStack(
+        directory,
+        compute_workers=2,
+        max_attempts=MAX_ATTEMPTS,
+        attempt_deadline_s=ATTEMPT_DEADLINE_S,
+    ) as stack:
+        made = add_dataset(stack, DS, crop_volume(), directory)
+        config = load_config(stack.config_path)
+        yield {
+            "stack": stack,
+            "config": config,
+            "ctx": dataset_context(config, DS),
+            "dir": directory,
+            **made,
+        }
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def chunk_file(env, coords) -> str:
+    lo = np.asarray(coords) * np.asarray(CHUNK)
+    hi = lo + np.asarray(CHUNK)
+    box = "_".join(f"{a}-{b}" for a, b in zip(lo.tolist(), hi.tolist(), strict=True))
+    path = env["built"].segmentation.removeprefix("file://") + f"/16.0_16.0_40.0/{box}.gz"
+    assert os.path.exists(path), path
+    return path
+
+
+def graph_l2_ids(env, coords) -> np.ndarray:
+    """Every L2 id the graph table holds in one chunk (its keys form one range)."""
+    from google.cloud.bigtable.row_set import RowSet
+
+    bits = env["ctx"].dataset.spatial_bits
+    first = int(idlib.chunk_id_from_coords(2, np.asarray(coords)[None], bits)[0])
+    span = 1 << (64 - 8 - 3 * int(bits.bits_for(np.array([2]))[0]))
+    rs = RowSet()
+    rs.add_row_range_from_keys(idlib.row_key(first), idlib.row_key(first + span))
+    table = env["instance"].table(DS)
+    return np.array([int(r.row_key) for r in table.read_rows(row_set=rs)], dtype=np.uint64)
+
+
+def finished(env, run_id: str, timeout: float = 120):
+    cfg = env["config"]
+    return wait_for(
+        lambda: (
+            (
+                s := run_status(
+                    env["ctx"].ledger,
+                    run_id,
+                    max_attempts=cfg.tasks.max_attempts,
+                    attempt_deadline_s=cfg.tasks.attempt_deadline_s,
+                )
+            ).finished
+            and s
+        ),
+        timeout,
+        f"run {run_id} to finish",
+    )
+
+
+def test_corrupt_and_missing_chunk_files_fail_once_and_the_run_still_ends(env, tmp_path):
+    corrupt, missing = chunk_file(env, (0, 0, 0)), chunk_file(env, (1, 0, 0))
+    crashing = chunk_file(env, (0, 1, 0))
+    for path, name in ((corrupt, "corrupt"), (missing, "missing"), (crashing, "crashing")):
+        shutil.copy(path, tmp_path / f"{name}.bak")
+    try:
+        with open(corrupt, "wb") as f:
+            f.write(b"\x1f\x8b" + os.urandom(300))  # gzip magic, garbage after it
+        os.remove(missing)
+        with open(crashing, "wb") as f:  # valid gzip, garbage inside: the decoder segfaults
+            f.write(gzip.compress(os.urandom(4000), mtime=0))
+        run = start_ingest(env["config"], DS, batch=2)
+        status = finished(env, run.run_id, timeout=180)
+        assert (status.done, status.failed, status.total) == (5, 3, 8)
+        rows = {tuple(r["coords"]): r for r in env["ctx"].ledger.chunk_rows(run.run_id)}
+        assert "corrupt" in rows[(0, 0, 0)]["error"]
+        assert (
+            "missing" in rows[(1, 0, 0)]["error"]
+            and "graph has supervoxels" in rows[(1, 0, 0)]["error"]
+        )
+        # the worker died on every attempt: nothing could record it; status presumes it
+        assert rows[(0, 1, 0)]["attempts"] == MAX_ATTEMPTS
+        (crashed,) = [f for f in status.failures if f["chunk"] == [0, 1, 0]]
+        assert crashed["status"] == "failed"
+        assert crashed["error"].startswith(f"gave up after {MAX_ATTEMPTS} attempts: no answer")
+        for c in ((0, 0, 0), (1, 0, 0)):  # permanent: one attempt, no retries, nothing written
+            assert rows[c]["status"] == "failed" and rows[c]["permanent"] is True
+            assert rows[c]["attempts"] == 1
+            nodes = graph_l2_ids(env, c)
+            assert nodes.size and not env["ctx"].store.read_raw(nodes)
+        for c, r in rows.items():
+            if c not in ((0, 0, 0), (1, 0, 0), (0, 1, 0)):
+                assert r["status"] == "done" and r["unmapped_sv"] == 0 and r["stray_ids"] == 0
+    finally:
+        for path, name in ((corrupt, "corrupt"), (missing, "missing"), (crashing, "crashing")):
+            shutil.copy(tmp_path / f"{name}.bak", path)
+    # once the input is repaired, reconcile finishes the run
+    from l2cache.cli import main
+
+    assert main(["reconcile", DS, run.run_id, "--config", str(env["stack"].config_path)]) == 0
+    wait_for(
+        lambda: run_status(env["ctx"].ledger, run.run_id).done == 8, 120, "reconcile to finish"
+    )
+
+
+class FlakyGraph:
+    """The real graph reader, failing its first ``failures`` calls like an unavailable
+    Bigtable would (an exception that is not a PermanentError, so transient)."""
+
+    def __init__(self, real, failures: int) -> None:
+        self.real, self.left = real, failures
+
+    def l2_parents(self, sv_ids, timestamp=None):
+        if self.left:
+            self.left -= 1
+            raise ConnectionError("graph table unavailable (injected)")
+        return self.real.l2_parents(sv_ids, timestamp)
+
+    def has_supervoxels(self, coords, bits):
+        return self.real.has_supervoxels(coords, bits)
+
+
+def deliver(env, body: dict, attempt: int):
+    headers = {"X-CloudTasks-TaskRetryCount": str(attempt - 1)}
+    import json
+
+    return handle_task(env["config"], json.dumps(body).encode(), headers)
+
+
+def test_transient_failure_twice_then_success_and_exhaustion_is_recorded(env):
+    ctx = env["ctx"]
+    real = ctx.graph
+    run = new_run("region_reprocess", ctx.dataset, [0, 1, 1, 1, 2, 2], 1)
+    ctx.ledger.create_run(run)
+    body = {"dataset": DS, "run_id": run.run_id, "region": [0, 1, 1, 1, 2, 2], "batch": 1}
+    try:
+        ctx.graph = FlakyGraph(real, failures=2)
+        codes = [deliver(env, body, a)[0] for a in (1, 2, 3)]
+        assert codes == [503, 503, 200]
+        (row,) = ctx.ledger.chunk_rows(run.run_id)
+        assert row["status"] == "done" and row["attempts"] == 3
+        # the same chunk failing on every attempt: the last attempt records "gave up"
+        again = new_run("region_reprocess", ctx.dataset, [0, 1, 1, 1, 2, 2], 1)
+        ctx.ledger.create_run(again)
+        body["run_id"] = again.run_id
+        ctx.graph = FlakyGraph(real, failures=10)
+        results = [deliver(env, body, a) for a in (1, 2, 3)]
+        assert [r[0] for r in results] == [503, 503, 200]
+        (row,) = ctx.ledger.chunk_rows(again.run_id)
+        assert row["status"] == "failed" and row["permanent"] is False
+        assert row["error"].startswith("gave up after 3 attempts: ConnectionError")
+        status = run_status(ctx.ledger, again.run_id)
+        assert status.finished and status.failed == 1 and status.retrying == 0
+    finally:
+        ctx.graph = real
+
+
+def test_worker_killed_mid_run_loses_nothing(env):
+    stack = env["stack"]
+    master = next(p for p in stack.processes if p.name == "function:compute_chunk").process.pid
+    run = start_ingest(env["config"], DS, batch=1)
+    ledger = env["ctx"].ledger
+    wait_for(
+        lambda: any(r["status"] == "running" for r in ledger.chunk_rows(run.run_id)),
+        60,
+        "a chunk in flight",
+        every=0.02,
+    )
+    children = subprocess.run(
+        ["pgrep", "-P", str(master)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert children, "functions-framework has no worker processes"
+    os.kill(int(children[0]), signal.SIGKILL)  # gunicorn starts a new worker
+    status = finished(env, run.run_id)
+    assert (status.done, status.failed) == (8, 0)
+    # every chunk's nodes are in the cache with this run's lineage
+    for x in range(2):
+        for y in range(2):
+            for z in range(2):
+                nodes = load_chunk_l2(env["ctx"], (x, y, z), run.snapshot).l2_ids
+                raw = env["ctx"].store.read_raw(nodes)
+                assert set(raw) == set(nodes.tolist())
+                assert {r["lineage"][b"run"] for r in raw.values()} == {run.run_id.encode()}
+
+
+def test_tasks_delivered_three_times_compute_once(env):
+    ctx = env["ctx"]
+    url = env["stack"].urls["compute_chunk"]
+    # a leaf task three times: computed once, the repeats skip it, identical bytes
+    run = new_run("region_reprocess", ctx.dataset, [1, 1, 0, 2, 2, 1], 1)
+    ctx.ledger.create_run(run)
+    body = {"dataset": DS, "run_id": run.run_id, "region": [1, 1, 0, 2, 2, 1], "batch": 1}
+    answers = [requests.post(url, json=body, timeout=60).json() for _ in range(3)]
+    assert [a["chunks"][0]["status"] for a in answers] == ["done", "skipped", "skipped"]
+    (row,) = ctx.ledger.chunk_rows(run.run_id)
+    assert row["attempts"] == 1
+    # a split task three times: its named sub-tasks are enqueued once (duplicates refused)
+    split = new_run("bulk_ingest", ctx.dataset, [0, 0, 0, 2, 2, 2], 8)
+    ctx.ledger.create_run(split)
+    body = {"dataset": DS, "run_id": split.run_id, "region": [0, 0, 0, 2, 2, 2], "batch": 1}
+    for _ in range(3):
+        assert requests.post(url, json=body, timeout=60).json() == {"split": 8}
+    status = finished(env, split.run_id)
+    assert (status.done, status.failed) == (8, 0)
+    time.sleep(1.0)  # duplicates, had any been enqueued, would now be running
+    assert all(r["attempts"] == 1 for r in ctx.ledger.chunk_rows(split.run_id))
+
+
+def test_named_task_is_refused_a_second_time():
+    from l2cache.tasks import enqueue_region, tasks_client
+
+    cfg = load_config(os.environ["L2CACHE_CONFIG"]).tasks
+    client = tasks_client()
+    first = enqueue_region(client, cfg, DS, "no-run-dup", [0, 0, 0, 1, 1, 1], 1)
+    second = enqueue_region(client, cfg, DS, "no-run-dup", [0, 0, 0, 1, 1, 1], 1)
+    other_generation = enqueue_region(client, cfg, DS, "no-run-dup", [0, 0, 0, 1, 1, 1], 1, "r2")
+    assert first and first.endswith("no-run-dup-g0-0-0-0-1-1-1")
+    assert second is None and other_generation and other_generation != first
+
+
+def push(env, data: bytes, attributes: dict, message_id: str, publish_time: str) -> int:
+    """What a Pub/Sub push subscription POSTs to on_edit."""
+    envelope = {
+        "message": {
+            "data": base64.b64encode(data).decode(),
+            "attributes": attributes,
+            "messageId": message_id,
+            "publishTime": publish_time,
+        },
+        "subscription": f"projects/{PROJECT}/subscriptions/{EDITS_TOPIC}-on-edit",
+    }
+    url = f"{env['stack'].urls['on_edit']}/projects/{PROJECT}/topics/{EDITS_TOPIC}"
+    return requests.post(url, json=envelope, timeout=60).status_code
+
+
+def all_versions(env, node: int) -> dict:
+    row = env["ctx"].store.table.read_row(idlib.row_key(node))
+    return {
+        fam: {col: [(c.timestamp, c.value) for c in cells] for col, cells in cols.items()}
+        for fam, cols in row.cells.items()
+    }
+
+
+def test_edit_delivered_three_times_writes_one_version_and_one_event(env):
+    ctx = env["ctx"]
+    graph = env["instance"].table(DS)
+    merge = apply_merge(graph, ctx.dataset, *pick_merge(ctx.dataset, graph, (0, 1, 0)))
+    data, attrs = edit_message(DS, merge)
+    codes = [push(env, data, attrs, "m-3x", "2026-12-01T06:00:00.123456789Z") for _ in range(3)]
+    assert codes == [200, 200, 200]
+    (node,) = merge.new_l2_ids.tolist()
+    versions = all_versions(env, node)
+    assert all(len(cells) == 1 for cells in versions["0"].values())  # one version only
+    ((stamp, _),) = versions["0"][b"size_nm3"]
+    assert stamp.isoformat().startswith("2026-12-01T06:00:00.123")  # the publish time
+    from l2cache.messages import stream_run
+
+    run = stream_run("edit_stream", ctx.dataset)
+    (event,) = [e for e in ctx.ledger.events(run.run_id) if e["key"] == f"op-{merge.operation_id}"]
+    assert event["delivery_count"] == 3 and event["written"] == 1 and event["status"] == "ok"
+    assert event["chunks_skipped"] == 1  # the last delivery found the chunk already written
+
+
+def test_poison_messages_are_dead_lettered_with_a_reason_and_good_ids_still_computed(env):
+    ctx = env["ctx"]
+    graph = env["instance"].table(DS)
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(PROJECT, EDITS_TOPIC)
+    merge = apply_merge(graph, ctx.dataset, *pick_merge(ctx.dataset, graph, (1, 1, 1)))
+    (good,) = merge.new_l2_ids.tolist()
+    outside = int(idlib.encode_ids(2, [[7, 0, 0]], 5, ctx.dataset.spatial_bits)[0])
+    edit = lambda ids: pickle.dumps({"operation_id": 9_000 + len(ids), "new_lvl2_ids": ids})  # noqa: E731
+    sent = {
+        "no table_id": (edit([good]), {}),
+        "uncached table": (edit([good]), {"table_id": "another_graph"}),
+        "wrong cache table": (
+            np.array([good], "<u8").tobytes(),
+            {"table_id": DS, "l2_cache_id": "someone_elses_table"},
+        ),
+        "no ids": (edit([]), {"table_id": DS}),
+        "not ids": (pickle.dumps({"operation_id": 1, "new_lvl2_ids": "abc"}), {"table_id": DS}),
+        "mixed": (edit([good, outside]), {"table_id": DS}),
+    }
+    for data, attrs in sent.values():
+        publisher.publish(topic, data, **attrs).result(timeout=30)
+    letters = pull_dead_letters(5, settle=3.0)
+    assert len(letters) == 5  # everything but the uncached table's edit
+    reasons = {m.attributes["dead_letter_reason"]: m for m in letters}
+    text = " | ".join(reasons)
+    assert "no table_id" in text and "not the cache table" in text
+    assert "names no L2 ids" in text and "not uint64 ids" in text
+    partial = [m for r, m in reasons.items() if "could not be computed" in r]
+    assert len(partial) == 1 and "outside the volume" in partial[0].attributes["dead_letter_reason"]
+    assert np.frombuffer(partial[0].data, "<u8").tolist() == [outside]  # only the bad id
+    wait_for(lambda: lookup(env["stack"], DS, [good])[good], 60, "the good id to be computed")
+    from l2cache.messages import runs_ledger
+
+    assert runs_ledger(env["config"]).ignored_count("another_graph") == 1
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(env, capsys):
+    from l2cache.cli import main
+
+    cfg = str(env["stack"].config_path)
+    cases = [
+        (["status", DS, "no-such-run", "--config", cfg], "no run 'no-such-run'"),
+        (["status", "nope", "x", "--config", cfg], "unknown dataset 'nope'"),
+        (["runs", "show", DS, "no-such-run", "--config", cfg], "no run"),
+        (["ingest", DS, "--bbox", "1,2", "--config", cfg], "error:"),
+        (["status", DS, "x", "--config", "/nonexistent.yaml"], "cannot read dataset map"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_edge_chunks_are_padded_with_background_like_the_existing_service(env):
+    """A volume that is not a multiple of the chunk size: the last chunks are read as
+    full chunks padded with background, and the stored values equal the reference's on
+    that padded chunk (not on the clipped one)."""
+    from reference_features import reference_features
+
+    volume = crop_volume()[:90, :85, :44]
+    made = add_dataset(env["stack"], "edge", volume, env["dir"])
+    config = load_config(env["stack"].config_path)
+    ctx = dataset_context(config, "edge")
+    assert ctx.dataset.volume_size == (90, 85, 44)
+    run = new_run("bulk_ingest", ctx.dataset, [0, 0, 0, 2, 2, 2], 8)
+    ctx.ledger.create_run(run)
+    from l2cache.pipeline import compute_chunk
+
+    coords = (1, 1, 1)  # runs past the volume on all three axes
+    assert compute_chunk(ctx, run, coords)["status"] == "done"
+    chunk = load_chunk_l2(ctx, coords, run.snapshot)
+    assert chunk.labels.shape == CHUNK
+    lo = np.asarray(coords) * np.asarray(CHUNK)
+    assert not chunk.labels[90 - lo[0] :, :, :].any() and not chunk.labels[:, :, 44 - lo[2] :].any()
+    expected = reference_features(chunk.labels, RES)
+    stored = ctx.store.read_features(np.array(list(expected), dtype=np.uint64))
+    assert set(stored) == set(expected) and len(expected) > 0
+    clipped = compute_features(chunk.labels[: 90 - lo[0], : 85 - lo[1], : 44 - lo[2]], RES)
+    differs = 0
+    for i, node in enumerate(clipped["l2id"].tolist()):
+        ref = expected[node]
+        assert stored[node]["area_nm2"] == int(ref["area_nm2"])
+        assert stored[node]["max_dt_nm"] == int(ref["max_dt_nm"])
+        assert stored[node]["chunk_intersect_count"] == ref["chunk_intersect_count"].tolist()
+        differs += int(clipped["area_nm2"][i]) != int(ref["area_nm2"])
+    assert differs > 0, "padding changed nothing: the test would not catch clipping"
+    assert made["built"].n_l2 > 0
