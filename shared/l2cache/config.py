@@ -11,7 +11,7 @@ to name the paths. Example::
              edits_topic: pcg-edits, dead_letter_topic: l2cache-dead-letter}
     tasks: {project: my-project, location: us-east1, queue: l2cache-compute,
             compute_url: https://.../compute_chunk}
-    max_ids_per_request: 100000
+    max_ids_per_request: 75000
     auth: {url: global.example.org/auth, service_namespace: pychunkedgraph}   # optional: CAVE auth
     virtual_tables: {minnie65_public_v117: minnie65_public}                  # optional aliases
     datasets:
@@ -37,9 +37,11 @@ import yaml
 from .ids import SpatialBits
 
 CONFIG_ENV = "L2CACHE_CONFIG"
-# 100,000 ids with every attribute are ~29 MiB of JSON: under Cloud Run's 32 MiB
-# response limit without compression (measured in tests/test_lookup_limits.py).
-DEFAULT_MAX_IDS = 100_000
+# Worst case (every node has PCA) is ~392 bytes of JSON per id (measured in
+# tests/test_lookup_hardening.py), so 75,000 ids are <= ~29 MiB even with 5% longer
+# numbers: under Cloud Run's 32 MiB response limit without compression. A larger cap
+# works for clients that accept gzip (caveclient does); others then get a clear 413.
+DEFAULT_MAX_IDS = 75_000
 ROW_FORMATS = ("current", "legacy_nm")
 DEFAULT_AUTH_NAMESPACE = "pychunkedgraph"
 
