@@ -91,6 +91,9 @@ class DatasetConfig:
     # True when the resolution was given as integers (as in a graphene info): the
     # existing service's size_nm3 is then an int64 (and stringified by int64_as_str).
     integral_resolution: bool = True
+    # A cache table another service wrote and owns (e.g. the existing L2 cache's):
+    # served as it is, never written by l2cache (edits and missing ids are ignored).
+    existing_cache_table: bool = False
 
     @property
     def voxel_volume_nm3(self) -> float:
@@ -119,6 +122,7 @@ class PubSubConfig:
     project: str
     missing_ids_topic: str | None = None
     edits_topic: str | None = None
+    edits_project: str | None = None  # PCG's project, when its edits topic lives there
     dead_letter_topic: str | None = None
     # deliveries before Pub/Sub's dead-letter policy gives up; on_edit answers the last
     # one itself (ack + dead letter "gave up after N attempts"), so it must match infra
@@ -215,6 +219,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
             project=_str(ps, "project", source),
             missing_ids_topic=ps.get("missing_ids_topic"),
             edits_topic=ps.get("edits_topic"),
+            edits_project=ps.get("edits_project"),
             dead_letter_topic=ps.get("dead_letter_topic"),
             max_delivery_attempts=_positive_int(ps, "max_delivery_attempts", 10, source),
         )
@@ -302,6 +307,13 @@ def _section(raw: Mapping, key: str, source: str, required: bool = False) -> Map
     return value
 
 
+def _flag(section: Mapping, key: str, where: str) -> bool:
+    value = section.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
 def _positive_int(section: Mapping, key: str, default: int, where: str) -> int:
     value = section.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -385,6 +397,7 @@ def _dataset(name: str, entry: Any, source: str) -> DatasetConfig:
         row_format=row_format,
         auth_dataset=auth_dataset,
         integral_resolution=integral,
+        existing_cache_table=_flag(entry, "existing_cache_table", where),
     )
 
 

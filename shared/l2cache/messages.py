@@ -9,8 +9,10 @@
 
 Outcomes (:mod:`l2cache.failures`):
 
-- ``table_id`` that l2cache does not cache: acknowledged and counted (the existing
-  service ignores these too; the topic carries every PCG table's edits).
+- ``table_id`` that l2cache does not cache, or whose cache table is an existing one
+  another service owns (``existing_cache_table``): acknowledged and counted (the
+  existing service ignores uncached tables too; the topic carries every PCG table's
+  edits).
 - undecodable, no ids, or an ``l2_cache_id`` that is not the dataset's cache table:
   permanent, dead-lettered with the reason, acknowledged.
 - per chunk: good chunks are written once (a redelivery skips them), chunks that fail
@@ -128,9 +130,13 @@ def handle_message(
     except PoisonMessage as exc:
         to_dead_letter(str(exc))
         return {"status": "dead_lettered", "reason": str(exc)}
-    if request.dataset not in config.datasets:
+    known = config.datasets.get(request.dataset)
+    if known is None or known.existing_cache_table:
+        # the topic carries every PCG table's edits; a table l2cache does not write
+        # (none, or an existing table another service owns) is not an error
         total = ledger_factory(config).count_ignored(request.dataset)
-        log.info("edit for %s ignored: no cache for that table (%d so far)", request.dataset, total)
+        why = "no cache for that table" if known is None else "its cache table is not ours to write"
+        log.info("message for %s ignored: %s (%d so far)", request.dataset, why, total)
         return {"status": "ignored", "table_id": request.dataset, "ignored_total": total}
     ctx = dataset_context(config, request.dataset)
     try:

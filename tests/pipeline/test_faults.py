@@ -403,3 +403,20 @@ def test_edge_chunks_are_padded_with_background_like_the_existing_service(env):
         differs += int(clipped["area_nm2"][i]) != int(ref["area_nm2"])
     assert differs > 0, "padding changed nothing: the test would not catch clipping"
     assert made["built"].n_l2 > 0
+
+
+def test_messages_for_an_existing_cache_table_are_ignored_and_counted(env):
+    """A table another service owns is served, never written: its edits are not ours."""
+    import yaml
+
+    from l2cache.config import parse_config
+    from l2cache.messages import handle_message, runs_ledger
+
+    raw = yaml.safe_load(env["stack"].config_path.read_text())
+    raw["datasets"][DS]["existing_cache_table"] = True
+    config = parse_config(raw, source="existing-table-map")
+    before = runs_ledger(config).ignored_count(DS)
+    data = pickle.dumps({"operation_id": 77, "new_lvl2_ids": [1]})
+    result = handle_message(config, data, {"table_id": DS}, "existing-1")
+    assert result["status"] == "ignored"
+    assert runs_ledger(config).ignored_count(DS) == before + 1
