@@ -58,8 +58,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 BY_NAME: dict[str, Attribute] = {a.name: a for a in ATTRIBUTES}
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(a.name for a in ATTRIBUTES)
 
-# The existing service stores rep_coord_nm as absolute nm in uint64[3] (24 bytes);
-# we store the chunk-relative voxel index in uint16[3] (6 bytes). Readers accept both.
+# Before 2022 the existing service stored rep_coord_nm as absolute nm in uint64[3]
+# (24 bytes); since then, as we do, the chunk-relative voxel index in uint16[3] (6 bytes).
+# The lookup reads the old form only for datasets mapped ``row_format: legacy_nm``.
 LEGACY_REP_COORD_DTYPE = _LE["u8"]
 
 # Family and column names shared by writer and readers.
