@@ -54,6 +54,10 @@ class InconsistentInput(PermanentError):
     """Supervoxels and the graph disagree (no L2 parent, or a parent in another chunk)."""
 
 
+class RevisionMismatch(PermanentError):
+    """A run pinned to one code revision, reached by a worker running another."""
+
+
 def classify(exc: BaseException) -> str:
     """``"permanent"`` or ``"transient"`` for any exception."""
     return PERMANENT if isinstance(exc, PermanentError) else TRANSIENT

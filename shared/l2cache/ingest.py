@@ -75,6 +75,7 @@ def start_ingest(
     batch: int = DEFAULT_BATCH,
     resume_run: str | None = None,
     trigger: str = "cli",
+    pinned_revision: str | None = None,
 ):
     """Record a run (or reopen one to resume) and enqueue its root split task.
 
@@ -95,7 +96,9 @@ def start_ingest(
     else:
         region = region_from_bbox(ctx.dataset, bbox_voxels)
         kind = "region_reprocess" if bbox_voxels is not None else "bulk_ingest"
-        run = new_run(kind, ctx.dataset, region, region_size(region), trigger)
+        run = new_run(
+            kind, ctx.dataset, region, region_size(region), trigger, pinned_revision=pinned_revision
+        )
         ctx.ledger.create_run(run)
         generation = 0
     enqueue_region(

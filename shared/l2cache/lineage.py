@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +59,57 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+REVISION_FILE = "REVISION"  # written into the package by the deploy archive builder
+
+
+@lru_cache(maxsize=1)
 def code_revision() -> str:
-    """Code revision: ``L2CACHE_REVISION`` (set at deploy time) or the git HEAD here."""
-    env = os.environ.get("L2CACHE_REVISION")
-    if env:
-        return env
+    """The revision of the code running here: what every cell's ``lineage:code`` records.
+
+    A deployed function reads the ``REVISION`` file the archive builder wrote into the
+    package (the commit it was built from, and whether the tree had uncommitted
+    changes); a checkout asks git. Never an environment variable: a value set by hand
+    (or a stack name) could credit cells to code that did not compute them.
+    Format: 12 hex digits of the commit, ``-dirty`` appended for uncommitted changes.
+    """
+    packaged = Path(__file__).resolve().parent / REVISION_FILE
+    if packaged.exists():
+        info = json.loads(packaged.read_text())
+        return format_revision(info["commit"], bool(info.get("dirty")))
+    commit, dirty = git_revision(Path(__file__).resolve().parent)
+    return format_revision(commit, dirty) if commit else "unknown"
+
+
+def format_revision(commit: str, dirty: bool) -> str:
+    return f"{commit[:12]}{'-dirty' if dirty else ''}"
+
+
+def git_revision(path: Path, paths: tuple[str, ...] = ()) -> tuple[str | None, bool]:
+    """(commit, dirty) of the git checkout holding ``path``; (None, False) outside one.
+
+    ``dirty`` is true when tracked files (under ``paths``, if given) differ from the
+    commit: the code that runs is then not exactly the commit's.
+    """
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=path,
             capture_output=True,
             text=True,
-            timeout=5,
+            timeout=10,
             check=True,
-        )
-        return out.stdout.strip() or "unknown"
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None, False
+    return (commit or None), bool(status)
 
 
 def utc_now() -> datetime:

@@ -127,6 +127,7 @@ def compute_chunk(
     attempt = ctx.ledger.chunk_started(run.run_id, cid, coords)
     t0 = time.perf_counter()
     try:
+        run.check_revision()
         chunk = load_chunk_l2(ctx, coords, run.snapshot)
         feats = compute_features(chunk.labels, ctx.dataset.resolution)
         written = ctx.store.write_features(feats, run.lineage(chunk.checksum))
@@ -153,6 +154,7 @@ def compute_chunk(
         supervoxels=int(chunk.sv_ids.size),
         unmapped_sv=chunk.unmapped_sv,
         stray_ids=0,
+        code_revision=run.lineage().code_revision,
     )
     return {"chunk": list(coords), "status": "done", "l2_count": written, "attempt": attempt}
 

@@ -53,17 +53,41 @@ class RunRecord:
     n_chunks: int = 0
     trigger: str = "cli"
     created_at: str = field(default_factory=lambda: utc_now().isoformat())
+    # When set, only workers running exactly this revision may write for the run.
+    pinned_revision: str | None = None
 
     def lineage(self, input_checksum: str = "", cell_timestamp: datetime | None = None) -> Lineage:
+        """Lineage of cells computed *here*: the code revision is this process's own
+        (``code_revision`` of the run is where it was started), so every cell names the
+        code that computed it."""
         ts = cell_timestamp or datetime.fromtimestamp(self.cell_timestamp_ms / 1000, tz=UTC)
-        return Lineage(self.run_id, self.params_hash, self.code_revision, input_checksum, ts)
+        return Lineage(self.run_id, self.params_hash, code_revision(), input_checksum, ts)
+
+    def check_revision(self) -> None:
+        """Refuse to compute for a run pinned to another revision (permanent)."""
+        here = code_revision()
+        if self.pinned_revision and self.pinned_revision != here:
+            from .failures import RevisionMismatch
+
+            raise RevisionMismatch(
+                f"run {self.run_id} is pinned to revision {self.pinned_revision}; "
+                f"this worker runs {here}"
+            )
 
     @property
     def snapshot(self) -> datetime:
         return datetime.fromisoformat(self.snapshot_timestamp)
 
 
-def new_run(kind: str, dataset, region=None, n_chunks=0, trigger="cli", snapshot=None) -> RunRecord:
+def new_run(
+    kind: str,
+    dataset,
+    region=None,
+    n_chunks=0,
+    trigger="cli",
+    snapshot=None,
+    pinned_revision: str | None = None,
+) -> RunRecord:
     """A run record for ``dataset`` (a DatasetConfig) with a fresh id and timestamps."""
     now = utc_now()
     params = {
@@ -86,6 +110,7 @@ def new_run(kind: str, dataset, region=None, n_chunks=0, trigger="cli", snapshot
         region=list(region) if region is not None else None,
         n_chunks=n_chunks,
         trigger=trigger,
+        pinned_revision=pinned_revision,
     )
 
 

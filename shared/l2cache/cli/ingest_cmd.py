@@ -16,6 +16,12 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=4, help="chunks per leaf task")
     p.add_argument("--resume", metavar="RUN", help="re-enqueue a run; done chunks are skipped")
     p.add_argument("--watch", action="store_true", help="show progress until the run ends")
+    p.add_argument(
+        "--pin-revision",
+        metavar="REV",
+        help="only workers running this code revision may write for the run (others fail "
+        "the chunk permanently, with the reason)",
+    )
     p.set_defaults(func=ingest)
 
     s = sub.add_parser("status", help="progress, rate, ETA, failures and cost of a run")
@@ -117,7 +123,9 @@ def ingest(args: argparse.Namespace) -> int:
 
     cfg = config_from(args)
     bbox = [int(v) for v in args.bbox.split(",")] if args.bbox else None
-    run = start_ingest(cfg, args.dataset, bbox, args.batch, args.resume)
+    run = start_ingest(
+        cfg, args.dataset, bbox, args.batch, args.resume, pinned_revision=args.pin_revision
+    )
     print(f"run {run.run_id}: {run.n_chunks} chunks in region {run.region}, enqueued")
     if args.watch:
         _, ctx = _ctx(args)
