@@ -21,7 +21,7 @@ emulators-check:
 	@bash scripts/check_emulators.sh
 
 test: venv emulators-check
-	$(VENV)/bin/ruff check shared functions infra tests bench
+	$(VENV)/bin/ruff check shared tools functions infra tests bench
 	$(VENV)/bin/pytest -q
 
 demo: venv emulators-check
@@ -33,12 +33,12 @@ bench: venv emulators-check
 BENCHES := bench/features.py bench/worker.py bench/lookup.py bench/pipeline.py
 
 lint: venv
-	$(VENV)/bin/ruff check shared functions infra tests bench
-	$(VENV)/bin/ruff format --check shared functions infra tests bench
+	$(VENV)/bin/ruff check shared tools functions infra tests bench
+	$(VENV)/bin/ruff format --check shared tools functions infra tests bench
 
 format: venv
-	$(VENV)/bin/ruff format shared functions infra tests bench
-	$(VENV)/bin/ruff check --fix shared functions infra tests bench
+	$(VENV)/bin/ruff format shared tools functions infra tests bench
+	$(VENV)/bin/ruff check --fix shared tools functions infra tests bench
 
 deploy: venv
 	@command -v pulumi >/dev/null || { echo "deploy needs the pulumi CLI: https://www.pulumi.com/docs/install/" >&2; exit 1; }

@@ -27,9 +27,9 @@ from l2cache.attributes import BY_NAME
 from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
 from l2cache.lineage import Lineage
-from l2cache.local.emulators import start_bigtable_emulator
-from l2cache.local.functions import start_function
 from l2cache.store import CacheStore, create_cache_table
+from l2cache_tools.local.emulators import start_bigtable_emulator
+from l2cache_tools.local.functions import start_function
 
 PROJECT, INSTANCE, TABLE = "bench", "bench", "cache_bench"
 

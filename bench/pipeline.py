@@ -25,16 +25,16 @@ import numpy as np
 import requests
 from google.cloud import pubsub_v1
 
-from l2cache.cli.dataset_cmd import build_into_config
 from l2cache.config import load_config
-from l2cache.dataset import apply_split
-from l2cache.dataset.edits import edit_message, pick_split
 from l2cache.features import compute_features
 from l2cache.ingest import region_chunks, start_ingest
-from l2cache.local.stack import EDITS_TOPIC, PROJECT, LocalStack
 from l2cache.pipeline import compute_chunk, compute_l2_ids, dataset_context, load_chunk_l2
 from l2cache.runs import new_run
 from l2cache.status import run_status
+from l2cache_tools.cli.dataset_cmd import build_into_config
+from l2cache_tools.dataset import apply_split
+from l2cache_tools.dataset.edits import edit_message, pick_split
+from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "pinky40_bench"

@@ -235,10 +235,10 @@ def projected_cost(seconds: float, peak_mib: float) -> tuple[float, float, float
 def edit_path(ctx, graph, repeat_ks=(1, 5, 20)) -> list[tuple]:
     """k new L2 ids in one chunk via real splits: compute_l2_ids vs the whole chunk."""
     import l2cache.pipeline as pipeline
-    from l2cache.dataset import apply_split
-    from l2cache.dataset.edits import pick_split
     from l2cache.features import compute_features
     from l2cache.runs import new_run
+    from l2cache_tools.dataset import apply_split
+    from l2cache_tools.dataset.edits import pick_split
 
     reads = []
     real_read = pipeline.read_chunk
@@ -298,12 +298,12 @@ def main() -> int:
     import yaml
 
     from l2cache.bigtable_client import bigtable_instance
-    from l2cache.cli.dataset_cmd import build_into_config
     from l2cache.config import load_config
-    from l2cache.local.emulators import start_bigtable_emulator
-    from l2cache.local.stack import INSTANCE, PROJECT
     from l2cache.pipeline import dataset_context
     from l2cache.runs import create_runs_table, new_run
+    from l2cache_tools.cli.dataset_cmd import build_into_config
+    from l2cache_tools.local.emulators import start_bigtable_emulator
+    from l2cache_tools.local.stack import INSTANCE, PROJECT
 
     with tempfile.TemporaryDirectory() as tmp:
         emu = start_bigtable_emulator(log_dir=Path(tmp))

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_features.py etc.
 
-from l2cache.local.emulators import start_bigtable_emulator, start_pubsub_emulator  # noqa: E402
+from l2cache_tools.local.emulators import start_bigtable_emulator, start_pubsub_emulator  # noqa: E402
 
 
 def _serve(emu):

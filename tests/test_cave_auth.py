@@ -20,8 +20,8 @@ from test_lookup_rows import BITS, crop_features
 
 from l2cache import ids
 from l2cache.bigtable_client import bigtable_instance
-from l2cache.local.functions import start_function
 from l2cache.store import create_cache_table
+from l2cache_tools.local.functions import start_function
 
 NS = "pychunkedgraph"
 USERS = {

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from l2cache.cli import main
 from l2cache.features import compute_features
+from l2cache_tools.cli import main
 
 CROP = Path(__file__).parent / "data" / "pinky40_crop_96x96x48.npz"
 
@@ -29,13 +29,13 @@ def test_features_command_prints_largest_node_first(capsys):
 
 def test_features_command_bad_path_and_resolution():
     bad = subprocess.run(
-        [sys.executable, "-m", "l2cache.cli", "features", "missing.npz"],
+        [sys.executable, "-m", "l2cache_tools.cli", "features", "missing.npz"],
         capture_output=True,
         text=True,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "l2cache.cli", "features", str(CROP), "--resolution", "1,2"],
+        [sys.executable, "-m", "l2cache_tools.cli", "features", str(CROP), "--resolution", "1,2"],
         capture_output=True,
         text=True,
     )

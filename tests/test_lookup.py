@@ -20,8 +20,8 @@ from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
 from l2cache.features import compute_features
 from l2cache.lineage import Lineage
-from l2cache.local.functions import start_function
 from l2cache.store import CacheStore, create_cache_table
+from l2cache_tools.local.functions import start_function
 
 PROJECT = "lookup-test"
 RES = (16.0, 16.0, 40.0)

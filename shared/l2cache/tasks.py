@@ -1,7 +1,7 @@
 """Cloud Tasks: the client (real API or the local emulator) and HTTP task creation.
 
 There is no official emulator variable, so ``L2CACHE_TASKS_EMULATOR_HOST`` selects
-the local emulator (``l2cache.local.tasks_emulator``) over an insecure loopback
+the local emulator (``l2cache_tools.local.tasks_emulator``) over an insecure loopback
 channel; otherwise the client uses the real API with default credentials. Tasks
 carry a JSON body with an explicit Content-Type (without it the emulator delivers
 form-encoded bodies) and, in the cloud, an OIDC token of the queue's service account.

@@ -10,7 +10,7 @@ import pytest
 
 from l2cache import graph, ids
 from l2cache.bigtable_client import bigtable_instance
-from l2cache.dataset.build import create_graph_table
+from l2cache_tools.dataset.build import create_graph_table
 
 BITS = ids.SpatialBits.from_mapping({1: 10, 2: 10})
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)

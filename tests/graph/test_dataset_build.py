@@ -9,10 +9,10 @@ import pytest
 from l2cache import ids
 from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
-from l2cache.dataset import build_dataset
 from l2cache.graph import BigtableGraphReader
 from l2cache.remap import remap_to_l2
 from l2cache.volume import read_chunk
+from l2cache_tools.dataset import build_dataset
 
 CHUNK = (48, 48, 24)
 

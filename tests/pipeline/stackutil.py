@@ -11,9 +11,9 @@ import yaml
 from google.cloud import pubsub_v1
 
 from l2cache.bigtable_client import bigtable_instance
-from l2cache.dataset import build_dataset
-from l2cache.local.stack import INSTANCE, PROJECT
 from l2cache.store import create_cache_table
+from l2cache_tools.dataset import build_dataset
+from l2cache_tools.local.stack import INSTANCE, PROJECT
 
 CHUNK = (48, 48, 24)
 RES = (16.0, 16.0, 40.0)

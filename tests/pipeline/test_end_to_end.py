@@ -16,15 +16,15 @@ from l2cache import ids
 from l2cache.attributes import ATTRIBUTES, encode_column
 from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import load_config
-from l2cache.dataset import apply_merge, apply_split, build_dataset, publish_edit
-from l2cache.dataset.edits import pick_merge, pick_split
 from l2cache.features import compute_features
 from l2cache.ingest import start_ingest
-from l2cache.local.stack import DEAD_LETTER_TOPIC, EDITS_TOPIC, INSTANCE, PROJECT, LocalStack
 from l2cache.pipeline import compute_chunk, dataset_context, load_chunk_l2
 from l2cache.runs import new_run
 from l2cache.status import run_status
 from l2cache.store import create_cache_table
+from l2cache_tools.dataset import apply_merge, apply_split, build_dataset, publish_edit
+from l2cache_tools.dataset.edits import pick_merge, pick_split
+from l2cache_tools.local.stack import DEAD_LETTER_TOPIC, EDITS_TOPIC, INSTANCE, PROJECT, LocalStack
 
 CHUNK = (48, 48, 24)
 RES = (16.0, 16.0, 40.0)
@@ -259,8 +259,8 @@ def test_edit_recompute_reads_each_chunk_once(stack, ingested):
     ctx = stack["ctx"]
     graph_table = stack["instance"].table(DATASET)
     split = apply_split(graph_table, ctx.dataset, pick_split(ctx.dataset, graph_table, (0, 1, 1)))
-    from l2cache.dataset.edits import edit_message
     from l2cache.messages import handle_message
+    from l2cache_tools.dataset.edits import edit_message
 
     data, attrs = edit_message(DATASET, split)
     extra = ids.encode_ids(1, [[0, 1, 1]], 3, ctx.dataset.spatial_bits)  # not layer 2
@@ -290,7 +290,7 @@ def test_rollback_restores_the_previous_run(stack, ingested):
 
 
 def test_status_runs_and_reconcile_commands(stack, ingested, capsys):
-    from l2cache.cli import main
+    from l2cache_tools.cli import main
 
     run, _ = ingested
     cfg = str(stack["stack"].config_path)

@@ -33,14 +33,14 @@ from stackutil import (
 
 from l2cache import ids as idlib
 from l2cache.config import load_config
-from l2cache.dataset.edits import apply_merge, edit_message, pick_merge
 from l2cache.features import compute_features
 from l2cache.ingest import start_ingest
-from l2cache.local.stack import EDITS_TOPIC, PROJECT, LocalStack
 from l2cache.pipeline import dataset_context, load_chunk_l2
 from l2cache.runs import new_run
 from l2cache.status import run_status
 from l2cache.worker import handle_task
+from l2cache_tools.dataset.edits import apply_merge, edit_message, pick_merge
+from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
 
 DS = "faults"
 MAX_ATTEMPTS = 3
@@ -148,7 +148,7 @@ def test_corrupt_and_missing_chunk_files_fail_once_and_the_run_still_ends(env, t
         for path, name in ((corrupt, "corrupt"), (missing, "missing"), (crashing, "crashing")):
             shutil.copy(tmp_path / f"{name}.bak", path)
     # once the input is repaired, reconcile finishes the run
-    from l2cache.cli import main
+    from l2cache_tools.cli import main
 
     assert main(["reconcile", DS, run.run_id, "--config", str(env["stack"].config_path)]) == 0
     wait_for(
@@ -352,7 +352,7 @@ def test_poison_messages_are_dead_lettered_with_a_reason_and_good_ids_still_comp
 
 
 def test_cli_user_errors_are_one_line_and_exit_2(env, capsys):
-    from l2cache.cli import main
+    from l2cache_tools.cli import main
 
     cfg = str(env["stack"].config_path)
     cases = [

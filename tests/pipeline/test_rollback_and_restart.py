@@ -15,14 +15,14 @@ import pytest
 from stackutil import add_dataset, crop_volume, wait_for
 
 from l2cache.config import load_config
-from l2cache.dataset.edits import apply_merge, pick_merge
 from l2cache.ingest import start_ingest
-from l2cache.local.emulators import start_bigtable_emulator
-from l2cache.local.stack import LocalStack
 from l2cache.messages import handle_message, stream_run
 from l2cache.pipeline import compute_chunk, dataset_context, load_chunk_l2
 from l2cache.rollback import rollback_run, run_versions
 from l2cache.runs import new_run
+from l2cache_tools.dataset.edits import apply_merge, pick_merge
+from l2cache_tools.local.emulators import start_bigtable_emulator
+from l2cache_tools.local.stack import LocalStack
 
 DS = "rollback"
 CHUNKS = [(x, y, z) for x in range(2) for y in range(2) for z in range(2)]
@@ -122,8 +122,8 @@ def test_rollback_of_a_missing_ids_run_restores_the_bulk_values(env):
 
 def test_bigtable_lost_mid_ingest_reports_the_run_broken_never_done(env, capsys):
     """The emulator is memory only: a restart loses every table, the run row included."""
-    from l2cache.cli import main
-    from l2cache.cli.ingest_cmd import RunBroken, watch
+    from l2cache_tools.cli import main
+    from l2cache_tools.cli.ingest_cmd import RunBroken, watch
 
     stack, ctx = env["stack"], env["ctx"]
     run = start_ingest(env["config"], DS, batch=1)

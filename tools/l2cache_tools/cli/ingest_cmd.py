@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 
 def _ctx(args):
-    from ..pipeline import dataset_context
+    from l2cache.pipeline import dataset_context
 
     cfg = config_from(args)
     return cfg, dataset_context(cfg, args.dataset)
@@ -68,7 +68,7 @@ def current_status(ledger, run_id: str, cfg=None):
     """The run's status; a run whose ledger row is gone is reported broken, not pending."""
     from google.api_core.exceptions import NotFound
 
-    from ..status import run_status
+    from l2cache.status import run_status
 
     try:
         return run_status(ledger, run_id, **_status_args(cfg) if cfg else {})
@@ -119,7 +119,7 @@ def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = No
 
 
 def ingest(args: argparse.Namespace) -> int:
-    from ..ingest import start_ingest
+    from l2cache.ingest import start_ingest
 
     cfg = config_from(args)
     bbox = [int(v) for v in args.bbox.split(",")] if args.bbox else None
@@ -147,10 +147,10 @@ def status(args: argparse.Namespace) -> int:
 
 
 def reconcile(args: argparse.Namespace) -> int:
-    from ..ingest import region_chunks
-    from ..lineage import utc_now
-    from ..pipeline import chunk_id
-    from ..tasks import enqueue_region, tasks_client
+    from l2cache.ingest import region_chunks
+    from l2cache.lineage import utc_now
+    from l2cache.pipeline import chunk_id
+    from l2cache.tasks import enqueue_region, tasks_client
 
     cfg, ctx = _ctx(args)
     if cfg.tasks is None:
@@ -168,7 +168,7 @@ def reconcile(args: argparse.Namespace) -> int:
 
 
 def runs_command(args: argparse.Namespace) -> int:
-    from ..rollback import rollback_run
+    from l2cache.rollback import rollback_run
 
     _, ctx = _ctx(args)
     if args.runs_command == "list":

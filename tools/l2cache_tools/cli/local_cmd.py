@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from ..local.stack import LocalStack
+    from l2cache_tools.local.stack import LocalStack
 
     stack = LocalStack(Path(args.dir), compute_workers=args.workers)
     stack.start()  # processes run in their own sessions and outlive this command
@@ -33,7 +33,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from ..local.stack import stop_from_state
+    from l2cache_tools.local.stack import stop_from_state
 
     print(f"stopped {stop_from_state(Path(args.dir))} process groups")
     return 0

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from ..bigtable_client import bigtable_instance
+from l2cache.bigtable_client import bigtable_instance
+
 from .emulators import (
     Emulator,
     free_port,
@@ -43,7 +44,7 @@ def start_tasks_emulator(log_dir: Path) -> Emulator:
     port = free_port()
     log = open(Path(log_dir) / "tasks-emulator.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "l2cache.local.tasks_emulator", "--port", str(port)],
+        [sys.executable, "-m", "l2cache_tools.local.tasks_emulator", "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -130,7 +131,7 @@ class LocalStack:
             cfg.update({k: v for k, v in self.base_config(compute_url).items() if k != "datasets"})
             self.config_path.write_text(yaml.safe_dump(cfg))
         instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
-        from ..runs import create_runs_table
+        from l2cache.runs import create_runs_table
 
         create_runs_table(instance, "l2cache_runs")
         fn_env = {**self.env, "PYTHONUNBUFFERED": "1", "NUMBA_CACHE_DIR": str(self.dir / "numba")}
@@ -195,8 +196,8 @@ class LocalStack:
         )
 
     def _create_queue(self) -> None:
-        from ..config import load_config
-        from ..tasks import ensure_queue, tasks_client
+        from l2cache.config import load_config
+        from l2cache.tasks import ensure_queue, tasks_client
 
         cfg = load_config(self.config_path)
         ensure_queue(

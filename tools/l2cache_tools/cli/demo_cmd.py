@@ -50,12 +50,13 @@ def run(args: argparse.Namespace) -> int:
     import crackle
     from google.cloud import pubsub_v1
 
-    from ..config import load_config
-    from ..dataset import apply_merge, apply_split, publish_edit
-    from ..dataset.edits import pick_merge, pick_split
-    from ..ingest import start_ingest
-    from ..local.stack import LocalStack
-    from ..pipeline import dataset_context, load_chunk_l2
+    from l2cache.config import load_config
+    from l2cache.ingest import start_ingest
+    from l2cache.pipeline import dataset_context, load_chunk_l2
+    from l2cache_tools.dataset import apply_merge, apply_split, publish_edit
+    from l2cache_tools.dataset.edits import pick_merge, pick_split
+    from l2cache_tools.local.stack import LocalStack
+
     from .dataset_cmd import build_into_config
     from .ingest_cmd import watch
 
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def stack_graph_table(config, ctx):
-    from ..bigtable_client import bigtable_instance
+    from l2cache.bigtable_client import bigtable_instance
 
     g = ctx.dataset.graph
     return bigtable_instance(g.project, g.instance).table(g.table_id)

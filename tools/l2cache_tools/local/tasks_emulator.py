@@ -13,7 +13,7 @@ changes, keeping its gRPC API (so ``google-cloud-tasks`` talks to it unchanged):
   queue (pending or already run, as Cloud Tasks' tombstones) fails with ALREADY_EXISTS,
   which is what makes named split tasks idempotent.
 
-Run: ``python -m l2cache.local.tasks_emulator --port N``.
+Run: ``python -m l2cache_tools.local.tasks_emulator --port N``.
 """
 
 from __future__ import annotations

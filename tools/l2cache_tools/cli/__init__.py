@@ -1,6 +1,6 @@
 """The ``l2cache`` command.
 
-Each subcommand lives in its own module under ``l2cache.cli`` and exposes
+Each subcommand lives in its own module under ``l2cache_tools.cli`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` (called with the
 parsed namespace, returning an exit code). Adding a command = adding a module and
 its name to ``COMMAND_MODULES``.
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"l2cache.cli.{name}").register(sub)
+        importlib.import_module(f"l2cache_tools.cli.{name}").register(sub)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import L2CacheConfig, load_config
+from l2cache.config import L2CacheConfig, load_config
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:

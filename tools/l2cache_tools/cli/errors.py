@@ -17,8 +17,8 @@ UNEXPECTED = 1
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from google.api_core.exceptions import NotFound
 
-    from ..config import ConfigError, UnknownDatasetError
-    from ..failures import PermanentError
+    from l2cache.config import ConfigError, UnknownDatasetError
+    from l2cache.failures import PermanentError
 
     return (
         ConfigError,

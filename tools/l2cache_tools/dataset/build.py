@@ -20,9 +20,9 @@ import cc3d
 import fastremap
 import numpy as np
 
-from .. import ids as idlib
-from ..graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
-from ..lineage import utc_now
+from l2cache import ids as idlib
+from l2cache.graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
+from l2cache.lineage import utc_now
 
 SPATIAL_BITS = {1: 10, 2: 10, 3: 9, 4: 8, 5: 7, 6: 6}
 COMPRESS_FROM = 4  # children lists at least this long are stored zstd-compressed

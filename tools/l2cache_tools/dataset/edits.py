@@ -18,11 +18,12 @@ from datetime import datetime
 
 import numpy as np
 
-from .. import ids as idlib
-from ..graph import CHILDREN, GRAPH_FAMILY, PARENTS, BigtableGraphReader, encode_children
-from ..lineage import utc_now
-from ..remap import remap_to_l2
-from ..volume import read_chunk
+from l2cache import ids as idlib
+from l2cache.graph import CHILDREN, GRAPH_FAMILY, PARENTS, BigtableGraphReader, encode_children
+from l2cache.lineage import utc_now
+from l2cache.remap import remap_to_l2
+from l2cache.volume import read_chunk
+
 from .build import COUNTER_FAMILY, counter_key
 
 OPERATION_COUNTER = b"counter:operations"

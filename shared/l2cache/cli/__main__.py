@@ -1,7 +1,0 @@
-"""``python -m l2cache.cli``: the same as the ``l2cache`` command."""
-
-import sys
-
-from . import main
-
-sys.exit(main())
