@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench lint format deploy clean emulators-check
+.PHONY: venv test demo bench lint format deploy clean emulators-check lock
 
 venv: $(STAMP)
 
@@ -31,6 +31,18 @@ bench: venv emulators-check
 	for b in $(BENCHES); do $(PY) $$b || exit 1; done
 
 BENCHES := bench/features.py bench/worker.py bench/lookup.py bench/pipeline.py
+
+# Per-function locks: functions/<name>/requirements.in (direct deps) -> requirements.txt
+# (every transitive package pinned with hashes, constrained by the repository's pins), the
+# file that goes into the deploy archive. Run after changing a .in file or requirements.txt.
+LOCK_FUNCTIONS := compute_chunk lookup on_edit
+
+lock: venv
+	for f in $(LOCK_FUNCTIONS); do \
+	  (cd functions/$$f && $(CURDIR)/$(VENV)/bin/uv pip compile -q --python-version 3.11 \
+	    --python-platform linux --generate-hashes --custom-compile-command "make lock" \
+	    -c ../../requirements.txt requirements.in -o requirements.txt) || exit 1; \
+	done
 
 lint: venv
 	$(VENV)/bin/ruff check shared tools functions infra tests bench
