@@ -243,9 +243,9 @@ def edit_path(ctx, graph, repeat_ks=(1, 5, 20)) -> list[tuple]:
     reads = []
     real_read = pipeline.read_chunk
 
-    def counting_read(dataset, coords):
+    def counting_read(dataset, coords, *args, **kwargs):
         reads.append(tuple(coords))
-        return real_read(dataset, coords)
+        return real_read(dataset, coords, *args, **kwargs)
 
     pipeline.read_chunk = counting_read
     chunk = [1, 0, 0]
