@@ -21,6 +21,10 @@ Outcomes (:mod:`l2cache.failures`):
 - transient: raised, so the function answers 5xx and Pub/Sub redelivers; the last
   delivery (counted per event in the ledger) is dead-lettered "gave up after N attempts".
 
+Size: a message whose ids lie in one chunk is computed here (an edit, typically); one
+spanning several chunks is fanned out as one compute_chunk task per chunk, so no message
+needs more than one chunk's work within on_edit's timeout.
+
 Idempotence: the graph is read and every cell is written at the message's publish
 time, and the event row is keyed by the PCG operation id (or the message id), so a
 redelivered message rewrites the same bytes at the same version and the same row.
@@ -38,11 +42,16 @@ import numpy as np
 from .config import L2CacheConfig
 from .failures import BadRequest, PermanentError, describe, gave_up
 from .lineage import code_revision, utc_now
-from .pipeline import compute_l2_ids, dataset_context
+from .pipeline import compute_l2_ids, dataset_context, group_by_chunk
 from .runs import RunLedger, new_run
 from .safe_pickle import UnsafePickleError, restricted_loads
+from .volume import in_volume
 
 log = logging.getLogger(__name__)
+
+# A message whose ids lie in more chunks than this is fanned out, one task per chunk.
+INLINE_MAX_CHUNKS = 1
+ENQUEUE_THREADS = 16
 
 DeadLetter = Callable[[bytes, dict[str, str]], None]
 
@@ -152,6 +161,11 @@ def handle_message(
     key = event_key(request, message_id)
     attempt = ctx.ledger.event_delivered(run.run_id, key)
     max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
+    not_layer2, groups = group_by_chunk(ctx.dataset, request.l2ids)
+    if config.tasks is not None and len(groups) > INLINE_MAX_CHUNKS:
+        return _fan_out(
+            config, ctx, run, key, request, message_id, when, attempt, groups, to_dead_letter
+        )
     try:
         result = compute_l2_ids(ctx, request.l2ids, when, run, cell_timestamp=when, event_key=key)
     except PermanentError:  # compute_l2_ids reports these per chunk; never expected here
@@ -191,6 +205,67 @@ def handle_message(
         errors=[f["error"] for f in result["failed"]][:10],
     )
     return {"status": status, **result}
+
+
+def _fan_out(config, ctx, run, key, request, message_id, when, attempt, groups, to_dead_letter):
+    """One Cloud Task per chunk: no message ever needs more than one chunk's work.
+
+    A missing-id message may name up to the lookup's id cap, spread over many chunks;
+    computed here in sequence it would outlast on_edit's timeout and be redelivered
+    until dead-lettered. Chunks outside the volume are reported now; the rest run as
+    ``compute_chunk`` tasks named per (run, event, chunk), so a redelivery enqueues
+    nothing twice, and each task records its chunk under the event.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .tasks import enqueue_chunk_ids, tasks_client
+
+    inside = [(c, m) for c, m in groups if in_volume(ctx.dataset, c)]
+    outside = [(c, m) for c, m in groups if not in_volume(ctx.dataset, c)]
+    client = tasks_client()
+    at_ms = int(when.timestamp() * 1000)
+    max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
+
+    def enqueue(group):
+        chunk, ids = group
+        return enqueue_chunk_ids(
+            client, config.tasks, ctx.dataset.name, run.run_id, key, chunk, ids, at_ms
+        )
+
+    try:
+        with ThreadPoolExecutor(max_workers=ENQUEUE_THREADS) as pool:
+            list(pool.map(enqueue, inside))
+    except Exception as exc:
+        if max_attempts is None or attempt < max_attempts:
+            raise  # transient: redelivered; the tasks already created are not duplicated
+        reason = gave_up(attempt, exc)
+        _record(ctx, run, key, request, message_id, when, attempt, status="failed", error=reason)
+        to_dead_letter(reason)
+        return {"status": "dead_lettered", "reason": reason}
+    status = "fanned_out"
+    if outside:
+        status = "partial"
+        bad = np.concatenate([m for _, m in outside]).astype("<u8")
+        where = ", ".join(str(c) for c, _ in outside[:5])
+        to_dead_letter(
+            f"{bad.size} of {request.l2ids.size} ids could not be computed: chunks {where} "
+            "lie outside the volume",
+            payload=bad.tobytes(),
+            extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
+        )
+    _record(
+        ctx,
+        run,
+        key,
+        request,
+        message_id,
+        when,
+        attempt,
+        status=status,
+        chunks_enqueued=len(inside),
+        failed_ids=int(sum(m.size for _, m in outside)),
+    )
+    return {"status": status, "chunks_enqueued": len(inside), "outside": len(outside)}
 
 
 def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:

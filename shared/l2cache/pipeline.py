@@ -159,6 +159,17 @@ def compute_chunk(
     return {"chunk": list(coords), "status": "done", "l2_count": written, "attempt": attempt}
 
 
+def group_by_chunk(dataset: DatasetConfig, l2ids) -> tuple[int, list[tuple[list[int], np.ndarray]]]:
+    """(number of ids that are not layer 2, [(chunk coords, its ids)]) for distinct ids."""
+    l2ids = np.unique(idlib.as_uint64(l2ids))
+    valid = l2ids[idlib.get_layer(l2ids) == 2]
+    coords = idlib.get_chunk_coords(valid, dataset.spatial_bits)
+    groups = [
+        (chunk.tolist(), valid[(coords == chunk).all(1)]) for chunk in np.unique(coords, axis=0)
+    ]
+    return int(l2ids.size - valid.size), groups
+
+
 def compute_l2_ids(
     ctx: DatasetContext,
     l2ids: np.ndarray,
@@ -174,13 +185,11 @@ def compute_l2_ids(
     propagates. With ``event_key``, each written chunk is recorded, so a redelivered
     message skips the chunks an earlier delivery already wrote.
     """
-    l2ids = np.unique(idlib.as_uint64(l2ids))
-    valid = l2ids[idlib.get_layer(l2ids) == 2]
-    coords = idlib.get_chunk_coords(valid, ctx.dataset.spatial_bits)
+    not_layer2, groups = group_by_chunk(ctx.dataset, l2ids)
     done = ctx.ledger.event_chunks_done(run.run_id, event_key) if event_key else {}
     written, not_found, chunks, failed, skipped = 0, [], 0, [], 0
-    for chunk in np.unique(coords, axis=0):
-        members = valid[(coords == chunk).all(1)]
+    for chunk, members in groups:
+        chunk = np.asarray(chunk)
         cid = chunk_id(ctx, chunk)
         if cid in done:
             written += int(done[cid].get("written", 0))
@@ -205,7 +214,7 @@ def compute_l2_ids(
         "written": written,
         "chunks_read": chunks,
         "chunks_skipped": skipped,
-        "not_layer2": int(l2ids.size - valid.size),
+        "not_layer2": not_layer2,
         "not_found": not_found,
         "failed": failed,
     }

@@ -289,14 +289,35 @@ class RunLedger:
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
         write_rows(self.table, [row], "event")
 
-    def event_chunks_done(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:
-        """Chunks of an event already written (by an earlier delivery), with their counts."""
+    def event_chunk_failed(
+        self, run_id: str, event_key: str, chunk_id: int, error: str, n_ids: int
+    ) -> None:
+        """A chunk of a fanned-out event that could not be computed, with the reason."""
+        row = self.table.direct_row(
+            b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
+        )
+        row.set_cell(LEDGER_FAMILY, b"status", b"failed")
+        row.set_cell(LEDGER_FAMILY, b"error", json.dumps(error).encode())
+        row.set_cell(LEDGER_FAMILY, b"failed_ids", json.dumps(n_ids).encode())
+        write_rows(self.table, [row], "event")
+
+    def event_chunks(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:
+        """Every recorded chunk of an event (done or failed) with its fields."""
         prefix = f"evchunk:{run_id}:{event_key}:".encode()
         return {
             int(r.row_key.rsplit(b":", 1)[1]): {
-                k: json.loads(v) for k, v in _cells(r, LEDGER_FAMILY).items() if k != "status"
+                k: v.decode() if k == "status" else json.loads(v)
+                for k, v in _cells(r, LEDGER_FAMILY).items()
             }
             for r in _prefix_rows(self.table, prefix)
+        }
+
+    def event_chunks_done(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:
+        """Chunks of an event already written (by an earlier delivery), with their counts."""
+        return {
+            cid: fields
+            for cid, fields in self.event_chunks(run_id, event_key).items()
+            if fields.get("status") == "done"
         }
 
     # edits for tables without a cache -------------------------------------------------

@@ -125,3 +125,22 @@ def enqueue_region(
         "generation": generation,
     }
     return enqueue(client, cfg, payload, task_id(run_id, region, generation))
+
+
+def enqueue_chunk_ids(
+    client, cfg: TasksConfig, dataset: str, run_id: str, event_key: str, chunk, ids, at_ms: int
+) -> str | None:
+    """Enqueue the recompute of ``ids`` (all in ``chunk``) for one stream event.
+
+    Named per (run, event, chunk): a redelivered message enqueues nothing twice.
+    """
+    payload = {
+        "kind": "ids",
+        "dataset": dataset,
+        "run_id": run_id,
+        "event_key": event_key,
+        "chunk": [int(v) for v in chunk],
+        "ids": [int(v) for v in ids],
+        "at_ms": int(at_ms),
+    }
+    return enqueue(client, cfg, payload, task_id(run_id, list(chunk), f"e{event_key}"))

@@ -68,6 +68,15 @@ def chunk_bounds(dataset, chunk_coords: Sequence[int]) -> tuple[np.ndarray, np.n
     return start, stop
 
 
+def in_volume(dataset, chunk_coords: Sequence[int]) -> bool:
+    """Whether an atomic chunk has any voxel inside the dataset's volume."""
+    try:
+        chunk_bounds(dataset, chunk_coords)
+    except OutsideVolume:
+        return False
+    return True
+
+
 def read_chunk(
     dataset,
     chunk_coords: Sequence[int],

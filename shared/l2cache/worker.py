@@ -45,6 +45,8 @@ def parse_task(body: bytes) -> dict[str, Any]:
         raise BadTask(f"task body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(task, dict):
         raise BadTask("task body must be a JSON object")
+    if task.get("kind") == "ids":
+        return _parse_ids_task(task)
     for key in ("dataset", "run_id", "region"):
         if key not in task:
             raise BadTask(f"task body lacks {key!r}")
@@ -66,6 +68,26 @@ def parse_task(body: bytes) -> dict[str, Any]:
     if not isinstance(generation, int | str):
         raise BadTask("generation must be an integer or a string")
     task["generation"] = generation
+    return task
+
+
+def _parse_ids_task(task: dict) -> dict[str, Any]:
+    """An ids task (one chunk of a fanned-out message): see :func:`l2cache.tasks.enqueue_chunk_ids`."""
+    for key in ("dataset", "run_id", "event_key", "chunk", "ids", "at_ms"):
+        if key not in task:
+            raise BadTask(f"ids task lacks {key!r}")
+    if not all(isinstance(task[k], str) for k in ("dataset", "run_id", "event_key")):
+        raise BadTask("dataset, run_id and event_key must be strings")
+    chunk, ids = task["chunk"], task["ids"]
+    ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not (
+        isinstance(chunk, list) and len(chunk) == 3 and all(ok_int(v) and v >= 0 for v in chunk)
+    ):
+        raise BadTask("chunk must be 3 non-negative integers")
+    if not (isinstance(ids, list) and ids and all(ok_int(v) and 0 <= v < 2**64 for v in ids)):
+        raise BadTask("ids must be a non-empty list of uint64 ids")
+    if not ok_int(task["at_ms"]) or task["at_ms"] <= 0:
+        raise BadTask("at_ms must be a positive integer (milliseconds since the epoch)")
     return task
 
 
@@ -105,6 +127,8 @@ def handle_task(
         log.exception("task could not start")
         return (200 if last else 503), {"status": "error", "error": describe(exc)}
 
+    if task.get("kind") == "ids":
+        return _ids_task(ctx, run, task, attempt, last)
     kind, items = plan_task(task["region"], task["batch"])
     try:
         if kind == "split":
@@ -132,6 +156,34 @@ def handle_task(
             return 200, {"status": "failed", "error": reason}
         log.exception("task failed; Cloud Tasks will retry")
         return 503, {"error": describe(exc)}
+
+
+def _ids_task(ctx, run, task: dict, attempt: int, last: bool) -> tuple[int, dict]:
+    """Recompute one chunk's ids of a stream event; record the chunk under the event."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from .pipeline import compute_l2_ids
+
+    at = datetime.fromtimestamp(task["at_ms"] / 1000, tz=UTC)
+    ids = np.array(task["ids"], dtype=np.uint64)
+    cid = chunk_id(ctx, task["chunk"])
+    try:
+        result = compute_l2_ids(ctx, ids, at, run, cell_timestamp=at, event_key=task["event_key"])
+    except Exception as exc:  # transient (permanent ones come back in result["failed"])
+        if not last:
+            log.exception("ids task failed; Cloud Tasks will retry")
+            return 503, {"error": describe(exc)}
+        reason = gave_up(attempt, exc)
+        ctx.ledger.event_chunk_failed(run.run_id, task["event_key"], cid, reason, ids.size)
+        return 200, {"status": "failed", "error": reason}
+    for failure in result["failed"]:
+        ctx.ledger.event_chunk_failed(
+            run.run_id, task["event_key"], cid, failure["error"], len(failure["ids"])
+        )
+    status = "failed" if result["failed"] else "done"
+    return 200, {"status": status, **{k: v for k, v in result.items() if k != "failed"}}
 
 
 def _enqueuer(config: L2CacheConfig, task: dict) -> Callable[[list[int]], Any]:

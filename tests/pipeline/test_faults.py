@@ -420,3 +420,36 @@ def test_messages_for_an_existing_cache_table_are_ignored_and_counted(env):
     result = handle_message(config, data, {"table_id": DS}, "existing-1")
     assert result["status"] == "ignored"
     assert runs_ledger(config).ignored_count(DS) == before + 1
+
+
+def test_missing_ids_over_several_chunks_fan_out_one_task_per_chunk(env):
+    """No message needs more than one chunk's work: on_edit enqueues, compute_chunk computes."""
+    from l2cache.messages import stream_run
+
+    ctx = env["ctx"]
+    run = stream_run("missing_ids", ctx.dataset)
+    picks = {c: load_chunk_l2(ctx, c, None).l2_ids[:2] for c in ((0, 0, 1), (1, 0, 1), (1, 1, 0))}
+    ids = np.concatenate(list(picks.values()))
+    before = {n: r["0"] for n, r in ctx.store.read_raw(ids).items()}
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(PROJECT, "l2cache-missing-ids")
+    message_id = publisher.publish(
+        topic, ids.astype("<u8").tobytes(), table_id=DS, l2_cache_id=ctx.dataset.cache_table_id
+    ).result(timeout=30)
+    key = f"msg-{message_id}"
+    chunks = wait_for(
+        lambda: (
+            (c := ctx.ledger.event_chunks(run.run_id, key))
+            and len(c) == 3
+            and all(v["status"] == "done" for v in c.values())
+            and c
+        ),
+        90,
+        "three chunk tasks to finish",
+    )
+    assert sum(v["written"] for v in chunks.values()) == ids.size
+    (event,) = [e for e in ctx.ledger.events(run.run_id) if e["key"] == key]
+    assert event["status"] == "fanned_out" and event["chunks_enqueued"] == 3
+    raw = ctx.store.read_raw(ids)
+    assert {r["lineage"][b"run"] for r in raw.values()} == {run.run_id.encode()}
+    assert {n: r["0"] for n, r in raw.items()} == before  # same inputs, same bytes
