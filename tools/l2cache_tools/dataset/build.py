@@ -21,6 +21,7 @@ import fastremap
 import numpy as np
 
 from l2cache import ids as idlib
+from l2cache.bigtable_write import write_rows
 from l2cache.graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
 from l2cache.lineage import utc_now
 
@@ -168,8 +169,4 @@ def build_dataset(
 
 
 def _commit(table, rows: list) -> None:
-    for start in range(0, len(rows), 2000):
-        statuses = table.mutate_rows(rows[start : start + 2000])
-        failed = [s for s in statuses if s.code != 0]
-        if failed:
-            raise RuntimeError(f"{len(failed)} graph rows failed to write: {failed[0].message}")
+    write_rows(table, rows, "graph")

@@ -19,6 +19,7 @@ from datetime import datetime
 import numpy as np
 
 from l2cache import ids as idlib
+from l2cache.bigtable_write import write_rows
 from l2cache.graph import CHILDREN, GRAPH_FAMILY, PARENTS, BigtableGraphReader, encode_children
 from l2cache.lineage import utc_now
 from l2cache.remap import remap_to_l2
@@ -64,9 +65,7 @@ def _write(table, new_nodes: dict[int, np.ndarray], ts: datetime) -> None:
             r = table.direct_row(idlib.row_key(sv))
             r.set_cell(GRAPH_FAMILY, PARENTS, struct.pack("<Q", node), timestamp=ts)
             rows.append(r)
-    statuses = table.mutate_rows(rows)
-    if any(s.code != 0 for s in statuses):
-        raise RuntimeError("edit rows failed to write")
+    write_rows(table, rows, "graph edit")
 
 
 def _edit_timestamp() -> datetime:
