@@ -226,3 +226,24 @@ def test_bad_input_is_refused_clearly():
 def test_random_volumes_match_reference(labels, res, order):
     feats = compute_features(np.asarray(labels, order=order), res)
     assert_matches_reference(feats, labels, res)
+
+
+# sha256 over every output array of the engine at 99301ff (before the issue-11 kernel
+# changes) on the real crop, C and Fortran order, two resolutions, full and only=.
+# The engine's speed-ups must keep every stored byte; a deliberate semantic change
+# updates this value together with a note in DESIGN.md.
+PINNED_OUTPUT_SHA256 = "ee73c5ac0b3cdd2c31bb5f404c420d5ec8a1a7c3957ec4d9fa6a641aca702aab"
+
+
+def test_output_bytes_pinned_to_the_pre_optimisation_engine(real_crop):
+    import hashlib
+
+    digest = hashlib.sha256()
+    for arr in (np.asfortranarray(real_crop), np.ascontiguousarray(real_crop)):
+        feats = compute_features(arr, RES)
+        for key in sorted(feats):
+            digest.update(key.encode() + feats[key].tobytes())
+        feats = compute_features(arr, (4.0, 7.0, 33.0), only=feats["l2id"][::3])
+        for key in sorted(feats):
+            digest.update(key.encode() + feats[key].tobytes())
+    assert digest.hexdigest() == PINNED_OUTPUT_SHA256
