@@ -137,13 +137,30 @@ def lookup_secrets(cfg: StackConfig) -> list[dict]:
     ]
 
 
-def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list]:
-    revision = pulumi.get_stack()
-    env = {
-        "L2CACHE_CONFIG": "/workspace/datasets.yaml",
-        "L2CACHE_REVISION": revision,
-        "NUMBA_CACHE_DIR": "/tmp/numba",
+SOURCE_DIR = "/workspace"  # where Cloud Functions gen2 puts the unpacked archive
+WRITABLE_DIR = "/tmp"  # the only writable path of the function's filesystem
+
+
+def function_env() -> dict[str, str]:
+    """The environment every function runs with (plain values, no Pulumi resources, so
+    the deployed-mode test runs the archives with exactly this).
+
+    Only /tmp is writable in Cloud Functions: everything a library writes at import or
+    at run time is pointed there. CloudVolume (and cloud-files, which reads the same
+    variable) creates ``$CLOUD_VOLUME_DIR`` (default ``~/.cloudvolume``) at import, and a
+    read-only home fails it with EROFS; numba writes the feature kernels' compiled cache
+    to ``NUMBA_CACHE_DIR``. The code revision is not here: it is in the archive
+    (``l2cache/REVISION``), written by the archive builder from git.
+    """
+    return {
+        "L2CACHE_CONFIG": f"{SOURCE_DIR}/datasets.yaml",
+        "NUMBA_CACHE_DIR": f"{WRITABLE_DIR}/numba",
+        "CLOUD_VOLUME_DIR": f"{WRITABLE_DIR}/cloudvolume",
     }
+
+
+def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list]:
+    env = function_env()
     token_access = auth_token_access(cfg, accounts["lookup"], member)  # before the deploy
     worker_mem = sizing.worker_memory_mib(cfg.chunk_size)
     worker_timeout = sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)

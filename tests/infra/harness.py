@@ -75,11 +75,22 @@ datasets:
     segmentation: gs://bucket/seg
     graph: {kind: bigtable, project: proj, instance: pcg, table_id: minnie}
     cache_table_id: l2cache_minnie_v1
+    resolution: [8, 8, 40]
+    voxel_offset: [0, 0, 0]
+    chunk_size: [256, 256, 512]
+    spatial_bits: {1: 10, 2: 10, 3: 9}
   pinky:
     segmentation: gs://bucket/pinky
     graph: {kind: bigtable, project: proj, instance: pcg, table_id: pinky}
     cache_table_id: l2cache_pinky_v1
+    resolution: [4.0, 4.0, 40.0]
+    voxel_offset: [0, 0, 0]
+    chunk_size: [256, 256, 512]
+    volume_size: [4096, 4096, 1024]
+    spatial_bits: {1: 10, 2: 10}
 """
+# The archive builder resolves every dataset's geometry (here given in the map; an
+# archive test resolves it from a segmentation info): no test reaches gs://.
 
 
 PCG_EDITS = "projects/pcg-project/topics/pcg-edits"
