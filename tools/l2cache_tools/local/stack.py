@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import yaml
@@ -26,7 +27,7 @@ from .emulators import (
     start_bigtable_emulator,
     start_pubsub_emulator,
 )
-from .functions import start_function
+from .functions import FunctionRuntime, start_function
 
 PROJECT = "l2cache-local"
 INSTANCE = "l2cache"
@@ -63,8 +64,15 @@ class LocalStack:
         compute_workers: int = 2,
         max_attempts: int = 5,
         attempt_deadline_s: int = 120,
+        runtimes: Callable[[LocalStack], Mapping[str, FunctionRuntime]] | None = None,
     ) -> None:
+        """``runtimes``, when given, is called once the emulators run and the dataset map
+        exists (with its compute URL), before any function starts: it may add datasets
+        and returns how to run each function as deployed (functions it leaves out run
+        from the repository as usual). Those get only the emulator endpoints from the
+        stack, everything else from their runtime's environment."""
         self.dir = Path(directory).resolve()
+        self.runtimes = runtimes
         self.compute_workers = compute_workers
         self.max_attempts = max_attempts
         self.attempt_deadline_s = attempt_deadline_s
@@ -134,22 +142,34 @@ class LocalStack:
         from l2cache.runs import create_runs_table
 
         create_runs_table(instance, "l2cache_runs")
+        runtimes = dict(self.runtimes(self)) if self.runtimes else {}
         fn_env = {**self.env, "PYTHONUNBUFFERED": "1", "NUMBA_CACHE_DIR": str(self.dir / "numba")}
+        # a deployed-mode function gets the endpoints, never the repo's map or cache dir
+        endpoints = {k: v for k, v in self.env.items() if k != "L2CACHE_CONFIG"}
+        endpoints["PYTHONUNBUFFERED"] = "1"
+
+        def env_for(name: str, extra: dict[str, str]) -> dict[str, str]:
+            return {**(endpoints if name in runtimes else fn_env), **extra}
+
         self.processes.append(
             start_function(
                 "compute_chunk",
-                {**fn_env, "WORKERS": str(self.compute_workers), "THREADS": "1"},
+                env_for("compute_chunk", {"WORKERS": str(self.compute_workers), "THREADS": "1"}),
                 port=compute_port,
                 log_dir=logs,
+                runtime=runtimes.get("compute_chunk"),
             )
         )
-        lookup = start_function("lookup", fn_env, log_dir=logs)
+        lookup = start_function(
+            "lookup", env_for("lookup", {}), log_dir=logs, runtime=runtimes.get("lookup")
+        )
         self.processes.append(lookup)
         on_edit = start_function(
             "on_edit",
-            {**fn_env, "WORKERS": "1", "THREADS": "2"},
+            env_for("on_edit", {"WORKERS": "1", "THREADS": "2"}),
             signature_type="cloudevent",
             log_dir=logs,
+            runtime=runtimes.get("on_edit"),
         )
         self.processes.append(on_edit)
         self.urls = {
