@@ -84,3 +84,13 @@ def pull_dead_letters(count: int, timeout: float = 120, settle: float = 0.0) -> 
         poll()
         time.sleep(0.2)
     return list(got.values())
+
+
+def find_event(ledger, dataset: str, kind: str, key: str):
+    """(run, event) of a stream event, whatever code revision the function runs."""
+    for run in ledger.list_runs():
+        if run.dataset == dataset and run.kind == kind:
+            for event in ledger.events(run.run_id):
+                if event["key"] == key:
+                    return run, event
+    return None

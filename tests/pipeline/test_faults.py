@@ -26,6 +26,7 @@ from stackutil import (
     RES,
     add_dataset,
     crop_volume,
+    find_event,
     lookup,
     pull_dead_letters,
     wait_for,
@@ -306,10 +307,7 @@ def test_edit_delivered_three_times_writes_one_version_and_one_event(env):
     assert all(len(cells) == 1 for cells in versions["0"].values())  # one version only
     ((stamp, _),) = versions["0"][b"size_nm3"]
     assert stamp.isoformat().startswith("2026-12-01T06:00:00.123")  # the publish time
-    from l2cache.messages import stream_run
-
-    run = stream_run("edit_stream", ctx.dataset)
-    (event,) = [e for e in ctx.ledger.events(run.run_id) if e["key"] == f"op-{merge.operation_id}"]
+    _, event = find_event(ctx.ledger, DS, "edit_stream", f"op-{merge.operation_id}")
     assert event["delivery_count"] == 3 and event["written"] == 1 and event["status"] == "ok"
     assert event["chunks_skipped"] == 1  # the last delivery found the chunk already written
 
@@ -424,10 +422,7 @@ def test_messages_for_an_existing_cache_table_are_ignored_and_counted(env):
 
 def test_missing_ids_over_several_chunks_fan_out_one_task_per_chunk(env):
     """No message needs more than one chunk's work: on_edit enqueues, compute_chunk computes."""
-    from l2cache.messages import stream_run
-
     ctx = env["ctx"]
-    run = stream_run("missing_ids", ctx.dataset)
     picks = {c: load_chunk_l2(ctx, c, None).l2_ids[:2] for c in ((0, 0, 1), (1, 0, 1), (1, 1, 0))}
     ids = np.concatenate(list(picks.values()))
     before = {n: r["0"] for n, r in ctx.store.read_raw(ids).items()}
@@ -437,6 +432,7 @@ def test_missing_ids_over_several_chunks_fan_out_one_task_per_chunk(env):
         topic, ids.astype("<u8").tobytes(), table_id=DS, l2_cache_id=ctx.dataset.cache_table_id
     ).result(timeout=30)
     key = f"msg-{message_id}"
+    run, _ = wait_for(lambda: find_event(ctx.ledger, DS, "missing_ids", key), 60, "the event")
     chunks = wait_for(
         lambda: (
             (c := ctx.ledger.event_chunks(run.run_id, key))
@@ -448,7 +444,7 @@ def test_missing_ids_over_several_chunks_fan_out_one_task_per_chunk(env):
         "three chunk tasks to finish",
     )
     assert sum(v["written"] for v in chunks.values()) == ids.size
-    (event,) = [e for e in ctx.ledger.events(run.run_id) if e["key"] == key]
+    _, event = find_event(ctx.ledger, DS, "missing_ids", key)
     assert event["status"] == "fanned_out" and event["chunks_enqueued"] == 3
     raw = ctx.store.read_raw(ids)
     assert {r["lineage"][b"run"] for r in raw.values()} == {run.run_id.encode()}
