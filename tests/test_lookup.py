@@ -247,3 +247,31 @@ def test_caveclient_l2cache_client_works_unchanged(stack):
     i = stack["feats"]["l2id"].tolist().index(l2[0])
     assert table.loc[l2[0], "size_nm3"] == int(stack["feats"]["size_nm3"][i]) * 16 * 16 * 40
     assert "rep_coord_nm_x" in table.columns and "chunk_intersect_count_z_top" in table.columns
+
+
+def test_an_existing_cache_table_is_served_but_never_queued(stack):
+    """A table another service owns: l2cache serves it and leaves its gaps to that service."""
+    from l2cache.serve import LookupService
+
+    cfg = config_dict("cache_lookup")
+    cfg["datasets"]["pinky_test"]["existing_cache_table"] = True
+    config = parse_config(cfg)
+    queued = []
+    service = LookupService(
+        config,
+        lambda name: CacheStore(stack["store"].table, config.dataset(name)),
+        lambda l2ids, table_id, cache_id: queued.append(l2ids.tolist()),
+    )
+    present = int(stack["feats"]["l2id"][0])
+    missing = int(ids.encode_ids(2, [[1, 2, 3]], 77_777, stack["dataset"].spatial_bits)[0])
+    body = json.dumps({"l2_ids": [present, missing]}).encode()
+    r = service.handle(
+        "POST",
+        "/l2cache/api/v1/table/pinky_test/attributes",
+        {},
+        {"Content-Type": "application/json"},
+        body,
+    )
+    data = json.loads(r.body)
+    assert r.status == 200 and data[str(present)] and data[str(missing)] == {}
+    assert r.headers["X-L2Cache-Missing-Ids"] == "1" and queued == []

@@ -330,6 +330,8 @@ class LookupService:
         candidates = l2ids[is_l2]
         missing = candidates[[n not in found for n in candidates.tolist()]]
         headers_out["X-L2Cache-Missing-Ids"] = str(missing.size)
+        if ds.existing_cache_table:  # another service owns that table: nothing to queue
+            update_cache = False
         if update_cache and missing.size and self._publish_missing is not None:
             headers_out.update(self._queue_missing(missing, ds.name, ds.cache_table_id))
         return _json(200, result, headers_out)
