@@ -11,6 +11,11 @@ exactly infra's ``function_env()``, with the cloud's fixed paths mapped to local
   ``TMPDIR``: a shared host /tmp would mix caches between runs and engineers;
 - ``HOME`` -> an empty read-only directory; ``PATH`` -> the system's.
 
+The local stack adds only what stands in for the cloud around the function: the emulator
+endpoints (``*_EMULATOR_HOST``), ``PYTHONUNBUFFERED`` (logs) and, for the workers,
+functions-framework's ``WORKERS``/``THREADS`` (processes x threads, in place of Cloud
+Run's instances x per-instance concurrency).
+
 The process sees the archive, its venv and HOME as read-only filesystems and the
 repository as an empty directory (``FunctionRuntime.hidden``), so a write outside /tmp
 or a read through a repository path fails as it would in the cloud.
