@@ -169,6 +169,15 @@ class L2CacheConfig:
     auth: AuthConfig | None = None
     # Public alias -> real graph table id, as the existing service's VIRTUAL_TABLES.
     virtual_tables: dict[str, str] = field(default_factory=dict)
+    # Service level objectives per dataset (l2cache.slo.SloTargets): the top-level
+    # ``slo:`` section, overridden key by key by a dataset's own ``slo:``.
+    slos: dict[str, Any] = field(default_factory=dict)
+
+    def slo_for(self, name: str):
+        """The dataset's SLO targets (none set: every objective is "no target")."""
+        from .slo import SloTargets
+
+        return self.slos.get(name) or SloTargets()
 
     def resolve_table(self, name: str) -> DatasetConfig:
         """The dataset a request's table name means, following a virtual alias."""
@@ -260,7 +269,26 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
         source,
         auth=_auth(raw, source),
         virtual_tables=_virtual_tables(raw, datasets, source),
+        slos=_slos(raw, datasets_raw, source),
     )
+
+
+def _slos(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:
+    """``slo:`` at the top level, then each dataset's ``slo:`` over it (l2cache.slo)."""
+    from .slo import SloTargets
+
+    try:
+        top = SloTargets.from_mapping(_section(raw, "slo", source))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: slo: {exc}") from None
+    out = {}
+    for name, entry in datasets_raw.items():
+        own = _section(entry, "slo", f"{source}: dataset {name!r}")
+        try:
+            out[str(name)] = SloTargets.from_mapping(own, base=top)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: dataset {name!r}: slo: {exc}") from None
+    return out
 
 
 def _auth(raw: Mapping, source: str) -> AuthConfig | None:

@@ -287,6 +287,7 @@ def _record(ctx, run, key, request, message_id, when, attempt, **fields) -> None
         published_at=when.isoformat(),
         deliveries=attempt,
         **fields,
+        recorded_at=utc_now().isoformat(),
     )
 
 

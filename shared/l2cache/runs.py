@@ -198,6 +198,25 @@ class RunLedger:
         for key, value in fields.items():
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
         write_rows(self.table, [row], "ledger")
+        if status != "done":
+            self._first_failure(run_id, chunk_id)
+
+    def _first_failure(self, run_id: str, chunk_id: int) -> None:
+        """Stamp ``first_failed_at`` once (check-and-mutate: only when absent), so the
+        time to recover a failed chunk survives the rewrites of later attempts."""
+        from google.cloud.bigtable.row_filters import (
+            ColumnQualifierRegexFilter,
+            FamilyNameRegexFilter,
+            RowFilterChain,
+        )
+
+        has_it = RowFilterChain(
+            [FamilyNameRegexFilter(LEDGER_FAMILY), ColumnQualifierRegexFilter(b"first_failed_at")]
+        )
+        row = self.table.conditional_row(self._chunk_key(run_id, chunk_id), filter_=has_it)
+        stamp = utc_now().isoformat().encode()
+        row.set_cell(LEDGER_FAMILY, b"first_failed_at", stamp, state=False)
+        row.commit()
 
     def task_gave_up(self, run_id: str, region, reason: str, attempts: int) -> None:
         """A split task's last attempt failed: its region's unstarted chunks are failed."""
@@ -226,7 +245,7 @@ class RunLedger:
             for k, v in cells.items():
                 if k == "attempts":
                     entry[k] = struct.unpack(">q", v)[0]
-                elif k in ("status", "finished_at", "started_at"):
+                elif k in ("status", "finished_at", "started_at", "first_failed_at"):
                     entry[k] = v.decode()
                 else:
                     entry[k] = json.loads(v)
@@ -333,3 +352,4 @@ class RunLedger:
         if row is None:
             return 0
         return struct.unpack(">q", _cells(row, LEDGER_FAMILY)["count"])[0]
+

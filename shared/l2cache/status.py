@@ -1,22 +1,24 @@
-"""Run status from the ledger: progress, rate, ETA, failures and an estimated cost.
+"""Run status from the ledger: progress, rate, ETA, failures and cost.
 
-Cost is an estimate from the ledger's measured compute seconds and row counts, with
-list prices stated here (USD, us-east1, November 2026 list; override with
-environment variables named like the constants) so anyone can recompute it.
+Cost is computed by :mod:`l2cache.cost` (the one place with unit prices) from the
+ledger's measured compute seconds, attempts and row counts, per chunk, per run and per
+mm^3 of the chunks done (voxel volume from the run's recorded resolution).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from datetime import datetime
 
-# function memory per instance (GiB) and list prices
-FUNCTION_GIB = float(os.environ.get("L2CACHE_COST_FUNCTION_GIB", "2"))
-PRICE_GIB_SECOND = float(os.environ.get("L2CACHE_PRICE_GIB_SECOND", "0.0000025"))
-PRICE_VCPU_SECOND = float(os.environ.get("L2CACHE_PRICE_VCPU_SECOND", "0.000024"))
-PRICE_BIGTABLE_WRITE_PER_ROW = float(os.environ.get("L2CACHE_PRICE_BT_ROW", "0.0000001"))
-PRICE_TASK = float(os.environ.get("L2CACHE_PRICE_TASK", "0.0000004"))
+from .cost import PRICES, Prices, RunCost, run_cost
+
+# re-exported for callers that read the unit prices here (bench/worker.py)
+FUNCTION_GIB = PRICES.worker_gib
+PRICE_GIB_SECOND = PRICES.gib_second
+PRICE_VCPU_SECOND = PRICES.vcpu_second
+PRICE_BIGTABLE_WRITE_PER_ROW = PRICES.bigtable_row
+PRICE_TASK = PRICES.task
 
 
 @dataclass
@@ -39,6 +41,8 @@ class RunStatus:
     cost_usd: float
     failures: list[dict]
     broken: str | None = None  # why the run cannot finish (its ledger is gone)
+    cost: RunCost | None = None  # per chunk / per mm^3 breakdown of cost_usd
+    rows: list[dict] = field(default_factory=list, repr=False)  # the ledger rows read
 
     @property
     def finished(self) -> bool:
@@ -52,6 +56,7 @@ def run_status(
     now: datetime | None = None,
     max_attempts: int | None = None,
     attempt_deadline_s: float | None = None,
+    prices: Prices = PRICES,
 ) -> RunStatus:
     """The run's status from its ledger rows.
 
@@ -100,12 +105,8 @@ def run_status(
     rate = len(done) / elapsed if elapsed > 0 else 0.0
     remaining = max(total - len(done) - n_failed, 0)
     eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
-    tasks = len(rows) + max(1, total // 4)
-    cost = (
-        compute_s * (FUNCTION_GIB * PRICE_GIB_SECOND + PRICE_VCPU_SECOND)
-        + l2_rows * PRICE_BIGTABLE_WRITE_PER_ROW
-        + tasks * PRICE_TASK
-    )
+    res = run.params.get("resolution") or [1, 1, 1]
+    cost = run_cost(rows, float(math.prod(res)), prices)
     return RunStatus(
         run_id,
         total,
@@ -118,7 +119,7 @@ def run_status(
         compute_s,
         rate,
         eta,
-        cost,
+        cost.usd,
         [
             {
                 "chunk": r.get("coords"),
@@ -138,4 +139,6 @@ def run_status(
             }
             for u in unstarted_failed
         ],
+        cost=cost,
+        rows=rows,
     )

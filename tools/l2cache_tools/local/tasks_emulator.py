@@ -9,6 +9,13 @@ changes, keeping its gRPC API (so ``google-cloud-tasks`` talks to it unchanged):
   dropped (logged, counted) after ``max_attempts``;
 - it dispatches one task at a time per queue -> up to the queue's
   ``max_concurrent_dispatches`` tasks run at once, as on Cloud Tasks;
+- it ignores ``UpdateQueue`` ("no effect currently") -> the fields named in the update
+  mask (or rate limits and retry config without one) are applied, and the dispatcher
+  picks up a new ``max_concurrent_dispatches`` on its next tick (``l2cache runs scale``);
+- ``PauseQueue``/``ResumeQueue`` only flip the state, and an unknown queue is an
+  UNKNOWN error -> a paused queue dispatches nothing until resumed (attempts already in
+  flight finish, as on Cloud Tasks), and an unknown queue is NOT_FOUND
+  (``l2cache runs pause|resume``);
 - it accepts duplicate task names -> a second task with a name already used in the
   queue (pending or already run, as Cloud Tasks' tombstones) fails with ALREADY_EXISTS,
   which is what makes named split tasks idempotent.
@@ -29,7 +36,7 @@ from urllib import error
 
 import grpc
 from gcloud_tasks_emulator import server as upstream
-from google.api_core.exceptions import AlreadyExists
+from google.api_core.exceptions import AlreadyExists, GoogleAPICallError, NotFound
 from google.cloud.tasks_v2 import Queue, Task
 
 log = logging.getLogger("l2cache.tasks-emulator")
@@ -68,6 +75,35 @@ class RetryingQueueState(upstream.QueueState):
         else:
             task.name = f"{queue}/tasks/{uuid.uuid4().hex}"
         return super().create_task(queue, task)
+
+    def _known(self, queue_name: str) -> None:
+        if queue_name not in self._queues:
+            raise NotFound(f"Queue {queue_name} does not exist.")
+
+    def pause_queue(self, queue_name: str):
+        self._known(queue_name)
+        return super().pause_queue(queue_name)
+
+    def resume_queue(self, queue_name: str):
+        self._known(queue_name)
+        return super().resume_queue(queue_name)
+
+    def update_queue_fields(self, queue: Queue, paths: list[str]) -> Queue:
+        """Cloud Tasks' UpdateQueue: copy the masked fields (default: rate limits and
+        retry config) onto the stored queue; an unknown queue is created, as upstream."""
+        if queue.name not in self._queues:
+            return self.create_queue(None, queue)
+        stored = self._queues[queue.name]
+        for path in paths or ["rate_limits", "retry_config"]:
+            *parents, leaf = path.split(".")
+            src, dst = queue, stored
+            for part in parents:
+                src, dst = getattr(src, part), getattr(dst, part)
+            setattr(dst, leaf, getattr(src, leaf))
+            if parents:  # proto-plus returns nested messages by reference: write back
+                setattr(stored, parents[0], getattr(stored, parents[0]))
+        log.info("queue %s updated: %s", queue.name, ", ".join(paths) or "rate/retry")
+        return stored
 
     def take_due(self, queue_name: str, limit: int) -> list[Task]:
         """Remove and return up to ``limit`` tasks whose schedule time has come."""
@@ -113,6 +149,16 @@ class RetryingQueueState(upstream.QueueState):
         self._queue_tasks[queue_name].append(task)
 
 
+class Servicer(upstream.Greeter):
+    """Upstream's servicer with UpdateQueue honouring the update mask."""
+
+    def UpdateQueue(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            return self._state.update_queue_fields(request.queue, list(request.update_mask.paths))
+        except GoogleAPICallError as err:
+            context.abort(err.grpc_status_code, err.message)
+
+
 class ConcurrentProcessor(threading.Thread):
     """Dispatch due tasks of every running queue with bounded concurrency."""
 
@@ -120,7 +166,7 @@ class ConcurrentProcessor(threading.Thread):
         super().__init__(daemon=True)
         self.state = state
         self.running = threading.Event()
-        self.pools: dict[str, ThreadPoolExecutor] = {}
+        self.pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}
         self.in_flight: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -132,7 +178,12 @@ class ConcurrentProcessor(threading.Thread):
                 if queue is None or queue.state != Queue.State.RUNNING:
                     continue
                 limit = queue.rate_limits.max_concurrent_dispatches or DEFAULT_CONCURRENCY
-                pool = self.pools.setdefault(name, ThreadPoolExecutor(limit))
+                size, pool = self.pools.get(name, (0, None))
+                if size != limit:  # new concurrency (UpdateQueue): a pool of that size
+                    if pool is not None:
+                        pool.shutdown(wait=False)  # its attempts in flight still finish
+                    pool = ThreadPoolExecutor(limit)
+                    self.pools[name] = (limit, pool)
                 with self.lock:
                     free = limit - self.in_flight.get(name, 0)
                 for task in self.state.take_due(name, max(free, 0)):
@@ -152,7 +203,7 @@ class ConcurrentProcessor(threading.Thread):
 def serve(port: int) -> None:
     state = RetryingQueueState()
     api = grpc.server(upstream.futures.ThreadPoolExecutor(max_workers=4))
-    upstream.add_CloudTasksServicer_to_server(upstream.Greeter(state), api)
+    upstream.add_CloudTasksServicer_to_server(Servicer(state), api)
     api.add_insecure_port(f"{HOST}:{port}")  # loopback only, unlike upstream's [::]
     api.start()
     processor = ConcurrentProcessor(state)
