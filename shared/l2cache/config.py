@@ -179,6 +179,16 @@ class L2CacheConfig:
 
         return self.slos.get(name) or SloTargets()
 
+    # QC thresholds per dataset (l2cache.qc.QcThresholds): the top-level ``qc:``
+    # section, overridden key by key by a dataset's own ``qc:``.
+    qc: dict[str, Any] = field(default_factory=dict)
+
+    def qc_for(self, name: str):
+        """The dataset's QC thresholds (none set: the defaults of QcThresholds)."""
+        from .qc import QcThresholds
+
+        return self.qc.get(name) or QcThresholds()
+
     def resolve_table(self, name: str) -> DatasetConfig:
         """The dataset a request's table name means, following a virtual alias."""
         return self.dataset(self.virtual_tables.get(name, name))
@@ -270,7 +280,26 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
         auth=_auth(raw, source),
         virtual_tables=_virtual_tables(raw, datasets, source),
         slos=_slos(raw, datasets_raw, source),
+        qc=_qc(raw, datasets_raw, source),
     )
+
+
+def _qc(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:
+    """``qc:`` at the top level, then each dataset's ``qc:`` over it (l2cache.qc)."""
+    from .qc import QcThresholds
+
+    try:
+        top = QcThresholds.from_mapping(_section(raw, "qc", source))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: qc: {exc}") from None
+    out = {}
+    for name, entry in datasets_raw.items():
+        own = _section(entry, "qc", f"{source}: dataset {name!r}") if isinstance(entry, Mapping) else {}
+        try:
+            out[str(name)] = QcThresholds.from_mapping(own, base=top)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: dataset {name!r}: qc: {exc}") from None
+    return out
 
 
 def _slos(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:

@@ -353,3 +353,32 @@ class RunLedger:
             return 0
         return struct.unpack(">q", _cells(row, LEDGER_FAMILY)["count"])[0]
 
+    # QC reports and releases (l2cache.qc, l2cache.releases) -----------------------------
+    # Generic records in the run family: ``qc:<run>`` and ``release:<dataset>:<%010d seq>``
+    # hold JSON (and compressed blobs); ``release:<dataset>`` holds the release counter.
+    def put_record(self, key: str, columns: dict[str, bytes]) -> None:
+        """Write (replace) the given columns of one record row, checked."""
+        row = self.table.direct_row(key.encode())
+        for column, value in columns.items():
+            row.set_cell(RUN_FAMILY, column.encode(), value)
+        write_rows(self.table, [row], "record")
+
+    def get_record(self, key: str) -> dict[str, bytes] | None:
+        """The newest value of every column of a record row; None when it does not exist."""
+        row = self.table.read_row(key.encode())
+        return None if row is None else _cells(row, RUN_FAMILY)
+
+    def records(self, prefix: str) -> list[tuple[str, dict[str, bytes]]]:
+        """(key, columns) of every record whose key starts with ``prefix``, in key order."""
+        return [
+            (r.row_key.decode(), _cells(r, RUN_FAMILY))
+            for r in _prefix_rows(self.table, prefix.encode())
+        ]
+
+    def next_sequence(self, key: str) -> int:
+        """Atomically count one more in ``key``'s counter; returns the new value (1-based),
+        so two concurrent callers never get the same number."""
+        row = self.table.append_row(key.encode())
+        row.increment_cell_value(RUN_FAMILY, b"seq", 1)
+        cells = row.commit()
+        return struct.unpack(">q", cells[RUN_FAMILY][b"seq"][0][0])[0]

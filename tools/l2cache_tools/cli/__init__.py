@@ -18,6 +18,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ingest_cmd",
     "local_cmd",
     "demo_cmd",
+    "qc_cmd",
+    "release_cmd",
 )
 
 

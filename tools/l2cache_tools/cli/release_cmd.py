@@ -1,0 +1,93 @@
+"""``l2cache release promote|list|rollback``: QC-passed runs as the dataset's releases.
+
+A promotion the release contract forbids (no QC report, QC failed, QC diffed against
+an older release state, run already released) prints one ``error:`` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_config_arg, config_from
+
+
+def register(sub) -> None:
+    p = sub.add_parser("release", help="promote a QC-passed run, list releases, roll one back")
+    rs = p.add_subparsers(dest="release_command", required=True)
+    promote = rs.add_parser("promote", help="make a QC-passed run the current release")
+    add_config_arg(promote)
+    promote.add_argument("dataset")
+    promote.add_argument("run")
+    promote.set_defaults(func=run)
+    listing = rs.add_parser("list", help="every release with its lineage and rollbacks")
+    add_config_arg(listing)
+    listing.add_argument("dataset")
+    listing.set_defaults(func=run)
+    rollback = rs.add_parser(
+        "rollback", help="restore the previous release's values (in a region, or everywhere)"
+    )
+    add_config_arg(rollback)
+    rollback.add_argument("dataset")
+    rollback.add_argument(
+        "--region", metavar="x0,y0,z0,x1,y1,z1", help="voxel box (default: the whole release)"
+    )
+    rollback.set_defaults(func=run)
+
+
+def _region(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    values = [int(v) for v in text.split(",")]
+    if len(values) != 6:
+        raise ValueError(f"--region needs 6 integers x0,y0,z0,x1,y1,z1, got {text!r}")
+    return values
+
+
+def print_release(r: dict) -> None:
+    lin = r["lineage"]
+    state = "rolled back" if r["rolled_back"] else "live"
+    if r["rollbacks"] and not r["rolled_back"]:
+        state += f", {len(r['rollbacks'])} region(s) rolled back"
+    print(
+        f"release {r['release']:>3}  {r['run_id']}  {r['kind']} chunks {r['region']}  "
+        f"promoted {r['promoted_at']}  qc {'pass' if r['qc_passed'] else 'fail'}  [{state}]"
+    )
+    print(
+        f"             code={lin['code_revision']} params={lin['params_hash']} "
+        f"snapshot={lin['snapshot']} graph={lin['graph']} segmentation={lin['segmentation']}"
+    )
+    for rb in r["rollbacks"]:
+        print(
+            f"             rolled back {rb['at']} chunks {rb['region']}: {rb['versions_deleted']} "
+            f"versions in {rb['rows_touched']} rows ({rb['rows_scanned']} scanned in "
+            f"{rb['ranges']} key ranges) in {rb['seconds']:.3f}s"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from l2cache.pipeline import dataset_context
+    from l2cache.releases import current_release, promote, release_history, rollback_release
+
+    ctx = dataset_context(config_from(args), args.dataset)
+    if args.release_command == "promote":
+        r = promote(ctx.ledger, args.dataset, args.run)
+        print(f"run {r['run_id']} is release {r['release']} of {args.dataset}")
+        return 0
+    if args.release_command == "list":
+        history = release_history(ctx.ledger, args.dataset)
+        if not history:
+            print(f"{args.dataset} has no release")
+        for r in history:
+            print_release(r)
+        cur = current_release(ctx.ledger, args.dataset)
+        print(f"current release: {cur['release'] if cur else 'none'}")
+        return 0
+    done = rollback_release(ctx, _region(args.region))
+    restored = ", ".join(map(str, done["restored"])) or "none (values before the release)"
+    print(
+        f"release {done['release']} rolled back in chunks {done['region']}: "
+        f"{done['versions_deleted']} versions deleted in {done['rows_touched']} rows "
+        f"({done['rows_scanned']} rows scanned in {done['ranges']} key ranges, "
+        f"{done['chunks']} chunks) in {done['seconds']:.3f}s; restored release(s): {restored}"
+    )
+    return 0
