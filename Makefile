@@ -21,6 +21,7 @@ emulators-check:
 	@bash scripts/check_emulators.sh
 
 test: venv emulators-check
+	bash scripts/ensure_chromium.sh
 	$(VENV)/bin/ruff check shared tools functions infra tests bench
 	$(VENV)/bin/pytest -q
 

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo_cmd",
     "qc_cmd",
     "release_cmd",
+    "dashboard_cmd",
 )
 
 

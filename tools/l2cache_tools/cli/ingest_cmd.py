@@ -1,4 +1,10 @@
-"""``l2cache ingest|status|reconcile|runs``: bulk runs through Cloud Tasks and their ledger."""
+"""``l2cache ingest|status|reconcile|runs``: bulk runs through Cloud Tasks and their ledger.
+
+``ingest --sample N`` computes N scattered chunks first and projects the whole run's
+wall time and cost before anything else is enqueued; ``runs pause|resume|scale`` act
+on the Cloud Tasks queue; ``runs inspect`` lists a run's failed and retrying chunks;
+``status`` shows cost per chunk and per mm^3 and every SLO against its target.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,23 @@ def register(sub) -> None:
         help="only workers running this code revision may write for the run (others fail "
         "the chunk permanently, with the reason)",
     )
+    p.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="compute N scattered chunks first, wait for them, print the projected wall "
+        "time and cost of the whole region, and stop (unless --yes)",
+    )
+    p.add_argument(
+        "--max-instances",
+        type=int,
+        metavar="M",
+        help="workers the projection assumes (default: the queue's max concurrent dispatches)",
+    )
+    p.add_argument("--yes", action="store_true", help="after --sample, go on with the full run")
+    p.add_argument(
+        "--sample-timeout", type=float, default=3600.0, help="seconds to wait for the sample"
+    )
     p.set_defaults(func=ingest)
 
     s = sub.add_parser("status", help="progress, rate, ETA, failures and cost of a run")
@@ -37,15 +60,28 @@ def register(sub) -> None:
     r.add_argument("run")
     r.set_defaults(func=reconcile)
 
-    runs = sub.add_parser("runs", help="list, show or roll back runs")
+    runs = sub.add_parser(
+        "runs", help="list, show, inspect or roll back runs; pause, resume or scale the queue"
+    )
     rs = runs.add_subparsers(dest="runs_command", required=True)
-    for name in ("list", "show", "rollback"):
+    for name in ("list", "show", "rollback", "inspect"):
         q = rs.add_parser(name)
         add_config_arg(q)
         q.add_argument("dataset")
         if name != "list":
             q.add_argument("run")
-        q.set_defaults(func=runs_command)
+        q.set_defaults(func=runs_command if name != "inspect" else inspect)
+    for name, what in (
+        ("pause", "stop dispatching tasks (attempts in flight finish)"),
+        ("resume", "dispatch again"),
+        ("scale", "set how many tasks run at once"),
+    ):
+        q = rs.add_parser(name, help=f"the Cloud Tasks queue: {what}")
+        add_config_arg(q)
+        q.add_argument("dataset")
+        if name == "scale":
+            q.add_argument("--concurrency", type=int, required=True, metavar="N")
+        q.set_defaults(func=queue_command)
 
 
 def _ctx(args):
@@ -64,14 +100,15 @@ def _status_args(cfg) -> dict:
     }
 
 
-def current_status(ledger, run_id: str, cfg=None):
+def current_status(ledger, run_id: str, cfg=None, prices=None):
     """The run's status; a run whose ledger row is gone is reported broken, not pending."""
     from google.api_core.exceptions import NotFound
 
     from l2cache.status import run_status
 
+    extra = {"prices": prices} if prices is not None else {}
     try:
-        return run_status(ledger, run_id, **_status_args(cfg) if cfg else {})
+        return run_status(ledger, run_id, **_status_args(cfg) if cfg else {}, **extra)
     except (KeyError, NotFound) as exc:
         raise RunBroken(
             f"run {run_id} is broken: its ledger cannot be read ({_words(exc)}); "
@@ -123,6 +160,8 @@ def ingest(args: argparse.Namespace) -> int:
 
     cfg = config_from(args)
     bbox = [int(v) for v in args.bbox.split(",")] if args.bbox else None
+    if args.sample is not None:
+        return sample_then_ingest(args, cfg, bbox)
     run = start_ingest(
         cfg, args.dataset, bbox, args.batch, args.resume, pinned_revision=args.pin_revision
     )
@@ -136,13 +175,246 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
+    from l2cache.slo import run_slos
+
     cfg, ctx = _ctx(args)
-    st = (
+    prices = _prices(ctx)
+    if args.watch:
         watch(ctx.ledger, args.run, cfg=cfg)
-        if args.watch
-        else current_status(ctx.ledger, args.run, cfg)
-    )
+    st = current_status(ctx.ledger, args.run, cfg, prices)
     print_status(st)
+    print_cost(st.cost)
+    print_slos(run_slos(ctx.ledger, ctx.dataset, cfg.slo_for(args.dataset), args.run, st, prices))
+    return 0 if st.failed == 0 else 1
+
+
+def _prices(ctx):
+    from l2cache_tools.sizing import worker_prices
+
+    return worker_prices(ctx.dataset.chunk_size)
+
+
+def print_cost(cost) -> None:
+    """Per chunk and per mm^3 (prices: l2cache.cost; worker size: infra/sizing.py)."""
+    if cost is None or not cost.chunks:
+        print("cost: no chunk done yet")
+        return
+    per_mm3 = f"${cost.per_mm3:,.2f}/mm^3" if cost.per_mm3 is not None else "-"
+    print(
+        f"cost: ${cost.usd:.6f} for {cost.chunks} chunks (${cost.per_chunk:.6f}/chunk, "
+        f"{cost.compute_s:.1f} compute-s, {cost.l2_rows} rows), {cost.mm3:.4g} mm^3 -> {per_mm3}"
+    )
+
+
+def print_slos(results) -> None:
+    """Each SLO: measured value, target, verdict (met / missed / no data / no target)."""
+    from l2cache.slo import format_target, format_value
+
+    print("SLOs:")
+    for r in results:
+        detail = f" ({r.detail})" if r.detail else ""
+        print(
+            f"  {r.name:32} {format_value(r):>18}  target {format_target(r):>18}  "
+            f"{r.verdict}{detail}"
+        )
+
+
+def scattered_chunks(region, n: int) -> list[list[int]]:
+    """``n`` chunks spread over ``region``, deterministic: the Halton sequence in bases
+    2, 3, 5 (low discrepancy: every part of the region is sampled, no clumps), each
+    point mapped to its chunk, duplicates skipped; the region in order fills the rest
+    when it is smaller than the points can reach."""
+    import numpy as np
+
+    lo, hi = np.asarray(region[:3]), np.asarray(region[3:])
+    size = hi - lo
+    total = int(np.prod(size))
+    n = max(0, min(int(n), total))
+    picked: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+
+    def radical_inverse(i: int, base: int) -> float:
+        inv, f = 0.0, 1.0 / base
+        while i:
+            inv += f * (i % base)
+            i //= base
+            f /= base
+        return inv
+
+    i = 1
+    while len(picked) < n and i <= 64 * total + 64:
+        h = np.array([radical_inverse(i, b) for b in (2, 3, 5)])
+        c = tuple(int(v) for v in lo + np.minimum((h * size).astype(int), size - 1))
+        if c not in seen:
+            seen.add(c)
+            picked.append(list(c))
+        i += 1
+    if len(picked) < n:
+        from l2cache.ingest import region_chunks
+
+        for c in region_chunks(region):
+            if tuple(c) not in seen and len(picked) < n:
+                seen.add(tuple(c))
+                picked.append(c)
+    return picked
+
+
+def queue_concurrency(cfg) -> int:
+    from l2cache.tasks import queue_path, tasks_client
+
+    client = tasks_client()
+    return int(
+        client.get_queue(name=queue_path(client, cfg.tasks)).rate_limits.max_concurrent_dispatches
+    )
+
+
+def sample_then_ingest(args: argparse.Namespace, cfg, bbox) -> int:
+    """Sample first: a run over the whole region is recorded, only the sampled chunks are
+    enqueued (one task each); once they are done the projection is printed. With
+    ``--yes`` the run continues as a resume (the sampled chunks are skipped as done);
+    without, nothing else is enqueued and ``ingest --resume RUN`` continues it later."""
+    import math
+
+    from l2cache.cost import project, run_cost
+    from l2cache.ingest import region_from_bbox, region_size, start_ingest
+    from l2cache.pipeline import chunk_id, dataset_context
+    from l2cache.runs import new_run
+    from l2cache.tasks import enqueue_region, tasks_client
+
+    if args.resume:
+        raise ValueError("--sample starts a new run; it cannot be combined with --resume")
+    if args.sample <= 0:
+        raise ValueError("--sample needs a positive number of chunks")
+    if cfg.tasks is None:
+        raise ValueError("the dataset map has no 'tasks' section: nowhere to enqueue")
+    ctx = dataset_context(cfg, args.dataset)
+    region = region_from_bbox(ctx.dataset, bbox)
+    kind = "region_reprocess" if bbox is not None else "bulk_ingest"
+    run = new_run(
+        kind, ctx.dataset, region, region_size(region), "cli", pinned_revision=args.pin_revision
+    )
+    ctx.ledger.create_run(run)
+    picks = scattered_chunks(region, args.sample)
+    client = tasks_client()
+    for c in picks:
+        enqueue_region(
+            client, cfg.tasks, args.dataset, run.run_id, [*c, *(v + 1 for v in c)], 1, "sample"
+        )
+    print(f"run {run.run_id}: sampling {len(picks)} of {run.n_chunks} chunks first: {picks}")
+    wanted = {chunk_id(ctx, c) for c in picks}
+    deadline = time.monotonic() + args.sample_timeout
+    prices = _prices(ctx)
+    while True:
+        st = current_status(ctx.ledger, run.run_id, cfg, prices)
+        rows = [r for r in st.rows if r["chunk_id"] in wanted]
+        if sum(r["status"] in ("done", "failed") for r in rows) >= len(wanted):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"sample of run {run.run_id} not finished after {args.sample_timeout:.0f}s"
+            )
+        time.sleep(0.3)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in failed:
+        print(f"  sampled chunk {r.get('coords')} failed: {r.get('error')}")
+    sample = run_cost(rows, ctx.dataset.voxel_volume_nm3, prices)
+    instances = args.max_instances or queue_concurrency(cfg)
+    proj = project(
+        sample,
+        run.n_chunks,
+        math.prod(ctx.dataset.chunk_size),
+        ctx.dataset.voxel_volume_nm3,
+        instances,
+        prices,
+    )
+    per_mm3 = f"${proj.usd_per_mm3:,.2f}/mm^3" if proj.usd_per_mm3 is not None else "-"
+    print(
+        f"projection from {proj.sample_chunks} sampled chunks "
+        f"({proj.seconds_per_chunk:.2f} compute-s and ${proj.usd_per_chunk:.6f} per chunk, "
+        f"worker {prices.worker_gib:g} GiB x {prices.worker_vcpu:g} vCPU):\n"
+        f"  whole region: {proj.total_chunks} chunks, {proj.mm3:.4g} mm^3 -> "
+        f"wall time {proj.wall_s:,.0f}s at {proj.max_instances} instances, "
+        f"cost ${proj.usd:.4f} ({per_mm3})"
+    )
+    if failed:
+        print(f"{len(failed)} sampled chunks failed: fix them before a full run")
+        return 1
+    if not args.yes:
+        print(
+            f"stopped after the sample; continue with: l2cache ingest {args.dataset} "
+            f"--resume {run.run_id}   (or run --sample with --yes)"
+        )
+        return 0
+    start_ingest(cfg, args.dataset, batch=args.batch, resume_run=run.run_id)
+    print(f"run {run.run_id}: the remaining chunks are enqueued (sampled ones are done)")
+    if args.watch:
+        st = watch(ctx.ledger, run.run_id, cfg=cfg)
+        print_status(st)
+        return 0 if st.failed == 0 else 1
+    return 0
+
+
+def queue_command(args: argparse.Namespace) -> int:
+    """Pause, resume or scale the Cloud Tasks queue every run of this map goes through."""
+    from google.cloud import tasks_v2
+    from google.protobuf import field_mask_pb2
+
+    from l2cache.tasks import queue_path, tasks_client
+
+    cfg = config_from(args)
+    cfg.dataset(args.dataset)  # an unknown dataset is a user error
+    if cfg.tasks is None:
+        raise ValueError("the dataset map has no 'tasks' section: no queue to control")
+    client = tasks_client()
+    name = queue_path(client, cfg.tasks)
+    if args.runs_command == "pause":
+        q = client.pause_queue(name=name)
+    elif args.runs_command == "resume":
+        q = client.resume_queue(name=name)
+    else:
+        if args.concurrency <= 0:
+            raise ValueError("--concurrency must be a positive number of tasks")
+        q = client.update_queue(
+            queue=tasks_v2.Queue(
+                name=name,
+                rate_limits=tasks_v2.RateLimits(max_concurrent_dispatches=args.concurrency),
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["rate_limits.max_concurrent_dispatches"]),
+        )
+    state = tasks_v2.Queue.State(q.state).name.lower()
+    print(
+        f"queue {name}: {state}, max {q.rate_limits.max_concurrent_dispatches} concurrent "
+        "dispatches (applies to every run of this queue)"
+    )
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Failed, retrying and running chunks of a run with their errors and attempts."""
+    cfg, ctx = _ctx(args)
+    st = current_status(ctx.ledger, args.run, cfg)
+    print_status(st)
+    order = {"failed": 0, "retrying": 1, "running": 2}
+    rows = sorted(
+        (r for r in st.rows if r["status"] in order),
+        key=lambda r: (order[r["status"]], r.get("coords") or []),
+    )
+    for r in rows:
+        kind = "permanent" if r.get("permanent") else "transient" if r.get("error") else ""
+        since = r.get("first_failed_at") or r.get("started_at") or ""
+        print(
+            f"  {r['status']:9} chunk {r.get('coords')} {kind} attempts={r.get('attempts')} "
+            f"since={since} error={r.get('error') or '-'}"
+        )
+    known = {tuple(r.get("coords") or ()) for r in rows}
+    for f in st.failures:  # chunks of split tasks that gave up before starting them
+        if tuple(f["chunk"] or ()) not in known:
+            print(
+                f"  {'failed':9} chunk {f['chunk']} never started attempts={f['attempts']} "
+                f"error={f['error']}"
+            )
+    if not rows and not st.failures:
+        print("  no failed, retrying or running chunk")
     return 0 if st.failed == 0 else 1
 
 
