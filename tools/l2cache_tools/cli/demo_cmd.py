@@ -123,8 +123,33 @@ def run(args: argparse.Namespace) -> int:
             lookup(stack.urls["lookup"], merge.old_l2_ids),
             "  the merged nodes' old rows stay readable (history):",
         )
+
+        # QC and release (issue 12): check the bulk run, promote it, show the verdict
+        step("QC of the bulk run against the graph at its snapshot; promoted as a release")
+        if not qc_and_release(config, ctx, run.run_id, directory):
+            return 1
     step(f"stack stopped; demo took {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+def qc_and_release(config, ctx, run_id: str, directory: Path) -> bool:
+    """QC the run (report stored, JSON and HTML written), promote it when it passes."""
+    from l2cache.qc import run_qc, save_report
+    from l2cache.releases import promote
+
+    from .qc_cmd import print_report, write_outputs
+
+    t = time.perf_counter()
+    report = run_qc(ctx, run_id, config.qc_for(NAME))
+    save_report(ctx.ledger, report)
+    print_report(report)
+    print(f"  QC took {time.perf_counter() - t:.1f}s")
+    write_outputs(report, str(directory / "qc.json"), str(directory / "qc.html"))
+    if not report["passed"]:
+        return False
+    release = promote(ctx.ledger, NAME, run_id)
+    print(f"  run {run_id} is release {release['release']} of {NAME}")
+    return True
 
 
 def stack_graph_table(config, ctx):
