@@ -1,15 +1,139 @@
-"""One Cloud Monitoring dashboard: throughput, failures/retries, lookup latency, cost."""
+"""Log-based metrics from the functions' structured logs, and one Cloud Monitoring
+dashboard with the same SLO panels as ``l2cache status`` / ``l2cache dashboard``.
+
+The functions write one JSON line per chunk, stream event and lookup
+(``l2cache.logs``: ``jsonPayload.l2cache`` = chunk | event | lookup, with status,
+dataset, attempts, duration_s, latency_s). The metrics below count and measure those
+lines; the dashboard charts them with the dataset map's ``slo:`` targets drawn as
+thresholds. Objectives the logs cannot show (time to recover a failed chunk, QC pass,
+$ per mm^3) are listed in a text panel that says where they are measured (the runs
+ledger). Prices come from ``l2cache.cost``, the one place they are defined.
+"""
 
 from __future__ import annotations
 
 import json
 
+import pulumi
 import pulumi_gcp as gcp
 from config import StackConfig
 
-# list prices used for the estimate panel (USD): keep in line with l2cache.status
-PRICE_GIB_SECOND = 0.0000025
-PRICE_VCPU_SECOND = 0.000024
+from l2cache.cost import PRICES
+from l2cache.slo import SloTargets
+
+RUN = 'resource.type="cloud_run_revision"'
+FN = 'resource.label."service_name"'
+USER = "logging.googleapis.com/user/"
+
+
+def _labels(*names: str) -> tuple[list, dict]:
+    descriptors = [
+        gcp.logging.MetricMetricDescriptorLabelArgs(key=n, value_type="STRING") for n in names
+    ]
+    return descriptors, {n: f"EXTRACT(jsonPayload.{n})" for n in names}
+
+
+def _seconds_buckets():
+    # 0.01 s .. ~5.8 h in 26 doubling buckets: covers a lookup and a slow chunk alike
+    return gcp.logging.MetricBucketOptionsArgs(
+        exponential_buckets=gcp.logging.MetricBucketOptionsExponentialBucketsArgs(
+            num_finite_buckets=26, growth_factor=2, scale=0.01
+        )
+    )
+
+
+# name -> (description, filter on the structured line, labels, value field or None)
+LOG_METRICS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
+    "l2cache_chunks": (
+        "chunk attempts by outcome (done / failed / retrying / skipped)",
+        'jsonPayload.l2cache="chunk"',
+        ("status", "dataset"),
+        None,
+    ),
+    "l2cache_chunk_seconds": (
+        "compute seconds of each chunk done",
+        'jsonPayload.l2cache="chunk" AND jsonPayload.status="done"',
+        ("dataset",),
+        "duration_s",
+    ),
+    "l2cache_chunk_attempts": (
+        "attempt number of each chunk that finished (more than 1 = retried)",
+        'jsonPayload.l2cache="chunk" AND jsonPayload.status=("done" OR "failed")',
+        ("dataset",),
+        "attempts",
+    ),
+    "l2cache_edit_latency": (
+        "edit-to-available seconds: values written minus PCG's publish time",
+        'jsonPayload.l2cache="event" AND jsonPayload.latency_s>=0',
+        ("dataset",),
+        "latency_s",
+    ),
+    "l2cache_events": (
+        "edit and missing-id deliveries by outcome",
+        'jsonPayload.l2cache="event"',
+        ("status", "dataset"),
+        None,
+    ),
+    "l2cache_lookups": (
+        "lookup requests by outcome",
+        'jsonPayload.l2cache="lookup"',
+        ("status", "dataset"),
+        None,
+    ),
+}
+
+
+def log_metrics(cfg: StackConfig) -> dict[str, gcp.logging.Metric]:
+    """One log-based metric per entry of LOG_METRICS (counters, or distributions)."""
+    out = {}
+    for name, (description, flt, labels, value) in LOG_METRICS.items():
+        descriptors, extractors = _labels(*labels)
+        kwargs = {}
+        if value is not None:
+            kwargs = {
+                "value_extractor": f"EXTRACT(jsonPayload.{value})",
+                "bucket_options": _seconds_buckets(),
+            }
+        out[name] = gcp.logging.Metric(
+            name,
+            name=name,
+            project=cfg.project,
+            description=description,
+            filter=f"{RUN} AND {flt}",
+            metric_descriptor=gcp.logging.MetricMetricDescriptorArgs(
+                metric_kind="DELTA",
+                value_type="DISTRIBUTION" if value is not None else "INT64",
+                unit="s" if value in ("duration_s", "latency_s") else "1",
+                labels=descriptors,
+                display_name=name,
+            ),
+            label_extractors=extractors,
+            **kwargs,
+        )
+    return out
+
+
+def slo_targets(cfg: StackConfig) -> SloTargets:
+    """The dataset map's top-level ``slo:`` targets (what the panels' thresholds show)."""
+    return SloTargets.from_mapping(cfg.datasets.get("slo") or {})
+
+
+def _series(filter_: str, aligner: str, reducer: str, group_by: list[str] | None, legend=""):
+    return {
+        "timeSeriesQuery": {
+            "timeSeriesFilter": {
+                "filter": filter_,
+                "aggregation": {
+                    "alignmentPeriod": "60s",
+                    "perSeriesAligner": aligner,
+                    "crossSeriesReducer": reducer,
+                    "groupByFields": group_by or [],
+                },
+            }
+        },
+        "plotType": "LINE",
+        "legendTemplate": legend,
+    }
 
 
 def _chart(
@@ -18,37 +142,101 @@ def _chart(
     aligner: str = "ALIGN_RATE",
     reducer: str = "REDUCE_SUM",
     group_by: list[str] | None = None,
+    thresholds: list[dict] | None = None,
+    extra: list[dict] | None = None,
 ) -> dict:
-    return {
-        "title": title,
-        "xyChart": {
-            "dataSets": [
-                {
-                    "timeSeriesQuery": {
-                        "timeSeriesFilter": {
-                            "filter": filter_,
-                            "aggregation": {
-                                "alignmentPeriod": "60s",
-                                "perSeriesAligner": aligner,
-                                "crossSeriesReducer": reducer,
-                                "groupByFields": group_by or [],
-                            },
-                        }
-                    },
-                    "plotType": "LINE",
-                }
-            ]
+    chart: dict = {"dataSets": [_series(filter_, aligner, reducer, group_by), *(extra or [])]}
+    if thresholds:
+        chart["thresholds"] = thresholds
+    return {"title": title, "xyChart": chart}
+
+
+def _threshold(value: float | None, label: str, direction: str = "ABOVE") -> list[dict]:
+    if value is None:
+        return []
+    return [{"value": float(value), "label": label, "color": "RED", "direction": direction}]
+
+
+def _target(value, unit: str) -> str:
+    return "no target" if value is None else f"{value:g} {unit}".strip()
+
+
+def slo_tiles(t: SloTargets) -> list[dict]:
+    """The SLO panels, from the structured logs, with the map's targets as thresholds."""
+    chunks = f'metric.type="{USER}l2cache_chunks"'
+    p50 = "ALIGN_PERCENTILE_50"
+    per_s = None if t.throughput_chunks_per_h is None else t.throughput_chunks_per_h / 3600
+    latency = f'metric.type="{USER}l2cache_edit_latency"'
+    return [
+        _chart(
+            f"SLO throughput: chunks done per second "
+            f"(target >= {_target(t.throughput_chunks_per_h, 'chunks/h')})",
+            f'{chunks} AND metric.label."status"="done"',
+            thresholds=_threshold(per_s, "throughput target", "BELOW"),
+        ),
+        _chart(
+            f"SLO failures and retries: chunk attempts by outcome (failure rate <= "
+            f"{_target(t.max_failure_rate, '')}, retry rate <= {_target(t.max_retry_rate, '')})",
+            chunks,
+            group_by=['metric.label."status"'],
+        ),
+        _chart(
+            "SLO retries: attempt number of finished chunks (p95; 1 = no retry)",
+            f'metric.type="{USER}l2cache_chunk_attempts"',
+            aligner="ALIGN_PERCENTILE_95",
+            reducer="REDUCE_MAX",
+        ),
+        _chart(
+            f"SLO edit-to-available p50 / p95 (s) (targets {_target(t.edit_p50_s, 's')} / "
+            f"{_target(t.edit_p95_s, 's')})",
+            latency,
+            aligner="ALIGN_PERCENTILE_95",
+            reducer="REDUCE_MAX",
+            thresholds=_threshold(t.edit_p95_s, "p95 target")
+            + _threshold(t.edit_p50_s, "p50 target"),
+            extra=[_series(latency, p50, "REDUCE_MAX", None, "p50")],
+        ),
+        _chart(
+            "compute seconds per chunk (p50, from the chunk lines)",
+            f'metric.type="{USER}l2cache_chunk_seconds"',
+            aligner=p50,
+            reducer="REDUCE_MAX",
+        ),
+        _chart(
+            "edits and missing ids by outcome",
+            f'metric.type="{USER}l2cache_events"',
+            group_by=['metric.label."status"'],
+        ),
+        _chart(
+            "lookups by outcome",
+            f'metric.type="{USER}l2cache_lookups"',
+            group_by=['metric.label."status"'],
+        ),
+        {
+            "title": "SLOs measured from the runs ledger",
+            "text": {
+                "format": "MARKDOWN",
+                "content": (
+                    "Per run, from the runs ledger (`l2cache status DATASET RUN`, "
+                    "`l2cache dashboard DATASET`):\n\n"
+                    f"- time to recover a failed chunk: target {_target(t.max_recover_s, 's')}\n"
+                    f"- QC pass: {'required' if t.qc_pass else 'no target'}\n"
+                    f"- cost envelope: {_target(t.max_usd_per_mm3, 'USD per mm^3')}\n\n"
+                    f"Prices (l2cache.cost): ${PRICES.gib_second}/GiB-s, "
+                    f"${PRICES.vcpu_second}/vCPU-s, ${PRICES.bigtable_row}/row written, "
+                    f"${PRICES.task}/task."
+                ),
+            },
         },
-    }
+    ]
 
 
 def dashboard_json(cfg: StackConfig) -> str:
-    run = 'resource.type="cloud_run_revision"'
-    fn = 'resource.label."service_name"'
     tiles = [
+        *slo_tiles(slo_targets(cfg)),
         _chart(
-            "compute_chunk requests/s (throughput)",
-            f'{run} AND {fn}="l2cache-compute-chunk" AND metric.type="run.googleapis.com/request_count"',
+            "compute_chunk requests/s",
+            f'{RUN} AND {FN}="l2cache-compute-chunk" AND metric.type="run.googleapis.com/request_count"',
             group_by=["metric.label.response_code_class"],
         ),
         _chart(
@@ -63,7 +251,7 @@ def dashboard_json(cfg: StackConfig) -> str:
         ),
         _chart(
             "lookup latency p95 (ms)",
-            f'{run} AND {fn}="l2cache-lookup" AND metric.type="run.googleapis.com/request_latencies"',
+            f'{RUN} AND {FN}="l2cache-lookup" AND metric.type="run.googleapis.com/request_latencies"',
             aligner="ALIGN_PERCENTILE_95",
             reducer="REDUCE_MAX",
         ),
@@ -72,10 +260,10 @@ def dashboard_json(cfg: StackConfig) -> str:
             'resource.type="pubsub_topic" AND metric.type="pubsub.googleapis.com/topic/send_message_operation_count" AND resource.label."topic_id"="l2cache-dead-letter"',
         ),
         _chart(
-            f"estimated compute cost: billable instance seconds x (GiB x ${PRICE_GIB_SECOND}"
-            f" + ${PRICE_VCPU_SECOND}) per s",
-            f'{run} AND metric.type="run.googleapis.com/container/billable_instance_time"',
-            group_by=[fn],
+            f"estimated compute cost: billable instance seconds x (GiB x ${PRICES.gib_second}"
+            f" + vCPU x ${PRICES.vcpu_second}) per s",
+            f'{RUN} AND metric.type="run.googleapis.com/container/billable_instance_time"',
+            group_by=[FN],
         ),
     ]
     layout = {"displayName": "l2cache", "gridLayout": {"columns": "2", "widgets": tiles}}
@@ -83,6 +271,12 @@ def dashboard_json(cfg: StackConfig) -> str:
 
 
 def dashboard(cfg: StackConfig) -> gcp.monitoring.Dashboard:
+    """The log-based metrics, then the dashboard that charts them (it depends on them:
+    a chart of a user metric that does not exist yet shows nothing)."""
+    metrics = log_metrics(cfg)
     return gcp.monitoring.Dashboard(
-        "dashboard", dashboard_json=dashboard_json(cfg), project=cfg.project
+        "dashboard",
+        dashboard_json=dashboard_json(cfg),
+        project=cfg.project,
+        opts=pulumi.ResourceOptions(depends_on=list(metrics.values())),
     )

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from . import logs
 from .config import L2CacheConfig
 from .failures import BadRequest, PermanentError, describe, gave_up
 from .lineage import code_revision, utc_now
@@ -108,6 +109,7 @@ def runs_ledger(config: L2CacheConfig) -> RunLedger:
     return RunLedger(instance.table(config.runs_table_id))
 
 
+@logs.event
 def handle_message(
     config: L2CacheConfig,
     data: bytes,

@@ -21,6 +21,7 @@ from datetime import datetime
 import numpy as np
 
 from . import ids as idlib
+from . import logs
 from .chunk_labels import ChunkLabels, labels_from_supervoxels
 from .config import DatasetConfig, L2CacheConfig
 from .failures import (
@@ -110,6 +111,7 @@ def chunk_id(ctx: DatasetContext, coords) -> int:
     return int(idlib.chunk_id_from_coords(2, np.asarray(coords)[None], ctx.dataset.spatial_bits)[0])
 
 
+@logs.chunk
 def compute_chunk(
     ctx: DatasetContext,
     run: RunRecord,

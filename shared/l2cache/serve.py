@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from . import __version__
+from . import __version__, logs
 from . import ids as idlib
 from .attributes import ATTRIBUTE_NAMES
 from .config import L2CacheConfig, UnknownDatasetError, load_config
@@ -224,6 +224,7 @@ class LookupService:
             self._stores[dataset] = self._store_factory(dataset)
         return self._stores[dataset]
 
+    @logs.lookup
     def handle(
         self,
         method: str,

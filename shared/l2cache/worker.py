@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import logs
 from .config import L2CacheConfig, UnknownDatasetError
 from .failures import BadRequest, PermanentError, describe, gave_up
 from .ingest import DEFAULT_BATCH, plan_task, region_size
@@ -158,6 +159,7 @@ def handle_task(
         return 503, {"error": describe(exc)}
 
 
+@logs.ids_task
 def _ids_task(ctx, run, task: dict, attempt: int, last: bool) -> tuple[int, dict]:
     """Recompute one chunk's ids of a stream event; record the chunk under the event."""
     from datetime import UTC, datetime

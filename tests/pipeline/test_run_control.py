@@ -8,6 +8,7 @@ crop in 8 chunks.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -96,6 +97,18 @@ def test_pause_stops_dispatch_and_resume_finishes_the_run(env, capsys):
     assert code == 0 and ": running," in out
     st = watch(ledger, run.run_id, interval=0.2, timeout=240, cfg=config)
     assert (st.done, st.failed) == (N_CHUNKS, 0)
+
+    # the worker logged one structured line per chunk (what the log-based metrics read)
+    log = env["stack"].dir / "logs" / "function-compute_chunk.log"
+    lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+    mine = [e for e in lines if e.get("l2cache") == "chunk" and e["run_id"] == run.run_id]
+    assert sorted(tuple(e["chunk"]) for e in mine) == sorted(
+        tuple(r["coords"]) for r in ledger.chunk_rows(run.run_id)
+    )
+    assert {(e["status"], e["severity"], e["dataset"], e["attempts"]) for e in mine} == {
+        ("done", "INFO", DATASET, 1)
+    }
+    assert all(e["duration_s"] > 0 for e in mine)
 
     code, out = cli(capsys, "status", DATASET, run.run_id, "--config", env["path"])
     assert code == 0

@@ -1,0 +1,180 @@
+"""Structured logs: one JSON line per chunk, stream event and lookup.
+
+Cloud Run (functions gen2) turns a JSON line on stdout into a structured log entry:
+``severity`` becomes the entry's severity, ``message`` its summary and every other key
+a ``jsonPayload`` field. infra/monitoring.py defines log-based metrics on these
+fields (``jsonPayload.l2cache`` = ``chunk`` | ``event`` | ``lookup``), so the Cloud
+Monitoring dashboard shows the SLOs ``l2cache status`` computes from the ledger:
+throughput and failures (chunk lines by status), retries (``attempts``), compute time
+(``duration_s``), edit-to-available latency (event lines' ``latency_s``) and lookups.
+
+The entry points are decorators, so each instrumented function needs one added line.
+A logging failure never changes what the function returns or raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+SEVERITY = {
+    "done": "INFO",
+    "skipped": "INFO",
+    "ok": "INFO",
+    "fanned_out": "INFO",
+    "ignored": "INFO",
+    "retrying": "WARNING",
+    "partial": "WARNING",
+    "failed": "ERROR",
+    "dead_lettered": "ERROR",
+    "rejected": "ERROR",
+    "error": "ERROR",
+}
+FIELDS = ("dataset", "run_id", "chunk", "status", "duration_s", "attempts", "error")
+_TABLE = re.compile(r"/table/([^/]+)/")
+
+
+def emit(kind: str, stream=None, **fields: Any) -> dict:
+    """Write one structured line (``kind`` = chunk | event | lookup); returns it."""
+    status = fields.get("status")
+    entry: dict[str, Any] = {
+        "severity": fields.pop("severity", None) or SEVERITY.get(str(status), "INFO"),
+        "message": f"l2cache {kind} {status}",
+        "l2cache": kind,
+        **{k: fields.get(k) for k in FIELDS},
+        **{k: v for k, v in fields.items() if k not in FIELDS},
+    }
+    if entry.get("error") is not None:
+        entry["error"] = str(entry["error"])[:2000]
+    try:
+        print(json.dumps(entry, default=str, sort_keys=True), file=stream or sys.stdout, flush=True)
+    except Exception:  # noqa: BLE001 - a log line must never fail the work it describes
+        pass
+    return entry
+
+
+def chunk(fn):
+    """``pipeline.compute_chunk(ctx, run, coords, ...)``: one line per chunk attempt."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, run, coords, *args, **kwargs):
+        t0 = time.perf_counter()
+        base = {
+            "dataset": ctx.dataset.name,
+            "run_id": run.run_id,
+            "chunk": [int(c) for c in coords],
+        }
+        try:
+            out = fn(ctx, run, coords, *args, **kwargs)
+        except Exception as exc:
+            emit(
+                "chunk",
+                **base,
+                status="retrying",
+                error=repr(exc),
+                duration_s=round(time.perf_counter() - t0, 4),
+            )
+            raise
+        emit(
+            "chunk",
+            **base,
+            status=out.get("status"),
+            attempts=out.get("attempt"),
+            error=out.get("error"),
+            l2_count=out.get("l2_count"),
+            duration_s=round(time.perf_counter() - t0, 4),
+        )
+        return out
+
+    return wrapper
+
+
+def ids_task(fn):
+    """``worker._ids_task(ctx, run, task, attempt, last)``: one line per event chunk."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, run, task, attempt, *args, **kwargs):
+        t0 = time.perf_counter()
+        code, body = fn(ctx, run, task, attempt, *args, **kwargs)
+        status = body.get("status") or ("done" if code < 300 else "retrying")
+        emit(
+            "chunk",
+            dataset=ctx.dataset.name,
+            run_id=run.run_id,
+            chunk=task.get("chunk"),
+            status=status,
+            attempts=attempt,
+            error=body.get("error"),
+            event_key=task.get("event_key"),
+            duration_s=round(time.perf_counter() - t0, 4),
+        )
+        return code, body
+
+    return wrapper
+
+
+def event(fn):
+    """``messages.handle_message(config, data, attributes, message_id, ...)``: one line per
+    delivery, with ``latency_s`` = now - PCG's publish time once the values are written."""
+
+    @functools.wraps(fn)
+    def wrapper(config, data, attributes, message_id, *args, **kwargs):
+        t0 = time.perf_counter()
+        base = {"dataset": (attributes or {}).get("table_id"), "message_id": message_id}
+        try:
+            out = fn(config, data, attributes, message_id, *args, **kwargs)
+        except Exception as exc:
+            emit(
+                "event",
+                **base,
+                status="retrying",
+                error=repr(exc),
+                duration_s=round(time.perf_counter() - t0, 4),
+            )
+            raise
+        published = kwargs.get("publish_time", args[1] if len(args) > 1 else None)
+        latency = None
+        if published is not None and out.get("status") in ("ok", "partial"):
+            if published.tzinfo is None:
+                published = published.replace(tzinfo=UTC)
+            latency = round((datetime.now(UTC) - published).total_seconds(), 4)
+        emit(
+            "event",
+            **base,
+            status=out.get("status"),
+            error=out.get("reason"),
+            written=out.get("written"),
+            latency_s=latency,
+            duration_s=round(time.perf_counter() - t0, 4),
+        )
+        return out
+
+    return wrapper
+
+
+def lookup(fn):
+    """``LookupService.handle(self, method, path, ...)``: one line per request."""
+
+    @functools.wraps(fn)
+    def wrapper(self, method, path, *args, **kwargs):
+        t0 = time.perf_counter()
+        response = fn(self, method, path, *args, **kwargs)
+        m = _TABLE.search(path or "")
+        code = int(getattr(response, "status", 0))
+        emit(
+            "lookup",
+            dataset=m.group(1) if m else None,
+            http_status=code,
+            status="ok" if code < 400 else "error" if code >= 500 else "rejected",
+            severity="ERROR" if code >= 500 else "INFO",
+            missing_ids=(getattr(response, "headers", {}) or {}).get("X-L2Cache-Missing-Ids"),
+            duration_s=round(time.perf_counter() - t0, 4),
+        )
+        return response
+
+    return wrapper
