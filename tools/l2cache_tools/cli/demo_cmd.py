@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         step("QC of the bulk run against the graph at its snapshot; promoted as a release")
         if not qc_and_release(config, ctx, run.run_id, directory):
             return 1
+
+        # operating the run (issue 12): SLOs and cost from the ledger, the dashboard
+        step("SLOs and cost of the bulk run; the dashboard (one self-contained HTML page)")
+        operations(stack.config_path, run.run_id, directory)
     step(f"stack stopped; demo took {time.perf_counter() - t0:.0f}s")
     return 0
 
@@ -150,6 +154,45 @@ def qc_and_release(config, ctx, run_id: str, directory: Path) -> bool:
     release = promote(ctx.ledger, NAME, run_id)
     print(f"  run {run_id} is release {release['release']} of {NAME}")
     return True
+
+
+# demo targets for the dataset map's ``slo:`` section (a deployment sets its own)
+DEMO_SLO = {
+    "throughput_chunks_per_h": 1000,
+    "max_failure_rate": 0.01,
+    "max_retry_rate": 0.05,
+    "max_recover_s": 600,
+    "edit_p50_s": 10,
+    "edit_p95_s": 30,
+    "qc_pass": True,
+    "max_usd_per_mm3": 5000,
+}
+
+
+def operations(config_path: Path, run_id: str, directory: Path) -> Path:
+    """Put SLO targets in the map, print the run's cost and SLO verdicts, write the
+    dashboard and print its path."""
+    import yaml
+
+    from l2cache.config import load_config
+    from l2cache.pipeline import dataset_context
+    from l2cache.slo import run_slos
+    from l2cache_tools.dashboard import write_dashboard
+
+    from .ingest_cmd import _prices, current_status, print_cost, print_slos
+
+    raw = yaml.safe_load(config_path.read_text())
+    raw["slo"] = DEMO_SLO
+    config_path.write_text(yaml.safe_dump(raw))
+    config = load_config(config_path)
+    ctx = dataset_context(config, NAME)
+    prices = _prices(ctx)
+    st = current_status(ctx.ledger, run_id, config, prices)
+    print_cost(st.cost)
+    print_slos(run_slos(ctx.ledger, ctx.dataset, config.slo_for(NAME), run_id, st, prices))
+    path = write_dashboard(config, NAME, directory / "dashboard.html").resolve()
+    print(f"  dashboard: {path}")
+    return path
 
 
 def stack_graph_table(config, ctx):
