@@ -294,7 +294,7 @@ def _qc(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: qc: {exc}") from None
     out = {}
     for name, entry in datasets_raw.items():
-        own = _section(entry, "qc", f"{source}: dataset {name!r}") if isinstance(entry, Mapping) else {}
+        own = _section(entry, "qc", f"{source}: dataset {name!r}")  # entries checked above
         try:
             out[str(name)] = QcThresholds.from_mapping(own, base=top)
         except ValueError as exc:
