@@ -10,15 +10,18 @@ import json
 import functions_framework
 
 from l2cache.config import load_config
+from l2cache.pubsub_client import dead_letter_publisher
 from l2cache.worker import handle_task
 
-_config = None
+_state: dict = {}
 
 
 @functions_framework.http
 def compute_chunk(request):
-    global _config
-    if _config is None:
-        _config = load_config()
-    status, summary = handle_task(_config, request.get_data(), request.headers)
+    if "config" not in _state:
+        _state["config"] = load_config()
+        _state["dead_letter"] = dead_letter_publisher(_state["config"])
+    status, summary = handle_task(
+        _state["config"], request.get_data(), request.headers, dead_letter=_state["dead_letter"]
+    )
     return json.dumps(summary), status, {"Content-Type": "application/json"}

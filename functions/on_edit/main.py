@@ -12,24 +12,14 @@ import functions_framework
 
 from l2cache.config import load_config
 from l2cache.messages import handle_message, parse_publish_time
+from l2cache.pubsub_client import dead_letter_publisher
 
 _state: dict = {}
 
 
 def _dead_letter():
     if "dead_letter" not in _state:
-        config = _state["config"]
-        ps = config.pubsub
-        if not (ps and ps.dead_letter_topic):
-            _state["dead_letter"] = None
-        else:
-            from google.cloud import pubsub_v1
-
-            client = pubsub_v1.PublisherClient()
-            topic = client.topic_path(ps.project, ps.dead_letter_topic)
-            _state["dead_letter"] = lambda data, attrs: client.publish(topic, data, **attrs).result(
-                timeout=30
-            )
+        _state["dead_letter"] = dead_letter_publisher(_state["config"])
     return _state["dead_letter"]
 
 

@@ -109,6 +109,22 @@ class RowReader:
                 return True
         return False
 
+    def keys_in_range(self, start_key: bytes, end_key: bytes) -> list[bytes]:
+        """Every row key in ``[start_key, end_key)``, values stripped (keys only)."""
+        req = _ReadRowsRequest(table_name=self.table_name)
+        rng = req.rows.row_ranges.add()
+        rng.start_key_closed = start_key
+        rng.end_key_open = end_key
+        chain = req.filter.chain.filters
+        chain.add().cells_per_row_limit_filter = 1
+        chain.add().strip_value_transformer = True
+        keys: list[bytes] = []
+        for response in self._call(req):
+            for chunk in response.chunks:
+                if chunk.row_key and (not keys or keys[-1] != chunk.row_key):
+                    keys.append(chunk.row_key)
+        return keys
+
     def _request(self, keys, families, qualifiers, until_micros=None):
         """ReadRows request; Bigtable wants chains and interleaves of >= 2 filters."""
         req = _ReadRowsRequest(table_name=self.table_name)

@@ -22,8 +22,9 @@ DEADLINE_S = 60.0  # the client library retries failed rows with backoff up to t
 class WriteError(RuntimeError):
     """Rows that could not be written; ``failed`` maps row key -> reason."""
 
-    def __init__(self, what: str, failed: dict[bytes, str]) -> None:
+    def __init__(self, what: str, failed: dict[bytes, str], codes: set[int] | None = None) -> None:
         self.failed = failed
+        self.codes = codes or set()  # gRPC codes of the failed rows (empty: the RPC failed)
         sample = ", ".join(
             f"{k.decode(errors='replace')}: {v}" for k, v in list(failed.items())[:3]
         )
@@ -42,6 +43,7 @@ def write_rows(
     """
     rows = list(rows)
     failed: dict[bytes, str] = {}
+    codes: set[int] = set()
     retry = DEFAULT_RETRY.with_deadline(deadline_s)
     for start in range(0, len(rows), BATCH_ROWS):
         batch = rows[start : start + BATCH_ROWS]
@@ -54,6 +56,7 @@ def write_rows(
         for row, status in zip(batch, statuses, strict=True):
             if status.code != 0:
                 failed[row.row_key] = status.message or f"code {status.code}"
+                codes.add(status.code)
     if failed:
-        raise WriteError(what, failed)
+        raise WriteError(what, failed, codes)
     return len(rows)

@@ -51,7 +51,13 @@ class CorruptInput(PermanentError):
 
 
 class InconsistentInput(PermanentError):
-    """Supervoxels and the graph disagree (no L2 parent, or a parent in another chunk)."""
+    """Supervoxels and the graph disagree (no L2 parent, a parent in another chunk, or
+    supervoxels the graph has that the segmentation lacks). ``counts`` (unmapped_sv,
+    stray_ids, missing_sv) go into the ledger row with the reason."""
+
+    def __init__(self, message: str, **counts: int) -> None:
+        super().__init__(message)
+        self.counts = counts
 
 
 class RevisionMismatch(PermanentError):
@@ -59,8 +65,52 @@ class RevisionMismatch(PermanentError):
 
 
 def classify(exc: BaseException) -> str:
-    """``"permanent"`` or ``"transient"`` for any exception."""
-    return PERMANENT if isinstance(exc, PermanentError) else TRANSIENT
+    """``"permanent"`` or ``"transient"`` for any exception.
+
+    Besides :class:`PermanentError`, Google API answers that no retry can change are
+    permanent: a missing table (NOT_FOUND), a refused grant (PERMISSION_DENIED) and a
+    malformed request (INVALID_ARGUMENT), whether raised directly or as the cause of a
+    failed checked write.
+    """
+    if isinstance(exc, PermanentError):
+        return PERMANENT
+    from google.api_core import exceptions as api
+
+    final = (api.NotFound, api.PermissionDenied, api.InvalidArgument)
+    if isinstance(exc, final) or isinstance(exc.__cause__, final):
+        return PERMANENT
+    codes = getattr(exc, "codes", None)  # a WriteError: per-row status codes
+    if codes and all(code in FINAL_ROW_CODES for code in codes):
+        return PERMANENT
+    return TRANSIENT
+
+
+# gRPC status codes of a row that no retry can change: INVALID_ARGUMENT, NOT_FOUND,
+# PERMISSION_DENIED
+FINAL_ROW_CODES = frozenset({3, 5, 7})
+# Pub/Sub attribute limits: at most 100 attributes, values at most 1024 bytes.
+MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTE_BYTES = 1024
+
+
+def dead_letter_attributes(attributes: dict, reason: str, message_id: str) -> dict[str, str]:
+    """The original attributes plus the reason, within Pub/Sub's limits.
+
+    A dead-letter publish that Pub/Sub refuses would turn a recorded permanent failure
+    into a 5xx loop, so the reason is cut to 1,024 UTF-8 bytes and the copied
+    attributes to what fits beside the two added ones.
+    """
+    out = {str(k)[:256]: _cut(str(v)) for k, v in list(attributes.items())[: MAX_ATTRIBUTES - 2]}
+    out["dead_letter_reason"] = _cut(reason)
+    out["original_message_id"] = _cut(message_id)
+    return out
+
+
+def _cut(text: str, limit: int = MAX_ATTRIBUTE_BYTES) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode(errors="ignore")
 
 
 def describe(exc: BaseException) -> str:

@@ -43,6 +43,10 @@ class GraphReader(Protocol):
         "empty chunk" and "lost input".
         """
 
+    def chunk_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> np.ndarray | None:
+        """Every supervoxel the graph has in this chunk (None: cannot tell), so a chunk
+        whose segmentation lost some of them is caught before it is written."""
+
 
 def decode_children(cell: bytes) -> np.ndarray:
     """A ``children`` cell: raw or zstd-compressed little-endian uint64 array."""
@@ -114,11 +118,19 @@ class BigtableGraphReader:
         Supervoxel ids of a chunk share its layer-1 chunk id in their high bits, so
         their ``%020d`` keys form one contiguous range.
         """
-        first = int(idlib.chunk_id_from_coords(1, np.asarray(chunk_coords)[None], spatial_bits)[0])
-        seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(np.array([1]))[0])
-        return self.reader.any_in_range(
-            idlib.row_key(first), idlib.row_key(first + (1 << seg_bits))
-        )
+        return self.reader.any_in_range(*_layer1_range(chunk_coords, spatial_bits))
+
+    def chunk_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> np.ndarray:
+        """Every supervoxel id the graph has in this atomic chunk (a keys-only range read)."""
+        keys = self.reader.keys_in_range(*_layer1_range(chunk_coords, spatial_bits))
+        return np.array([int(k) for k in keys], dtype=np.uint64)
+
+
+def _layer1_range(chunk_coords, spatial_bits: idlib.SpatialBits) -> tuple[bytes, bytes]:
+    """Row-key range of a chunk's supervoxels: they share its layer-1 chunk id."""
+    first = int(idlib.chunk_id_from_coords(1, np.asarray(chunk_coords)[None], spatial_bits)[0])
+    seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(np.array([1]))[0])
+    return idlib.row_key(first), idlib.row_key(first + (1 << seg_bits))
 
 
 class GrapheneGraphReader:
@@ -142,6 +154,10 @@ class GrapheneGraphReader:
 
     def has_supervoxels(self, chunk_coords, spatial_bits) -> None:
         """A PCG server offers no cheap "is this chunk empty" query: cannot tell."""
+        return None
+
+    def chunk_supervoxels(self, chunk_coords, spatial_bits) -> None:
+        """Nor a list of a chunk's supervoxels: the graph-side check is skipped."""
         return None
 
     def l2_children(self, l2_ids: np.ndarray) -> dict[int, np.ndarray]:

@@ -89,7 +89,15 @@ def start_ingest(
 
     if config.tasks is None:
         raise ValueError("the dataset map has no 'tasks' section: nowhere to enqueue")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive number of chunks per task, got {batch!r}")
     ctx = dataset_context(config, dataset_name)
+    if ctx.dataset.existing_cache_table:
+        raise ValueError(
+            f"dataset {dataset_name!r} is served from an existing cache table "
+            f"({ctx.dataset.cache_table_id}) that l2cache does not write; point "
+            "cache_table_id at a new table to ingest"
+        )
     if resume_run:
         run = ctx.ledger.get_run(resume_run)
         generation = "resume" + utc_now().strftime("%Y%m%dT%H%M%S%f")

@@ -39,9 +39,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from . import ids as idlib
 from . import logs
 from .config import L2CacheConfig
-from .failures import BadRequest, PermanentError, describe, gave_up
+from .failures import BadRequest, PermanentError, dead_letter_attributes, describe, gave_up
 from .lineage import code_revision, utc_now
 from .pipeline import compute_l2_ids, dataset_context, group_by_chunk
 from .runs import RunLedger, new_run
@@ -127,13 +128,7 @@ def handle_message(
         if dead_letter is None:
             return
         dead_letter(
-            payload,
-            {
-                **attributes,
-                **(extra or {}),
-                "dead_letter_reason": reason[:1000],
-                "original_message_id": message_id,
-            },
+            payload, dead_letter_attributes({**attributes, **(extra or {})}, reason, message_id)
         )
 
     try:
@@ -164,6 +159,28 @@ def handle_message(
     attempt = ctx.ledger.event_delivered(run.run_id, key)
     max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
     not_layer2, groups = group_by_chunk(ctx.dataset, request.l2ids)
+    if not_layer2:  # never computable: reported now, the rest still runs
+        ids = np.unique(request.l2ids)
+        bad = ids[idlib.get_layer(ids) != 2].astype("<u8")
+        to_dead_letter(
+            f"{bad.size} of {request.l2ids.size} ids are not layer-2 (L2) ids",
+            payload=bad.tobytes(),
+            extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
+        )
+    if not groups:
+        _record(
+            ctx,
+            run,
+            key,
+            request,
+            message_id,
+            when,
+            attempt,
+            status="dead_lettered",
+            not_layer2=not_layer2,
+            written=0,
+        )
+        return {"status": "dead_lettered", "reason": "no layer-2 ids", "not_layer2": not_layer2}
     if config.tasks is not None and len(groups) > INLINE_MAX_CHUNKS:
         return _fan_out(
             config, ctx, run, key, request, message_id, when, attempt, groups, to_dead_letter
@@ -204,6 +221,7 @@ def handle_message(
         not_found=len(result["not_found"]),
         not_found_sample=result["not_found"][:10],
         failed_ids=sum(len(f["ids"]) for f in result["failed"]),
+        not_layer2=not_layer2,
         errors=[f["error"] for f in result["failed"]][:10],
     )
     return {"status": status, **result}

@@ -31,7 +31,6 @@ from .failures import (
     classify,
     describe,
     gave_up,
-    is_last_attempt,
 )
 from .features import compute_features
 from .graph import GraphReader, make_graph_reader
@@ -82,7 +81,25 @@ def load_chunk_l2(ctx: DatasetContext, coords, timestamp: datetime | None) -> Ch
     )
     chunk = labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, timestamp))
     check_consistency(ctx, chunk, coords, timestamp)
+    check_complete(ctx, chunk, coords)
     return chunk
+
+
+def check_complete(ctx: DatasetContext, chunk: ChunkLabels, coords) -> None:
+    """Every supervoxel the graph has in the chunk must be in its segmentation: a file
+    that decodes but lost part of its content (zeroed, truncated rewrite) would
+    otherwise be written as done with partial features."""
+    expected = ctx.graph.chunk_supervoxels(coords, ctx.dataset.spatial_bits)
+    if expected is None:
+        return
+    absent = np.setdiff1d(expected, chunk.sv_ids, assume_unique=True)
+    if absent.size:
+        raise InconsistentInput(
+            f"chunk {tuple(coords)}: {absent.size} of the graph's {expected.size} supervoxels "
+            f"are absent from the segmentation (e.g. {absent[:3].tolist()}); the input is "
+            "incomplete",
+            missing_sv=int(absent.size),
+        )
 
 
 def check_consistency(ctx: DatasetContext, chunk: ChunkLabels, coords, timestamp) -> None:
@@ -92,7 +109,8 @@ def check_consistency(ctx: DatasetContext, chunk: ChunkLabels, coords, timestamp
         sample = chunk.sv_ids[chunk.parents == 0][:3].tolist()
         raise InconsistentInput(
             f"chunk {tuple(coords)}: {chunk.unmapped_sv} of {chunk.sv_ids.size} supervoxels "
-            f"have no L2 parent in the graph at {at} (e.g. {sample})"
+            f"have no L2 parent in the graph at {at} (e.g. {sample})",
+            unmapped_sv=chunk.unmapped_sv,
         )
     l2 = chunk.l2_ids
     if l2.size == 0:
@@ -103,7 +121,8 @@ def check_consistency(ctx: DatasetContext, chunk: ChunkLabels, coords, timestamp
     if stray.size:
         raise InconsistentInput(
             f"chunk {tuple(coords)}: {stray.size} L2 parents are not layer-2 nodes of this "
-            f"chunk (e.g. {stray[:3].tolist()}); the graph and the segmentation disagree"
+            f"chunk (e.g. {stray[:3].tolist()}); the graph and the segmentation disagree",
+            stray_ids=int(stray.size),
         )
 
 
@@ -116,13 +135,13 @@ def compute_chunk(
     ctx: DatasetContext,
     run: RunRecord,
     coords,
-    max_attempts: int | None = None,
     last_attempt: bool = False,
+    task_attempt: int | None = None,
 ) -> dict:
     """Compute and write every L2 node of one chunk; record the outcome in the ledger.
 
-    Returns the outcome for a permanent failure or a transient one on the last attempt
-    (``last_attempt``, or the chunk's own attempt count reaching ``max_attempts``);
+    Returns the outcome for a permanent failure, or a transient one on the task's last
+    attempt (``last_attempt``, from the transport; ``task_attempt`` is its number);
     re-raises any other transient failure after recording it as ``retrying``.
     """
     cid = chunk_id(ctx, coords)
@@ -135,10 +154,11 @@ def compute_chunk(
         written = ctx.store.write_features(feats, run.lineage(chunk.checksum))
     except Exception as exc:
         permanent = classify(exc) == PERMANENT
-        if permanent or last_attempt or is_last_attempt(attempt, max_attempts):
-            reason = describe(exc) if permanent else gave_up(attempt, exc)
+        if permanent or last_attempt:
+            reason = describe(exc) if permanent else gave_up(task_attempt or attempt, exc)
+            counts = getattr(exc, "counts", {})  # unmapped / stray / missing supervoxels
             ctx.ledger.chunk_finished(
-                run.run_id, cid, coords, "failed", error=reason, permanent=permanent
+                run.run_id, cid, coords, "failed", error=reason, permanent=permanent, **counts
             )
             return {"chunk": list(coords), "status": "failed", "error": reason, "attempt": attempt}
         ctx.ledger.chunk_finished(run.run_id, cid, coords, "retrying", error=describe(exc))
@@ -156,6 +176,7 @@ def compute_chunk(
         supervoxels=int(chunk.sv_ids.size),
         unmapped_sv=chunk.unmapped_sv,
         stray_ids=0,
+        missing_sv=0,
         code_revision=run.lineage().code_revision,
     )
     return {"chunk": list(coords), "status": "done", "l2_count": written, "attempt": attempt}

@@ -54,3 +54,19 @@ def publish_missing_ids_async(
 
     future.add_done_callback(report)
     return future
+
+
+def dead_letter_publisher(config):
+    """``publish(data, attributes)`` to the map's dead-letter topic (waits for the ack,
+    raises on failure: an unrecorded dead letter must not be acknowledged), or None
+    when the map names no dead-letter topic."""
+    ps = config.pubsub
+    if not (ps and ps.dead_letter_topic):
+        return None
+    client = publisher()
+    topic = client.topic_path(ps.project, ps.dead_letter_topic)
+
+    def publish(data: bytes, attributes: dict[str, str]) -> str:
+        return client.publish(topic, data, **attributes).result(timeout=PUBLISH_TIMEOUT_S)
+
+    return publish

@@ -17,6 +17,7 @@ through :func:`l2cache.bigtable_write.write_rows`, which checks each row's statu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import uuid
@@ -180,24 +181,92 @@ class RunLedger:
         row.increment_cell_value(LEDGER_FAMILY, b"attempts", 1)
         cells = row.commit()
         attempt = struct.unpack(">q", cells[LEDGER_FAMILY][b"attempts"][0][0])[0]
-        mark = self.table.direct_row(key)
-        mark.set_cell(LEDGER_FAMILY, b"status", b"running")
-        mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode())
+        mark = self._unless_done(key)
+        mark.set_cell(LEDGER_FAMILY, b"status", b"running", state=False)
+        mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode(), state=False)
         if coords is not None:
-            mark.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
-        write_rows(self.table, [mark], "ledger")
+            value = json.dumps([int(c) for c in coords]).encode()
+            mark.set_cell(LEDGER_FAMILY, b"coords", value, state=False)
+        mark.commit()
         return attempt
+
+    def _unless_done(self, key: bytes):
+        """A check-and-mutate row whose ``state=False`` mutations apply only while the
+        chunk is not done: a late or duplicate attempt never turns a done chunk back
+        into running, retrying or failed. (CheckAndMutateRow raises on failure.)"""
+        from google.cloud.bigtable.row_filters import (
+            ColumnQualifierRegexFilter,
+            FamilyNameRegexFilter,
+            RowFilterChain,
+            ValueRegexFilter,
+        )
+
+        done = RowFilterChain(
+            [
+                FamilyNameRegexFilter(LEDGER_FAMILY),
+                ColumnQualifierRegexFilter(b"^status$"),
+                ValueRegexFilter(b"^done$"),
+            ]
+        )
+        return self.table.conditional_row(key, filter_=done)
+
+    def chunks_queued(self, run_id: str, chunks, task_attempt: int) -> None:
+        """Mark every not-done chunk of a leaf task as queued by this task attempt.
+
+        A worker that dies on the batch's first chunk never reaches the others; with
+        this mark they carry the task's attempt and time, so status can presume them
+        failed after the last attempt instead of leaving them pending forever.
+        """
+        now = utc_now().isoformat().encode()
+        for chunk_id, coords in chunks:
+            row = self._unless_done(self._chunk_key(run_id, chunk_id))
+            row.set_cell(LEDGER_FAMILY, b"queued_at", now, state=False)
+            row.set_cell(
+                LEDGER_FAMILY, b"task_attempt", json.dumps(task_attempt).encode(), state=False
+            )
+            row.set_cell(
+                LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode(), state=False
+            )
+            row.commit()
+
+    def task_rejected(self, run_id: str, reason: str) -> None:
+        """A task of this run that could not even be read (its region is unknown): the
+        run cannot be completed as planned, and status reports it broken."""
+        digest = hashlib.sha256(reason.encode()).hexdigest()[:16]
+        row = self.table.direct_row(f"rejected:{run_id}:{digest}".encode())
+        row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
+        row.set_cell(LEDGER_FAMILY, b"at", utc_now().isoformat().encode())
+        write_rows(self.table, [row], "ledger")
+
+    def rejected_tasks(self, run_id: str) -> list[str]:
+        return [
+            json.loads(_cells(r, LEDGER_FAMILY)["error"])
+            for r in _prefix_rows(self.table, f"rejected:{run_id}:".encode())
+        ]
 
     def chunk_finished(
         self, run_id: str, chunk_id: int, coords, status: str, **fields: Any
     ) -> None:
-        row = self.table.direct_row(self._chunk_key(run_id, chunk_id))
-        row.set_cell(LEDGER_FAMILY, b"status", status.encode())
-        row.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
-        row.set_cell(LEDGER_FAMILY, b"finished_at", utc_now().isoformat().encode())
-        for key, value in fields.items():
-            row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
-        write_rows(self.table, [row], "ledger")
+        """Record an attempt's outcome. ``done`` is written unconditionally; any other
+        outcome only while the chunk is not done (a duplicate delivery's late failure
+        must not hide data that another delivery already wrote)."""
+        key = self._chunk_key(run_id, chunk_id)
+        cells = {
+            b"status": status.encode(),
+            b"coords": json.dumps([int(c) for c in coords]).encode(),
+            b"finished_at": utc_now().isoformat().encode(),
+            **{k.encode(): json.dumps(v).encode() for k, v in fields.items()},
+        }
+        if status == "done":
+            row = self.table.direct_row(key)
+            for col, value in cells.items():
+                row.set_cell(LEDGER_FAMILY, col, value)
+            write_rows(self.table, [row], "ledger")
+        else:
+            row = self._unless_done(key)
+            for col, value in cells.items():
+                row.set_cell(LEDGER_FAMILY, col, value, state=False)
+            row.commit()
         if status != "done":
             self._first_failure(run_id, chunk_id)
 
@@ -245,7 +314,7 @@ class RunLedger:
             for k, v in cells.items():
                 if k == "attempts":
                     entry[k] = struct.unpack(">q", v)[0]
-                elif k in ("status", "finished_at", "started_at", "first_failed_at"):
+                elif k in ("status", "finished_at", "started_at", "first_failed_at", "queued_at"):
                     entry[k] = v.decode()
                 else:
                     entry[k] = json.loads(v)

@@ -40,7 +40,7 @@ class RunStatus:
     eta_s: float | None
     cost_usd: float
     failures: list[dict]
-    broken: str | None = None  # why the run cannot finish (its ledger is gone)
+    broken: str | None = None  # why the run cannot finish as planned (a task was unreadable)
     cost: RunCost | None = None  # per chunk / per mm^3 breakdown of cost_usd
     rows: list[dict] = field(default_factory=list, repr=False)  # the ledger rows read
 
@@ -48,6 +48,35 @@ class RunStatus:
     def finished(self) -> bool:
         """No chunk can change any more: every chunk is done or failed, or the run is broken."""
         return self.broken is not None or self.done + self.failed >= self.total
+
+
+def presume_lost(
+    row: dict, now: datetime, max_attempts: int | None, attempt_deadline_s: float | None
+) -> None:
+    """Turn a chunk nobody has reported on for ``attempt_deadline_s`` into its verdict.
+
+    Applies to every state that waits on a worker: running (the attempt's worker died),
+    queued (a leaf task's worker died on an earlier chunk of the batch) and retrying
+    (the next attempt never came: the queue gave up). Attempts are the most the chunk
+    or its task made; at ``max_attempts`` the chunk is failed, else still retrying.
+    """
+    if row["status"] in ("done", "failed") or not attempt_deadline_s:
+        return
+    stamps = [row[k] for k in ("started_at", "finished_at", "queued_at") if k in row]
+    if not stamps:
+        return
+    silent = (now - max(datetime.fromisoformat(t) for t in stamps)).total_seconds()
+    if silent <= attempt_deadline_s:
+        return
+    n = max(int(row.get("attempts", 0)), int(row.get("task_attempt", 0)))
+    if max_attempts and n >= max_attempts:
+        row["status"] = "failed"
+        row["error"] = f"gave up after {n} attempts: no answer for {silent:.0f}s" + (
+            f" (last error: {row['error']})" if row.get("error") else ""
+        )
+    else:
+        row["status"] = "retrying"
+        row["error"] = f"attempt {n} lost: no answer for {silent:.0f}s"
 
 
 def run_status(
@@ -72,20 +101,11 @@ def run_status(
     run = ledger.get_run(run_id)
     rows = ledger.chunk_rows(run_id)
     for r in rows:
-        if r["status"] == "running" and attempt_deadline_s and "started_at" in r:
-            silent = (now - datetime.fromisoformat(r["started_at"])).total_seconds()
-            if silent > attempt_deadline_s:
-                n = int(r.get("attempts", 0))
-                if max_attempts and n >= max_attempts:
-                    r["status"] = "failed"
-                    r["error"] = f"gave up after {n} attempts: no answer for {silent:.0f}s"
-                else:
-                    r["status"] = "retrying"
-                    r["error"] = f"attempt {n} lost: no answer for {silent:.0f}s"
+        presume_lost(r, now, max_attempts, attempt_deadline_s)
     done = [r for r in rows if r["status"] == "done"]
     failed = [r for r in rows if r["status"] == "failed"]
     retrying = [r for r in rows if r["status"] == "retrying"]
-    running = [r for r in rows if r["status"] == "running"]
+    running = [r for r in rows if r["status"] in ("running", "queued")]
     total = max(run.n_chunks, len(rows))
     unstarted_failed = []
     known = {tuple(r["coords"]) for r in rows if "coords" in r}
@@ -105,6 +125,7 @@ def run_status(
     rate = len(done) / elapsed if elapsed > 0 else 0.0
     remaining = max(total - len(done) - n_failed, 0)
     eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
+    rejected = ledger.rejected_tasks(run_id)
     res = run.params.get("resolution") or [1, 1, 1]
     cost = run_cost(rows, float(math.prod(res)), prices)
     return RunStatus(
@@ -139,6 +160,11 @@ def run_status(
             }
             for u in unstarted_failed
         ],
+        broken=(
+            f"{len(rejected)} task(s) of the run were rejected unread: {rejected[0]}"
+            if rejected
+            else None
+        ),
         cost=cost,
         rows=rows,
     )

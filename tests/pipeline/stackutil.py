@@ -60,9 +60,10 @@ def lookup(stack, dataset: str, l2ids) -> dict[int, dict]:
     return {int(k): v for k, v in r.json().items()}
 
 
-def pull_dead_letters(count: int, timeout: float = 120, settle: float = 0.0) -> list:
+def pull_dead_letters(count: int, timeout: float = 120, settle: float = 0.0, keep=None) -> list:
     """Pull the dead-letter inspection subscription until ``count`` distinct messages
-    (then keep pulling ``settle`` seconds, to catch any unexpected extra one)."""
+    (those ``keep`` accepts, when given; then keep pulling ``settle`` seconds, to catch
+    any unexpected extra one)."""
     sub = pubsub_v1.SubscriberClient()
     path = sub.subscription_path(PROJECT, "dead-letter-inspect")
     got: dict[str, object] = {}
@@ -75,7 +76,8 @@ def pull_dead_letters(count: int, timeout: float = 120, settle: float = 0.0) -> 
         if resp.received_messages:
             sub.acknowledge(subscription=path, ack_ids=[m.ack_id for m in resp.received_messages])
             for m in resp.received_messages:
-                got[m.message.message_id] = m.message
+                if keep is None or keep(m.message):
+                    got[m.message.message_id] = m.message
         return len(got) >= count
 
     wait_for(poll, timeout, f"{count} dead-lettered messages")

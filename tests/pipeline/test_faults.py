@@ -36,7 +36,7 @@ from l2cache import ids as idlib
 from l2cache.config import load_config
 from l2cache.features import compute_features
 from l2cache.ingest import start_ingest
-from l2cache.pipeline import dataset_context, load_chunk_l2
+from l2cache.pipeline import chunk_id, dataset_context, load_chunk_l2
 from l2cache.runs import new_run
 from l2cache.status import run_status
 from l2cache.worker import handle_task
@@ -125,7 +125,7 @@ def test_corrupt_and_missing_chunk_files_fail_once_and_the_run_still_ends(env, t
             f.write(gzip.compress(os.urandom(4000), mtime=0))
         run = start_ingest(env["config"], DS, batch=2)
         status = finished(env, run.run_id, timeout=180)
-        assert (status.done, status.failed, status.total) == (5, 3, 8)
+        assert (status.done, status.failed, status.total) == (5, 3, 8), status.failures
         rows = {tuple(r["coords"]): r for r in env["ctx"].ledger.chunk_rows(run.run_id)}
         assert "corrupt" in rows[(0, 0, 0)]["error"]
         assert (
@@ -172,6 +172,9 @@ class FlakyGraph:
 
     def has_supervoxels(self, coords, bits):
         return self.real.has_supervoxels(coords, bits)
+
+    def chunk_supervoxels(self, coords, bits):
+        return self.real.chunk_supervoxels(coords, bits)
 
 
 def deliver(env, body: dict, attempt: int):
@@ -300,13 +303,19 @@ def test_edit_delivered_three_times_writes_one_version_and_one_event(env):
     graph = env["instance"].table(DS)
     merge = apply_merge(graph, ctx.dataset, *pick_merge(ctx.dataset, graph, (0, 1, 0)))
     data, attrs = edit_message(DS, merge)
-    codes = [push(env, data, attrs, "m-3x", "2026-12-01T06:00:00.123456789Z") for _ in range(3)]
+    from datetime import timedelta
+
+    from l2cache.lineage import utc_now
+
+    when = (utc_now() + timedelta(seconds=2)).replace(microsecond=123000)
+    stamp_text = when.strftime("%Y-%m-%dT%H:%M:%S.123456789Z")  # nanoseconds, as Pub/Sub
+    codes = [push(env, data, attrs, "m-3x", stamp_text) for _ in range(3)]
     assert codes == [200, 200, 200]
     (node,) = merge.new_l2_ids.tolist()
     versions = all_versions(env, node)
     assert all(len(cells) == 1 for cells in versions["0"].values())  # one version only
     ((stamp, _),) = versions["0"][b"size_nm3"]
-    assert stamp.isoformat().startswith("2026-12-01T06:00:00.123")  # the publish time
+    assert stamp == when  # the publish time, to the millisecond
     _, event = find_event(ctx.ledger, DS, "edit_stream", f"op-{merge.operation_id}")
     assert event["delivery_count"] == 3 and event["written"] == 1 and event["status"] == "ok"
     assert event["chunks_skipped"] == 1  # the last delivery found the chunk already written
@@ -332,9 +341,12 @@ def test_poison_messages_are_dead_lettered_with_a_reason_and_good_ids_still_comp
         "not ids": (pickle.dumps({"operation_id": 1, "new_lvl2_ids": "abc"}), {"table_id": DS}),
         "mixed": (edit([good, outside]), {"table_id": DS}),
     }
-    for data, attrs in sent.values():
-        publisher.publish(topic, data, **attrs).result(timeout=30)
-    letters = pull_dead_letters(5, settle=3.0)
+    ids = {
+        publisher.publish(topic, data, **attrs).result(timeout=30) for data, attrs in sent.values()
+    }
+    letters = pull_dead_letters(
+        5, settle=3.0, keep=lambda m: m.attributes.get("original_message_id") in ids
+    )
     assert len(letters) == 5  # everything but the uncached table's edit
     reasons = {m.attributes["dead_letter_reason"]: m for m in letters}
     text = " | ".join(reasons)
@@ -449,3 +461,212 @@ def test_missing_ids_over_several_chunks_fan_out_one_task_per_chunk(env):
     raw = ctx.store.read_raw(ids)
     assert {r["lineage"][b"run"] for r in raw.values()} == {run.run_id.encode()}
     assert {n: r["0"] for n, r in raw.items()} == before  # same inputs, same bytes
+
+
+# -- what a review found: each a way a run could fail to end or a failure go unrecorded --
+
+
+def post_task(env, body: dict, attempt: int = 1):
+    url = env["stack"].urls["compute_chunk"]
+    headers = {"X-CloudTasks-TaskRetryCount": str(attempt - 1)}
+    r = requests.post(url, json=body, headers=headers, timeout=60)
+    return r.status_code, r.json()
+
+
+def test_a_worker_crash_early_in_a_batch_still_ends_the_run(env, tmp_path):
+    """The batch's later chunks are marked queued by the task attempt: when every attempt
+    dies on the first chunk, all of them are presumed failed, and the run ends."""
+    crashing = chunk_file(env, (0, 0, 0))  # first in the batch's order
+    shutil.copy(crashing, tmp_path / "crashing.bak")
+    try:
+        with open(crashing, "wb") as f:
+            f.write(gzip.compress(os.urandom(4000), mtime=0))
+        run = start_ingest(env["config"], DS, batch=8)
+        status = finished(env, run.run_id, timeout=180)
+        assert (status.done, status.failed, status.total) == (0, 8, 8)
+        assert all("gave up after 3 attempts" in f["error"] for f in status.failures)
+    finally:
+        shutil.copy(tmp_path / "crashing.bak", crashing)
+
+
+def test_a_rejected_task_of_an_existing_run_is_recorded_against_it(env):
+    ctx = env["ctx"]
+    run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 1, 1, 2], 2)
+    ctx.ledger.create_run(run)
+    base = {"dataset": DS, "run_id": run.run_id, "region": [0, 0, 0, 1, 1, 2]}
+    assert post_task(env, {**base, "batch": 0}) == (
+        200,
+        {"status": "rejected", "error": "batch must be a positive integer"},
+    )
+    status = run_status(ctx.ledger, run.run_id)
+    assert status.finished and status.failed == 2 and "task rejected" in status.failures[0]["error"]
+    # a region that cannot be read at all: the run is reported broken (so it ends)
+    other = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 1, 1, 1], 1)
+    ctx.ledger.create_run(other)
+    code, answer = post_task(env, {"dataset": DS, "run_id": other.run_id, "region": "all"})
+    assert code == 200 and answer["status"] == "rejected"
+    assert run_status(ctx.ledger, other.run_id).broken.startswith("1 task(s) of the run")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"region": [0, 0, 0, 3, 1, 1]}, "not inside the run's region"),
+        ({"region": [0, 0, 0, 2**64, 1, 1]}, "does not fit"),
+        (
+            {"kind": "ids", "chunk": [0, 0, 0], "ids": [1], "at_ms": 10**20, "event_key": "k"},
+            "plausible",
+        ),
+        (
+            {"kind": "ids", "chunk": [2**70, 0, 0], "ids": [1], "at_ms": 1, "event_key": "k"},
+            "outside the volume",
+        ),
+        (
+            {"kind": "ids", "chunk": [0, 0, 0], "ids": [True], "at_ms": 1, "event_key": "k"},
+            "uint64",
+        ),
+    ],
+)
+def test_malformed_tasks_are_rejected_on_the_first_attempt(env, change, words):
+    ctx = env["ctx"]
+    run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 1, 1, 1], 1)
+    ctx.ledger.create_run(run)
+    body = {"dataset": DS, "run_id": run.run_id, "region": [0, 0, 0, 1, 1, 1], **change}
+    code, answer = post_task(env, body)
+    assert code == 200 and answer["status"] == "rejected" and words in answer["error"], answer
+
+
+def test_a_late_failure_never_overwrites_a_done_chunk(env):
+    ctx = env["ctx"]
+    run = new_run("region_reprocess", ctx.dataset, [0, 0, 1, 1, 1, 2], 1)
+    ctx.ledger.create_run(run)
+    from l2cache.pipeline import compute_chunk
+
+    assert compute_chunk(ctx, run, (0, 0, 1))["status"] == "done"
+    cid = chunk_id(ctx, (0, 0, 1))
+    ctx.ledger.chunk_started(run.run_id, cid, (0, 0, 1))  # a duplicate delivery, late
+    ctx.ledger.chunk_finished(run.run_id, cid, (0, 0, 1), "failed", error="gave up after 3")
+    (row,) = ctx.ledger.chunk_rows(run.run_id)
+    assert row["status"] == "done" and row["attempts"] == 2
+
+
+def test_a_chunk_whose_next_attempt_never_came_is_presumed_failed(env):
+    """The queue gave up before any attempt could record it: `retrying` must not last."""
+    from datetime import timedelta
+
+    from l2cache.lineage import utc_now
+
+    ctx = env["ctx"]
+    run = new_run("region_reprocess", ctx.dataset, [0, 1, 1, 1, 2, 2], 1)
+    ctx.ledger.create_run(run)
+    cid = chunk_id(ctx, (0, 1, 1))
+    for _ in range(MAX_ATTEMPTS):
+        ctx.ledger.chunk_started(run.run_id, cid, (0, 1, 1))
+        ctx.ledger.chunk_finished(run.run_id, cid, (0, 1, 1), "retrying", error="Unavailable")
+    soon = run_status(ctx.ledger, run.run_id, max_attempts=MAX_ATTEMPTS, attempt_deadline_s=60)
+    assert soon.retrying == 1 and not soon.finished
+    later = run_status(
+        ctx.ledger,
+        run.run_id,
+        now=utc_now() + timedelta(seconds=61),
+        max_attempts=MAX_ATTEMPTS,
+        attempt_deadline_s=60,
+    )
+    assert later.finished and later.failed == 1
+    assert later.failures[0]["error"].startswith("gave up after 3 attempts: no answer")
+
+
+def test_a_partly_zeroed_chunk_is_refused_with_the_missing_count(env, tmp_path):
+    """The file decodes, but part of it was lost: the graph's supervoxels say so."""
+    from cloudvolume import CloudVolume
+
+    path = chunk_file(env, (1, 0, 1))
+    shutil.copy(path, tmp_path / "zeroed.bak")
+    try:
+        cv = CloudVolume(env["built"].segmentation, progress=False)
+        lo = np.array([48, 0, 24])
+        cutout = np.asarray(cv[48:96, 0:48, 24:48])
+        cutout[:, :24] = 0
+        cv[48:96, 0:48, 24:48] = cutout
+        ctx = env["ctx"]
+        run = new_run("region_reprocess", ctx.dataset, [1, 0, 1, 2, 1, 2], 1)
+        ctx.ledger.create_run(run)
+        from l2cache.pipeline import compute_chunk
+        from l2cache.volume import _volume
+
+        _volume.cache_clear()
+        result = compute_chunk(ctx, run, (1, 0, 1))
+        assert result["status"] == "failed" and "absent from the segmentation" in result["error"]
+        (row,) = ctx.ledger.chunk_rows(run.run_id)
+        assert row["permanent"] is True and row["missing_sv"] > 0
+        assert lo.size == 3
+    finally:
+        shutil.copy(tmp_path / "zeroed.bak", path)
+
+
+def test_fanned_out_chunks_that_fail_are_dead_lettered_with_their_ids(env, tmp_path):
+    ctx = env["ctx"]
+    ok_ids = load_chunk_l2(ctx, (0, 0, 1), None).l2_ids[:2]
+    bad_ids = load_chunk_l2(ctx, (1, 1, 0), None).l2_ids[:3]
+    path = chunk_file(env, (1, 1, 0))
+    shutil.copy(path, tmp_path / "gone.bak")
+    try:
+        os.remove(path)
+        publisher = pubsub_v1.PublisherClient()
+        topic = publisher.topic_path(PROJECT, "l2cache-missing-ids")
+        data = np.concatenate([ok_ids, bad_ids]).astype("<u8").tobytes()
+        publisher.publish(topic, data, table_id=DS, l2_cache_id=ctx.dataset.cache_table_id).result(
+            timeout=30
+        )
+        (letter,) = pull_dead_letters(
+            1,
+            timeout=90,
+            settle=2.0,
+            keep=lambda m: "segmentation file missing" in m.attributes["dead_letter_reason"],
+        )
+    finally:
+        shutil.copy(tmp_path / "gone.bak", path)
+    assert sorted(np.frombuffer(letter.data, "<u8").tolist()) == sorted(bad_ids.tolist())
+    assert "segmentation file missing" in letter.attributes["dead_letter_reason"]
+
+
+def test_non_layer2_ids_are_dead_lettered_not_dropped(env):
+    from l2cache.messages import handle_message
+
+    letters = []
+    data = pickle.dumps({"operation_id": 4242, "new_lvl2_ids": [1, 2, 3]})
+    result = handle_message(
+        env["config"], data, {"table_id": DS}, "nl2", lambda d, a: letters.append((d, a))
+    )
+    assert result["status"] == "dead_lettered" and result["not_layer2"] == 3
+    ((payload, attrs),) = letters
+    assert np.frombuffer(payload, "<u8").tolist() == [1, 2, 3]
+    assert "not layer-2" in attrs["dead_letter_reason"]
+
+
+def test_dead_letter_attributes_stay_within_pubsub_limits():
+    from l2cache.failures import dead_letter_attributes
+
+    attrs = dead_letter_attributes({f"k{i}": "é" * 900 for i in range(150)}, "é" * 2000, "m")
+    assert len(attrs) <= 100
+    assert all(len(v.encode()) <= 1024 for v in attrs.values())
+    assert attrs["dead_letter_reason"].startswith("éé")
+
+
+def test_existing_cache_tables_are_never_ingested(env):
+    import yaml
+
+    from l2cache.config import parse_config
+
+    raw = yaml.safe_load(env["stack"].config_path.read_text())
+    raw["datasets"][DS]["existing_cache_table"] = True
+    config = parse_config(raw, source="existing-table-map")
+    with pytest.raises(ValueError, match="existing cache table"):
+        start_ingest(config, DS, batch=1)
+    run = new_run("region_reprocess", env["ctx"].dataset, [0, 0, 0, 1, 1, 1], 1)
+    env["ctx"].ledger.create_run(run)
+    body = {"dataset": DS, "run_id": run.run_id, "region": [0, 0, 0, 1, 1, 1]}
+    import json
+
+    code, answer = handle_task(config, json.dumps(body).encode())
+    assert code == 200 and answer["status"] == "rejected" and "does not write" in answer["error"]

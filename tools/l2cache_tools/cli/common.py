@@ -45,5 +45,7 @@ def print_status(status) -> None:
         f"ETA {eta}; {status.l2_rows} L2 rows; compute {status.compute_s:.1f}s; "
         f"est. cost ${status.cost_usd:.6f}"
     )
+    if status.broken:
+        print(f"  BROKEN: {status.broken}")
     for f in status.failures:
         print(f"  chunk {f['chunk']} {f['status']}: {f['error']} (attempts {f['attempts']})")

@@ -185,7 +185,7 @@ def status(args: argparse.Namespace) -> int:
     print_status(st)
     print_cost(st.cost)
     print_slos(run_slos(ctx.ledger, ctx.dataset, cfg.slo_for(args.dataset), args.run, st, prices))
-    return 0 if st.failed == 0 else 1
+    return 0 if st.failed == 0 and not st.broken else 1
 
 
 def _prices(ctx):
@@ -428,6 +428,11 @@ def reconcile(args: argparse.Namespace) -> int:
     if cfg.tasks is None:
         raise ValueError("the dataset map has no 'tasks' section: nowhere to enqueue")
     run = ctx.ledger.get_run(args.run)
+    if run.region is None:
+        raise ValueError(
+            f"run {run.run_id} is a {run.kind} run (messages, no region): reconcile applies "
+            "to bulk and region runs"
+        )
     done = ctx.ledger.done_chunks(run.run_id)
     gaps = [c for c in region_chunks(run.region) if chunk_id(ctx, c) not in done]
     client = tasks_client()
