@@ -12,22 +12,26 @@ chunk and interleaved so machine noise hits all alike:
   uint64 L2 volume, sha256 over a C-ordered copy, engine on the uint64 volume), kept
   here verbatim so before/after come from the same run.
 - ``after``: read -> :func:`labels_from_supervoxels` (unique, graph, checksum, remap to
-  the dense index) -> ``compute_features(chunk.dense)`` -> write.
+  the dense index) -> the pipeline's integrity checks -> ``compute_features(chunk.dense)``
+  -> write.
 - ``compute_chunk``: :func:`l2cache.pipeline.compute_chunk` as it is in the tree
-  (includes the ledger rows).
+  (includes the ledger rows and its log line).
 
 Each phase and the total are printed as a ratio to a bare EDT of the chunk measured
-just before that path run (the median round of ``--repeat``). Both paths must give byte-identical features (checked per chunk).
-Then peak RSS (VmHWM) of a fresh process running each path, the projected function
-cost per mm^3 from measured time and memory (unit prices from l2cache.status), and
-the edit path: k = 1, 5, 20 new L2 ids (real PCG-style splits) recomputed with
-``compute_l2_ids`` vs ``compute_chunk`` of the same chunk, chunk reads counted.
+just before that path run (the median round of ``--repeat``). Both paths must give
+byte-identical features (checked per chunk). Then peak RSS (VmHWM) of a fresh process
+running each path, the projected function cost per mm^3 from measured time and
+memory (unit prices from :mod:`l2cache.cost`), and the edit path: k = 1, 5, 20 new
+L2 ids (real PCG-style splits) recomputed with ``compute_l2_ids`` vs ``compute_chunk``
+of the same chunk, paired rounds, chunk reads counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -44,8 +48,7 @@ NAME = "pinky40_worker"
 RES = (16.0, 16.0, 40.0)
 CHUNK = (256, 256, 512)
 PROD_NM = (8.0, 8.0, 40.0)  # minnie65-class resolution for the per-mm^3 projection
-GIB_TIERS = (0.5, 1.0, 2.0, 4.0, 8.0)  # Cloud Functions memory sizes
-PHASES = ("read", "unique", "graph", "remap", "checksum", "features", "write")
+PHASES = ("read", "unique", "graph", "remap", "checksum", "checks", "features", "write")
 
 
 # --- the path before issue 11, verbatim (shared/l2cache at 99301ff) -----------------------
@@ -106,8 +109,12 @@ def new_path(ctx, run, coords, lap) -> dict:
     chunk = labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, run.snapshot), sub)
     del sv  # the caller's reference: the engine runs without the uint64 chunk
     lap.add(sub)
-    if hasattr(pipeline, "check_consistency"):  # the worker's integrity check, as in the tree
+    # the worker's integrity checks, as in the tree (pipeline.load_chunk_l2)
+    if hasattr(pipeline, "check_consistency"):
         pipeline.check_consistency(ctx, chunk, coords, run.snapshot)
+    if hasattr(pipeline, "check_complete"):
+        pipeline.check_complete(ctx, chunk, coords)
+    lap("checks")
     feats = compute_features(chunk.dense, ctx.dataset.resolution)
     checksum = chunk.checksum
     del chunk
@@ -120,7 +127,8 @@ def new_path(ctx, run, coords, lap) -> dict:
 def pipeline_path(ctx, run, coords, lap) -> dict:
     from l2cache.pipeline import compute_chunk
 
-    compute_chunk(ctx, run, coords)
+    with contextlib.redirect_stdout(io.StringIO()):  # its JSON log line (still paid for)
+        compute_chunk(ctx, run, coords)
     lap("total")
     return {}
 
@@ -230,14 +238,26 @@ def measure_chunk(ctx, run, coords, repeat: int):
     return chosen, n, same
 
 
-def projected_cost(seconds: float, peak_mib: float) -> tuple[float, float, float]:
-    """(GiB tier, $ per chunk, $ per mm^3 at PROD_NM) of one function-second profile."""
-    from l2cache import status
+def sizing():
+    """infra/sizing.py (plain Python, no Pulumi): the deployed worker memory and its rule."""
+    import importlib.util
 
-    gib = next(t for t in GIB_TIERS if t * 1024 >= peak_mib)
-    per_chunk = seconds * (gib * status.PRICE_GIB_SECOND + status.PRICE_VCPU_SECOND)
+    spec = importlib.util.spec_from_file_location("sizing", ROOT / "infra" / "sizing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def projected_cost(seconds: float, memory_mib: float) -> tuple[float, float]:
+    """($ per chunk, $ per mm^3 at PROD_NM) of ``seconds`` on 1 vCPU with ``memory_mib``.
+
+    Prices from :data:`l2cache.cost.PRICES`, the one place they live.
+    """
+    from l2cache.cost import NM3_PER_MM3, PRICES
+
+    per_chunk = seconds * PRICES.with_worker(memory_mib, 1.0).worker_second
     chunk_nm3 = float(np.prod(CHUNK)) * float(np.prod(PROD_NM))
-    return gib, per_chunk, per_chunk * 1e18 / chunk_nm3
+    return per_chunk, per_chunk * NM3_PER_MM3 / chunk_nm3
 
 
 def edit_path(ctx, graph, repeat: int, ks=(1, 5, 20)) -> list[tuple]:
@@ -280,7 +300,8 @@ def edit_path(ctx, graph, repeat: int, ks=(1, 5, 20)) -> list[tuple]:
                 part = time.perf_counter() - t
                 n_reads = len(reads)
                 t = time.perf_counter()
-                out = pipeline.compute_chunk(ctx, region, chunk)
+                with contextlib.redirect_stdout(io.StringIO()):  # its JSON log line
+                    out = pipeline.compute_chunk(ctx, region, chunk)
                 whole = time.perf_counter() - t
                 assert out["status"] == "done", out
                 assert res["written"] == k and not res["not_found"], res
@@ -389,20 +410,27 @@ def report(ctx, run, grid, args, env) -> None:
             f"{out['s'][0]:>7.2f} {out['s'][1]:>7.2f}"
         )
 
-    from l2cache import status
+    from l2cache.cost import PRICES
 
+    sz = sizing()
+    deployed = sz.worker_memory_mib(CHUNK)
     print(
         f"\n# projected function cost per mm^3 at {PROD_NM} nm "
         f"({1e18 / (np.prod(CHUNK) * np.prod(PROD_NM)) / 1e6:.1f} M chunks of 256x256x512), "
-        f"1 vCPU, memory = smallest tier >= peak RSS, prices from l2cache.status "
-        f"(${status.PRICE_VCPU_SECOND}/vCPU-s, ${status.PRICE_GIB_SECOND}/GiB-s)"
+        f"1 vCPU, median s/chunk above; prices from l2cache.cost "
+        f"(${PRICES.vcpu_second}/vCPU-s, ${PRICES.gib_second}/GiB-s). Memory: as deployed "
+        f"(infra/sizing.py: {deployed} MiB) and as this peak would size it (x "
+        f"{sz.MEMORY_HEADROOM} headroom, {sz.MEMORY_STEP_MIB} MiB steps)"
     )
     for mode in PATHS:
         secs = float(np.median([t for t, _ in totals[mode]]))
-        gib, per_chunk, per_mm3 = projected_cost(secs, peaks[mode])
+        step = sz.MEMORY_STEP_MIB
+        fit = int(np.ceil(peaks[mode] * sz.MEMORY_HEADROOM / step) * step)
+        _, at_deployed = projected_cost(secs, deployed)
+        _, at_fit = projected_cost(secs, fit)
         print(
-            f"{mode:<13} {secs:>5.2f} s/chunk, {gib:g} GiB: ${per_chunk * 1e6:,.0f} per M chunks, "
-            f"${per_mm3:,.0f} per mm^3"
+            f"{mode:<13} {secs:>5.2f} s/chunk: ${at_deployed:,.0f} per mm^3 at {deployed} MiB, "
+            f"${at_fit:,.0f} at {fit} MiB"
         )
 
 
