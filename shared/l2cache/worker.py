@@ -119,7 +119,7 @@ def handle_task(
     attempt = attempt_number(headers)
     max_attempts = config.tasks.max_attempts if config.tasks else None
     last = max_attempts is not None and attempt >= max_attempts
-    ctx = run = None
+    ctx = run = task = None
     try:
         task = _parse_json(body)
         ctx, run = _task_run(config, task)
@@ -129,7 +129,7 @@ def handle_task(
         return _reject(ctx, run, task if isinstance(task, dict) else None, exc, attempt)
     except Exception as exc:  # reading the runs table failed: transient
         log.exception("task could not start")
-        if last and run is not None and isinstance(task.get("region"), list):
+        if last and run is not None and _is_region(task.get("region")):
             return _give_up_region(ctx, run, task["region"], gave_up(attempt, exc), attempt)
         return (200 if last else 503), {"status": "error", "error": describe(exc)}
 

@@ -141,7 +141,7 @@ def test_bad_tasks_are_rejected_with_2xx_so_cloud_tasks_stops(stack):
     cases = [
         (b"nope", "not JSON"),
         (b'{"dataset": "nope", "run_id": "x", "region": [0, 0, 0, 1, 1, 1]}', "unknown dataset"),
-        (b'{"dataset": "%s", "run_id": "x", "region": [0, 0]}' % DATASET.encode(), "region"),
+        (b'{"dataset": "%s", "run_id": "x", "region": [0, 0]}' % DATASET.encode(), "no run"),
         (
             b'{"dataset": "%s", "run_id": "no-such-run", "region": [0, 0, 0, 1, 1, 1]}'
             % DATASET.encode(),
