@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,10 +87,19 @@ def _checksum(shape, order: str, index, first_seen, sv_ids, parents) -> str:
     in issue 11: only the lineage ``input`` column and the ledger's input checksum
     differ between the versions; every feature value is byte-identical.
     """
+    return _finish(_voxel_digest(shape, order, index, first_seen), sv_ids, parents)
+
+
+def _voxel_digest(shape, order: str, index, first_seen):
+    """The voxel part of :func:`_checksum` (hashlib reads the buffer, GIL released)."""
     digest = hashlib.sha256(CHECKSUM_VERSION)
     digest.update(np.asarray(shape, dtype="<u8").tobytes() + order.encode())
     digest.update(_bytes_of(index))
     digest.update(np.ascontiguousarray(first_seen[1:], dtype="<u8").tobytes())
+    return digest
+
+
+def _finish(digest, sv_ids, parents) -> str:
     digest.update(np.ascontiguousarray(sv_ids, dtype="<u8").tobytes())
     digest.update(np.ascontiguousarray(parents, dtype="<u8").tobytes())
     return digest.hexdigest()[:16]
@@ -105,7 +115,9 @@ def labels_from_supervoxels(
     ``l2_parents`` receives the ascending distinct non-zero supervoxel ids and returns
     one L2 id per id (0 where the graph has no parent). ``sv`` is only read: the
     caller may drop it as soon as this returns (nothing here keeps a reference).
-    ``timings``, if given, gets seconds for unique, graph, checksum and remap.
+    ``timings``, if given, gets seconds for unique, graph, checksum and remap; the
+    voxel hash runs in a thread during the graph read, so ``checksum`` is only what
+    is left of it after the graph answered.
     """
     sv = np.asarray(sv)
     if sv.ndim != 3 or sv.dtype.kind != "u":
@@ -114,11 +126,14 @@ def labels_from_supervoxels(
     index, first_seen = _kernels.dense_index(_memory_order_view(sv))
     sv_ids = np.sort(first_seen[1:])
     lap("unique")
-    parents = np.asarray(l2_parents(sv_ids), dtype=np.uint64).reshape(-1)
-    if parents.shape != sv_ids.shape:
-        raise ValueError(f"graph returned {parents.size} parents for {sv_ids.size} supervoxels")
-    lap("graph")
-    checksum = _checksum(sv.shape, _order(sv), index, first_seen, sv_ids, parents)
+    # hash the voxels while the graph answers (a network read in production)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        voxels = pool.submit(_voxel_digest, sv.shape, _order(sv), index, first_seen)
+        parents = np.asarray(l2_parents(sv_ids), dtype=np.uint64).reshape(-1)
+        if parents.shape != sv_ids.shape:
+            raise ValueError(f"graph returned {parents.size} parents for {sv_ids.size} supervoxels")
+        lap("graph")
+        checksum = _finish(voxels.result(), sv_ids, parents)
     lap("checksum")
     # L2 ids numbered 1..K ascending; index m of ``first_seen`` -> its parent's number
     l2_ids = np.unique(parents)
