@@ -150,7 +150,7 @@ def compute_chunk(
     try:
         run.check_revision()
         chunk = load_chunk_l2(ctx, coords, run.snapshot)
-        feats = compute_features(chunk.labels, ctx.dataset.resolution)
+        feats = compute_features(chunk.dense, ctx.dataset.resolution)
         written = ctx.store.write_features(feats, run.lineage(chunk.checksum))
     except Exception as exc:
         permanent = classify(exc) == PERMANENT
@@ -172,7 +172,7 @@ def compute_chunk(
         l2_count=written,
         input_checksum=chunk.checksum,
         duration_s=round(duration, 4),
-        voxels=int(chunk.labels.size),
+        voxels=int(chunk.dense.size),
         supervoxels=int(chunk.sv_ids.size),
         unmapped_sv=chunk.unmapped_sv,
         stray_ids=0,
@@ -224,7 +224,7 @@ def compute_l2_ids(
             failed.append({"chunk": chunk.tolist(), "ids": members.tolist(), "error": str(exc)})
             continue
         chunks += 1
-        feats = compute_features(data.labels, ctx.dataset.resolution, only=members)
+        feats = compute_features(data.dense, ctx.dataset.resolution, only=members)
         absent = sorted(set(members.tolist()) - set(feats["l2id"].tolist()))
         not_found.extend(absent)
         n = ctx.store.write_features(feats, run.lineage(data.checksum, cell_timestamp))
