@@ -3,14 +3,13 @@
 Every number the program sizes with is here, with where it came from, so a new
 measurement changes one constant and the resources follow.
 
-Measurement (issue 10, "What is deployed is what is tested"): the real worker path
-(graph read, CloudVolume chunk read, feature engine, Bigtable write) on one
-256x256x512 chunk (33.5 M voxels) of the pinky40 data peaks at **1.26-1.42 GiB VmHWM**
-and takes **~6.4 s on one vCPU**. The feature engine alone peaks at 673 MiB
-(BENCHMARKS.md, "Features"); the rest is the uint64 input copies, the supervoxel ->
-L2 remap and the clients. Subtracting the ~300 MiB interpreter (python + numpy +
-numba + Google clients) leaves 31-36 B per voxel; we size with 40 B/voxel, the top of
-the range issue 10 reports (~32-40), until the worker path is brought to <= 1.0 GiB.
+Measurement (BENCHMARKS.md, "Worker path": `bench/worker.py`, the real
+``compute_chunk`` on 256x256x512 chunks (33.5 M voxels) of the pinky40 data, graph read,
+CloudVolume chunk read, feature engine and Bigtable write): peak **627 MiB VmHWM** in a
+fresh process, 256 MiB of it the interpreter after imports (python + numpy + numba +
+Google clients), so **11.6 B per voxel**; **~3.0 s per chunk on one vCPU** (1.53x the
+bare EDT). We size with 14 B/voxel and 300 MiB, then 1.25x headroom. (Before the worker
+path was reworked it peaked at 1.26-1.42 GiB, 31-36 B/voxel, and took ~6 s.)
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import math
 
 # -- memory -------------------------------------------------------------------------
 INTERPRETER_MIB = 300  # python + numpy + numba + clients, measured ~250-300 MiB
-BYTES_PER_VOXEL = 40  # real worker path above the interpreter: measured 31-36
+BYTES_PER_VOXEL = 14  # real worker path above the interpreter: measured 11.6
 MEMORY_HEADROOM = 1.25  # on top of the measured peak: allocator fragmentation, larger nodes
 MEMORY_STEP_MIB = 256  # Cloud Run takes any size; we round up to 256 MiB steps
 MAX_MEMORY_MIB = 32 * 1024  # Cloud Run's ceiling
@@ -29,7 +28,7 @@ MAX_MEMORY_MIB = 32 * 1024  # Cloud Run's ceiling
 CPU_FOR_MEMORY = ((4096, 1), (8192, 2), (16384, 4), (24576, 6), (MAX_MEMORY_MIB, 8))
 
 # -- time ---------------------------------------------------------------------------
-SECONDS_PER_CHUNK_VOXEL = 6.4 / (256 * 256 * 512)  # real worker path, one vCPU, issue 10
+SECONDS_PER_CHUNK_VOXEL = 3.0 / (256 * 256 * 512)  # real compute_chunk, one vCPU (bench/worker.py)
 COLD_START_S = 10.0  # imports + numba compile on an instance with no kernel cache (~4-5 s) x2
 TIME_HEADROOM = 5.0  # cloud reads (GCS, PCG Bigtable) are slower and noisier than local ones
 MIN_TIMEOUT_S = 120
@@ -51,10 +50,10 @@ class SizingError(ValueError):
 
 
 def worker_memory_mib(chunk_size) -> int:
-    """Memory for a compute function: (40 B x voxels + 300 MiB) x 1.25, up to 256 MiB.
+    """Memory for a compute function: (14 B x voxels + 300 MiB) x 1.25, up to 256 MiB.
 
-    256x256x512 -> (1,280 + 300) x 1.25 = 1,975 -> 2,048 MiB, against the measured
-    1.26-1.42 GiB peak (1.41x over the worst measurement).
+    256x256x512 -> (448 + 300) x 1.25 = 935 -> 1,024 MiB, against the measured 627 MiB
+    peak (1.63x).
     """
     voxels = math.prod(chunk_size)
     need = (voxels * BYTES_PER_VOXEL / 2**20 + INTERPRETER_MIB) * MEMORY_HEADROOM
@@ -83,7 +82,7 @@ def chunk_seconds(chunk_size) -> float:
 def worker_timeout_s(chunk_size, chunks_per_task: int = DEFAULT_CHUNKS_PER_TASK) -> int:
     """compute_chunk timeout: (cold start + chunks x measured time) x 5, at least 120 s.
 
-    256x256x512, 4 chunks per task: (10 + 4 x 6.4) x 5 = 178 s. Raises if that exceeds
+    256x256x512, 4 chunks per task: (10 + 4 x 3.0) x 5 = 110 -> the 120 s floor. Raises if that exceeds
     Cloud Tasks' 600 s dispatch deadline (use fewer chunks per task).
     """
     need = math.ceil((COLD_START_S + chunks_per_task * chunk_seconds(chunk_size)) * TIME_HEADROOM)

@@ -196,12 +196,12 @@ def test_functions_memory_timeouts_and_env(built):
         assert set(fns) == {"l2cache-lookup", "l2cache-compute-chunk", "l2cache-on-edit"}
         for name in ("l2cache-compute-chunk", "l2cache-on-edit"):
             worker = fns[name]["serviceConfig"]
-            # 256x256x512: (33.5 M voxels x 40 B + 300 MiB) x 1.25 = 1,975 -> 2,048 MiB,
-            # over the measured 1.26-1.42 GiB peak
-            assert worker["availableMemory"] == "2048Mi"
+            # 256x256x512: (33.5 M voxels x 14 B + 300 MiB) x 1.25 = 935 -> 1,024 MiB,
+            # over the measured 627 MiB peak
+            assert worker["availableMemory"] == "1024Mi"
             assert worker["availableCpu"] == "1"
-            # (10 s cold start + 4 chunks x 6.4 s) x 5
-            assert worker["timeoutSeconds"] == 178
+            # (10 s cold start + 4 chunks x 3.0 s) x 5 = 110 -> the 120 s floor
+            assert worker["timeoutSeconds"] == 120
             assert worker["maxInstanceRequestConcurrency"] == 1
             assert worker["maxInstanceCount"] == 80
             assert worker["serviceAccountEmail"] == EMAIL.format("l2cache-worker")
