@@ -109,6 +109,30 @@ def naive(url: str, sample: np.ndarray) -> None:
             r.raise_for_status()
 
 
+def raw_read(reader, sample: np.ndarray) -> None:
+    """The same keys read straight from Bigtable (whole rows, newest cells), no serving:
+    what the lookup cannot do faster than, so its overhead is measured against it."""
+    keys = ids.row_keys(np.unique(sample))
+    rows = {}
+    for i in range(0, len(keys), 10_000):
+        rows.update(reader.read(keys[i : i + 10_000]))
+    assert len(rows) == len(keys)
+
+
+def serving_overhead(
+    url: str, reader, sample: np.ndarray, rounds: int
+) -> tuple[float, float, float]:
+    """(raw p50, lookup p50, median per-round ratio) from paired rounds, raw first."""
+    pairs = []
+    for _ in range(rounds):
+        (raw,) = timed(lambda: raw_read(reader, sample), 1)
+        (served,) = timed(lambda: one_request(url, sample), 1)
+        pairs.append((raw, served))
+    raws, serveds = zip(*pairs, strict=True)
+    ratio = statistics.median(b / a for a, b in pairs)
+    return statistics.median(raws), statistics.median(serveds), ratio
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -135,6 +159,18 @@ def main() -> int:
             url = f"http://{fn.host}/l2cache/api/v1/table/bench/attributes"
             rng = np.random.default_rng(1)
             one_request(url, l2[:100])  # warm the instance
+            from l2cache.bigtable_client import RowReader
+
+            reader = RowReader(table.name)
+            print("# serving overhead: HTTP lookup round trip (JSON, all attributes, gzip, body")
+            print("# received but not parsed) vs the raw Bigtable read of the same keys in this")
+            print("# process, paired rounds, median")
+            print(f"{'ids':>8} {'raw_read_s':>10} {'lookup_s':>9} {'ratio':>6}")
+            for n in (1_000, 10_000):
+                sample = rng.choice(l2, n, replace=False)
+                raw_read(reader, sample)  # warm the channel
+                raw, served, ratio = serving_overhead(url, reader, sample, args.repeat)
+                print(f"{n:>8} {raw:>10.3f} {served:>9.3f} {ratio:>6.2f}")
             print(f"{'ids':>8} {'mode':<22} {'p50_s':>7} {'p95_s':>7} {'ids/s':>9}")
             for n in (1_000, 10_000, 100_000):
                 sample = rng.choice(l2, min(n, l2.size), replace=False)
