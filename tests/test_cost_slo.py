@@ -66,8 +66,8 @@ def test_prices_come_from_the_environment_when_set():
 def test_worker_size_is_infras_sizing(monkeypatch):
     monkeypatch.delenv("L2CACHE_COST_FUNCTION_GIB", raising=False)
     mib = infra_sizing().worker_memory_mib((256, 256, 512))
-    assert mib == 2048 and cost.DEFAULT_WORKER_GIB == mib / 1024
-    assert worker_prices((256, 256, 512)).worker_gib == 2.0
+    assert mib == 1024 and cost.DEFAULT_WORKER_GIB == mib / 1024
+    assert worker_prices((256, 256, 512)).worker_gib == 1.0
     assert (
         worker_prices((128, 128, 128)).worker_gib
         == infra_sizing().worker_memory_mib((128, 128, 128)) / 1024

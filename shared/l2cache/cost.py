@@ -15,7 +15,7 @@ A chunk costs what its worker held while computing it plus what it wrote:
 underestimate; the retry rate SLO shows that). The worker's memory is infra's sizing
 (``infra/sizing.py`` ``worker_memory_mib`` for the dataset's chunk size): the CLI
 passes it in; :data:`DEFAULT_WORKER_GIB` is that function's answer for the production
-256x256x512 chunk (2,048 MiB), used when no sizing is given. A mm^3 is 1e18 nm^3 of
+256x256x512 chunk (1,024 MiB), used when no sizing is given. A mm^3 is 1e18 nm^3 of
 chunk volume (ledger ``voxels`` x the dataset's voxel volume).
 """
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 NM3_PER_MM3 = 1e18
-# infra/sizing.py worker_memory_mib((256, 256, 512)) = 2048 MiB; cpu_for_memory -> 1
-DEFAULT_WORKER_GIB = 2.0
+# infra/sizing.py worker_memory_mib((256, 256, 512)) = 1024 MiB; cpu_for_memory -> 1
+DEFAULT_WORKER_GIB = 1.0
 DEFAULT_WORKER_VCPU = 1.0
 
 # field of Prices -> environment variable that overrides it
