@@ -161,12 +161,8 @@ def handle_message(
     not_layer2, groups = group_by_chunk(ctx.dataset, request.l2ids)
     if not_layer2:  # never computable: reported now, the rest still runs
         ids = np.unique(request.l2ids)
-        bad = ids[idlib.get_layer(ids) != 2].astype("<u8")
-        to_dead_letter(
-            f"{bad.size} of {request.l2ids.size} ids are not layer-2 (L2) ids",
-            payload=bad.tobytes(),
-            extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
-        )
+        bad = ids[idlib.get_layer(ids) != 2]
+        _dead_letter_ids(to_dead_letter, ctx, request, bad, "they are not layer-2 (L2) ids")
     if not groups:
         _record(
             ctx,
@@ -201,11 +197,7 @@ def handle_message(
         status = "partial"
         bad = np.array([i for f in result["failed"] for i in f["ids"]], dtype="<u8")
         reason = "; ".join(f"chunk {f['chunk']}: {f['error']}" for f in result["failed"])
-        to_dead_letter(
-            f"{bad.size} of {request.l2ids.size} ids could not be computed: {reason}",
-            payload=bad.tobytes(),
-            extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
-        )
+        _dead_letter_ids(to_dead_letter, ctx, request, bad, reason)
     _record(
         ctx,
         run,
@@ -267,11 +259,8 @@ def _fan_out(config, ctx, run, key, request, message_id, when, attempt, groups, 
         status = "partial"
         bad = np.concatenate([m for _, m in outside]).astype("<u8")
         where = ", ".join(str(c) for c, _ in outside[:5])
-        to_dead_letter(
-            f"{bad.size} of {request.l2ids.size} ids could not be computed: chunks {where} "
-            "lie outside the volume",
-            payload=bad.tobytes(),
-            extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
+        _dead_letter_ids(
+            to_dead_letter, ctx, request, bad, f"chunks {where} lie outside the volume"
         )
     _record(
         ctx,
@@ -286,6 +275,16 @@ def _fan_out(config, ctx, run, key, request, message_id, when, attempt, groups, 
         failed_ids=int(sum(m.size for _, m in outside)),
     )
     return {"status": status, "chunks_enqueued": len(inside), "outside": len(outside)}
+
+
+def _dead_letter_ids(to_dead_letter, ctx, request, bad: np.ndarray, reason: str) -> None:
+    """Dead-letter exactly the ids that could not be computed, as a missing-id message
+    of the dataset's cache table, so they can be re-published once the cause is fixed."""
+    to_dead_letter(
+        f"{bad.size} of {request.l2ids.size} ids could not be computed: {reason}",
+        payload=np.asarray(bad, dtype="<u8").tobytes(),
+        extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
+    )
 
 
 def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:

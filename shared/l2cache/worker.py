@@ -44,12 +44,7 @@ class BadTask(BadRequest):
 
 
 def parse_task(body: bytes) -> dict[str, Any]:
-    try:
-        task = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadTask(f"task body is not JSON: {str(exc)[:200]}") from None
-    if not isinstance(task, dict):
-        raise BadTask("task body must be a JSON object")
+    task = _parse_json(body)
     if task.get("kind") == "ids":
         return _parse_ids_task(task)
     for key in ("dataset", "run_id", "region"):

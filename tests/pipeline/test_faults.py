@@ -641,7 +641,7 @@ def test_non_layer2_ids_are_dead_lettered_not_dropped(env):
     assert result["status"] == "dead_lettered" and result["not_layer2"] == 3
     ((payload, attrs),) = letters
     assert np.frombuffer(payload, "<u8").tolist() == [1, 2, 3]
-    assert "not layer-2" in attrs["dead_letter_reason"]
+    assert "not layer-2 (L2) ids" in attrs["dead_letter_reason"]
 
 
 def test_dead_letter_attributes_stay_within_pubsub_limits():
