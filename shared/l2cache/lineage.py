@@ -90,23 +90,16 @@ def git_revision(path: Path, paths: tuple[str, ...] = ()) -> tuple[str | None, b
     ``dirty`` is true when tracked files (under ``paths``, if given) differ from the
     commit: the code that runs is then not exactly the commit's.
     """
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=path, capture_output=True, text=True, timeout=10, check=True
+        )
+        return done.stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=path,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
-            cwd=path,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     except (OSError, subprocess.SubprocessError):
         return None, False
     return (commit or None), bool(status)
