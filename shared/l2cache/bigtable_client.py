@@ -99,19 +99,12 @@ class RowReader:
 
     def any_in_range(self, start_key: bytes, end_key: bytes) -> bool:
         """Whether any row has a key in ``[start_key, end_key)`` (reads one key at most)."""
-        req = _ReadRowsRequest(table_name=self.table_name, rows_limit=1)
-        rng = req.rows.row_ranges.add()
-        rng.start_key_closed = start_key
-        rng.end_key_open = end_key
-        req.filter.strip_value_transformer = True
-        for response in self._call(req):
-            if any(chunk.row_key for chunk in response.chunks):
-                return True
-        return False
+        return bool(self.keys_in_range(start_key, end_key, limit=1))
 
-    def keys_in_range(self, start_key: bytes, end_key: bytes) -> list[bytes]:
-        """Every row key in ``[start_key, end_key)``, values stripped (keys only)."""
-        req = _ReadRowsRequest(table_name=self.table_name)
+    def keys_in_range(self, start_key: bytes, end_key: bytes, limit: int = 0) -> list[bytes]:
+        """Row keys in ``[start_key, end_key)`` (at most ``limit``; 0 = all), keys only:
+        one cell per row, values stripped."""
+        req = _ReadRowsRequest(table_name=self.table_name, rows_limit=limit)
         rng = req.rows.row_ranges.add()
         rng.start_key_closed = start_key
         rng.end_key_open = end_key

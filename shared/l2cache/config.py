@@ -288,35 +288,33 @@ def _qc(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:
     """``qc:`` at the top level, then each dataset's ``qc:`` over it (l2cache.qc)."""
     from .qc import QcThresholds
 
-    try:
-        top = QcThresholds.from_mapping(_section(raw, "qc", source))
-    except ValueError as exc:
-        raise ConfigError(f"{source}: qc: {exc}") from None
-    out = {}
-    for name, entry in datasets_raw.items():
-        own = _section(entry, "qc", f"{source}: dataset {name!r}")  # entries checked above
-        try:
-            out[str(name)] = QcThresholds.from_mapping(own, base=top)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: dataset {name!r}: qc: {exc}") from None
-    return out
+    return _layered(raw, datasets_raw, source, "qc", QcThresholds.from_mapping)
 
 
 def _slos(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:
     """``slo:`` at the top level, then each dataset's ``slo:`` over it (l2cache.slo)."""
     from .slo import SloTargets
 
+    return _layered(raw, datasets_raw, source, "slo", SloTargets.from_mapping)
+
+
+def _layered(raw: Mapping, datasets_raw: Mapping, source: str, key: str, parse) -> dict[str, Any]:
+    """Dataset name -> ``parse(its section, base=the top-level section)``.
+
+    ``parse(mapping, base=None)`` raises ValueError for a bad value; the error is
+    reported with where it came from.
+    """
     try:
-        top = SloTargets.from_mapping(_section(raw, "slo", source))
+        top = parse(_section(raw, key, source))
     except ValueError as exc:
-        raise ConfigError(f"{source}: slo: {exc}") from None
+        raise ConfigError(f"{source}: {key}: {exc}") from None
     out = {}
     for name, entry in datasets_raw.items():
-        own = _section(entry, "slo", f"{source}: dataset {name!r}")
+        own = _section(entry, key, f"{source}: dataset {name!r}")  # entries checked above
         try:
-            out[str(name)] = SloTargets.from_mapping(own, base=top)
+            out[str(name)] = parse(own, base=top)
         except ValueError as exc:
-            raise ConfigError(f"{source}: dataset {name!r}: slo: {exc}") from None
+            raise ConfigError(f"{source}: dataset {name!r}: {key}: {exc}") from None
     return out
 
 

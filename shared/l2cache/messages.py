@@ -42,7 +42,7 @@ import numpy as np
 from . import ids as idlib
 from . import logs
 from .config import L2CacheConfig
-from .failures import BadRequest, PermanentError, dead_letter_attributes, describe, gave_up
+from .failures import PERMANENT, BadRequest, classify, dead_letter_attributes, describe, gave_up
 from .lineage import code_revision, utc_now
 from .pipeline import compute_l2_ids, dataset_context, group_by_chunk
 from .runs import RunLedger, new_run
@@ -158,54 +158,57 @@ def handle_message(
     key = event_key(request, message_id)
     attempt = ctx.ledger.event_delivered(run.run_id, key)
     max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
+
+    def record(**fields) -> None:
+        ctx.ledger.record_event(
+            run.run_id,
+            key,
+            kind=request.kind,
+            operation_id=request.operation_id,
+            message_id=message_id,
+            ids=int(request.l2ids.size),
+            published_at=when.isoformat(),
+            recorded_at=utc_now().isoformat(),
+            deliveries=attempt,
+            **fields,
+        )
+
+    def give_up_or_raise(exc: Exception) -> dict:
+        """A permanent failure, or a transient one on the last delivery: record it,
+        dead-letter the message with the reason, acknowledge. Otherwise re-raise: the
+        function answers 5xx and Pub/Sub redelivers with backoff."""
+        permanent = classify(exc) == PERMANENT
+        if not permanent and (max_attempts is None or attempt < max_attempts):
+            raise exc
+        reason = describe(exc) if permanent else gave_up(attempt, exc)
+        record(status="failed", error=reason)
+        to_dead_letter(reason)
+        return {"status": "dead_lettered", "reason": reason}
+
     not_layer2, groups = group_by_chunk(ctx.dataset, request.l2ids)
     if not_layer2:  # never computable: reported now, the rest still runs
         ids = np.unique(request.l2ids)
         bad = ids[idlib.get_layer(ids) != 2]
         _dead_letter_ids(to_dead_letter, ctx, request, bad, "they are not layer-2 (L2) ids")
     if not groups:
-        _record(
-            ctx,
-            run,
-            key,
-            request,
-            message_id,
-            when,
-            attempt,
-            status="dead_lettered",
-            not_layer2=not_layer2,
-            written=0,
-        )
+        record(status="dead_lettered", not_layer2=not_layer2, written=0)
         return {"status": "dead_lettered", "reason": "no layer-2 ids", "not_layer2": not_layer2}
     if config.tasks is not None and len(groups) > INLINE_MAX_CHUNKS:
-        return _fan_out(
-            config, ctx, run, key, request, message_id, when, attempt, groups, to_dead_letter
-        )
+        try:
+            return _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_letter)
+        except Exception as exc:  # enqueueing failed; the tasks already created stay unique
+            return give_up_or_raise(exc)
     try:
         result = compute_l2_ids(ctx, request.l2ids, when, run, cell_timestamp=when, event_key=key)
-    except PermanentError:  # compute_l2_ids reports these per chunk; never expected here
-        raise
-    except Exception as exc:
-        if max_attempts is None or attempt < max_attempts:
-            raise  # transient: 5xx, Pub/Sub redelivers with backoff
-        reason = gave_up(attempt, exc)
-        _record(ctx, run, key, request, message_id, when, attempt, status="failed", error=reason)
-        to_dead_letter(reason)
-        return {"status": "dead_lettered", "reason": reason}
+    except Exception as exc:  # per-chunk permanent errors come back in result["failed"]
+        return give_up_or_raise(exc)
     status = "ok"
     if result["failed"]:
         status = "partial"
         bad = np.array([i for f in result["failed"] for i in f["ids"]], dtype="<u8")
         reason = "; ".join(f"chunk {f['chunk']}: {f['error']}" for f in result["failed"])
         _dead_letter_ids(to_dead_letter, ctx, request, bad, reason)
-    _record(
-        ctx,
-        run,
-        key,
-        request,
-        message_id,
-        when,
-        attempt,
+    record(
         status=status,
         written=result["written"],
         chunks_read=result["chunks_read"],
@@ -219,24 +222,25 @@ def handle_message(
     return {"status": status, **result}
 
 
-def _fan_out(config, ctx, run, key, request, message_id, when, attempt, groups, to_dead_letter):
+def _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_letter) -> dict:
     """One Cloud Task per chunk: no message ever needs more than one chunk's work.
 
     A missing-id message may name up to the lookup's id cap, spread over many chunks;
     computed here in sequence it would outlast on_edit's timeout and be redelivered
     until dead-lettered. Chunks outside the volume are reported now; the rest run as
     ``compute_chunk`` tasks named per (run, event, chunk), so a redelivery enqueues
-    nothing twice, and each task records its chunk under the event.
+    nothing twice, and each task records its chunk under the event. Raises when
+    enqueueing fails (the caller decides between redelivery and giving up).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from .tasks import enqueue_chunk_ids, tasks_client
 
-    inside = [(c, m) for c, m in groups if in_volume(ctx.dataset, c)]
-    outside = [(c, m) for c, m in groups if not in_volume(ctx.dataset, c)]
+    inside, outside = [], []
+    for chunk, ids in groups:
+        (inside if in_volume(ctx.dataset, chunk) else outside).append((chunk, ids))
     client = tasks_client()
     at_ms = int(when.timestamp() * 1000)
-    max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
 
     def enqueue(group):
         chunk, ids = group
@@ -244,32 +248,17 @@ def _fan_out(config, ctx, run, key, request, message_id, when, attempt, groups, 
             client, config.tasks, ctx.dataset.name, run.run_id, key, chunk, ids, at_ms
         )
 
-    try:
-        with ThreadPoolExecutor(max_workers=ENQUEUE_THREADS) as pool:
-            list(pool.map(enqueue, inside))
-    except Exception as exc:
-        if max_attempts is None or attempt < max_attempts:
-            raise  # transient: redelivered; the tasks already created are not duplicated
-        reason = gave_up(attempt, exc)
-        _record(ctx, run, key, request, message_id, when, attempt, status="failed", error=reason)
-        to_dead_letter(reason)
-        return {"status": "dead_lettered", "reason": reason}
+    with ThreadPoolExecutor(max_workers=ENQUEUE_THREADS) as pool:
+        list(pool.map(enqueue, inside))
     status = "fanned_out"
     if outside:
         status = "partial"
-        bad = np.concatenate([m for _, m in outside]).astype("<u8")
+        bad = np.concatenate([m for _, m in outside])
         where = ", ".join(str(c) for c, _ in outside[:5])
         _dead_letter_ids(
             to_dead_letter, ctx, request, bad, f"chunks {where} lie outside the volume"
         )
-    _record(
-        ctx,
-        run,
-        key,
-        request,
-        message_id,
-        when,
-        attempt,
+    record(
         status=status,
         chunks_enqueued=len(inside),
         failed_ids=int(sum(m.size for _, m in outside)),
@@ -293,21 +282,6 @@ def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:
             f"l2_cache_id {request.l2_cache_id!r} is not the cache table of {request.dataset!r} "
             f"({cache_table_id!r}); l2cache writes only the table its dataset map names"
         )
-
-
-def _record(ctx, run, key, request, message_id, when, attempt, **fields) -> None:
-    ctx.ledger.record_event(
-        run.run_id,
-        key,
-        kind=request.kind,
-        operation_id=request.operation_id,
-        message_id=message_id,
-        ids=int(request.l2ids.size),
-        published_at=when.isoformat(),
-        deliveries=attempt,
-        **fields,
-        recorded_at=utc_now().isoformat(),
-    )
 
 
 def stream_run(kind: str, dataset):

@@ -64,6 +64,17 @@ class RunRecord:
         ts = cell_timestamp or datetime.fromtimestamp(self.cell_timestamp_ms / 1000, tz=UTC)
         return Lineage(self.run_id, self.params_hash, code_revision(), input_checksum, ts)
 
+    def provenance(self) -> dict[str, Any]:
+        """What QC reports and releases record of the run that produced the values."""
+        return {
+            "code_revision": self.code_revision,
+            "params_hash": self.params_hash,
+            "segmentation": self.segmentation,
+            "graph": self.graph,
+            "snapshot": self.snapshot_timestamp,
+            "cell_timestamp_ms": self.cell_timestamp_ms,
+        }
+
     def check_revision(self) -> None:
         """Refuse to compute for a run pinned to another revision (permanent)."""
         here = code_revision()

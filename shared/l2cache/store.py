@@ -72,10 +72,18 @@ class CacheStore:
         """Write one row per node; all cells at ``lineage.cell_timestamp``.
 
         Idempotent: the same features and lineage write the same cells at the same
-        version, so a retried task leaves identical bytes.
+        version, so a retried task leaves identical bytes. A table another service owns
+        (``existing_cache_table``) is refused here, whichever path tries to write it.
         """
         if not isinstance(lineage, Lineage) or not lineage.run_id:
             raise ValueError("a feature write needs a Lineage with a run id")
+        if self.dataset.existing_cache_table:
+            from .failures import BadRequest
+
+            raise BadRequest(
+                f"cache table {self.dataset.cache_table_id} of {self.dataset.name!r} is an "
+                "existing table another service owns: l2cache does not write it"
+            )
         l2ids = np.asarray(features["l2id"], dtype=np.uint64)
         n = l2ids.size
         if n == 0:

@@ -52,13 +52,7 @@ def parse_task(body: bytes) -> dict[str, Any]:
             raise BadTask(f"task body lacks {key!r}")
     if not isinstance(task["dataset"], str) or not isinstance(task["run_id"], str):
         raise BadTask("dataset and run_id must be strings")
-    region = task["region"]
-    if (
-        not isinstance(region, list)
-        or len(region) != 6
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in region)
-        or region_size(region) == 0
-    ):
+    if not _region_shaped(task["region"]):
         raise BadTask("region must be 6 non-negative integers x0,y0,z0,x1,y1,z1 with x0<x1 ...")
     batch = task.get("batch", DEFAULT_BATCH)
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
@@ -231,14 +225,19 @@ def _reject(ctx, run, task: dict | None, exc: Exception, attempt: int) -> tuple[
     return 200, {"status": "rejected", "error": str(exc)}
 
 
-def _is_region(region) -> bool:
+def _region_shaped(region) -> bool:
+    """Six non-negative integers bounding at least one chunk (x0,y0,z0,x1,y1,z1)."""
     return (
         isinstance(region, list)
         and len(region) == 6
-        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in region)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in region)
         and region_size(region) > 0
-        and region_size(region) <= 2**31
     )
+
+
+def _is_region(region) -> bool:
+    """A region the ledger can record against (small enough for status to expand)."""
+    return _region_shaped(region) and max(region) < 2**31 and region_size(region) <= 2**31
 
 
 def _give_up_region(ctx, run, region, reason: str, attempt: int) -> tuple[int, dict]:

@@ -670,3 +670,20 @@ def test_existing_cache_tables_are_never_ingested(env):
 
     code, answer = handle_task(config, json.dumps(body).encode())
     assert code == 200 and answer["status"] == "rejected" and "does not write" in answer["error"]
+
+
+def test_the_store_itself_refuses_to_write_an_existing_cache_table(env):
+    """The refusal sits in the one write path, not only in the entry points."""
+    import yaml
+
+    from l2cache.config import parse_config
+    from l2cache.failures import BadRequest
+    from l2cache.lineage import Lineage
+    from l2cache.store import CacheStore
+
+    raw = yaml.safe_load(env["stack"].config_path.read_text())
+    raw["datasets"][DS]["existing_cache_table"] = True
+    owned = parse_config(raw, source="existing-table-map").dataset(DS)
+    feats = compute_features(load_chunk_l2(env["ctx"], (0, 0, 1), None).dense, RES)
+    with pytest.raises(BadRequest, match="another service owns"):
+        CacheStore(env["ctx"].store.table, owned).write_features(feats, Lineage("r-owned"))
