@@ -27,7 +27,6 @@ import pytest
 import requests
 from google.cloud import pubsub_v1
 
-from l2cache.attributes import ATTRIBUTES, encode_column
 from l2cache.config import load_config
 from l2cache.features import compute_features
 from l2cache.ingest import start_ingest
@@ -39,7 +38,7 @@ from l2cache_tools.local.functions import readonly_command
 from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-from stackutil import RES, add_dataset, crop_volume, wait_for  # noqa: E402
+from stackutil import RES, add_dataset, crop_volume, expected_cells, wait_for  # noqa: E402
 
 from .deployment import REPO, deploy, make_writable  # noqa: E402
 from .locks import normalize, parse  # noqa: E402
@@ -142,16 +141,6 @@ def ingested(deployed):
         "the ingest through the deployed compute_chunk",
     )
     return run, status
-
-
-def expected_cells(ctx, run, coords):
-    chunk = load_chunk_l2(ctx, coords, run.snapshot)
-    feats = compute_features(chunk.labels, RES)
-    cells = {a.name: encode_column(a, feats[a.name]) for a in ATTRIBUTES}
-    return {
-        int(n): {a.key: cells[a.name][i] for a in ATTRIBUTES}
-        for i, n in enumerate(feats["l2id"].tolist())
-    }
 
 
 def test_bulk_ingest_by_the_deployed_worker_equals_direct_computation(deployed, ingested):

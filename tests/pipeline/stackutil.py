@@ -51,6 +51,22 @@ def add_dataset(stack, name: str, volume: np.ndarray, directory: Path) -> dict:
     return {"built": built, "instance": instance, "cache_table": cache_table}
 
 
+def expected_cells(ctx, run, coords, res=RES) -> dict[int, dict[bytes, bytes]]:
+    """The cache cells a run must have written for one chunk: a direct computation on
+    the chunk as read at the run's snapshot, encoded as the store encodes it."""
+    from l2cache.attributes import ATTRIBUTES, encode_column
+    from l2cache.features import compute_features
+    from l2cache.pipeline import load_chunk_l2
+
+    chunk = load_chunk_l2(ctx, coords, run.snapshot)
+    feats = compute_features(chunk.labels, res)
+    cells = {a.name: encode_column(a, feats[a.name]) for a in ATTRIBUTES}
+    return {
+        int(n): {a.key: cells[a.name][i] for a in ATTRIBUTES}
+        for i, n in enumerate(feats["l2id"].tolist())
+    }
+
+
 def lookup(stack, dataset: str, l2ids) -> dict[int, dict]:
     url = f"{stack.urls['lookup']}/l2cache/api/v1/table/{dataset}/attributes"
     r = requests.post(

@@ -9,36 +9,22 @@ import time
 import numpy as np
 import pytest
 import requests
-import yaml
+import stackutil
 from google.cloud import pubsub_v1
+from stackutil import RES, add_dataset, crop_volume, expected_cells, pull_dead_letters, wait_for
 
 from l2cache import ids
-from l2cache.attributes import ATTRIBUTES, encode_column
-from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import load_config
 from l2cache.features import compute_features
 from l2cache.ingest import start_ingest
 from l2cache.pipeline import compute_chunk, dataset_context, load_chunk_l2
 from l2cache.runs import new_run
 from l2cache.status import run_status
-from l2cache.store import create_cache_table
-from l2cache_tools.dataset import apply_merge, apply_split, build_dataset, publish_edit
+from l2cache_tools.dataset import apply_merge, apply_split, publish_edit
 from l2cache_tools.dataset.edits import pick_merge, pick_split
-from l2cache_tools.local.stack import DEAD_LETTER_TOPIC, EDITS_TOPIC, INSTANCE, PROJECT, LocalStack
+from l2cache_tools.local.stack import DEAD_LETTER_TOPIC, EDITS_TOPIC, PROJECT, LocalStack
 
-CHUNK = (48, 48, 24)
-RES = (16.0, 16.0, 40.0)
 DATASET = "pinky_test"
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +32,14 @@ def stack(tmp_path_factory):
     saved = dict(os.environ)
     directory = tmp_path_factory.mktemp("stack")
     with LocalStack(directory, compute_workers=2) as st:
-        volume = np.load("tests/data/pinky40_crop_96x96x48.npz")["labels"]
-        instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
-        built = build_dataset(volume, f"file://{directory}/sv", RES, CHUNK, instance, DATASET)
-        cfg = yaml.safe_load(st.config_path.read_text())
-        cfg["datasets"][DATASET] = {
-            "segmentation": built.segmentation,
-            "graph": {
-                "kind": "bigtable",
-                "project": PROJECT,
-                "instance": INSTANCE,
-                "table_id": DATASET,
-            },
-            "cache_table_id": "l2cache_pinky_test_v1",
-        }
-        st.config_path.write_text(yaml.safe_dump(cfg))
-        create_cache_table(instance, "l2cache_pinky_test_v1")
+        made = add_dataset(st, DATASET, crop_volume(), directory)
         config = load_config(st.config_path)
         yield {
             "stack": st,
             "config": config,
             "ctx": dataset_context(config, DATASET),
-            "instance": instance,
-            "built": built,
+            "instance": made["instance"],
+            "built": made["built"],
         }
     os.environ.clear()
     os.environ.update(saved)
@@ -83,16 +54,6 @@ def ingested(stack):
         "the ingest to finish",
     )
     return run, status
-
-
-def expected_cells(ctx, run, coords):
-    chunk = load_chunk_l2(ctx, coords, run.snapshot)
-    feats = compute_features(chunk.labels, RES)
-    cells = {a.name: encode_column(a, feats[a.name]) for a in ATTRIBUTES}
-    return {
-        int(n): {a.key: cells[a.name][i] for a in ATTRIBUTES}
-        for i, n in enumerate(feats["l2id"].tolist())
-    }
 
 
 def test_full_ingest_equals_direct_computation_byte_for_byte(stack, ingested):
@@ -155,12 +116,7 @@ def test_bad_tasks_are_rejected_with_2xx_so_cloud_tasks_stops(stack):
 
 
 def lookup(stack, l2ids):
-    url = f"{stack['stack'].urls['lookup']}/l2cache/api/v1/table/{DATASET}/attributes"
-    r = requests.post(
-        url, json={"l2_ids": [int(v) for v in l2ids]}, params={"update_cache": "false"}, timeout=30
-    )
-    r.raise_for_status()
-    return {int(k): v for k, v in r.json().items()}
+    return stackutil.lookup(stack["stack"], DATASET, l2ids)
 
 
 def cache_row_keys(stack) -> set[int]:
@@ -192,27 +148,6 @@ def test_edits_make_exactly_the_new_l2_ids_appear(stack, ingested):
     (node,) = merge.new_l2_ids.tolist()
     assert found[node]["size_nm3"] == int(direct["size_nm3"][0]) * 16 * 16 * 40
     assert found[node]["area_nm2"] == int(direct["area_nm2"][0])
-
-
-def pull_dead_letters(count: int, timeout: float = 120) -> list:
-    """Pull from the dead-letter inspection subscription until ``count`` distinct messages."""
-    sub = pubsub_v1.SubscriberClient()
-    path = sub.subscription_path(PROJECT, "dead-letter-inspect")
-    got: dict[str, object] = {}
-
-    def poll():
-        try:
-            resp = sub.pull(subscription=path, max_messages=10, timeout=10)
-        except Exception:  # an empty long-poll may end in DEADLINE_EXCEEDED
-            return None
-        if resp.received_messages:
-            sub.acknowledge(subscription=path, ack_ids=[m.ack_id for m in resp.received_messages])
-            for m in resp.received_messages:
-                got[m.message.message_id] = m.message
-        return len(got) >= count
-
-    wait_for(poll, timeout, f"{count} dead-lettered messages")
-    return list(got.values())
 
 
 class _Exploit:
