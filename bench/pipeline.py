@@ -32,8 +32,7 @@ from l2cache.pipeline import compute_chunk, compute_l2_ids, dataset_context, loa
 from l2cache.runs import new_run
 from l2cache.status import run_status
 from l2cache_tools.cli.dataset_cmd import build_into_config
-from l2cache_tools.dataset import apply_split
-from l2cache_tools.dataset.edits import edit_message, pick_split
+from l2cache_tools.dataset.edits import edit_message, split_for_new_ids
 from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,14 +108,7 @@ def main() -> int:
         warm = load_chunk_l2(ctx, chunk, None).labels
         compute_l2_ids(ctx, np.unique(warm[warm > 0])[:1], None, edits)  # warm the only= path
         for k in (1, 5, 20):
-            new_ids = []
-            while len(new_ids) < k:
-                target = pick_split(ctx.dataset, graph, chunk, exclude=used)
-                used.add(target)
-                result = apply_split(graph, ctx.dataset, target)
-                used.update(result.new_l2_ids.tolist())
-                new_ids.extend(result.new_l2_ids.tolist())
-            new_ids = np.array(new_ids[:k], dtype=np.uint64)
+            new_ids, result = split_for_new_ids(graph, ctx.dataset, chunk, k, used)
             # end to end: PCG's message naming the k new ids -> rows readable via lookup
             payload, attrs = edit_message(NAME, replace(result, new_l2_ids=new_ids))
             t = time.perf_counter()

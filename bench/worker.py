@@ -264,8 +264,7 @@ def edit_path(ctx, graph, repeat: int, ks=(1, 5, 20)) -> list[tuple]:
     """k new L2 ids in one chunk via real splits: compute_l2_ids vs compute_chunk."""
     import l2cache.pipeline as pipeline
     from l2cache.runs import new_run
-    from l2cache_tools.dataset import apply_split
-    from l2cache_tools.dataset.edits import pick_split
+    from l2cache_tools.dataset.edits import split_for_new_ids
 
     reads = []
     real_read = pipeline.read_chunk
@@ -281,14 +280,7 @@ def edit_path(ctx, graph, repeat: int, ks=(1, 5, 20)) -> list[tuple]:
     rows, used = [], set()
     try:
         for k in ks:
-            new_ids: list[int] = []
-            while len(new_ids) < k:
-                target = pick_split(ctx.dataset, graph, chunk, exclude=used)
-                used.add(target)
-                result = apply_split(graph, ctx.dataset, target)
-                used.update(result.new_l2_ids.tolist())
-                new_ids.extend(result.new_l2_ids.tolist())
-            ids = np.array(new_ids[:k], dtype=np.uint64)
+            ids, _ = split_for_new_ids(graph, ctx.dataset, chunk, k, used)
             # the whole chunk at the same graph state, through the real compute_chunk
             region = new_run("region_reprocess", ctx.dataset, [*chunk, *(c + 1 for c in chunk)], 1)
             ctx.ledger.create_run(region)

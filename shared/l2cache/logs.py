@@ -58,6 +58,17 @@ def emit(kind: str, stream=None, **fields: Any) -> dict:
     return entry
 
 
+def _raised(kind: str, base: dict, exc: Exception, t0: float) -> None:
+    """The line for a call that raised: the caller answers 5xx, so it will be retried."""
+    emit(
+        kind,
+        **base,
+        status="retrying",
+        error=repr(exc),
+        duration_s=round(time.perf_counter() - t0, 4),
+    )
+
+
 def chunk(fn):
     """``pipeline.compute_chunk(ctx, run, coords, ...)``: one line per chunk attempt."""
 
@@ -72,13 +83,7 @@ def chunk(fn):
         try:
             out = fn(ctx, run, coords, *args, **kwargs)
         except Exception as exc:
-            emit(
-                "chunk",
-                **base,
-                status="retrying",
-                error=repr(exc),
-                duration_s=round(time.perf_counter() - t0, 4),
-            )
+            _raised("chunk", base, exc, t0)
             raise
         emit(
             "chunk",
@@ -129,13 +134,7 @@ def event(fn):
         try:
             out = fn(config, data, attributes, message_id, *args, **kwargs)
         except Exception as exc:
-            emit(
-                "event",
-                **base,
-                status="retrying",
-                error=repr(exc),
-                duration_s=round(time.perf_counter() - t0, 4),
-            )
+            _raised("event", base, exc, t0)
             raise
         published = kwargs.get("publish_time", args[1] if len(args) > 1 else None)
         latency = None

@@ -26,6 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.cloud.bigtable import column_family
+from google.cloud.bigtable.row_filters import (
+    ColumnQualifierRegexFilter,
+    FamilyNameRegexFilter,
+    RowFilterChain,
+    ValueRegexFilter,
+)
 from google.cloud.bigtable.row_set import RowSet
 
 from .bigtable_write import write_rows
@@ -205,21 +211,12 @@ class RunLedger:
         """A check-and-mutate row whose ``state=False`` mutations apply only while the
         chunk is not done: a late or duplicate attempt never turns a done chunk back
         into running, retrying or failed. (CheckAndMutateRow raises on failure.)"""
-        from google.cloud.bigtable.row_filters import (
-            ColumnQualifierRegexFilter,
-            FamilyNameRegexFilter,
-            RowFilterChain,
-            ValueRegexFilter,
-        )
+        return self._conditional(key, b"^status$", ValueRegexFilter(b"^done$"))
 
-        done = RowFilterChain(
-            [
-                FamilyNameRegexFilter(LEDGER_FAMILY),
-                ColumnQualifierRegexFilter(b"^status$"),
-                ValueRegexFilter(b"^done$"),
-            ]
-        )
-        return self.table.conditional_row(key, filter_=done)
+    def _conditional(self, key: bytes, column_regex: bytes, *more):
+        """A check-and-mutate row conditioned on a ledger column (and ``more`` filters)."""
+        chain = [FamilyNameRegexFilter(LEDGER_FAMILY), ColumnQualifierRegexFilter(column_regex)]
+        return self.table.conditional_row(key, filter_=RowFilterChain([*chain, *more]))
 
     def chunks_queued(self, run_id: str, chunks, task_attempt: int) -> None:
         """Mark every not-done chunk of a leaf task as queued by this task attempt.
@@ -284,16 +281,7 @@ class RunLedger:
     def _first_failure(self, run_id: str, chunk_id: int) -> None:
         """Stamp ``first_failed_at`` once (check-and-mutate: only when absent), so the
         time to recover a failed chunk survives the rewrites of later attempts."""
-        from google.cloud.bigtable.row_filters import (
-            ColumnQualifierRegexFilter,
-            FamilyNameRegexFilter,
-            RowFilterChain,
-        )
-
-        has_it = RowFilterChain(
-            [FamilyNameRegexFilter(LEDGER_FAMILY), ColumnQualifierRegexFilter(b"first_failed_at")]
-        )
-        row = self.table.conditional_row(self._chunk_key(run_id, chunk_id), filter_=has_it)
+        row = self._conditional(self._chunk_key(run_id, chunk_id), b"first_failed_at")
         stamp = utc_now().isoformat().encode()
         row.set_cell(LEDGER_FAMILY, b"first_failed_at", stamp, state=False)
         row.commit()
@@ -380,24 +368,20 @@ class RunLedger:
         return out
 
     def event_chunk_done(self, run_id: str, event_key: str, chunk_id: int, **fields: Any) -> None:
-        row = self.table.direct_row(
-            b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
-        )
-        row.set_cell(LEDGER_FAMILY, b"status", b"done")
-        for key, value in fields.items():
-            row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
-        write_rows(self.table, [row], "event")
+        self._event_chunk(run_id, event_key, chunk_id, "done", **fields)
 
     def event_chunk_failed(
         self, run_id: str, event_key: str, chunk_id: int, error: str, n_ids: int
     ) -> None:
         """A chunk of a fanned-out event that could not be computed, with the reason."""
-        row = self.table.direct_row(
-            b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
-        )
-        row.set_cell(LEDGER_FAMILY, b"status", b"failed")
-        row.set_cell(LEDGER_FAMILY, b"error", json.dumps(error).encode())
-        row.set_cell(LEDGER_FAMILY, b"failed_ids", json.dumps(n_ids).encode())
+        self._event_chunk(run_id, event_key, chunk_id, "failed", error=error, failed_ids=n_ids)
+
+    def _event_chunk(self, run_id: str, event_key: str, chunk_id: int, status: str, **fields):
+        key = b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
+        row = self.table.direct_row(key)
+        row.set_cell(LEDGER_FAMILY, b"status", status.encode())
+        for name, value in fields.items():
+            row.set_cell(LEDGER_FAMILY, name.encode(), json.dumps(value).encode())
         write_rows(self.table, [row], "event")
 
     def event_chunks(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:

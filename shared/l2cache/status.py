@@ -13,13 +13,6 @@ from datetime import datetime
 
 from .cost import PRICES, Prices, RunCost, run_cost
 
-# re-exported for callers that read the unit prices here (bench/worker.py)
-FUNCTION_GIB = PRICES.worker_gib
-PRICE_GIB_SECOND = PRICES.gib_second
-PRICE_VCPU_SECOND = PRICES.vcpu_second
-PRICE_BIGTABLE_WRITE_PER_ROW = PRICES.bigtable_row
-PRICE_TASK = PRICES.task
-
 
 @dataclass
 class RunStatus:

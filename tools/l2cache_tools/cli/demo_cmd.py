@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         step("looking up L2 nodes through the lookup function (HTTP, caveclient's API)")
         center = [g // 2 for g in built.grid]
         chunk = load_chunk_l2(ctx, center, None)
-        nodes, counts = np.unique(chunk.labels[chunk.labels > 0], return_counts=True)
+        labels = chunk.labels  # builds the uint64 L2 volume: once
+        nodes, counts = np.unique(labels[labels > 0], return_counts=True)
         top = nodes[np.argsort(-counts, kind="stable")[:6]]
         print_features(lookup(stack.urls["lookup"], top), f"  largest nodes of chunk {center}:")
 

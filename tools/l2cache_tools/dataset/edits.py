@@ -150,6 +150,24 @@ def apply_split(table, dataset, node: int) -> EditResult:
     return EditResult(_operation_id(table), ts, new, np.array([node], np.uint64), "split")
 
 
+def split_for_new_ids(table, dataset, chunk_coord, k: int, used: set[int]):
+    """Apply splits in one chunk until they created at least ``k`` new L2 ids.
+
+    Returns the first ``k`` new ids and the last split's result; ``used`` (nodes split
+    or created so far, updated in place) keeps later calls off the same nodes. The
+    benchmarks use it for edits of exactly ``k`` new ids.
+    """
+    new_ids: list[int] = []
+    result = None
+    while len(new_ids) < k:
+        target = pick_split(dataset, table, chunk_coord, exclude=used)
+        used.add(target)
+        result = apply_split(table, dataset, target)
+        used.update(result.new_l2_ids.tolist())
+        new_ids.extend(result.new_l2_ids.tolist())
+    return np.array(new_ids[:k], dtype=np.uint64), result
+
+
 def edit_message(
     table_id: str, result: EditResult, user_id: str = "l2cache-demo"
 ) -> tuple[bytes, dict]:
