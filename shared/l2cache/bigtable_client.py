@@ -20,6 +20,7 @@ from google.cloud.bigtable_v2.types import bigtable as bt_types
 EMULATOR_ENV = "BIGTABLE_EMULATOR_HOST"
 DATA_ENDPOINT = "bigtable.googleapis.com:443"
 DATA_SCOPE = "https://www.googleapis.com/auth/bigtable.data.readonly"
+WRITE_SCOPE = "https://www.googleapis.com/auth/bigtable.data"
 _READ_ROWS = "/google.bigtable.v2.Bigtable/ReadRows"
 _ReadRowsRequest = bt_types.ReadRowsRequest.pb()
 _ReadRowsResponse = bt_types.ReadRowsResponse.pb()
@@ -39,26 +40,29 @@ def bigtable_instance(project: str, instance: str, admin: bool = False):
 
 
 _channel_lock = threading.Lock()
-_channels: dict[str, grpc.Channel] = {}
+_channels: dict[tuple[str, str], grpc.Channel] = {}
 
 
-def data_channel() -> grpc.Channel:
-    """A shared gRPC channel to the emulator (insecure) or to Bigtable (authorized)."""
+def data_channel(scope: str = DATA_SCOPE) -> grpc.Channel:
+    """A shared gRPC channel to the emulator (insecure) or to Bigtable (authorized for
+    ``scope``: read-only unless a writer asks for :data:`WRITE_SCOPE`)."""
     target = os.environ.get(EMULATOR_ENV) or DATA_ENDPOINT
+    emulated = bool(os.environ.get(EMULATOR_ENV))
+    key = (target, "" if emulated else scope)
     with _channel_lock:
-        if target not in _channels:
-            if os.environ.get(EMULATOR_ENV):
-                _channels[target] = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if key not in _channels:
+            if emulated:
+                _channels[key] = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
             else:
                 import google.auth
                 from google.auth.transport.grpc import secure_authorized_channel
                 from google.auth.transport.requests import Request
 
-                creds, _ = google.auth.default(scopes=[DATA_SCOPE])
-                _channels[target] = secure_authorized_channel(
+                creds, _ = google.auth.default(scopes=[scope])
+                _channels[key] = secure_authorized_channel(
                     creds, Request(), target, options=_CHANNEL_OPTIONS
                 )
-        return _channels[target]
+        return _channels[key]
 
 
 class RowReader:

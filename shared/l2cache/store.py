@@ -29,8 +29,14 @@ from .attributes import (
     LINEAGE_FAMILY,
     encode_column,
 )
-from .bigtable_client import RowReader
-from .bigtable_write import write_rows
+from .bigtable_client import WRITE_SCOPE, RowReader, data_channel
+from .bigtable_write import (
+    SERVER_TIMESTAMP,
+    CellEncoder,
+    encode_rows,
+    mutate_entries,
+    timestamp_micros,
+)
 from .config import DatasetConfig
 from .lineage import Lineage
 from .rowformat import decode_rows
@@ -88,19 +94,23 @@ class CacheStore:
         n = l2ids.size
         if n == 0:
             return 0
-        columns = {a.name: encode_column(a, features[a.name]) for a in ATTRIBUTES}
-        lineage_cols = lineage.columns()
-        ts = lineage.cell_timestamp
-        keys = idlib.row_keys(l2ids)
-        rows = []
-        for i, key in enumerate(keys):
-            row = self.table.direct_row(key)
-            for attr in ATTRIBUTES:
-                row.set_cell(FEATURE_FAMILY, attr.key, columns[attr.name][i], timestamp=ts)
-            for col, value in lineage_cols.items():
-                row.set_cell(LINEAGE_FAMILY, col, value, timestamp=ts)
-            rows.append(row)
-        write_rows(self.table, rows, "cache")
+        micros = timestamp_micros(lineage.cell_timestamp)
+        columns = [
+            (CellEncoder(FEATURE_FAMILY, a.key, micros), encode_column(a, features[a.name]))
+            for a in ATTRIBUTES
+        ]
+        shared = b"".join(
+            CellEncoder(LINEAGE_FAMILY, col, micros).encode(value)
+            for col, value in lineage.columns().items()
+        )
+        entries = encode_rows(idlib.row_keys(l2ids), columns, shared)
+        mutate_entries(
+            data_channel(WRITE_SCOPE),
+            self.table.name,
+            entries,
+            "cache",
+            idempotent=micros != SERVER_TIMESTAMP,
+        )
         return n
 
     # -- reading ---------------------------------------------------------------
