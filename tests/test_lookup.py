@@ -7,6 +7,7 @@ import json
 import time
 from datetime import UTC, datetime
 
+import brotli
 import numpy as np
 import pytest
 import requests
@@ -103,13 +104,14 @@ def stack(bigtable_emulator, pubsub_emulator, tmp_path_factory):
     fn.stop()
 
 
-def post(stack, body, params=None, headers=None, dataset="pinky_test"):
+def post(stack, body, params=None, headers=None, dataset="pinky_test", stream=False):
     return requests.post(
         f"{stack['url']}/table/{dataset}/attributes",
         data=body,
         params=params or {},
         headers=headers or {},
         timeout=30,
+        stream=stream,
     )
 
 
@@ -158,6 +160,34 @@ def test_binary_and_gzip_bodies_and_gzip_response(stack):
     assert raw.status_code == js.status_code == 200
     assert js.headers.get("Content-Encoding") == "gzip"
     assert raw.json() == js.json()  # requests transparently gunzips
+
+
+@pytest.mark.parametrize(
+    "accept, coding",
+    [
+        ("gzip, deflate, br", "br"),  # requests with brotli installed, browsers
+        ("gzip", "gzip"),
+        ("br;q=0, gzip", "gzip"),
+        ("gzip;q=0", None),
+        ("identity", None),
+    ],
+)
+def test_response_coding_follows_accept_encoding(stack, accept, coding):
+    """The same JSON bytes whichever coding the client accepts; a refused one (q=0) is
+    never sent."""
+    l2 = stack["feats"]["l2id"][:200]
+    body = json.dumps({"l2_ids": l2.tolist()})
+    plain = post(stack, body, headers={"Accept-Encoding": "identity"}, stream=True)
+    r = post(stack, body, headers={"Accept-Encoding": accept}, stream=True)
+    assert r.status_code == plain.status_code == 200
+    assert r.headers.get("Content-Encoding") == coding
+    sent = r.raw.read(decode_content=False)
+    decoders = {"br": brotli.decompress, "gzip": gzip.decompress, None: bytes}
+    assert decoders[coding](sent) == plain.raw.read(decode_content=False)
+    phases = dict(p.strip().split(";dur=") for p in r.headers["Server-Timing"].split(","))
+    assert set(phases) == {"read", "decode", "encode"} and all(
+        float(v) >= 0 for v in phases.values()
+    )
 
 
 def test_attribute_subset_and_missing_ids_are_published(stack):

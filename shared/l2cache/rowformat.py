@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 LEGACY_NM = "legacy_nm"
 _U8 = np.dtype("<u8")
+_EMPTY: dict = {}
+_ABSENT = object()  # a row's missing value while its dict is assembled
 
 
 def decode_rows(
@@ -43,39 +45,71 @@ def decode_rows(
 ) -> dict[int, dict[str, Any]]:
     """``{l2 id: {attribute: API value}}`` for the rows that hold a requested column.
 
-    Decoding is per attribute over all rows at once (one ``frombuffer`` per attribute
-    and storage variant); only cells of an unusual length take the per-cell path.
+    Columnar on purpose (this is most of a lookup's own CPU): per attribute one
+    ``frombuffer`` over all rows' cells and one ``tolist``; the per-id dicts are then
+    zipped together in C. Only cells of an unusual length take a per-cell path, and only
+    rows lacking a column get a dict built one by one.
     """
-    keys = [name.encode() for name in names]
-    present = [
-        (k, r[FEATURE_FAMILY])
-        for k, r in rows.items()
-        if any(key in r.get(FEATURE_FAMILY, {}) for key in keys)
-    ]
-    if not present:
+    if not rows:
         return {}
-    nodes = np.array([int(k) for k, _ in present], dtype=np.uint64)
-    legacy = np.array(
-        [
-            ds.row_format == LEGACY_NM and LINEAGE_RUN_COLUMN not in rows[k].get(LINEAGE_FAMILY, {})
-            for k, _ in present
-        ]
-    )
+    keys = list(rows)
+    nodes = np.array(list(map(int, keys)), dtype=np.uint64)
     order = np.argsort(nodes, kind="stable")  # the existing service answers in id order
+    order_list = order.tolist()
+    nodes = nodes[order]
+    families = [rows[keys[i]].get(FEATURE_FAMILY, _EMPTY) for i in order_list]
+    wanted = sorted(names)  # Bigtable's column order, as kvdbclient returns them
+    cells = {name: [f.get(key) for f in families] for name, key in _keys(wanted)}
+    lengths = {
+        name: np.fromiter((-1 if c is None else len(c) for c in col), np.int64, len(col))
+        for name, col in cells.items()
+    }
+    present = np.logical_or.reduce([lens >= 0 for lens in lengths.values()])
+    if not present.all():  # rows with none of the requested columns are left out
+        keep = np.flatnonzero(present)
+        keep_list = keep.tolist()
+        nodes = nodes[keep]
+        order_list = [order_list[i] for i in keep_list]
+        cells = {name: [col[i] for i in keep_list] for name, col in cells.items()}
+        lengths = {name: lens[keep] for name, lens in lengths.items()}
+    n = nodes.size
+    if n == 0:
+        return {}
+    if ds.row_format == LEGACY_NM:
+        legacy = np.array(
+            [
+                LINEAGE_RUN_COLUMN not in rows[keys[i]].get(LINEAGE_FAMILY, _EMPTY)
+                for i in order_list
+            ],
+            dtype=bool,
+        )
+    else:
+        legacy = np.zeros(n, dtype=bool)
+    columns = []
+    complete = np.ones(n, dtype=bool)  # rows that have every requested value
+    for name in wanted:
+        values, has = _column(
+            BY_NAME[name], cells[name], lengths[name], nodes, legacy, ds, int64_as_str
+        )
+        columns.append(values)
+        complete &= has
     out_keys = nodes.tolist()
-    result: dict[int, dict[str, Any]] = {out_keys[i]: {} for i in order.tolist()}
-    for name in sorted(names):  # Bigtable's column order, as kvdbclient returns them
-        attr = BY_NAME[name]
-        cells = [cols.get(attr.key) for _, cols in present]
-        for index, values in _column(attr, cells, nodes, legacy, ds, int64_as_str):
-            for i, value in zip(index.tolist(), values, strict=True):
-                result[out_keys[i]][name] = value
-    return result
+    dicts = [dict(zip(wanted, vals, strict=True)) for vals in zip(*columns, strict=True)]
+    for i in np.flatnonzero(~complete).tolist():
+        dicts[i] = {k: v for k, v in dicts[i].items() if v is not _ABSENT}
+    return dict(zip(out_keys, dicts, strict=True))
 
 
-def _column(attr: Attribute, cells, nodes, legacy, ds, int64_as_str):
-    """Yield ``(row indices, API values)`` per storage variant of one attribute."""
-    lengths = np.array([-1 if c is None else len(c) for c in cells])
+def _keys(names: list[str]) -> list[tuple[str, bytes]]:
+    return [(name, BY_NAME[name].key) for name in names]
+
+
+def _column(attr: Attribute, cells, lengths, nodes, legacy, ds, int64_as_str):
+    """``(API value per row, whether the row has one)`` for one attribute; a row without a
+    value holds ``_ABSENT``."""
+    n = len(cells)
+    values: list = [_ABSENT] * n
+    has = np.zeros(n, dtype=bool)
     for is_legacy in (False, True):
         rows_of_kind = legacy == is_legacy
         if not rows_of_kind.any():
@@ -84,11 +118,19 @@ def _column(attr: Attribute, cells, nodes, legacy, ds, int64_as_str):
         if is_legacy and attr.name == "rep_coord_nm":
             dtype = _U8
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        standard = np.flatnonzero(rows_of_kind & (lengths == nbytes))
-        if standard.size:
-            blob = b"".join(cells[i] for i in standard.tolist())
+        standard_mask = rows_of_kind & (lengths == nbytes)
+        if standard_mask.all():  # the common case: one cell of the stored size per row
+            blob = b"".join(cells)
             arr = np.frombuffer(blob, dtype=dtype).reshape(-1, *shape)
-            yield standard, _api_values(attr, arr, nodes[standard], is_legacy, ds, int64_as_str)
+            return _api_values(attr, arr, nodes, is_legacy, ds, int64_as_str), standard_mask
+        standard = np.flatnonzero(standard_mask)
+        if standard.size:
+            blob = b"".join([cells[i] for i in standard.tolist()])
+            arr = np.frombuffer(blob, dtype=dtype).reshape(-1, *shape)
+            api = _api_values(attr, arr, nodes[standard], is_legacy, ds, int64_as_str)
+            for i, value in zip(standard.tolist(), api, strict=True):
+                values[i] = value
+            has[standard] = True
         # Anything else kvdbclient would still read (e.g. the 8-byte placeholder size);
         # 0-byte cells are the empty PCA of tiny nodes and are left out, as upstream.
         for i in np.flatnonzero(rows_of_kind & (lengths > 0) & (lengths != nbytes)).tolist():
@@ -96,8 +138,11 @@ def _column(attr: Attribute, cells, nodes, legacy, ds, int64_as_str):
             if arr is None:
                 log.warning("%s of %d: %d-byte cell not served", attr.name, nodes[i], lengths[i])
                 continue
-            values = _api_values(attr, arr[None], nodes[i : i + 1], is_legacy, ds, int64_as_str)
-            yield np.array([i]), values
+            values[i] = _api_values(attr, arr[None], nodes[i : i + 1], is_legacy, ds, int64_as_str)[
+                0
+            ]
+            has[i] = True
+    return values, has
 
 
 def _kvdbclient_value(attr: Attribute, dtype: np.dtype, cell: bytes) -> np.ndarray | None:
