@@ -96,9 +96,23 @@ def timed(fn, repeat: int) -> list[float]:
 
 
 def one_request(url: str, sample: np.ndarray) -> None:
+    """What a notebook pays: request, answer received, decompressed and parsed."""
     r = requests.post(url, json={"l2_ids": sample.tolist()}, timeout=600)
     r.raise_for_status()
     assert len(r.json()) == sample.size
+
+
+def served(url: str, sample: np.ndarray) -> dict[str, float]:
+    """One request as requests sends it (``Accept-Encoding: gzip, deflate, br``), the
+    compressed answer received but neither decompressed nor parsed: the server's work
+    plus the transfer, what the serving overhead is. Returns its Server-Timing (s)."""
+    r = requests.post(url, json={"l2_ids": sample.tolist()}, timeout=600, stream=True)
+    r.raise_for_status()
+    assert r.raw.read(decode_content=False)
+    return {
+        name.strip(): float(ms) / 1000
+        for name, ms in (part.split(";dur=") for part in r.headers["Server-Timing"].split(","))
+    }
 
 
 def naive(url: str, sample: np.ndarray) -> None:
@@ -119,18 +133,19 @@ def raw_read(reader, sample: np.ndarray) -> None:
     assert len(rows) == len(keys)
 
 
-def serving_overhead(
-    url: str, reader, sample: np.ndarray, rounds: int
-) -> tuple[float, float, float]:
-    """(raw p50, lookup p50, median per-round ratio) from paired rounds, raw first."""
-    pairs = []
+def serving_overhead(url: str, reader, sample: np.ndarray, rounds: int) -> dict[str, float]:
+    """Medians over paired rounds (raw read first, then the lookup over HTTP): raw and
+    lookup seconds, their per-round ratio, and the server's own phases."""
+    rows = []
     for _ in range(rounds):
-        (raw,) = timed(lambda: raw_read(reader, sample), 1)
-        (served,) = timed(lambda: one_request(url, sample), 1)
-        pairs.append((raw, served))
-    raws, serveds = zip(*pairs, strict=True)
-    ratio = statistics.median(b / a for a, b in pairs)
-    return statistics.median(raws), statistics.median(serveds), ratio
+        t = time.perf_counter()
+        raw_read(reader, sample)
+        raw = time.perf_counter() - t
+        t = time.perf_counter()
+        phases = served(url, sample)
+        lookup = time.perf_counter() - t
+        rows.append({"raw": raw, "lookup": lookup, "ratio": lookup / raw, **phases})
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
 def main() -> int:
@@ -162,15 +177,22 @@ def main() -> int:
             from l2cache.bigtable_client import RowReader
 
             reader = RowReader(table.name)
-            print("# serving overhead: HTTP lookup round trip (JSON, all attributes, gzip, body")
-            print("# received but not parsed) vs the raw Bigtable read of the same keys in this")
-            print("# process, paired rounds, median")
-            print(f"{'ids':>8} {'raw_read_s':>10} {'lookup_s':>9} {'ratio':>6}")
+            print("# serving overhead: HTTP lookup round trip (JSON, all attributes, requests'")
+            print("# default Accept-Encoding, answer received but not decompressed or parsed)")
+            print("# vs the raw Bigtable read of the same keys in this process, paired rounds,")
+            print("# median; the server's phases from its Server-Timing header")
+            print(
+                f"{'ids':>8} {'raw_read_s':>10} {'lookup_s':>9} {'ratio':>6} "
+                f"{'srv_read':>8} {'decode':>7} {'encode':>7}"
+            )
             for n in (1_000, 10_000):
                 sample = rng.choice(l2, n, replace=False)
                 raw_read(reader, sample)  # warm the channel
-                raw, served, ratio = serving_overhead(url, reader, sample, args.repeat)
-                print(f"{n:>8} {raw:>10.3f} {served:>9.3f} {ratio:>6.2f}")
+                m = serving_overhead(url, reader, sample, args.repeat)
+                print(
+                    f"{n:>8} {m['raw']:>10.3f} {m['lookup']:>9.3f} {m['ratio']:>6.2f} "
+                    f"{m['read']:>8.3f} {m['decode']:>7.3f} {m['encode']:>7.3f}"
+                )
             print(f"{'ids':>8} {'mode':<22} {'p50_s':>7} {'p95_s':>7} {'ids/s':>9}")
             for n in (1_000, 10_000, 100_000):
                 sample = rng.choice(l2, min(n, l2.size), replace=False)
