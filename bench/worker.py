@@ -156,6 +156,25 @@ class Laps:
 
 
 PATHS = {"before": legacy_path, "after": new_path, "compute_chunk": pipeline_path}
+GRID = [[x, y, 0] for x in (0, 1) for y in (0, 1)]
+
+
+def batch_path(read_ahead: bool):
+    """The grid's chunks as one task's batch: ``pipeline.compute_chunks``."""
+
+    def run_batch(ctx, run, coords, lap) -> dict:
+        from l2cache.pipeline import compute_chunks
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the JSON log lines
+            out = compute_chunks(ctx, run, GRID, read_ahead=read_ahead)
+        assert all(o["status"] == "done" for o in out), out
+        lap("total")
+        return {}
+
+    return run_batch
+
+
+BATCHES = {"sequential": batch_path(False), "read_ahead": batch_path(True)}
 
 
 def vm_hwm_mib() -> float:
@@ -177,7 +196,7 @@ def child(mode: str, coords: list[int]) -> int:
     times = []
     for _ in range(2):
         lap = Laps()
-        PATHS[mode](ctx, run, coords, lap)
+        {**PATHS, **BATCHES}[mode](ctx, run, coords, lap)
         times.append(lap.total)
     print(json.dumps({"mode": mode, "hwm_mib": vm_hwm_mib(), "before_path_mib": base, "s": times}))
     return 0
@@ -354,8 +373,9 @@ def main() -> int:
             ctx = dataset_context(load_config(config_path), NAME)
             run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 2, 2, 1], 4)
             ctx.ledger.create_run(run)
-            grid = [[x, y, 0] for x in (0, 1) for y in (0, 1)][: args.chunks]
+            grid = GRID[: args.chunks]
             report(ctx, run, grid, args, dict(os.environ))
+            batches(ctx, run, args.repeat, dict(os.environ))
             if not args.quick:
                 edits(ctx, max(args.repeat, 3))
         finally:
@@ -424,6 +444,40 @@ def report(ctx, run, grid, args, env) -> None:
             f"{mode:<13} {secs:>5.2f} s/chunk: ${at_deployed:,.0f} per mm^3 at {deployed} MiB, "
             f"${at_fit:,.0f} at {fit} MiB"
         )
+
+
+def batches(ctx, run, repeat: int, env) -> None:
+    """One task's batch of the 4 chunks: sequential vs reading one chunk ahead.
+
+    Paired rounds (a bare EDT of every chunk, then the batch); the ratio is the batch's
+    wall time to the sum of its chunks' EDTs. Peak RSS from a fresh process: the read
+    ahead keeps one more chunk's read in flight next to the engine.
+    """
+    import edt
+
+    labels = [l2_labels(ctx, run, c) for c in GRID]
+    rounds: dict[str, list[tuple[float, float]]] = {m: [] for m in BATCHES}
+    for r in range(repeat + 1):
+        for mode, fn in BATCHES.items():
+            t = time.perf_counter()
+            for lab in labels:
+                edt.edt(lab, anisotropy=RES, black_border=False, parallel=1)
+            edt_s = time.perf_counter() - t
+            lap = Laps()
+            fn(ctx, run, None, lap)
+            if r:
+                rounds[mode].append((lap.total / edt_s, lap.total))
+    del labels
+    print(
+        f"\n# one task's batch of the {len(GRID)} chunks (compute_chunks, ledger included): "
+        f"wall time / sum of the chunks' bare EDTs just before, median round of {repeat}; "
+        "peak RSS of a fresh process running the batch twice"
+    )
+    print(f"{'batch':<11} {'ratio':>6} {'s/chunk':>8} {'peak_RSS_MiB':>12}")
+    for mode in BATCHES:
+        ratio, secs = sorted(rounds[mode])[len(rounds[mode]) // 2]
+        peak = fresh(mode, GRID[0], env)["hwm_mib"]
+        print(f"{mode:<11} {ratio:>6.2f} {secs / len(GRID):>8.2f} {peak:>12.0f}")
 
 
 def edits(ctx, repeat: int) -> None:

@@ -93,6 +93,11 @@ class StackConfig:
         return float((self.datasets.get("tasks") or {}).get("attempt_deadline_s", 1800))
 
     @property
+    def map_read_ahead(self) -> bool:
+        """The dataset map's ``tasks.read_ahead``: workers then hold one more chunk's read."""
+        return bool((self.datasets.get("tasks") or {}).get("read_ahead", False))
+
+    @property
     def max_delivery_attempts(self) -> int:
         """Pub/Sub deliveries before dead-lettering: the dataset map's
         ``pubsub.max_delivery_attempts`` (on_edit answers the last one itself)."""
@@ -155,7 +160,7 @@ def validate(cfg: StackConfig) -> None:
     """Refuse configurations that would deploy something inconsistent or unsafe."""
     try:
         sizing.check_queue_concurrency(cfg.queue_max_concurrent, cfg.worker_max_instances)
-        sizing.worker_memory_mib(cfg.chunk_size)
+        sizing.worker_memory_mib(cfg.chunk_size, cfg.map_read_ahead)
         sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
     except sizing.SizingError as exc:
         raise ConfigError(str(exc)) from None

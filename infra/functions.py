@@ -162,7 +162,9 @@ def function_env() -> dict[str, str]:
 def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list]:
     env = function_env()
     token_access = auth_token_access(cfg, accounts["lookup"], member)  # before the deploy
+    # on_edit reads one chunk at a time; compute_chunk may read the next one ahead
     worker_mem = sizing.worker_memory_mib(cfg.chunk_size)
+    compute_mem = sizing.worker_memory_mib(cfg.chunk_size, cfg.map_read_ahead)
     worker_timeout = sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
     fns = {
         "lookup": function(
@@ -185,7 +187,7 @@ def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list
             cfg,
             upload("compute_chunk", cfg, bucket),
             accounts["worker"],
-            worker_mem,
+            compute_mem,
             worker_timeout,
             cfg.worker_max_instances,
             sizing.WORKER_REQUESTS_PER_INSTANCE,

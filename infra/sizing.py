@@ -19,6 +19,9 @@ import math
 # -- memory -------------------------------------------------------------------------
 INTERPRETER_MIB = 300  # python + numpy + numba + clients, measured ~250-300 MiB
 BYTES_PER_VOXEL = 14  # real worker path above the interpreter: measured 11.6
+# tasks.read_ahead: one more chunk's read in flight next to the engine, measured +182 MiB
+# (5.7 B/voxel) on 256x256x512 (822 vs 640 MiB VmHWM, bench/worker.py "batch")
+READ_AHEAD_BYTES_PER_VOXEL = 8
 MEMORY_HEADROOM = 1.25  # on top of the measured peak: allocator fragmentation, larger nodes
 MEMORY_STEP_MIB = 256  # Cloud Run takes any size; we round up to 256 MiB steps
 MAX_MEMORY_MIB = 32 * 1024  # Cloud Run's ceiling
@@ -49,14 +52,15 @@ class SizingError(ValueError):
     """A configuration the sized resources cannot serve; the message says what to change."""
 
 
-def worker_memory_mib(chunk_size) -> int:
+def worker_memory_mib(chunk_size, read_ahead: bool = False) -> int:
     """Memory for a compute function: (14 B x voxels + 300 MiB) x 1.25, up to 256 MiB.
 
     256x256x512 -> (448 + 300) x 1.25 = 935 -> 1,024 MiB, against the measured 627 MiB
-    peak (1.63x).
+    peak (1.63x). With the map's ``tasks.read_ahead`` 8 B/voxel more: 1,280 MiB.
     """
     voxels = math.prod(chunk_size)
-    need = (voxels * BYTES_PER_VOXEL / 2**20 + INTERPRETER_MIB) * MEMORY_HEADROOM
+    per_voxel = BYTES_PER_VOXEL + (READ_AHEAD_BYTES_PER_VOXEL if read_ahead else 0)
+    need = (voxels * per_voxel / 2**20 + INTERPRETER_MIB) * MEMORY_HEADROOM
     mib = int(math.ceil(need / MEMORY_STEP_MIB) * MEMORY_STEP_MIB)
     if mib > MAX_MEMORY_MIB:
         raise SizingError(

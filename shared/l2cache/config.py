@@ -140,6 +140,9 @@ class TasksConfig:
     max_attempts: int = 10
     # an attempt silent for longer than this (worker killed, timed out) is presumed lost
     attempt_deadline_s: float = 1800.0
+    # read the next chunk of a batch while this one computes (pipeline.compute_chunks):
+    # worth it only with a second vCPU, and it needs memory for one more read in flight
+    read_ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
             service_account_email=tk.get("service_account_email"),
             max_attempts=_positive_int(tk, "max_attempts", 10, source),
             attempt_deadline_s=float(_positive_int(tk, "attempt_deadline_s", 1800, source)),
+            read_ahead=_flag(tk, "read_ahead", source),
         )
         if tk
         else None

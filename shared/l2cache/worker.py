@@ -30,7 +30,7 @@ from . import logs
 from .config import L2CacheConfig, UnknownDatasetError
 from .failures import BadRequest, PermanentError, dead_letter_attributes, describe, gave_up
 from .ingest import DEFAULT_BATCH, plan_task, region_size
-from .pipeline import chunk_id, compute_chunk, dataset_context
+from .pipeline import chunk_id, compute_chunks, dataset_context
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ def handle_task(
             for cid, c in zip(ids, items, strict=True)
             if cid in done
         ]
-        for _, coords in todo:
-            results.append(compute_chunk(ctx, run, coords, last_attempt=last, task_attempt=attempt))
+        coords = [c for _, c in todo]
+        read_ahead = bool(config.tasks and config.tasks.read_ahead)
+        results += compute_chunks(ctx, run, coords, last, attempt, read_ahead=read_ahead)
         return 200, {"chunks": results}
     except Exception as exc:  # transient: Bigtable/storage hiccup, enqueue failure, ...
         if last:

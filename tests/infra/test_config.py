@@ -35,6 +35,12 @@ def test_worker_memory_from_the_measured_bytes_per_voxel():
         sizing.worker_memory_mib((2048, 2048, 1024))
 
 
+def test_read_ahead_adds_one_chunk_read_to_the_worker_memory():
+    mib = sizing.worker_memory_mib((256, 256, 512), read_ahead=True)
+    assert mib == 1280
+    assert mib >= 1.25 * 822  # measured peak with read-ahead (MiB, bench/worker.py "batch")
+
+
 def test_cpu_is_what_cloud_run_requires_for_the_memory():
     assert sizing.cpu_for_memory(2048) == "1"
     assert sizing.cpu_for_memory(4096) == "1"

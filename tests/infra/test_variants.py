@@ -176,6 +176,17 @@ def test_without_cave_auth_allusers_only_when_listed():
     assert_workers_iam_only(b)
 
 
+def test_read_ahead_in_the_dataset_map_sizes_the_workers_for_it():
+    """One more chunk's read in flight in compute_chunk: ((14 + 8) B x 33.5 M voxels +
+    300 MiB) x 1.25 = 1,255 -> 1,280 MiB (measured peak 822 MiB); on_edit reads one
+    chunk at a time and keeps 1,024 MiB."""
+    ahead = DATASETS_YAML.replace("max_attempts: 7}", "max_attempts: 7, read_ahead: true}")
+    assert ahead != DATASETS_YAML
+    b = build(datasets_yaml=ahead)
+    assert b.service_config("l2cache-compute-chunk")["availableMemory"] == "1280Mi"
+    assert b.service_config("l2cache-on-edit")["availableMemory"] == "1024Mi"
+
+
 def test_existing_tables_and_instance_are_served_not_owned():
     marked = DATASETS_YAML.replace(
         "    cache_table_id: l2cache_minnie_v1\n",

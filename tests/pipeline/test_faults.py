@@ -687,3 +687,73 @@ def test_the_store_itself_refuses_to_write_an_existing_cache_table(env):
     feats = compute_features(load_chunk_l2(env["ctx"], (0, 0, 1), None).dense, RES)
     with pytest.raises(BadRequest, match="another service owns"):
         CacheStore(env["ctx"].store.table, owned).write_features(feats, Lineage("r-owned"))
+
+
+def test_reading_ahead_changes_when_chunks_are_read_not_what_a_batch_records(env, monkeypatch):
+    """``tasks.read_ahead``: chunk i+1 is read while chunk i is still being written; each
+    chunk's outcome, error and input checksum are the sequential batch's, a permanent
+    failure stays its own chunk's, and a transient one stops the batch where it did."""
+    import threading
+
+    import l2cache.pipeline as pipeline
+    from l2cache.failures import CorruptInput
+
+    ctx = env["ctx"]
+    chunks = [[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 1, 0]]
+    real_read, real_write = pipeline.read_chunk, ctx.store.write_features
+    fault: dict[tuple, Exception] = {}
+    second_read_started = threading.Event()
+
+    def read(dataset, coords, *args, **kwargs):
+        if tuple(coords) == (0, 1, 0):
+            second_read_started.set()
+        if tuple(coords) in fault:
+            raise fault[tuple(coords)]
+        return real_read(dataset, coords, *args, **kwargs)
+
+    overlapped = []
+
+    def write(feats, lineage):
+        if not overlapped:  # chunk (0,0,0): does chunk (0,1,0)'s read start meanwhile?
+            overlapped.append(second_read_started.wait(timeout=0 if not ahead else 30))
+        return real_write(feats, lineage)
+
+    monkeypatch.setattr(pipeline, "read_chunk", read)
+    monkeypatch.setattr(ctx.store, "write_features", write)
+
+    def batch(read_ahead: bool):
+        run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 2, 2, 1], 4)
+        ctx.ledger.create_run(run)
+        second_read_started.clear()
+        del overlapped[:]
+        try:
+            out = pipeline.compute_chunks(ctx, run, chunks, read_ahead=read_ahead)
+        except ConnectionError as exc:
+            out = f"raised {exc}"
+        keys = ("status", "error", "input_checksum", "l2_count", "permanent")
+        rows = {
+            tuple(r["coords"]): tuple(r.get(k) for k in keys)
+            for r in ctx.ledger.chunk_rows(run.run_id)
+        }
+        return out, rows, overlapped[:]
+
+    fault[(0, 1, 0)] = CorruptInput("chunk (0, 1, 0): planted corruption")
+    ahead = False
+    seq, seq_rows, seq_overlap = batch(False)
+    ahead = True
+    par, par_rows, par_overlap = batch(True)
+    assert [o["status"] for o in seq] == ["done", "failed", "done", "done"], seq
+    assert seq == par and seq_rows == par_rows
+    assert seq_rows[(0, 1, 0)][:2] == ("failed", "chunk (0, 1, 0): planted corruption")
+    assert seq_rows[(0, 1, 0)][4] is True
+    assert seq_overlap == [False] and par_overlap == [True]  # read ahead, and only then
+
+    fault[(1, 0, 0)] = ConnectionError("storage unavailable")  # transient: the task retries
+    ahead = False
+    seq, seq_rows, _ = batch(False)
+    ahead = True
+    par, par_rows, _ = batch(True)
+    assert seq == par == "raised storage unavailable"
+    assert seq_rows == par_rows
+    assert [seq_rows[tuple(c)][0] for c in chunks[:3]] == ["done", "failed", "retrying"]
+    assert (1, 1, 0) not in seq_rows  # never started: the batch stopped at the transient error
