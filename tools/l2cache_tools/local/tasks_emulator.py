@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -42,7 +41,7 @@ from google.cloud.tasks_v2 import Queue, Task
 log = logging.getLogger("l2cache.tasks-emulator")
 HOST = "127.0.0.1"
 DEFAULT_CONCURRENCY = 2
-TICK_S = 0.02
+TICK_S = 0.02  # the longest a due task waits: new tasks and finished attempts wake at once
 
 
 def _seconds(duration, default: float) -> float:
@@ -64,6 +63,7 @@ class RetryingQueueState(upstream.QueueState):
         self.dispatched = 0
         self._names: set[str] = set()
         self._names_lock = threading.Lock()
+        self.changed = threading.Event()  # a task was added: the dispatcher looks now
 
     def create_task(self, queue: str, task: Task):
         """Upstream's create_task, refusing a name the queue has already seen."""
@@ -74,7 +74,9 @@ class RetryingQueueState(upstream.QueueState):
                 self._names.add(task.name)
         else:
             task.name = f"{queue}/tasks/{uuid.uuid4().hex}"
-        return super().create_task(queue, task)
+        created = super().create_task(queue, task)
+        self.changed.set()
+        return created
 
     def _known(self, queue_name: str) -> None:
         if queue_name not in self._queues:
@@ -160,7 +162,12 @@ class Servicer(upstream.Greeter):
 
 
 class ConcurrentProcessor(threading.Thread):
-    """Dispatch due tasks of every running queue with bounded concurrency."""
+    """Dispatch due tasks of every running queue with bounded concurrency.
+
+    It looks for due tasks when a task is created or an attempt ends, else every
+    ``TICK_S`` (scheduled retries, resumed queues): a fixed poll alone left each worker
+    idle ~10 ms on average between tasks (1.35 s per 64-chunk ingest with one worker).
+    """
 
     def __init__(self, state: RetryingQueueState) -> None:
         super().__init__(daemon=True)
@@ -173,6 +180,7 @@ class ConcurrentProcessor(threading.Thread):
     def run(self) -> None:
         self.running.set()
         while self.running.is_set():
+            self.state.changed.clear()  # before looking: a change while looking loops again
             for name in list(self.state.queue_names()):
                 queue = self.state._queues.get(name)
                 if queue is None or queue.state != Queue.State.RUNNING:
@@ -190,7 +198,7 @@ class ConcurrentProcessor(threading.Thread):
                     with self.lock:
                         self.in_flight[name] = self.in_flight.get(name, 0) + 1
                     pool.submit(self._run, name, task)
-            time.sleep(TICK_S)
+            self.state.changed.wait(TICK_S)
 
     def _run(self, name: str, task: Task) -> None:
         try:
@@ -198,6 +206,7 @@ class ConcurrentProcessor(threading.Thread):
         finally:
             with self.lock:
                 self.in_flight[name] -= 1
+            self.state.changed.set()
 
 
 def serve(port: int) -> None:
