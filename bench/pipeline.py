@@ -1,6 +1,6 @@
 """Local-stack ingest throughput and edit recompute cost, each against its in-process baseline.
 
-    .venv/bin/python bench/pipeline.py [--workers 2]
+    .venv/bin/python bench/pipeline.py [--workers 2] [--rounds 3]
 
 1. Ingest: the single-process rate (read chunk + graph + engine + write, one chunk after
    another in this process) against the local stack's rate through Cloud Tasks and
@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -52,6 +54,7 @@ def wait(pred, timeout, poll=0.05):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="paired single/stack rounds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp), args.workers) as stack:
         volume = crackle.load(str(ROOT / "data" / "pinky40" / "pinky40_512.ckl.gz"))
@@ -63,40 +66,59 @@ def main() -> int:
         ctx = dataset_context(config, NAME)
         chunks = region_chunks([0, 0, 0, 4, 4, 4])
 
-        # 1. single process, in this process, sequential
-        base = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 4, 4, 4], len(chunks))
-        ctx.ledger.create_run(base)
-        compute_chunk(ctx, base, chunks[0])  # warm the kernels
-        t = time.perf_counter()
-        for c in chunks:
-            compute_chunk(ctx, base, c)
-        single = len(chunks) / (time.perf_counter() - t)
+        # 1. single process (in this process, sequential) vs 2. the local stack through
+        # Cloud Tasks, in paired rounds so the machine's load hits both sides of a ratio
+        # alike (the first stack run only warms the workers). The stack's end is the
+        # last chunk's finished_at in the ledger, polled every half second: a tight
+        # status loop would take CPU from the workers it measures.
+        def single_rate() -> float:
+            run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 4, 4, 4], len(chunks))
+            ctx.ledger.create_run(run)
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # its JSON log lines
+                for c in chunks:
+                    compute_chunk(ctx, run, c)
+            return len(chunks) / (time.perf_counter() - t)
 
-        # 2. the local stack, through Cloud Tasks (first run warms the workers). The end is
-        # the last chunk's finished_at in the ledger, and the ledger is polled only every
-        # half second: a tight status loop would take CPU from the workers it measures.
-        rates = []
-        for _ in range(2):
+        def stack_rate() -> float:
             started = datetime.now(UTC)
             run = start_ingest(config, NAME, batch=2)
             wait(lambda r=run: run_status(ctx.ledger, r.run_id).finished, 600, poll=0.5)
             rows = ctx.ledger.chunk_rows(run.run_id)
             assert sum(r["status"] == "done" for r in rows) == len(chunks)
             last = max(datetime.fromisoformat(r["finished_at"]) for r in rows)
-            rates.append(len(chunks) / (last - started).total_seconds())
-        stack_rate = rates[-1]
+            return len(chunks) / (last - started).total_seconds()
+
+        warm = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 1, 1, 1], 1)
+        ctx.ledger.create_run(warm)
+        with contextlib.redirect_stdout(io.StringIO()):
+            compute_chunk(ctx, warm, chunks[0])  # warm this process's kernels
+        cold = stack_rate()
+        rounds = sorted(
+            (
+                (stack / (args.workers * single), single, stack)
+                for single, stack in ((single_rate(), stack_rate()) for _ in range(args.rounds))
+            ),
+        )
+        ratio, single, stacked = rounds[len(rounds) // 2]
         voxels = 512**3
-        print("# ingest: 64 chunks of 128^3 voxels, real pinky40 data")
+        print(
+            f"# ingest: 64 chunks of 128^3 voxels, real pinky40 data, batch 2; paired rounds "
+            f"(single then stack), median of {args.rounds}"
+        )
         print(
             f"single process (in-process, sequential): {single:.2f} chunks/s "
             f"({single * voxels / len(chunks) / 1e6:.1f} Mvoxel/s)"
         )
         print(
-            f"local stack, {args.workers} workers via Cloud Tasks: {stack_rate:.2f} chunks/s "
-            f"({stack_rate * voxels / len(chunks) / 1e6:.1f} Mvoxel/s); cold first run "
-            f"{rates[0]:.2f} chunks/s"
+            f"local stack, {args.workers} workers via Cloud Tasks: {stacked:.2f} chunks/s "
+            f"({stacked * voxels / len(chunks) / 1e6:.1f} Mvoxel/s); cold first run "
+            f"{cold:.2f} chunks/s"
         )
-        print(f"ratio stack / (workers x single) = {stack_rate / (args.workers * single):.2f}")
+        print(
+            f"ratio stack / (workers x single) = {ratio:.2f} (rounds: "
+            f"{', '.join(f'{r[0]:.2f}' for r in rounds)})"
+        )
 
         # 3. edits: k new ids in one chunk
         chunk = [1, 2, 1]
