@@ -185,3 +185,40 @@ def test_server_timestamped_writes_are_sent_once(table):
     with pytest.raises(WriteError):
         mutate_entries(channel, table.name, entries, "test", idempotent=False)
     assert faults.calls == 1
+
+
+class _StatusesDropped:
+    """The live emulator, with the response stream rewritten on its way back: entries
+    after the first are dropped or their index pushed out of range. The rows are written;
+    what is tested is that a row without a status is never counted as written."""
+
+    def __init__(self, out_of_range: bool) -> None:
+        self.out_of_range = out_of_range
+        self._live = data_channel(WRITE_SCOPE)
+
+    def unary_stream(self, method, request_serializer, response_deserializer):
+        live = self._live.unary_stream(method, request_serializer, response_deserializer)
+
+        def call(request, timeout=None):
+            for response in live(request, timeout=timeout):
+                kept = type(response)()
+                for entry in response.entries:
+                    if entry.index == 0 or self.out_of_range:
+                        added = kept.entries.add()
+                        added.CopyFrom(entry)
+                        if entry.index:
+                            added.index = 99 + entry.index
+                yield kept
+
+        return call
+
+
+@pytest.mark.parametrize("out_of_range", [False, True])
+def test_a_row_the_server_gives_no_status_is_a_transient_failure(table, out_of_range):
+    keys = [b"raw-status-%d" % i for i in range(3)]
+    with pytest.raises(WriteError) as err:
+        mutate_entries(_StatusesDropped(out_of_range), table.name, _entries(keys), "test")
+    assert sorted(err.value.failed) == keys[1:]
+    assert all("no status" in reason for reason in err.value.failed.values())
+    assert err.value.codes == {grpc.StatusCode.UNKNOWN.value[0]}
+    assert classify(err.value) != PERMANENT  # retried as a whole by the task

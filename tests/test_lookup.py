@@ -170,6 +170,9 @@ def test_binary_and_gzip_bodies_and_gzip_response(stack):
         ("br;q=0, gzip", "gzip"),
         ("gzip;q=0", None),
         ("identity", None),
+        ("*", "br"),  # any coding
+        ("br;q=0, *;q=0.5", "gzip"),  # any but brotli
+        ("*;q=0, identity", None),
     ],
 )
 def test_response_coding_follows_accept_encoding(stack, accept, coding):
@@ -181,6 +184,7 @@ def test_response_coding_follows_accept_encoding(stack, accept, coding):
     r = post(stack, body, headers={"Accept-Encoding": accept}, stream=True)
     assert r.status_code == plain.status_code == 200
     assert r.headers.get("Content-Encoding") == coding
+    assert r.headers.get("Vary") == "Accept-Encoding"  # caches must key on it, compressed or not
     sent = r.raw.read(decode_content=False)
     decoders = {"br": brotli.decompress, "gzip": gzip.decompress, None: bytes}
     assert decoders[coding](sent) == plain.raw.read(decode_content=False)

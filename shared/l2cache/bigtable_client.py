@@ -17,7 +17,7 @@ import grpc
 from google.cloud import bigtable
 from google.cloud.bigtable_v2.types import bigtable as bt_types
 
-from .gcpause import gc_paused
+from .gcpause import gc_deferred
 
 EMULATOR_ENV = "BIGTABLE_EMULATOR_HOST"
 DATA_ENDPOINT = "bigtable.googleapis.com:443"
@@ -93,7 +93,7 @@ class RowReader:
         remaining = list(keys)
         for attempt in range(READ_ATTEMPTS):
             try:
-                with gc_paused():  # ~3 containers per cell, none in a cycle
+                with gc_deferred():  # ~3 containers per cell, none in a cycle
                     self._stream(remaining, families, qualifiers, out, until_micros)
                 return out
             except grpc.RpcError as exc:

@@ -24,6 +24,7 @@ BATCH_ROWS = 2_000
 DEADLINE_S = 60.0  # the client library retries failed rows with backoff up to this long
 _MUTATE_ROWS = "/google.bigtable.v2.Bigtable/MutateRows"
 _MutateRowsResponse = bt_types.MutateRowsResponse.pb()
+NO_STATUS = grpc.StatusCode.UNKNOWN.value[0]  # a row the response never mentioned
 # Row statuses worth retrying: what the client library retries (its RETRYABLE codes).
 RETRYABLE_CODES = frozenset(
     {
@@ -195,11 +196,15 @@ def _mutate_batch(call, head: bytes, batch, what: str, deadline_s: float, idempo
             timeout = max(deadline - time.monotonic(), 0.001)
             for response in call(request, timeout=timeout):
                 for entry in response.entries:
-                    results[pending[entry.index]] = (entry.status.code, entry.status.message)
+                    if 0 <= entry.index < len(pending):  # else: the row has no status
+                        results[pending[entry.index]] = (entry.status.code, entry.status.message)
         except grpc.RpcError as exc:
             rpc_error = exc
-        rpc_code = rpc_error.code().value[0] if rpc_error is not None else None
-        rpc_reason = f"{rpc_error.code().name}: {rpc_error.details()}" if rpc_error else ""
+        if rpc_error is not None:
+            rpc_code = rpc_error.code().value[0]
+            rpc_reason = f"{rpc_error.code().name}: {rpc_error.details()}"
+        else:  # the stream ended cleanly without a status for some rows: not written
+            rpc_code, rpc_reason = NO_STATUS, "UNKNOWN: the server returned no status for the row"
         retry = []
         for i in pending:
             code, message = results.get(i, (rpc_code, rpc_reason))

@@ -223,12 +223,18 @@ def compute_chunks(
     chunks = [[int(c) for c in coords] for coords in chunks]
     if not read_ahead or len(chunks) < 2:
         return [compute_chunk(ctx, run, c, last_attempt, task_attempt) for c in chunks]
+    results = []
     with ThreadPoolExecutor(1, thread_name_prefix="l2cache-read-ahead") as pool:
         ahead = _ReadAhead(ctx, run, chunks, pool)
-        return [
-            compute_chunk(ctx, run, c, last_attempt, task_attempt, load=ahead.loader(i))
-            for i, c in enumerate(chunks)
-        ]
+        for i, coords in enumerate(chunks):
+            try:
+                load = ahead.loader(i)
+                results.append(
+                    compute_chunk(ctx, run, coords, last_attempt, task_attempt, load=load)
+                )
+            finally:
+                ahead.drop(i)  # a chunk that failed before loading leaves no read behind
+    return results
 
 
 class _ReadAhead:
@@ -238,6 +244,12 @@ class _ReadAhead:
     def __init__(self, ctx: DatasetContext, run: RunRecord, chunks: list, pool) -> None:
         self.ctx, self.run, self.chunks, self.pool = ctx, run, chunks, pool
         self.pending: dict[int, Future] = {}
+
+    def drop(self, i: int) -> None:
+        """Forget chunk i's read if it was never taken (cancelled when not started)."""
+        future = self.pending.pop(i, None)
+        if future is not None:
+            future.cancel()
 
     def _read(self, i: int) -> ChunkLabels:
         return load_chunk_l2(self.ctx, self.chunks[i], self.run.snapshot)

@@ -34,7 +34,7 @@ from . import __version__, logs
 from . import ids as idlib
 from .attributes import ATTRIBUTE_NAMES
 from .config import L2CacheConfig, UnknownDatasetError, load_config
-from .gcpause import gc_paused
+from .gcpause import gc_deferred
 from .store import CacheStore
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class LookupService:
         reader = _bytes_body(body) if isinstance(body, bytes | bytearray) else body
         timings: dict[str, float] = {}
         try:
-            with gc_paused():  # decoding rows to API values allocates, in no cycle
+            with gc_deferred():  # decoding rows to API values allocates, in no cycle
                 response = self._route(method, path, query, headers, reader, authorize, timings)
         except ApiError as exc:
             response = error_response(exc.status, exc.message)
@@ -389,18 +389,22 @@ class LookupService:
         accepted = accepted_encodings(headers.get("Accept-Encoding", "") or "")
         size = len(response.body)
         coding = next((c for c in RESPONSE_CODINGS if c in accepted), None)
-        if coding and size >= GZIP_MIN_BYTES and 200 <= response.status < 300:
-            response.body = RESPONSE_CODINGS[coding](response.body)
-            response.headers["Content-Encoding"] = coding
+        if 200 <= response.status < 300:
+            # the answer depends on Accept-Encoding whether or not it ends up compressed
             response.headers["Vary"] = "Accept-Encoding"
+            if coding and size >= GZIP_MIN_BYTES:
+                response.body = RESPONSE_CODINGS[coding](response.body)
+                response.headers["Content-Encoding"] = coding
         if len(response.body) > RESPONSE_LIMIT_BYTES:
             how = "even compressed" if coding else "(send Accept-Encoding: gzip, or"
             tail = "; split the request" if coding else " split the request)"
-            return error_response(
+            refused = error_response(
                 413,
                 f"the response would be {size / 2**20:.1f} MiB, over the 32 MiB a "
                 f"response may have {how}{tail}",
             )
+            refused.headers["Vary"] = "Accept-Encoding"
+            return refused
         return response
 
 
@@ -411,8 +415,13 @@ def server_timing(timings: Mapping[str, float]) -> str:
 
 
 def accepted_encodings(header: str) -> set[str]:
-    """Content codings an ``Accept-Encoding`` header allows (``q=0`` refuses one)."""
-    out = set()
+    """Which of our :data:`RESPONSE_CODINGS` an ``Accept-Encoding`` header allows.
+
+    ``q=0`` refuses a coding; ``*`` (q > 0) allows every coding the header does not
+    name. Among the allowed ones the server's preference order decides (RFC 9110 lets
+    it), not the client's q ranking.
+    """
+    q_of: dict[str, float] = {}
     for part in header.lower().split(","):
         coding, _, params = part.partition(";")
         q = 1.0
@@ -423,9 +432,10 @@ def accepted_encodings(header: str) -> set[str]:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        if coding.strip() and q > 0:
-            out.add(coding.strip())
-    return out
+        if coding.strip():
+            q_of[coding.strip()] = q
+    star = q_of.get("*", 0.0)
+    return {c for c in RESPONSE_CODINGS if q_of.get(c, star) > 0}
 
 
 def _brotli(body: bytes) -> bytes:
