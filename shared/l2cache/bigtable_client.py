@@ -31,6 +31,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 READ_ATTEMPTS = 3
+# Each ReadRows stream must end within this (10,000 rows take ~0.5 s on the emulator): a
+# stream that hangs becomes DEADLINE_EXCEEDED, a transient error its caller owns (the
+# lookup answers 503, a task is retried), instead of a request that never ends.
+READ_DEADLINE_S = 60.0
 
 RowCells = dict[str, dict[bytes, bytes]]
 
@@ -70,8 +74,14 @@ def data_channel(scope: str = DATA_SCOPE) -> grpc.Channel:
 class RowReader:
     """Read rows by key, newest cell per column, as ``{key: {family: {qualifier: value}}}``."""
 
-    def __init__(self, table_name: str, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        table_name: str,
+        channel: grpc.Channel | None = None,
+        deadline_s: float = READ_DEADLINE_S,
+    ) -> None:
         self.table_name = table_name
+        self.deadline_s = deadline_s
         self._call = (channel or data_channel()).unary_stream(
             _READ_ROWS,
             request_serializer=_ReadRowsRequest.SerializeToString,
@@ -119,7 +129,7 @@ class RowReader:
         chain.add().cells_per_row_limit_filter = 1
         chain.add().strip_value_transformer = True
         keys: list[bytes] = []
-        for response in self._call(req):
+        for response in self._call(req, timeout=self.deadline_s):
             for chunk in response.chunks:
                 if chunk.row_key and (not keys or keys[-1] != chunk.row_key):
                     keys.append(chunk.row_key)
@@ -156,7 +166,8 @@ class RowReader:
         row: RowCells = {}
         key = family = qualifier = None
         parts: list[bytes] = []
-        for response in self._call(self._request(keys, families, qualifiers, until)):
+        request = self._request(keys, families, qualifiers, until)
+        for response in self._call(request, timeout=self.deadline_s):
             for chunk in response.chunks:
                 if chunk.reset_row:
                     row, parts = {}, []

@@ -58,3 +58,46 @@ def test_parents_at_a_timestamp_and_both_children_encodings(table, monkeypatch):
     assert 12345 not in kids
     compressed = table.read_row(ids.row_key(old)).cells["0"][b"children"][0].value
     assert compressed[:4] == graph.ZSTD_MAGIC
+
+
+def test_a_read_stream_that_hangs_ends_at_its_deadline():
+    """A loopback gRPC server that takes ReadRows and never answers (a hung backend):
+    the reader raises DEADLINE_EXCEEDED, which callers treat as transient, instead of
+    waiting for ever."""
+    import threading
+    import time
+    from concurrent import futures
+
+    import grpc
+
+    from l2cache.bigtable_client import RowReader
+    from l2cache.failures import TRANSIENT, classify
+
+    release = threading.Event()
+
+    def hang(request, context):
+        release.wait(30)
+        return iter(())
+
+    handler = grpc.method_handlers_generic_handler(
+        "google.bigtable.v2.Bigtable",
+        {"ReadRows": grpc.unary_stream_rpc_method_handler(hang)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        reader = RowReader("projects/p/instances/i/tables/t", channel, deadline_s=0.5)
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            reader.read([b"1", b"2"])
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t < 10  # not the 30 s the server would hang
+        assert classify(err.value) == TRANSIENT
+        with pytest.raises(grpc.RpcError) as err:
+            reader.keys_in_range(b"1", b"2")
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
+        server.stop(0)
