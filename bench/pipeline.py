@@ -94,12 +94,11 @@ def main() -> int:
         with contextlib.redirect_stdout(io.StringIO()):
             compute_chunk(ctx, warm, chunks[0])  # warm this process's kernels
         cold = stack_rate()
-        rounds = sorted(
-            (
-                (stack / (args.workers * single), single, stack)
-                for single, stack in ((single_rate(), stack_rate()) for _ in range(args.rounds))
-            ),
-        )
+        rounds = []
+        for _ in range(args.rounds):
+            single, stacked = single_rate(), stack_rate()
+            rounds.append((stacked / (args.workers * single), single, stacked))
+        rounds.sort()
         ratio, single, stacked = rounds[len(rounds) // 2]
         voxels = 512**3
         print(

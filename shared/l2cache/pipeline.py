@@ -209,8 +209,8 @@ def compute_chunks(
     hide is bounded by the GIL: the engine's numba passes and the waits on Bigtable
     release it, but ``edt.edt`` (edt 3.1.2 calls its C++ without releasing the GIL)
     does not, so the read overlaps ~1/4 of a chunk's compute, and only with a second
-    vCPU (BENCHMARKS.md, "Worker path": -10 to -15 % per 4-chunk batch on 2 cores,
-    nothing on 1, +180 MiB peak). Hence off unless the map's ``tasks.read_ahead`` says
+    vCPU (BENCHMARKS.md, "Worker path": 1.41 -> 1.32x the EDT per chunk of a 4-chunk
+    batch on 2 cores, nothing beyond noise on 1, +190 MiB peak). Hence off unless the map's ``tasks.read_ahead`` says
     so (infra then sizes the worker for it).
 
     Memory stays bounded: the next load starts only once the current chunk is loaded

@@ -386,25 +386,22 @@ class LookupService:
     def _encode(response: Response, headers: Mapping[str, str]) -> Response:
         """Compress when the client accepts it (brotli, else gzip); refuse what Cloud
         Run could not send."""
-        accepted = accepted_encodings(headers.get("Accept-Encoding", "") or "")
+        coding = response_coding(headers.get("Accept-Encoding", "") or "")
         size = len(response.body)
-        coding = next((c for c in RESPONSE_CODINGS if c in accepted), None)
-        if 200 <= response.status < 300:
-            # the answer depends on Accept-Encoding whether or not it ends up compressed
-            response.headers["Vary"] = "Accept-Encoding"
-            if coding and size >= GZIP_MIN_BYTES:
-                response.body = RESPONSE_CODINGS[coding](response.body)
-                response.headers["Content-Encoding"] = coding
+        varies = 200 <= response.status < 300  # compressed or not, it depended on the header
+        if varies and coding and size >= GZIP_MIN_BYTES:
+            response.body = RESPONSE_CODINGS[coding](response.body)
+            response.headers["Content-Encoding"] = coding
         if len(response.body) > RESPONSE_LIMIT_BYTES:
             how = "even compressed" if coding else "(send Accept-Encoding: gzip, or"
             tail = "; split the request" if coding else " split the request)"
-            refused = error_response(
+            response = error_response(
                 413,
                 f"the response would be {size / 2**20:.1f} MiB, over the 32 MiB a "
                 f"response may have {how}{tail}",
             )
-            refused.headers["Vary"] = "Accept-Encoding"
-            return refused
+        if varies:
+            response.headers["Vary"] = "Accept-Encoding"
         return response
 
 
@@ -414,12 +411,12 @@ def server_timing(timings: Mapping[str, float]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timings.items())
 
 
-def accepted_encodings(header: str) -> set[str]:
-    """Which of our :data:`RESPONSE_CODINGS` an ``Accept-Encoding`` header allows.
+def response_coding(header: str) -> str | None:
+    """The first of our :data:`RESPONSE_CODINGS` an ``Accept-Encoding`` header allows.
 
     ``q=0`` refuses a coding; ``*`` (q > 0) allows every coding the header does not
     name. Among the allowed ones the server's preference order decides (RFC 9110 lets
-    it), not the client's q ranking.
+    it), not the client's q ranking. ``None``: send the body as it is.
     """
     q_of: dict[str, float] = {}
     for part in header.lower().split(","):
@@ -435,7 +432,7 @@ def accepted_encodings(header: str) -> set[str]:
         if coding.strip():
             q_of[coding.strip()] = q
     star = q_of.get("*", 0.0)
-    return {c for c in RESPONSE_CODINGS if q_of.get(c, star) > 0}
+    return next((c for c in RESPONSE_CODINGS if q_of.get(c, star) > 0), None)
 
 
 def _brotli(body: bytes) -> bytes:

@@ -712,10 +712,11 @@ def test_reading_ahead_changes_when_chunks_are_read_not_what_a_batch_records(env
         return real_read(dataset, coords, *args, **kwargs)
 
     overlapped = []
+    mode = {"read_ahead": False}
 
     def write(feats, lineage):
         if not overlapped:  # chunk (0,0,0): does chunk (0,1,0)'s read start meanwhile?
-            overlapped.append(second_read_started.wait(timeout=0 if not ahead else 30))
+            overlapped.append(second_read_started.wait(timeout=30 if mode["read_ahead"] else 0))
         return real_write(feats, lineage)
 
     monkeypatch.setattr(pipeline, "read_chunk", read)
@@ -726,6 +727,7 @@ def test_reading_ahead_changes_when_chunks_are_read_not_what_a_batch_records(env
         ctx.ledger.create_run(run)
         second_read_started.clear()
         del overlapped[:]
+        mode["read_ahead"] = read_ahead
         try:
             out = pipeline.compute_chunks(ctx, run, chunks, read_ahead=read_ahead)
         except ConnectionError as exc:
@@ -738,9 +740,7 @@ def test_reading_ahead_changes_when_chunks_are_read_not_what_a_batch_records(env
         return out, rows, overlapped[:]
 
     fault[(0, 1, 0)] = CorruptInput("chunk (0, 1, 0): planted corruption")
-    ahead = False
     seq, seq_rows, seq_overlap = batch(False)
-    ahead = True
     par, par_rows, par_overlap = batch(True)
     assert [o["status"] for o in seq] == ["done", "failed", "done", "done"], seq
     assert seq == par and seq_rows == par_rows
@@ -749,9 +749,7 @@ def test_reading_ahead_changes_when_chunks_are_read_not_what_a_batch_records(env
     assert seq_overlap == [False] and par_overlap == [True]  # read ahead, and only then
 
     fault[(1, 0, 0)] = ConnectionError("storage unavailable")  # transient: the task retries
-    ahead = False
     seq, seq_rows, _ = batch(False)
-    ahead = True
     par, par_rows, _ = batch(True)
     assert seq == par == "raised storage unavailable"
     assert seq_rows == par_rows
