@@ -40,13 +40,13 @@ sys.path.insert(0, str(REPO / "tests" / "pipeline"))
 from deployed.deployment import deploy, make_writable  # noqa: E402
 from stackutil import add_dataset, crop_volume, wait_for  # noqa: E402
 
+from l2cache.compute import dataset_context, load_chunk_l2  # noqa: E402
 from l2cache.config import load_config  # noqa: E402
-from l2cache.ingest import start_ingest  # noqa: E402
-from l2cache.lineage import utc_now  # noqa: E402
-from l2cache.pipeline import dataset_context, load_chunk_l2  # noqa: E402
-from l2cache.pubsub_client import missing_ids_message  # noqa: E402
-from l2cache.runs import new_run  # noqa: E402
-from l2cache.status import run_status  # noqa: E402
+from l2cache.domain.lineage import utc_now  # noqa: E402
+from l2cache.gcp.pubsub import missing_ids_message  # noqa: E402
+from l2cache.store.ledger import new_run  # noqa: E402
+from l2cache_ops.ingest import start_ingest  # noqa: E402
+from l2cache_ops.status import run_status  # noqa: E402
 from l2cache_tools.local.functions import start_function  # noqa: E402
 from l2cache_tools.local.stack import LocalStack  # noqa: E402
 

@@ -23,7 +23,7 @@ import crackle
 import edt
 import numpy as np
 
-from l2cache.features import compute_features
+from l2cache.engine.features import compute_features
 
 ROOT = Path(__file__).resolve().parents[1]
 VOLUME = ROOT / "data" / "pinky40" / "pinky40_512.ckl.gz"
@@ -33,7 +33,7 @@ CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
-from l2cache.features import compute_features
+from l2cache.engine.features import compute_features
 t_import = time.perf_counter() - t0
 labels = np.load(sys.argv[1])  # saved in Fortran order, as CloudVolume returns chunks
 assert labels.flags.f_contiguous

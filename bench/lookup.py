@@ -22,12 +22,12 @@ import numpy as np
 import requests
 import yaml
 
-from l2cache import ids
-from l2cache.attributes import BY_NAME
-from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
-from l2cache.lineage import Lineage
-from l2cache.store import CacheStore, create_cache_table
+from l2cache.domain import ids
+from l2cache.domain.attributes import BY_NAME
+from l2cache.domain.lineage import Lineage
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import CacheStore, create_cache_table
 from l2cache_tools.local.emulators import start_bigtable_emulator
 from l2cache_tools.local.functions import start_function
 
@@ -174,7 +174,7 @@ def main() -> int:
             url = f"http://{fn.host}/l2cache/api/v1/table/bench/attributes"
             rng = np.random.default_rng(1)
             one_request(url, l2[:100])  # warm the instance
-            from l2cache.bigtable_client import RowReader
+            from l2cache.gcp.bigtable import RowReader
 
             reader = RowReader(table.name)
             print("# serving overhead: HTTP lookup round trip (JSON, all attributes, requests'")

@@ -28,12 +28,14 @@ import numpy as np
 import requests
 from google.cloud import pubsub_v1
 
+from l2cache.compute import compute_chunk, compute_l2_ids, dataset_context, load_chunk_l2
 from l2cache.config import load_config
-from l2cache.features import compute_features
-from l2cache.ingest import region_chunks, start_ingest
-from l2cache.pipeline import compute_chunk, compute_l2_ids, dataset_context, load_chunk_l2
-from l2cache.runs import new_run
-from l2cache.status import run_status
+from l2cache.domain.regions import region_chunks
+from l2cache.engine.features import compute_features
+from l2cache.store.ledger import new_run
+from l2cache_ops.ingest import start_ingest
+from l2cache_ops.ledger import chunk_rows
+from l2cache_ops.status import run_status
 from l2cache_tools.cli.dataset_cmd import build_into_config
 from l2cache_tools.dataset.edits import edit_message, split_for_new_ids
 from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
@@ -84,7 +86,7 @@ def main() -> int:
             started = datetime.now(UTC)
             run = start_ingest(config, NAME, batch=2)
             wait(lambda r=run: run_status(ctx.ledger, r.run_id).finished, 600, poll=0.5)
-            rows = ctx.ledger.chunk_rows(run.run_id)
+            rows = chunk_rows(ctx.ledger, run.run_id)
             assert sum(r["status"] == "done" for r in rows) == len(chunks)
             last = max(datetime.fromisoformat(r["finished_at"]) for r in rows)
             return len(chunks) / (last - started).total_seconds()
@@ -171,7 +173,7 @@ def main() -> int:
 
 
 def stack_graph(ctx):
-    from l2cache.bigtable_client import bigtable_instance
+    from l2cache.gcp.bigtable import bigtable_instance
 
     g = ctx.dataset.graph
     return bigtable_instance(g.project, g.instance).table(g.table_id)

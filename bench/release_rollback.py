@@ -25,15 +25,17 @@ import crackle
 import numpy as np
 import yaml
 
-from l2cache.bigtable_client import bigtable_instance
+from l2cache.compute import compute_chunk, dataset_context
 from l2cache.config import load_config
-from l2cache.ingest import region_chunks
-from l2cache.pipeline import compute_chunk, dataset_context
-from l2cache.qc import chunk_ids_of, run_qc, save_report
-from l2cache.releases import promote, rollback_release
-from l2cache.rollback import chunk_key_ranges, run_versions, versions_in_ranges
-from l2cache.runs import create_runs_table, new_run
-from l2cache.store import create_cache_table
+from l2cache.domain.regions import region_chunks
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import create_cache_table
+from l2cache.store.ledger import create_runs_table, new_run
+from l2cache_ops.qc import run_qc
+from l2cache_ops.qc_reports import chunk_ids_of, save_report
+from l2cache_ops.releases import promote, rollback_release
+from l2cache_ops.rollback import chunk_key_ranges, run_versions, versions_in_ranges
+from l2cache_ops.settings import qc_thresholds
 from l2cache_tools.dataset import build_dataset
 from l2cache_tools.local.emulators import start_bigtable_emulator
 
@@ -102,7 +104,7 @@ def run(tmp: Path) -> int:
     for label in ("A", "B"):
         r, ingest[label] = bulk(ctx)
         t = time.perf_counter()
-        report = run_qc(ctx, r.run_id, config.qc_for(NAME))
+        report = run_qc(ctx, r.run_id, qc_thresholds(config, NAME))
         qc_s = time.perf_counter() - t
         save_report(ctx.ledger, report)
         assert report["passed"], report["reasons"]

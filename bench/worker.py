@@ -8,20 +8,20 @@ chunk and interleaved so machine noise hits all alike:
 
 - ``edt``: ``edt.edt(l2_labels, anisotropy, black_border=False, parallel=1)`` on the
   chunk's Fortran-ordered uint64 L2 labels (as bench/features.py): the floor.
-- ``before``: the path as it was before issue 11 (``np.unique``, masked-copy remap to a
+- ``before``: the path as it was before the compiled kernels (``np.unique``, masked-copy remap to a
   uint64 L2 volume, sha256 over a C-ordered copy, engine on the uint64 volume), kept
   here verbatim so before/after come from the same run.
 - ``after``: read -> :func:`labels_from_supervoxels` (unique, graph, checksum, remap to
   the dense index) -> the pipeline's integrity checks -> ``compute_features(chunk.dense)``
   -> write.
-- ``compute_chunk``: :func:`l2cache.pipeline.compute_chunk` as it is in the tree
+- ``compute_chunk``: :func:`l2cache.compute.compute_chunk` as it is in the tree
   (includes the ledger rows and its log line).
 
 Each phase and the total are printed as a ratio to a bare EDT of the chunk measured
 just before that path run (the median round of ``--repeat``). Both paths must give
 byte-identical features (checked per chunk). Then peak RSS (VmHWM) of a fresh process
 running each path, the projected function cost per mm^3 from measured time and
-memory (unit prices from :mod:`l2cache.cost`), and the edit path: k = 1, 5, 20 new
+memory (unit prices from :mod:`l2cache_ops.cost`), and the edit path: k = 1, 5, 20 new
 L2 ids (real PCG-style splits) recomputed with ``compute_l2_ids`` vs ``compute_chunk``
 of the same chunk, paired rounds, chunk reads counted.
 """
@@ -51,7 +51,7 @@ PROD_NM = (8.0, 8.0, 40.0)  # minnie65-class resolution for the per-mm^3 project
 PHASES = ("read", "unique", "graph", "remap", "checksum", "checks", "features", "write")
 
 
-# --- the path before issue 11, verbatim (shared/l2cache at 99301ff) -----------------------
+# --- the path before the compiled kernels, verbatim (shared/l2cache at 99301ff) -----------------------
 
 
 def legacy_remap(sv, sv_ids, l2_ids):
@@ -68,8 +68,8 @@ def legacy_remap(sv, sv_ids, l2_ids):
 
 
 def legacy_path(ctx, run, coords, lap) -> dict:
-    from l2cache.features import compute_features
-    from l2cache.volume import read_chunk
+    from l2cache.engine.features import compute_features
+    from l2cache.inputs.volume import read_chunk
 
     sv = read_chunk(ctx.dataset, coords)
     lap("read")
@@ -94,14 +94,14 @@ def legacy_path(ctx, run, coords, lap) -> dict:
     return feats
 
 
-# --- the path after issue 11 ----------------------------------------------------------------
+# --- the path with the compiled kernels ----------------------------------------------------------------
 
 
 def new_path(ctx, run, coords, lap) -> dict:
-    from l2cache import pipeline
-    from l2cache.chunk_labels import labels_from_supervoxels
-    from l2cache.features import compute_features
-    from l2cache.volume import read_chunk
+    from l2cache import compute as pipeline
+    from l2cache.engine.chunk_labels import labels_from_supervoxels
+    from l2cache.engine.features import compute_features
+    from l2cache.inputs.volume import read_chunk
 
     sv = read_chunk(ctx.dataset, coords)
     lap("read")
@@ -125,7 +125,7 @@ def new_path(ctx, run, coords, lap) -> dict:
 
 
 def pipeline_path(ctx, run, coords, lap) -> dict:
-    from l2cache.pipeline import compute_chunk
+    from l2cache.compute import compute_chunk
 
     with contextlib.redirect_stdout(io.StringIO()):  # its JSON log line (still paid for)
         compute_chunk(ctx, run, coords)
@@ -163,7 +163,7 @@ def batch_path(read_ahead: bool):
     """The grid's chunks as one task's batch: ``pipeline.compute_chunks``."""
 
     def run_batch(ctx, run, coords, lap) -> dict:
-        from l2cache.pipeline import compute_chunks
+        from l2cache.compute import compute_chunks
 
         with contextlib.redirect_stdout(io.StringIO()):  # the JSON log lines
             out = compute_chunks(ctx, run, GRID, read_ahead=read_ahead)
@@ -185,9 +185,9 @@ def vm_hwm_mib() -> float:
 
 def child(mode: str, coords: list[int]) -> int:
     """Fresh process: one chunk through ``mode`` twice; report times and VmHWM."""
+    from l2cache.compute import dataset_context
     from l2cache.config import load_config
-    from l2cache.pipeline import dataset_context
-    from l2cache.runs import new_run
+    from l2cache.store.ledger import new_run
 
     ctx = dataset_context(load_config(), NAME)
     run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 2, 2, 1], 4)
@@ -220,8 +220,8 @@ def identical(a: dict, b: dict) -> bool:
 
 
 def l2_labels(ctx, run, coords) -> np.ndarray:
-    from l2cache.chunk_labels import labels_from_supervoxels
-    from l2cache.volume import read_chunk
+    from l2cache.engine.chunk_labels import labels_from_supervoxels
+    from l2cache.inputs.volume import read_chunk
 
     sv = read_chunk(ctx.dataset, coords)
     return labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, run.snapshot)).labels
@@ -270,9 +270,9 @@ def sizing():
 def projected_cost(seconds: float, memory_mib: float) -> tuple[float, float]:
     """($ per chunk, $ per mm^3 at PROD_NM) of ``seconds`` on 1 vCPU with ``memory_mib``.
 
-    Prices from :data:`l2cache.cost.PRICES`, the one place they live.
+    Prices from :data:`l2cache_ops.cost.PRICES`, the one place they live.
     """
-    from l2cache.cost import NM3_PER_MM3, PRICES
+    from l2cache_ops.cost import NM3_PER_MM3, PRICES
 
     per_chunk = seconds * PRICES.with_worker(memory_mib, 1.0).worker_second
     chunk_nm3 = float(np.prod(CHUNK)) * float(np.prod(PROD_NM))
@@ -281,8 +281,8 @@ def projected_cost(seconds: float, memory_mib: float) -> tuple[float, float]:
 
 def edit_path(ctx, graph, repeat: int, ks=(1, 5, 20)) -> list[tuple]:
     """k new L2 ids in one chunk via real splits: compute_l2_ids vs compute_chunk."""
-    import l2cache.pipeline as pipeline
-    from l2cache.runs import new_run
+    import l2cache.compute as pipeline
+    from l2cache.store.ledger import new_run
     from l2cache_tools.dataset.edits import split_for_new_ids
 
     reads = []
@@ -340,10 +340,10 @@ def main() -> int:
     import crackle
     import yaml
 
-    from l2cache.bigtable_client import bigtable_instance
+    from l2cache.compute import dataset_context
     from l2cache.config import load_config
-    from l2cache.pipeline import dataset_context
-    from l2cache.runs import create_runs_table, new_run
+    from l2cache.gcp.bigtable import bigtable_instance
+    from l2cache.store.ledger import create_runs_table, new_run
     from l2cache_tools.cli.dataset_cmd import build_into_config
     from l2cache_tools.local.emulators import start_bigtable_emulator
     from l2cache_tools.local.stack import INSTANCE, PROJECT
@@ -422,14 +422,14 @@ def report(ctx, run, grid, args, env) -> None:
             f"{out['s'][0]:>7.2f} {out['s'][1]:>7.2f}"
         )
 
-    from l2cache.cost import PRICES
+    from l2cache_ops.cost import PRICES
 
     sz = sizing()
     deployed = sz.worker_memory_mib(CHUNK)
     print(
         f"\n# projected function cost per mm^3 at {PROD_NM} nm "
         f"({1e18 / (np.prod(CHUNK) * np.prod(PROD_NM)) / 1e6:.1f} M chunks of 256x256x512), "
-        f"1 vCPU, median s/chunk above; prices from l2cache.cost "
+        f"1 vCPU, median s/chunk above; prices from l2cache_ops.cost "
         f"(${PRICES.vcpu_second}/vCPU-s, ${PRICES.gib_second}/GiB-s). Memory: as deployed "
         f"(infra/sizing.py: {deployed} MiB) and as this peak would size it (x "
         f"{sz.MEMORY_HEADROOM} headroom, {sz.MEMORY_STEP_MIB} MiB steps)"
@@ -481,7 +481,7 @@ def batches(ctx, run, repeat: int, env) -> None:
 
 
 def edits(ctx, repeat: int) -> None:
-    from l2cache.bigtable_client import bigtable_instance
+    from l2cache.gcp.bigtable import bigtable_instance
 
     g = ctx.dataset.graph
     graph = bigtable_instance(g.project, g.instance).table(g.table_id)

@@ -5,11 +5,13 @@ Layout at the archive root (what the Python buildpack of Cloud Functions gen2 ex
 - ``main.py``: the function's entry point (``functions/<name>/main.py``);
 - ``requirements.txt``: the function's lock (``make lock``: every package pinned, with
   hashes), so the deployed build installs exactly what the deployed-mode test installs;
-- ``l2cache/``: the production core (``shared/l2cache``, ``*.py`` and ``py.typed``), vendored
-  so ``import l2cache`` works without installing the repository; the CLI, local stack and
-  dataset builder (``tools/``) are not in it;
+- ``l2cache/``: the modules of the cloud core (``shared/l2cache``) that this function
+  imports, found by following its imports from ``main.py`` (module level and inside
+  functions), with their packages' ``__init__.py`` and ``py.typed``: the lookup's archive
+  has no feature engine, and no archive has the operations package (``ops/``) or the dev
+  tools (``tools/``);
 - ``l2cache/REVISION``: ``{"commit", "dirty"}`` of the checkout it was built from, which
-  ``l2cache.lineage.code_revision()`` reads: every cell the function writes names this code;
+  ``l2cache.domain.lineage.code_revision()`` reads: every cell the function writes names this code;
 - ``datasets.yaml``: the dataset map with every dataset's geometry resolved here, at build
   time (resolution, voxel offset, chunk size, volume size, spatial bits), so a function
   never reads a segmentation's info at start (lookup has no segmentation access).
@@ -21,6 +23,7 @@ is deployed as itself).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import subprocess
@@ -31,7 +34,7 @@ from typing import Any
 import yaml
 
 from l2cache.config import load_config, parse_config
-from l2cache.lineage import REVISION_FILE, git_revision
+from l2cache.domain.lineage import REVISION_FILE, git_revision
 
 REPO = Path(__file__).resolve().parents[1]
 FUNCTIONS = REPO / "functions"
@@ -48,13 +51,43 @@ def function_names() -> list[str]:
     return sorted(p.name for p in FUNCTIONS.iterdir() if (p / "main.py").exists())
 
 
-def package_files() -> list[Path]:
-    """The core package's source files (no caches, no compiled kernels)."""
-    return [
-        p
-        for p in sorted(PACKAGE.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".typed")
-    ]
+def _imported_names(path: Path) -> set[str]:
+    """Every ``l2cache...`` module name ``path`` imports, at module level or inside a
+    function (``from l2cache.a import b`` names both ``l2cache.a`` and ``l2cache.a.b``;
+    only one of them is a module, which :func:`_module_file` decides)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n == "l2cache" or n.startswith("l2cache.")}
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of core module ``name`` (a package's ``__init__.py``), if any."""
+    base = PACKAGE.joinpath(*name.split(".")[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def package_files(main: Path) -> list[Path]:
+    """The core files a function needs: every module reachable from its ``main.py``
+    through imports, the ``__init__.py`` of each package on the way, and ``py.typed``."""
+    seen: set[Path] = set()
+    todo = [main]
+    while todo:
+        for name in _imported_names(todo.pop()):
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):  # parent packages are imported first
+                path = _module_file(".".join(parts[:depth]))
+                if path is not None and path not in seen:
+                    seen.add(path)
+                    todo.append(path)
+    return sorted(seen) + [PACKAGE / "py.typed"]
 
 
 def revision(files: list[Path]) -> dict[str, Any]:
@@ -110,7 +143,7 @@ def resolved_dataset_map(datasets_file: Path) -> bytes:
 def archive_entries(name: str, datasets_file: Path) -> dict[str, bytes]:
     """Archive path -> bytes for one function."""
     fn = FUNCTIONS / name
-    files = package_files()
+    files = package_files(fn / "main.py")
     entries = {
         "main.py": (fn / "main.py").read_bytes(),
         "requirements.txt": (fn / "requirements.txt").read_bytes(),

@@ -2,12 +2,12 @@
 dashboard with the same SLO panels as ``l2cache status`` / ``l2cache dashboard``.
 
 The functions write one JSON line per chunk, stream event and lookup
-(``l2cache.logs``: ``jsonPayload.l2cache`` = chunk | event | lookup, with status,
+(``l2cache.support.logs``: ``jsonPayload.l2cache`` = chunk | event | lookup, with status,
 dataset, attempts, duration_s, latency_s). The metrics below count and measure those
 lines; the dashboard charts them with the dataset map's ``slo:`` targets drawn as
 thresholds. Objectives the logs cannot show (time to recover a failed chunk, QC pass,
 $ per mm^3) are listed in a text panel that says where they are measured (the runs
-ledger). Prices come from ``l2cache.cost``, the one place they are defined.
+ledger). Prices come from ``l2cache_ops.cost``, the one place they are defined.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pulumi
 import pulumi_gcp as gcp
 from config import StackConfig
 
-from l2cache.cost import PRICES
-from l2cache.slo import SloTargets
+from l2cache_ops.cost import PRICES
+from l2cache_ops.slo import SloTargets
 
 RUN = 'resource.type="cloud_run_revision"'
 FN = 'resource.label."service_name"'
@@ -222,7 +222,7 @@ def slo_tiles(t: SloTargets) -> list[dict]:
                     f"- time to recover a failed chunk: target {_target(t.max_recover_s, 's')}\n"
                     f"- QC pass: {'required' if t.qc_pass else 'no target'}\n"
                     f"- cost envelope: {_target(t.max_usd_per_mm3, 'USD per mm^3')}\n\n"
-                    f"Prices (l2cache.cost): ${PRICES.gib_second}/GiB-s, "
+                    f"Prices (l2cache_ops.cost): ${PRICES.gib_second}/GiB-s, "
                     f"${PRICES.vcpu_second}/vCPU-s, ${PRICES.bigtable_row}/row written, "
                     f"${PRICES.task}/task."
                 ),

@@ -40,7 +40,7 @@ MIN_TIMEOUT_S = 120
 TASK_DISPATCH_DEADLINE_S = 600
 # Pub/Sub's longest push ack deadline: on_edit must answer within it or be redelivered.
 PUSH_ACK_DEADLINE_S = 600
-DEFAULT_CHUNKS_PER_TASK = 4  # = l2cache.ingest.DEFAULT_BATCH, the CLI's --batch default
+DEFAULT_CHUNKS_PER_TASK = 4  # = l2cache.domain.regions.DEFAULT_BATCH, the CLI's --batch default
 
 # -- concurrency ----------------------------------------------------------------------
 WORKER_REQUESTS_PER_INSTANCE = 1  # memory is sized for exactly one chunk at a time

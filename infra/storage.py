@@ -14,7 +14,7 @@ import pulumi_gcp as gcp
 from config import StackConfig
 
 CACHE_FAMILIES = ("0", "lineage")
-RUNS_FAMILIES = ("run", "ledger")  # l2cache.runs: RUN_FAMILY, LEDGER_FAMILY
+RUNS_FAMILIES = ("run", "ledger")  # l2cache.store.ledger: RUN_FAMILY, LEDGER_FAMILY
 
 
 def bigtable(cfg: StackConfig) -> dict:

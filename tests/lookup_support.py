@@ -208,7 +208,7 @@ def lookup_client(config: dict, tmp_path: Path, extra_env: dict[str, str] | None
     """
     import functions_framework
 
-    from l2cache import lookup_http
+    from l2cache.handlers import lookup as lookup_http
 
     path = tmp_path / f"l2cache-{len(list(tmp_path.iterdir()))}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -1,6 +1,7 @@
-"""A slow, obvious reference for the feature engine, written from DESIGN.md section 4.
+"""A slow, obvious reference for the feature engine, written from the feature semantics
+(``l2cache.engine.features`` docstring; README "Data model").
 
-One node at a time with plain numpy, no shared code with ``l2cache.features`` beyond
+One node at a time with plain numpy, no shared code with ``l2cache.engine.features`` beyond
 the attribute dtypes, so that a bug in the engine's fused kernels shows up as a
 difference here.
 """

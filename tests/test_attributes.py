@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from l2cache.attributes import ATTRIBUTES, BY_NAME, decode_cell, encode_column, saturate
+from l2cache.domain.attributes import ATTRIBUTES, BY_NAME, decode_cell, encode_column, saturate
 
 
 def test_cell_sizes_match_design_schema():

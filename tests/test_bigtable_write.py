@@ -10,8 +10,9 @@ from google.cloud.bigtable import column_family
 from google.cloud.bigtable.data.mutations import RowMutationEntry
 from google.cloud.bigtable_v2.types import bigtable as bt_types
 
-from l2cache.bigtable_client import WRITE_SCOPE, bigtable_instance, data_channel
-from l2cache.bigtable_write import (
+from l2cache.domain.failures import PERMANENT, classify
+from l2cache.gcp.bigtable import WRITE_SCOPE, bigtable_instance, data_channel
+from l2cache.gcp.bigtable_write import (
     RETRYABLE_CODES,
     SERVER_TIMESTAMP,
     CellEncoder,
@@ -22,7 +23,6 @@ from l2cache.bigtable_write import (
     timestamp_micros,
     write_rows,
 )
-from l2cache.failures import PERMANENT, classify
 from l2cache_tools.local.emulators import free_port
 
 

@@ -18,9 +18,9 @@ from cave_standins import auth_service, info_service, self_signed_cert
 from lookup_support import PROJECT, dataset_entry, upstream_features, write_upstream_rows
 from test_lookup_rows import BITS, crop_features
 
-from l2cache import ids
-from l2cache.bigtable_client import bigtable_instance
-from l2cache.store import create_cache_table
+from l2cache.domain import ids
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import create_cache_table
 from l2cache_tools.local.functions import start_function
 
 NS = "pychunkedgraph"

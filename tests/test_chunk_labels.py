@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from l2cache.chunk_labels import input_checksum, labels_from_supervoxels
-from l2cache.features import DenseLabels, compute_features
+from l2cache.engine.chunk_labels import input_checksum, labels_from_supervoxels
+from l2cache.engine.features import DenseLabels, compute_features
 from l2cache_tools.dataset.build import chunk_supervoxels
 
 DATA = Path(__file__).parent / "data" / "pinky40_crop_96x96x48.npz"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l2cache.features import compute_features
+from l2cache.engine.features import compute_features
 from l2cache_tools.cli import main
 
 CROP = Path(__file__).parent / "data" / "pinky40_crop_96x96x48.npz"

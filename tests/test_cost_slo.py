@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from l2cache import cost
 from l2cache.config import ConfigError, parse_config
-from l2cache.slo import MET, MISSED, NO_DATA, SloTargets, edit_latencies, evaluate
+from l2cache_ops import cost
+from l2cache_ops.settings import check_sections, slo_targets
+from l2cache_ops.slo import MET, MISSED, NO_DATA, SloTargets, edit_latencies, evaluate
 from l2cache_tools.cli.ingest_cmd import scattered_chunks
 from l2cache_tools.sizing import infra_sizing, worker_prices
 
@@ -77,9 +78,9 @@ def test_worker_size_is_infras_sizing(monkeypatch):
 def test_slo_section_top_level_and_per_dataset_override():
     raw = {**BASE, "slo": {"max_failure_rate": 0.01, "edit_p95_s": 60}}
     raw["datasets"] = {"a": {**BASE["datasets"]["a"], "slo": {"edit_p95_s": 5}}}
-    t = parse_config(raw).slo_for("a")
+    t = slo_targets(parse_config(raw), "a")
     assert t.max_failure_rate == 0.01 and t.edit_p95_s == 5 and t.qc_pass is None
-    assert parse_config(BASE).slo_for("a") == SloTargets()
+    assert slo_targets(parse_config(BASE), "a") == SloTargets()
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,7 @@ def test_slo_section_top_level_and_per_dataset_override():
 )
 def test_bad_slo_targets_are_config_errors(slo, words):
     with pytest.raises(ConfigError, match=words):
-        parse_config({**BASE, "slo": slo})
+        check_sections(parse_config({**BASE, "slo": slo}))
 
 
 def _status(done, failed, rate):

@@ -10,8 +10,8 @@ from hypothesis.extra import numpy as hnp
 from reference_features import reference_features
 from sklearn.decomposition import PCA
 
-from l2cache.attributes import ATTRIBUTE_NAMES, BY_NAME
-from l2cache.features import compute_features
+from l2cache.domain.attributes import ATTRIBUTE_NAMES, BY_NAME
+from l2cache.engine.features import compute_features
 
 DATA = Path(__file__).parent / "data" / "pinky40_crop_96x96x48.npz"
 RES = (16.0, 16.0, 40.0)
@@ -228,10 +228,10 @@ def test_random_volumes_match_reference(labels, res, order):
     assert_matches_reference(feats, labels, res)
 
 
-# sha256 over every output array of the engine at 99301ff (before the issue-11 kernel
+# sha256 over every output array of the engine at 99301ff (before the compiled-kernel
 # changes) on the real crop, C and Fortran order, two resolutions, full and only=.
 # The engine's speed-ups must keep every stored byte; a deliberate semantic change
-# updates this value together with a note in DESIGN.md.
+# updates this value together with a note in docs/design.md.
 PINNED_OUTPUT_SHA256 = "ee73c5ac0b3cdd2c31bb5f404c420d5ec8a1a7c3957ec4d9fa6a641aca702aab"
 
 

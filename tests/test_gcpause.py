@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 
-from l2cache.gcpause import DEFERRED_GEN0, gc_deferred
+from l2cache.support.gc_defer import DEFERRED_GEN0, gc_deferred
 
 
 def test_collections_still_run_inside_a_long_deferred_block():

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2cache import ids
+from l2cache.domain import ids
 
 PINNED = ids.SpatialBits.from_mapping({1: 10, 2: 10, 3: 9, 4: 8, 5: 7, 6: 6, 7: 5})
 

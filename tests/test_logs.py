@@ -1,4 +1,4 @@
-"""l2cache.logs: one JSON line per chunk / event / lookup, fields the log metrics read."""
+"""l2cache.support.logs: one JSON line per chunk / event / lookup, fields the log metrics read."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from l2cache import logs
-from l2cache.serve import LookupService
+from l2cache.serving.api import LookupService
+from l2cache.support import logs
 
 
 def lines(capsys) -> list[dict]:

@@ -16,12 +16,12 @@ from caveclient.auth import AuthClient
 from caveclient.l2cache import L2CacheClient
 from google.cloud import pubsub_v1
 
-from l2cache import ids
-from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
-from l2cache.features import compute_features
-from l2cache.lineage import Lineage
-from l2cache.store import CacheStore, create_cache_table
+from l2cache.domain import ids
+from l2cache.domain.lineage import Lineage
+from l2cache.engine.features import compute_features
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import CacheStore, create_cache_table
 from l2cache_tools.local.functions import start_function
 
 PROJECT = "lookup-test"
@@ -285,7 +285,7 @@ def test_caveclient_l2cache_client_works_unchanged(stack):
 
 def test_an_existing_cache_table_is_served_but_never_queued(stack):
     """A table another service owns: l2cache serves it and leaves its gaps to that service."""
-    from l2cache.serve import LookupService
+    from l2cache.serving.api import LookupService
 
     cfg = config_dict("cache_lookup")
     cfg["datasets"]["pinky_test"]["existing_cache_table"] = True

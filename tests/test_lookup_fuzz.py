@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lookup_support import PROJECT, dataset_entry, lookup_client
 
-from l2cache import ids
-from l2cache.bigtable_client import bigtable_instance
-from l2cache.ids import SpatialBits
-from l2cache.store import create_cache_table
+from l2cache.domain import ids
+from l2cache.domain.ids import SpatialBits
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import create_cache_table
 
 BITS = SpatialBits.from_mapping({1: 10, 2: 10, 3: 9})
 MAX_EXAMPLES = 250

@@ -1,4 +1,4 @@
-"""Lookup under hostile or unlucky conditions (issue 9 item 6), over HTTP in-process.
+"""Lookup under hostile or unlucky conditions, over HTTP in-process.
 
 Every client error is a 4xx JSON ``{"code", "message"}``; bodies are bounded before
 they are decompressed; responses over Cloud Run's 32 MiB are gzip-encoded or refused;
@@ -20,11 +20,12 @@ import pytest
 from lookup_support import PROJECT, dataset_entry, lookup_client
 from test_lookup_rows import BITS, crop_features
 
-from l2cache import ids, serve
-from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import DEFAULT_MAX_IDS, parse_config
-from l2cache.lineage import Lineage
-from l2cache.store import CacheStore, create_cache_table
+from l2cache.domain import ids
+from l2cache.domain.lineage import Lineage
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.serving import api as serve
+from l2cache.store.cache import CacheStore, create_cache_table
 
 URL = "/l2cache/api/v1/table/pinky/attributes"
 MAX_IDS = 5_000

@@ -28,13 +28,13 @@ from lookup_support import (
     write_upstream_rows,
 )
 
-from l2cache import ids
-from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
-from l2cache.features import compute_features
-from l2cache.ids import SpatialBits
-from l2cache.lineage import Lineage
-from l2cache.store import CacheStore, create_cache_table
+from l2cache.domain import ids
+from l2cache.domain.ids import SpatialBits
+from l2cache.domain.lineage import Lineage
+from l2cache.engine.features import compute_features
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import CacheStore, create_cache_table
 
 BITS = SpatialBits.from_mapping({1: 10, 2: LAYER_BITS, 3: 9})
 URL = "/l2cache/api/v1/table/{}/attributes"

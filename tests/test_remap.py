@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from l2cache.remap import remap_to_l2
+from l2cache_tools.dataset.remap import remap_to_l2
 
 
 @pytest.mark.parametrize("order", ["C", "F"])

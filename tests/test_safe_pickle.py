@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from l2cache.safe_pickle import UnsafePickleError, restricted_loads
+from l2cache.support.safe_pickle import UnsafePickleError, restricted_loads
 
 
 def test_pcg_edit_payload_round_trips():

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from kvdbclient.serializers import NumPyArray, NumPyValue
 
-from l2cache import ids
-from l2cache.attributes import ATTRIBUTE_NAMES, BY_NAME
-from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
-from l2cache.features import compute_features
-from l2cache.lineage import Lineage
-from l2cache.store import CacheStore, create_cache_table
+from l2cache.domain import ids
+from l2cache.domain.attributes import ATTRIBUTE_NAMES, BY_NAME
+from l2cache.domain.lineage import Lineage
+from l2cache.engine.features import compute_features
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import CacheStore, create_cache_table
 
 RES = (16.0, 16.0, 40.0)
 CONFIG = {

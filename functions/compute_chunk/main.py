@@ -1,6 +1,6 @@
 """compute_chunk HTTP function, called by Cloud Tasks with one task per region/batch.
 
-Thin by design: parse, let ``l2cache.worker`` do the work, answer with its status.
+Thin by design: parse, let ``l2cache.handlers.compute_chunk`` do the work, answer with its status.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import json
 import functions_framework
 
 from l2cache.config import load_config
-from l2cache.pubsub_client import dead_letter_publisher
-from l2cache.worker import handle_task
+from l2cache.gcp.pubsub import dead_letter_publisher
+from l2cache.handlers.compute_chunk import handle_task
 
 _state: dict = {}
 

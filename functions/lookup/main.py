@@ -1,6 +1,6 @@
 """Lookup HTTP function: the L2 cache API (``/l2cache/api/v1/...``).
 
-Thin by design: ``l2cache.lookup_http`` adds CORS and CAVE auth, ``l2cache.serve``
+Thin by design: ``l2cache.handlers.lookup`` adds CORS and CAVE auth, ``l2cache.serving.api``
 does the work.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functions_framework
 
-from l2cache.lookup_http import handle
+from l2cache.handlers.lookup import handle
 
 
 @functions_framework.http

@@ -1,6 +1,6 @@
 """on_edit: Pub/Sub CloudEvent function for PCG edit and missing-id messages.
 
-Thin by design: unwrap the Pub/Sub envelope, let ``l2cache.messages`` do the work.
+Thin by design: unwrap the Pub/Sub envelope, let ``l2cache.handlers.on_edit`` do the work.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import logging
 import functions_framework
 
 from l2cache.config import load_config
-from l2cache.messages import handle_message, parse_publish_time
-from l2cache.pubsub_client import dead_letter_publisher
+from l2cache.gcp.pubsub import dead_letter_publisher
+from l2cache.handlers.on_edit import handle_message, parse_publish_time
 
 _state: dict = {}
 

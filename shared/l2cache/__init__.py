@@ -1,7 +1,10 @@
-"""l2cache: a serverless cache of per-L2-node geometric features for PyChunkedGraph datasets.
+"""l2cache: the cloud core, the only code inside a function's deploy archive.
 
-Every function, the CLI and the tests import this one package, so a feature is
-computed, stored and served by the same code wherever it runs.
+Layers, each importing only from the ones before it (``tests/test_layers.py``):
+``support``, ``domain`` -> ``config`` -> ``engine``, ``gcp`` -> ``inputs``, ``store``
+-> ``compute``, ``serving`` -> ``handlers`` (one module per function). Operations
+(``l2cache_ops``) and the dev tools (``l2cache_tools``) import this package; it never
+imports them.
 """
 
 __version__ = "0.1.0"

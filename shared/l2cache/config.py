@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .ids import SpatialBits
+from l2cache.domain.ids import SpatialBits
 
 CONFIG_ENV = "L2CACHE_CONFIG"
 # Worst case (every node has PCA) is ~392 bytes of JSON per id (measured in
@@ -100,16 +100,6 @@ class DatasetConfig:
         r = self.resolution
         return float(r[0] * r[1] * r[2])
 
-    def public_mapping(self) -> dict[str, Any]:
-        """What ``/table_mapping`` shows for this dataset (no credentials inside)."""
-        return {
-            "l2_cache_id": self.cache_table_id,
-            "segmentation": self.segmentation,
-            "resolution": list(self.resolution),
-            "voxel_offset": list(self.voxel_offset),
-            "chunk_size": list(self.chunk_size),
-        }
-
 
 @dataclass(frozen=True)
 class BigtableConfig:
@@ -172,25 +162,9 @@ class L2CacheConfig:
     auth: AuthConfig | None = None
     # Public alias -> real graph table id, as the existing service's VIRTUAL_TABLES.
     virtual_tables: dict[str, str] = field(default_factory=dict)
-    # Service level objectives per dataset (l2cache.slo.SloTargets): the top-level
-    # ``slo:`` section, overridden key by key by a dataset's own ``slo:``.
-    slos: dict[str, Any] = field(default_factory=dict)
-
-    def slo_for(self, name: str):
-        """The dataset's SLO targets (none set: every objective is "no target")."""
-        from .slo import SloTargets
-
-        return self.slos.get(name) or SloTargets()
-
-    # QC thresholds per dataset (l2cache.qc.QcThresholds): the top-level ``qc:``
-    # section, overridden key by key by a dataset's own ``qc:``.
-    qc: dict[str, Any] = field(default_factory=dict)
-
-    def qc_for(self, name: str):
-        """The dataset's QC thresholds (none set: the defaults of QcThresholds)."""
-        from .qc import QcThresholds
-
-        return self.qc.get(name) or QcThresholds()
+    # The parsed YAML document as read: the operations side reads its own sections
+    # (``qc:``, ``slo:``, see l2cache_ops.settings) from it; the core never does.
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def resolve_table(self, name: str) -> DatasetConfig:
         """The dataset a request's table name means, following a virtual alias."""
@@ -202,12 +176,6 @@ class L2CacheConfig:
         except KeyError:
             known = ", ".join(sorted(self.datasets)) or "none"
             raise UnknownDatasetError(f"unknown dataset {name!r} (known: {known})") from None
-
-    def dataset_by_cache_table(self, cache_table_id: str) -> DatasetConfig | None:
-        for ds in self.datasets.values():
-            if ds.cache_table_id == cache_table_id:
-                return ds
-        return None
 
     def table_mapping(self) -> dict[str, str]:
         """Graph table id -> L2 cache id, as the existing service's ``table_mapping``."""
@@ -233,9 +201,9 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
     """Validate a parsed YAML document into an :class:`L2CacheConfig`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: top level must be a mapping")
-    bt = _section(raw, "bigtable", source, required=True)
+    bt = config_section(raw, "bigtable", source, required=True)
     bigtable = BigtableConfig(_str(bt, "project", source), _str(bt, "instance", source))
-    ps = _section(raw, "pubsub", source)
+    ps = config_section(raw, "pubsub", source)
     pubsub = (
         PubSubConfig(
             project=_str(ps, "project", source),
@@ -248,7 +216,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
         if ps
         else None
     )
-    tk = _section(raw, "tasks", source)
+    tk = config_section(raw, "tasks", source)
     tasks = (
         TasksConfig(
             project=_str(tk, "project", source),
@@ -283,47 +251,12 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
         source,
         auth=_auth(raw, source),
         virtual_tables=_virtual_tables(raw, datasets, source),
-        slos=_slos(raw, datasets_raw, source),
-        qc=_qc(raw, datasets_raw, source),
+        raw=raw,
     )
 
 
-def _qc(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:
-    """``qc:`` at the top level, then each dataset's ``qc:`` over it (l2cache.qc)."""
-    from .qc import QcThresholds
-
-    return _layered(raw, datasets_raw, source, "qc", QcThresholds.from_mapping)
-
-
-def _slos(raw: Mapping, datasets_raw: Mapping, source: str) -> dict[str, Any]:
-    """``slo:`` at the top level, then each dataset's ``slo:`` over it (l2cache.slo)."""
-    from .slo import SloTargets
-
-    return _layered(raw, datasets_raw, source, "slo", SloTargets.from_mapping)
-
-
-def _layered(raw: Mapping, datasets_raw: Mapping, source: str, key: str, parse) -> dict[str, Any]:
-    """Dataset name -> ``parse(its section, base=the top-level section)``.
-
-    ``parse(mapping, base=None)`` raises ValueError for a bad value; the error is
-    reported with where it came from.
-    """
-    try:
-        top = parse(_section(raw, key, source))
-    except ValueError as exc:
-        raise ConfigError(f"{source}: {key}: {exc}") from None
-    out = {}
-    for name, entry in datasets_raw.items():
-        own = _section(entry, key, f"{source}: dataset {name!r}")  # entries checked above
-        try:
-            out[str(name)] = parse(own, base=top)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: dataset {name!r}: {key}: {exc}") from None
-    return out
-
-
 def _auth(raw: Mapping, source: str) -> AuthConfig | None:
-    section = _section(raw, "auth", source)
+    section = config_section(raw, "auth", source)
     if not section:
         return None
     where = f"{source}: auth"
@@ -341,7 +274,7 @@ def _auth(raw: Mapping, source: str) -> AuthConfig | None:
 
 def _virtual_tables(raw: Mapping, datasets: Mapping, source: str) -> dict[str, str]:
     """``alias: real`` or the existing service's ``alias: {table_id: real}``."""
-    section = _section(raw, "virtual_tables", source)
+    section = config_section(raw, "virtual_tables", source)
     out: dict[str, str] = {}
     for alias, target in section.items():
         real = target.get("table_id") if isinstance(target, Mapping) else target
@@ -355,7 +288,7 @@ def _virtual_tables(raw: Mapping, datasets: Mapping, source: str) -> dict[str, s
     return out
 
 
-def _section(raw: Mapping, key: str, source: str, required: bool = False) -> Mapping:
+def config_section(raw: Mapping, key: str, source: str, required: bool = False) -> Mapping:
     value = raw.get(key)
     if value is None:
         if required:

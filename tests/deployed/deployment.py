@@ -36,7 +36,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from l2cache.lineage import format_revision
+from l2cache.domain.lineage import format_revision
 from l2cache_tools.local.functions import FunctionRuntime
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,11 +27,11 @@ import pytest
 import requests
 from google.cloud import pubsub_v1
 
+from l2cache.compute import dataset_context, load_chunk_l2
 from l2cache.config import load_config
-from l2cache.features import compute_features
-from l2cache.ingest import start_ingest
-from l2cache.pipeline import dataset_context, load_chunk_l2
-from l2cache.status import run_status
+from l2cache.engine.features import compute_features
+from l2cache_ops.ingest import start_ingest
+from l2cache_ops.status import run_status
 from l2cache_tools.dataset import apply_merge, apply_split, publish_edit
 from l2cache_tools.dataset.edits import pick_merge, pick_split
 from l2cache_tools.local.functions import readonly_command
@@ -88,9 +88,9 @@ for what, path in (("home", os.environ["HOME"]), ("source", os.getcwd())):
 tmp = os.path.join(os.environ["TMPDIR"], "probe")
 open(tmp, "w").close(); os.remove(tmp)
 out["repo"] = os.listdir(sys.argv[1])
-import l2cache, l2cache.lineage
+import l2cache, l2cache.domain.lineage
 out["l2cache"] = l2cache.__file__
-out["revision"] = l2cache.lineage.code_revision()
+out["revision"] = l2cache.domain.lineage.code_revision()
 try:
     import l2cache_tools  # noqa: F401
     out["tools"] = True

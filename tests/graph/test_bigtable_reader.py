@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from l2cache import graph, ids
-from l2cache.bigtable_client import bigtable_instance
+from l2cache.domain import ids
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.inputs import graph
 from l2cache_tools.dataset.build import create_graph_table
 
 BITS = ids.SpatialBits.from_mapping({1: 10, 2: 10})
@@ -70,8 +71,8 @@ def test_a_read_stream_that_hangs_ends_at_its_deadline():
 
     import grpc
 
-    from l2cache.bigtable_client import RowReader
-    from l2cache.failures import TRANSIENT, classify
+    from l2cache.domain.failures import TRANSIENT, classify
+    from l2cache.gcp.bigtable import RowReader
 
     release = threading.Event()
 

@@ -6,13 +6,13 @@ import cc3d
 import numpy as np
 import pytest
 
-from l2cache import ids
-from l2cache.bigtable_client import bigtable_instance
 from l2cache.config import parse_config
-from l2cache.graph import BigtableGraphReader
-from l2cache.remap import remap_to_l2
-from l2cache.volume import read_chunk
+from l2cache.domain import ids
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.inputs.graph import BigtableGraphReader
+from l2cache.inputs.volume import read_chunk
 from l2cache_tools.dataset import build_dataset
+from l2cache_tools.dataset.remap import remap_to_l2
 
 CHUNK = (48, 48, 24)
 

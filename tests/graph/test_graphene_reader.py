@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import pytest
 
-from l2cache import ids
-from l2cache.graph import GrapheneGraphReader
+from l2cache.domain import ids
+from l2cache.inputs.graph import GrapheneGraphReader
 
 BITS = ids.SpatialBits.from_mapping({1: 10, 2: 10, 3: 9})
 SV = ids.encode_ids(1, [[1, 2, 3]] * 4, [1, 2, 3, 4], BITS)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,13 +23,22 @@ from .harness import INFRA, stack_config
 REPO = INFRA.parent
 
 
-def core_files() -> set[str]:
+def loaded_core_files(name: str) -> set[str]:
+    """The core files a fresh interpreter loads when it imports the function's main.py:
+    the archive must hold exactly these (the core has no imports inside functions)."""
+    probe = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('main', {str(REPO / 'functions' / name / 'main.py')!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "for m in list(sys.modules.values()):\n"
+        "    f = getattr(m, '__file__', None) or ''\n"
+        "    if m.__name__.split('.')[0] == 'l2cache': print(f)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
     pkg = REPO / "shared" / "l2cache"
-    return {
-        f"l2cache/{p.relative_to(pkg).as_posix()}"
-        for p in pkg.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".typed")
-    }
+    return {f"l2cache/{Path(f).relative_to(pkg).as_posix()}" for f in out} | {"l2cache/py.typed"}
 
 
 def test_each_archive_is_main_lock_core_revision_and_map(tmp_path):
@@ -45,9 +56,15 @@ def test_each_archive_is_main_lock_core_revision_and_map(tmp_path):
         zf = zipfile.ZipFile(path)
         names = set(zf.namelist())
         expected = {"main.py", "requirements.txt", "datasets.yaml", "l2cache/REVISION"}
-        assert names == expected | core_files(), names ^ (expected | core_files())
-        assert "l2cache/features.py" in names and "l2cache/serve.py" in names
-        assert not any("l2cache_tools" in n or "__pycache__" in n for n in names)
+        core = loaded_core_files(name)
+        assert names == expected | core, names ^ (expected | core)
+        engine = "l2cache/engine/features.py" in names
+        assert engine is (name != "lookup"), "only the workers carry the feature engine"
+        assert ("l2cache/serving/api.py" in names) is (name == "lookup")
+        assert f"l2cache/handlers/{name}.py" in names
+        assert not any(
+            n.startswith(("l2cache_ops", "l2cache_tools")) or "__pycache__" in n for n in names
+        )
         assert zf.read("main.py") == (REPO / "functions" / name / "main.py").read_bytes()
         # the lock, not a hand list: what the deployed-mode test installs
         lock = (REPO / "functions" / name / "requirements.txt").read_bytes()

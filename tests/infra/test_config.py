@@ -7,7 +7,7 @@ import dataclasses
 import pulumi
 import pytest
 
-from l2cache.ingest import DEFAULT_BATCH
+from l2cache.domain.regions import DEFAULT_BATCH
 
 from .harness import DATASETS_YAML, PCG_EDITS, config, sizing, stack_config
 

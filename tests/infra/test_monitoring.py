@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from l2cache.cost import PRICES
+from l2cache_ops.cost import PRICES
 
 from .harness import DATASETS_YAML
 
@@ -74,10 +74,10 @@ def test_log_metrics_read_the_structured_lines(resources):
 
 
 def test_the_log_fields_are_what_the_functions_write():
-    """Every field a metric extracts is one l2cache.logs writes."""
+    """Every field a metric extracts is one l2cache.support.logs writes."""
     import io
 
-    from l2cache import logs
+    from l2cache.support import logs
 
     sys.path.insert(0, str(HARNESS.parents[2] / "infra"))
     from monitoring import LOG_METRICS  # noqa: E402

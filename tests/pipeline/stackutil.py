@@ -10,8 +10,9 @@ import requests
 import yaml
 from google.cloud import pubsub_v1
 
-from l2cache.bigtable_client import bigtable_instance
-from l2cache.store import create_cache_table
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.store.cache import create_cache_table
+from l2cache_ops.ledger import events, list_runs
 from l2cache_tools.dataset import build_dataset
 from l2cache_tools.local.stack import INSTANCE, PROJECT
 
@@ -54,9 +55,9 @@ def add_dataset(stack, name: str, volume: np.ndarray, directory: Path) -> dict:
 def expected_cells(ctx, run, coords, res=RES) -> dict[int, dict[bytes, bytes]]:
     """The cache cells a run must have written for one chunk: a direct computation on
     the chunk as read at the run's snapshot, encoded as the store encodes it."""
-    from l2cache.attributes import ATTRIBUTES, encode_column
-    from l2cache.features import compute_features
-    from l2cache.pipeline import load_chunk_l2
+    from l2cache.compute import load_chunk_l2
+    from l2cache.domain.attributes import ATTRIBUTES, encode_column
+    from l2cache.engine.features import compute_features
 
     chunk = load_chunk_l2(ctx, coords, run.snapshot)
     feats = compute_features(chunk.labels, res)
@@ -106,9 +107,9 @@ def pull_dead_letters(count: int, timeout: float = 120, settle: float = 0.0, kee
 
 def find_event(ledger, dataset: str, kind: str, key: str):
     """(run, event) of a stream event, whatever code revision the function runs."""
-    for run in ledger.list_runs():
+    for run in list_runs(ledger):
         if run.dataset == dataset and run.kind == kind:
-            for event in ledger.events(run.run_id):
+            for event in events(ledger, run.run_id):
                 if event["key"] == key:
                     return run, event
     return None

@@ -13,13 +13,14 @@ import stackutil
 from google.cloud import pubsub_v1
 from stackutil import RES, add_dataset, crop_volume, expected_cells, pull_dead_letters, wait_for
 
-from l2cache import ids
+from l2cache.compute import compute_chunk, dataset_context, load_chunk_l2
 from l2cache.config import load_config
-from l2cache.features import compute_features
-from l2cache.ingest import start_ingest
-from l2cache.pipeline import compute_chunk, dataset_context, load_chunk_l2
-from l2cache.runs import new_run
-from l2cache.status import run_status
+from l2cache.domain import ids
+from l2cache.engine.features import compute_features
+from l2cache.store.ledger import new_run
+from l2cache_ops.ingest import start_ingest
+from l2cache_ops.ledger import chunk_rows
+from l2cache_ops.status import run_status
 from l2cache_tools.dataset import apply_merge, apply_split, publish_edit
 from l2cache_tools.dataset.edits import pick_merge, pick_split
 from l2cache_tools.local.stack import DEAD_LETTER_TOPIC, EDITS_TOPIC, PROJECT, LocalStack
@@ -86,14 +87,14 @@ def test_task_delivered_twice_leaves_identical_bytes_and_counts_once(stack, inge
     assert ctx.store.read_raw(np.array(ids_written, dtype=np.uint64)) == before
     status = run_status(ctx.ledger, run.run_id)
     assert status.done == 1 and status.total == 1
-    (row,) = ctx.ledger.chunk_rows(run.run_id)
+    (row,) = chunk_rows(ctx.ledger, run.run_id)
     assert row["attempts"] == 2
     # delivered through the function: a done chunk is skipped, not recomputed
     url = stack["stack"].urls["compute_chunk"]
     body = {"dataset": DATASET, "run_id": run.run_id, "region": [1, 1, 1, 2, 2, 2]}
     r = requests.post(url, json=body, timeout=60)
     assert r.status_code == 200 and r.json()["chunks"][0]["status"] == "skipped"
-    assert ctx.ledger.chunk_rows(run.run_id)[0]["attempts"] == 2
+    assert chunk_rows(ctx.ledger, run.run_id)[0]["attempts"] == 2
 
 
 def test_bad_tasks_are_rejected_with_2xx_so_cloud_tasks_stops(stack):
@@ -194,7 +195,7 @@ def test_edit_recompute_reads_each_chunk_once(stack, ingested):
     ctx = stack["ctx"]
     graph_table = stack["instance"].table(DATASET)
     split = apply_split(graph_table, ctx.dataset, pick_split(ctx.dataset, graph_table, (0, 1, 1)))
-    from l2cache.messages import handle_message
+    from l2cache.handlers.on_edit import handle_message
     from l2cache_tools.dataset.edits import edit_message
 
     data, attrs = edit_message(DATASET, split)
@@ -206,7 +207,7 @@ def test_edit_recompute_reads_each_chunk_once(stack, ingested):
 
 
 def test_rollback_restores_the_previous_run(stack, ingested):
-    from l2cache.rollback import rollback_run
+    from l2cache_ops.rollback import rollback_run
 
     first, _ = ingested
     ctx = stack["ctx"]

@@ -3,7 +3,7 @@
 The local stack (Bigtable and Pub/Sub emulators, the extended Cloud Tasks emulator, the
 three functions under functions-framework) with max 3 attempts per task, on a real
 pinky40 crop of 2x2x2 chunks. Each test states which part of the failure contract
-(``l2cache.failures``) it exercises.
+(``l2cache.domain.failures``) it exercises.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ from stackutil import (
     wait_for,
 )
 
-from l2cache import ids as idlib
+from l2cache.compute import chunk_id, dataset_context, load_chunk_l2
 from l2cache.config import load_config
-from l2cache.features import compute_features
-from l2cache.ingest import start_ingest
-from l2cache.pipeline import chunk_id, dataset_context, load_chunk_l2
-from l2cache.runs import new_run
-from l2cache.status import run_status
-from l2cache.worker import handle_task
+from l2cache.domain import ids as idlib
+from l2cache.engine.features import compute_features
+from l2cache.handlers.compute_chunk import handle_task
+from l2cache.store.ledger import new_run
+from l2cache_ops.ingest import start_ingest
+from l2cache_ops.ledger import chunk_rows, ignored_count
+from l2cache_ops.status import run_status
 from l2cache_tools.dataset.edits import apply_merge, edit_message, pick_merge
 from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
 
@@ -126,7 +127,7 @@ def test_corrupt_and_missing_chunk_files_fail_once_and_the_run_still_ends(env, t
         run = start_ingest(env["config"], DS, batch=2)
         status = finished(env, run.run_id, timeout=180)
         assert (status.done, status.failed, status.total) == (5, 3, 8), status.failures
-        rows = {tuple(r["coords"]): r for r in env["ctx"].ledger.chunk_rows(run.run_id)}
+        rows = {tuple(r["coords"]): r for r in chunk_rows(env["ctx"].ledger, run.run_id)}
         assert "corrupt" in rows[(0, 0, 0)]["error"]
         assert (
             "missing" in rows[(1, 0, 0)]["error"]
@@ -194,7 +195,7 @@ def test_transient_failure_twice_then_success_and_exhaustion_is_recorded(env):
         ctx.graph = FlakyGraph(real, failures=2)
         codes = [deliver(env, body, a)[0] for a in (1, 2, 3)]
         assert codes == [503, 503, 200]
-        (row,) = ctx.ledger.chunk_rows(run.run_id)
+        (row,) = chunk_rows(ctx.ledger, run.run_id)
         assert row["status"] == "done" and row["attempts"] == 3
         # the same chunk failing on every attempt: the last attempt records "gave up"
         again = new_run("region_reprocess", ctx.dataset, [0, 1, 1, 1, 2, 2], 1)
@@ -203,7 +204,7 @@ def test_transient_failure_twice_then_success_and_exhaustion_is_recorded(env):
         ctx.graph = FlakyGraph(real, failures=10)
         results = [deliver(env, body, a) for a in (1, 2, 3)]
         assert [r[0] for r in results] == [503, 503, 200]
-        (row,) = ctx.ledger.chunk_rows(again.run_id)
+        (row,) = chunk_rows(ctx.ledger, again.run_id)
         assert row["status"] == "failed" and row["permanent"] is False
         assert row["error"].startswith("gave up after 3 attempts: ConnectionError")
         status = run_status(ctx.ledger, again.run_id)
@@ -218,7 +219,7 @@ def test_worker_killed_mid_run_loses_nothing(env):
     run = start_ingest(env["config"], DS, batch=1)
     ledger = env["ctx"].ledger
     wait_for(
-        lambda: any(r["status"] == "running" for r in ledger.chunk_rows(run.run_id)),
+        lambda: any(r["status"] == "running" for r in chunk_rows(ledger, run.run_id)),
         60,
         "a chunk in flight",
         every=0.02,
@@ -249,7 +250,7 @@ def test_tasks_delivered_three_times_compute_once(env):
     body = {"dataset": DS, "run_id": run.run_id, "region": [1, 1, 0, 2, 2, 1], "batch": 1}
     answers = [requests.post(url, json=body, timeout=60).json() for _ in range(3)]
     assert [a["chunks"][0]["status"] for a in answers] == ["done", "skipped", "skipped"]
-    (row,) = ctx.ledger.chunk_rows(run.run_id)
+    (row,) = chunk_rows(ctx.ledger, run.run_id)
     assert row["attempts"] == 1
     # a split task three times: its named sub-tasks are enqueued once (duplicates refused)
     split = new_run("bulk_ingest", ctx.dataset, [0, 0, 0, 2, 2, 2], 8)
@@ -260,11 +261,11 @@ def test_tasks_delivered_three_times_compute_once(env):
     status = finished(env, split.run_id)
     assert (status.done, status.failed) == (8, 0)
     time.sleep(1.0)  # duplicates, had any been enqueued, would now be running
-    assert all(r["attempts"] == 1 for r in ctx.ledger.chunk_rows(split.run_id))
+    assert all(r["attempts"] == 1 for r in chunk_rows(ctx.ledger, split.run_id))
 
 
 def test_named_task_is_refused_a_second_time():
-    from l2cache.tasks import enqueue_region, tasks_client
+    from l2cache.gcp.tasks import enqueue_region, tasks_client
 
     cfg = load_config(os.environ["L2CACHE_CONFIG"]).tasks
     client = tasks_client()
@@ -305,7 +306,7 @@ def test_edit_delivered_three_times_writes_one_version_and_one_event(env):
     data, attrs = edit_message(DS, merge)
     from datetime import timedelta
 
-    from l2cache.lineage import utc_now
+    from l2cache.domain.lineage import utc_now
 
     when = (utc_now() + timedelta(seconds=2)).replace(microsecond=123000)
     stamp_text = when.strftime("%Y-%m-%dT%H:%M:%S.123456789Z")  # nanoseconds, as Pub/Sub
@@ -356,9 +357,9 @@ def test_poison_messages_are_dead_lettered_with_a_reason_and_good_ids_still_comp
     assert len(partial) == 1 and "outside the volume" in partial[0].attributes["dead_letter_reason"]
     assert np.frombuffer(partial[0].data, "<u8").tolist() == [outside]  # only the bad id
     wait_for(lambda: lookup(env["stack"], DS, [good])[good], 60, "the good id to be computed")
-    from l2cache.messages import runs_ledger
+    from l2cache.handlers.on_edit import runs_ledger
 
-    assert runs_ledger(env["config"]).ignored_count("another_graph") == 1
+    assert ignored_count(runs_ledger(env["config"]), "another_graph") == 1
 
 
 def test_cli_user_errors_are_one_line_and_exit_2(env, capsys):
@@ -392,7 +393,7 @@ def test_edge_chunks_are_padded_with_background_like_the_existing_service(env):
     assert ctx.dataset.volume_size == (90, 85, 44)
     run = new_run("bulk_ingest", ctx.dataset, [0, 0, 0, 2, 2, 2], 8)
     ctx.ledger.create_run(run)
-    from l2cache.pipeline import compute_chunk
+    from l2cache.compute import compute_chunk
 
     coords = (1, 1, 1)  # runs past the volume on all three axes
     assert compute_chunk(ctx, run, coords)["status"] == "done"
@@ -420,16 +421,16 @@ def test_messages_for_an_existing_cache_table_are_ignored_and_counted(env):
     import yaml
 
     from l2cache.config import parse_config
-    from l2cache.messages import handle_message, runs_ledger
+    from l2cache.handlers.on_edit import handle_message, runs_ledger
 
     raw = yaml.safe_load(env["stack"].config_path.read_text())
     raw["datasets"][DS]["existing_cache_table"] = True
     config = parse_config(raw, source="existing-table-map")
-    before = runs_ledger(config).ignored_count(DS)
+    before = ignored_count(runs_ledger(config), DS)
     data = pickle.dumps({"operation_id": 77, "new_lvl2_ids": [1]})
     result = handle_message(config, data, {"table_id": DS}, "existing-1")
     assert result["status"] == "ignored"
-    assert runs_ledger(config).ignored_count(DS) == before + 1
+    assert ignored_count(runs_ledger(config), DS) == before + 1
 
 
 def test_missing_ids_over_several_chunks_fan_out_one_task_per_chunk(env):
@@ -540,13 +541,13 @@ def test_a_late_failure_never_overwrites_a_done_chunk(env):
     ctx = env["ctx"]
     run = new_run("region_reprocess", ctx.dataset, [0, 0, 1, 1, 1, 2], 1)
     ctx.ledger.create_run(run)
-    from l2cache.pipeline import compute_chunk
+    from l2cache.compute import compute_chunk
 
     assert compute_chunk(ctx, run, (0, 0, 1))["status"] == "done"
     cid = chunk_id(ctx, (0, 0, 1))
     ctx.ledger.chunk_started(run.run_id, cid, (0, 0, 1))  # a duplicate delivery, late
     ctx.ledger.chunk_finished(run.run_id, cid, (0, 0, 1), "failed", error="gave up after 3")
-    (row,) = ctx.ledger.chunk_rows(run.run_id)
+    (row,) = chunk_rows(ctx.ledger, run.run_id)
     assert row["status"] == "done" and row["attempts"] == 2
 
 
@@ -554,7 +555,7 @@ def test_a_chunk_whose_next_attempt_never_came_is_presumed_failed(env):
     """The queue gave up before any attempt could record it: `retrying` must not last."""
     from datetime import timedelta
 
-    from l2cache.lineage import utc_now
+    from l2cache.domain.lineage import utc_now
 
     ctx = env["ctx"]
     run = new_run("region_reprocess", ctx.dataset, [0, 1, 1, 1, 2, 2], 1)
@@ -591,13 +592,13 @@ def test_a_partly_zeroed_chunk_is_refused_with_the_missing_count(env, tmp_path):
         ctx = env["ctx"]
         run = new_run("region_reprocess", ctx.dataset, [1, 0, 1, 2, 1, 2], 1)
         ctx.ledger.create_run(run)
-        from l2cache.pipeline import compute_chunk
-        from l2cache.volume import _volume
+        from l2cache.compute import compute_chunk
+        from l2cache.inputs.volume import _volume
 
         _volume.cache_clear()
         result = compute_chunk(ctx, run, (1, 0, 1))
         assert result["status"] == "failed" and "absent from the segmentation" in result["error"]
-        (row,) = ctx.ledger.chunk_rows(run.run_id)
+        (row,) = chunk_rows(ctx.ledger, run.run_id)
         assert row["permanent"] is True and row["missing_sv"] > 0
         assert lo.size == 3
     finally:
@@ -631,7 +632,7 @@ def test_fanned_out_chunks_that_fail_are_dead_lettered_with_their_ids(env, tmp_p
 
 
 def test_non_layer2_ids_are_dead_lettered_not_dropped(env):
-    from l2cache.messages import handle_message
+    from l2cache.handlers.on_edit import handle_message
 
     letters = []
     data = pickle.dumps({"operation_id": 4242, "new_lvl2_ids": [1, 2, 3]})
@@ -645,7 +646,7 @@ def test_non_layer2_ids_are_dead_lettered_not_dropped(env):
 
 
 def test_dead_letter_attributes_stay_within_pubsub_limits():
-    from l2cache.failures import dead_letter_attributes
+    from l2cache.domain.failures import dead_letter_attributes
 
     attrs = dead_letter_attributes({f"k{i}": "é" * 900 for i in range(150)}, "é" * 2000, "m")
     assert len(attrs) <= 100
@@ -677,9 +678,9 @@ def test_the_store_itself_refuses_to_write_an_existing_cache_table(env):
     import yaml
 
     from l2cache.config import parse_config
-    from l2cache.failures import BadRequest
-    from l2cache.lineage import Lineage
-    from l2cache.store import CacheStore
+    from l2cache.domain.failures import BadRequest
+    from l2cache.domain.lineage import Lineage
+    from l2cache.store.cache import CacheStore
 
     raw = yaml.safe_load(env["stack"].config_path.read_text())
     raw["datasets"][DS]["existing_cache_table"] = True
@@ -695,8 +696,8 @@ def test_reading_ahead_changes_when_chunks_are_read_not_what_a_batch_records(env
     failure stays its own chunk's, and a transient one stops the batch where it did."""
     import threading
 
-    import l2cache.pipeline as pipeline
-    from l2cache.failures import CorruptInput
+    import l2cache.compute as pipeline
+    from l2cache.domain.failures import CorruptInput
 
     ctx = env["ctx"]
     chunks = [[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 1, 0]]
@@ -735,7 +736,7 @@ def test_reading_ahead_changes_when_chunks_are_read_not_what_a_batch_records(env
         keys = ("status", "error", "input_checksum", "l2_count", "permanent")
         rows = {
             tuple(r["coords"]): tuple(r.get(k) for k in keys)
-            for r in ctx.ledger.chunk_rows(run.run_id)
+            for r in chunk_rows(ctx.ledger, run.run_id)
         }
         return out, rows, overlapped[:]
 

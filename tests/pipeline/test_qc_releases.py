@@ -18,22 +18,24 @@ import pytest
 import yaml
 from stackutil import CHUNK, RES, crop_volume
 
-from l2cache.bigtable_client import bigtable_instance
-from l2cache.bigtable_write import write_rows
+from l2cache.compute import chunk_id, compute_chunk, dataset_context, load_chunk_l2
 from l2cache.config import ConfigError, load_config, parse_config
-from l2cache.ingest import region_chunks
-from l2cache.pipeline import chunk_id, compute_chunk, dataset_context, load_chunk_l2
-from l2cache.qc import QcThresholds, graph_l2_ids, load_report, run_qc, save_report
-from l2cache.releases import (
+from l2cache.domain.regions import region_chunks
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.gcp.bigtable_write import write_rows
+from l2cache.store.cache import create_cache_table
+from l2cache.store.ledger import create_runs_table, new_run
+from l2cache_ops.qc import QcThresholds, graph_l2_ids, run_qc
+from l2cache_ops.qc_reports import load_report, save_report
+from l2cache_ops.releases import (
     ReleaseRefused,
     current_release,
     promote,
     release_history,
     rollback_release,
 )
-from l2cache.rollback import chunk_key_ranges
-from l2cache.runs import create_runs_table, new_run
-from l2cache.store import create_cache_table
+from l2cache_ops.rollback import chunk_key_ranges
+from l2cache_ops.settings import check_sections, qc_thresholds
 from l2cache_tools.cli import main
 from l2cache_tools.dataset import build_dataset
 from l2cache_tools.dataset.edits import apply_merge, pick_merge
@@ -83,7 +85,7 @@ def env(bigtable_emulator, tmp_path_factory):
         "instance": instance,
         "dir": directory,
         "runs": {},
-        "thresholds": config.qc_for(DS),
+        "thresholds": qc_thresholds(config, DS),
     }
 
 
@@ -121,9 +123,9 @@ def test_thresholds_come_from_the_map_top_level_then_dataset(env):
     assert th == QcThresholds(max_node_count_change=0.01, max_covered_voxels_change=0.05)
     base = {"bigtable": {"project": "p", "instance": "i"}, "datasets": {}}
     with pytest.raises(ConfigError, match="qc: unknown key 'max_nodes'"):
-        parse_config({**base, "qc": {"max_nodes": 1}})
+        check_sections(parse_config({**base, "qc": {"max_nodes": 1}}))
     with pytest.raises(ConfigError, match="min_coverage is a fraction"):
-        parse_config({**base, "qc": {"min_coverage": 2}})
+        check_sections(parse_config({**base, "qc": {"min_coverage": 2}}))
 
 
 def test_a_clean_run_passes_qc_with_full_coverage_and_distributions(env, tmp_path):

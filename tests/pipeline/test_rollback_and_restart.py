@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from stackutil import add_dataset, crop_volume, wait_for
 
+from l2cache.compute import compute_chunk, dataset_context, load_chunk_l2
 from l2cache.config import load_config
-from l2cache.ingest import start_ingest
-from l2cache.messages import handle_message, stream_run
-from l2cache.pipeline import compute_chunk, dataset_context, load_chunk_l2
-from l2cache.rollback import rollback_run, run_versions
-from l2cache.runs import new_run
+from l2cache.handlers.on_edit import handle_message, stream_run
+from l2cache.store.ledger import new_run
+from l2cache_ops.ingest import start_ingest
+from l2cache_ops.ledger import chunk_rows
+from l2cache_ops.rollback import rollback_run, run_versions
 from l2cache_tools.dataset.edits import apply_merge, pick_merge
 from l2cache_tools.local.emulators import start_bigtable_emulator
 from l2cache_tools.local.stack import LocalStack
@@ -129,7 +130,7 @@ def test_bigtable_lost_mid_ingest_reports_the_run_broken_never_done(env, capsys)
     stack, ctx = env["stack"], env["ctx"]
     run = start_ingest(env["config"], DS, batch=1)
     wait_for(
-        lambda: any(r["status"] == "done" for r in ctx.ledger.chunk_rows(run.run_id)),
+        lambda: any(r["status"] == "done" for r in chunk_rows(ctx.ledger, run.run_id)),
         60,
         "a first chunk to finish",
         every=0.05,

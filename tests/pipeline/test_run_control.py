@@ -20,11 +20,13 @@ import yaml
 from chromium import load_page
 from stackutil import add_dataset, crop_volume
 
+from l2cache.compute import dataset_context
 from l2cache.config import load_config
-from l2cache.ingest import start_ingest
-from l2cache.pipeline import dataset_context
-from l2cache.slo import recovery_seconds
-from l2cache.tasks import queue_path, tasks_client
+from l2cache.gcp.tasks import queue_path, tasks_client
+from l2cache_ops.ingest import start_ingest
+from l2cache_ops.ledger import chunk_rows
+from l2cache_ops.settings import slo_targets
+from l2cache_ops.slo import recovery_seconds
 from l2cache_tools.cli import main
 from l2cache_tools.cli.ingest_cmd import watch
 from l2cache_tools.local.stack import LocalStack
@@ -77,7 +79,7 @@ def queued_tasks(config) -> list:
 
 
 def test_slo_targets_merge_top_level_and_dataset(env):
-    t = env["config"].slo_for(DATASET)
+    t = slo_targets(env["config"], DATASET)
     assert t.max_usd_per_mm3 == 1e12  # the dataset's own value wins
     assert t.throughput_chunks_per_h == 10 and t.qc_pass is True  # the rest from the top
 
@@ -89,7 +91,7 @@ def test_pause_stops_dispatch_and_resume_finishes_the_run(env, capsys):
     try:
         run = start_ingest(config, DATASET, batch=2)
         time.sleep(3.0)  # bounded wait: a running queue dispatches the root task in < 0.1 s
-        assert ledger.chunk_rows(run.run_id) == []  # no chunk started, none finished
+        assert chunk_rows(ledger, run.run_id) == []  # no chunk started, none finished
         held = queued_tasks(config)
         assert [t.name.rsplit("/", 1)[1] for t in held] == [f"{run.run_id}-g0-0-0-0-2-2-2"]
     finally:
@@ -103,7 +105,7 @@ def test_pause_stops_dispatch_and_resume_finishes_the_run(env, capsys):
     lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
     mine = [e for e in lines if e.get("l2cache") == "chunk" and e["run_id"] == run.run_id]
     assert sorted(tuple(e["chunk"]) for e in mine) == sorted(
-        tuple(r["coords"]) for r in ledger.chunk_rows(run.run_id)
+        tuple(r["coords"]) for r in chunk_rows(ledger, run.run_id)
     )
     assert {(e["status"], e["severity"], e["dataset"], e["attempts"]) for e in mine} == {
         ("done", "INFO", DATASET, 1)
@@ -138,7 +140,7 @@ def test_sample_projects_before_anything_else_is_enqueued(env, capsys):
     )
     assert proj, out
     assert "stopped after the sample" in out
-    rows = ledger.chunk_rows(run_id)
+    rows = chunk_rows(ledger, run_id)
     assert sorted(r["status"] for r in rows) == ["done"] * 3
     assert len({tuple(r["coords"]) for r in rows}) == 3  # scattered: three different chunks
     assert queued_tasks(config) == []  # nothing else was enqueued
@@ -150,7 +152,7 @@ def test_sample_projects_before_anything_else_is_enqueued(env, capsys):
     )
     assert code == 0, out
     run_id = re.search(r"run (\S+): sampling 2 of 8 chunks", out).group(1)
-    rows = ledger.chunk_rows(run_id)
+    rows = chunk_rows(ledger, run_id)
     assert len(rows) == N_CHUNKS and all(r["status"] == "done" for r in rows)
     assert all(r["attempts"] == 1 for r in rows)  # sampled chunks were not computed again
 
@@ -185,13 +187,13 @@ def test_first_failure_is_stamped_once_and_recovery_is_timed(env):
     run_id, cid = "test-recovery", 12345
     ledger.chunk_started(run_id, cid, [0, 0, 0])
     ledger.chunk_finished(run_id, cid, [0, 0, 0], "retrying", error="transient")
-    first = ledger.chunk_rows(run_id)[0]["first_failed_at"]
+    first = chunk_rows(ledger, run_id)[0]["first_failed_at"]
     time.sleep(0.05)
     ledger.chunk_started(run_id, cid, [0, 0, 0])
     ledger.chunk_finished(run_id, cid, [0, 0, 0], "retrying", error="again")
     ledger.chunk_started(run_id, cid, [0, 0, 0])
     ledger.chunk_finished(run_id, cid, [0, 0, 0], "done", duration_s=1.0)
-    rows = ledger.chunk_rows(run_id)
+    rows = chunk_rows(ledger, run_id)
     assert rows[0]["first_failed_at"] == first  # later failures do not move it
     recovered, unrecovered = recovery_seconds(rows)
     assert unrecovered == 0 and len(recovered) == 1 and recovered[0] >= 0.05

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from l2cache.config import TasksConfig
-from l2cache.tasks import enqueue, ensure_queue, tasks_client
+from l2cache.gcp.tasks import enqueue, ensure_queue, tasks_client
 from l2cache_tools.local.stack import start_tasks_emulator
 
 

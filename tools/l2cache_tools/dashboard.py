@@ -3,28 +3,30 @@
 Everything is read from the runs ledger (the same reads ``l2cache status`` makes), so
 the page and the CLI never disagree. Plots are plotly figures with plotly.js inlined
 once (``include_plotlyjs=True`` on the first): the file opens offline, from disk, with
-no request to any server. QC reports and releases come from ``l2cache.qc`` and
-``l2cache.releases`` when those modules exist; a run without QC shows "no QC yet", a
+no request to any server. QC reports and releases come from ``l2cache_ops.qc`` and
+``l2cache_ops.releases`` when those modules exist; a run without QC shows "no QC yet", a
 dataset without a release "no release yet".
 """
 
 from __future__ import annotations
 
 import html
-import importlib
-import importlib.util
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from l2cache.compute import dataset_context
+from l2cache.domain.lineage import utc_now
+from l2cache_ops.ledger import list_runs
+from l2cache_ops.qc_reports import load_report
+from l2cache_ops.releases import current_release, release_history
+from l2cache_ops.settings import slo_targets
+from l2cache_ops.slo import edit_latencies, evaluate, format_target, format_value, stream_events
+from l2cache_ops.status import run_status
+from l2cache_tools.sizing import worker_prices
+
 STREAM_KINDS = ("edit_stream", "missing_ids")
-
-
-def _optional(module: str):
-    """``l2cache.<module>`` when it exists, else None (only absence is tolerated)."""
-    name = f"l2cache.{module}"
-    return importlib.import_module(name) if importlib.util.find_spec(name) else None
 
 
 @dataclass
@@ -48,15 +50,9 @@ class DashboardData:
 
 def collect(cfg, dataset: str) -> DashboardData:
     """Every run of ``dataset`` with its status, cost, QC and SLOs; the current release."""
-    from l2cache.lineage import utc_now
-    from l2cache.pipeline import dataset_context
-    from l2cache.slo import _qc_report, edit_latencies, evaluate, stream_events
-    from l2cache.status import run_status
-    from l2cache_tools.sizing import worker_prices
-
     ctx = dataset_context(cfg, dataset)
     prices = worker_prices(ctx.dataset.chunk_size)
-    targets = cfg.slo_for(dataset)
+    targets = slo_targets(cfg, dataset)
     events = stream_events(ctx.ledger, dataset)
     extra = {}
     if cfg.tasks is not None:
@@ -66,18 +62,17 @@ def collect(cfg, dataset: str) -> DashboardData:
         }
     views = []
     runs = sorted(
-        (r for r in ctx.ledger.list_runs() if r.dataset == dataset), key=lambda r: r.created_at
+        (r for r in list_runs(ctx.ledger) if r.dataset == dataset), key=lambda r: r.created_at
     )
     for run in runs:
         if run.kind in STREAM_KINDS:
             continue
         st = run_status(ctx.ledger, run.run_id, prices=prices, **extra)
-        qc = _qc_report(ctx.ledger, run.run_id)
+        qc = load_report(ctx.ledger, run.run_id, with_chunks=False)
         slos = evaluate(targets, st, st.rows, st.cost, qc, events)
         views.append(RunView(run, st, qc, slos))
-    releases = _optional("releases")
-    release = releases.current_release(ctx.ledger, dataset) if releases else None
-    history = releases.release_history(ctx.ledger, dataset) if releases else []
+    release = current_release(ctx.ledger, dataset)
+    history = release_history(ctx.ledger, dataset)
     return DashboardData(
         dataset,
         utc_now().isoformat(timespec="seconds"),
@@ -226,7 +221,6 @@ def _e(value: Any) -> str:
 
 
 def slo_table(views: list[RunView]) -> str:
-    from l2cache.slo import format_target, format_value
 
     if not views:
         return '<p class="none">no run yet</p>'

@@ -13,7 +13,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from l2cache.qc import BY_SERIES
+from l2cache_ops.qc import BY_SERIES
 
 
 def qc_figures(report: dict[str, Any]) -> list[tuple[str, go.Figure]]:

@@ -3,7 +3,7 @@
 ``infra/sizing.py`` is the one definition of compute_chunk's memory and CPU (Pulumi
 deploys exactly that); the cost of a chunk must use the same numbers, so this loads
 that module from the checkout rather than restating its constants. The core
-(``l2cache.cost``) never imports infra: it takes the size as an argument.
+(``l2cache_ops.cost``) never imports infra: it takes the size as an argument.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib.util
 from functools import cache
 from pathlib import Path
 
-from l2cache.cost import PRICE_ENV, PRICES, Prices
+from l2cache_ops.cost import PRICE_ENV, PRICES, Prices
 
 SIZING = Path(__file__).resolve().parents[2] / "infra" / "sizing.py"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from l2cache.config import L2CacheConfig, load_config
+from l2cache_ops.settings import check_sections
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -12,7 +13,8 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace) -> L2CacheConfig:
-    return load_config(getattr(args, "config", None))
+    """The dataset map, its operator sections (``qc:``, ``slo:``) checked too."""
+    return check_sections(load_config(getattr(args, "config", None)))
 
 
 def print_features(rows: dict[int, dict], title: str = "") -> None:

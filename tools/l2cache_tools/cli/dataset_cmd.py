@@ -43,9 +43,9 @@ def build_into_config(
     config_path: Path, name: str, volume: np.ndarray, out_dir: Path, resolution, chunk_size
 ):
     """Build the dataset and add its entry (and cache table) to the dataset map."""
-    from l2cache.bigtable_client import bigtable_instance
     from l2cache.config import load_config
-    from l2cache.store import create_cache_table
+    from l2cache.gcp.bigtable import bigtable_instance
+    from l2cache.store.cache import create_cache_table
     from l2cache_tools.dataset import build_dataset
 
     cfg = load_config(config_path)
@@ -90,7 +90,7 @@ def build(args: argparse.Namespace) -> int:
 def edit(args: argparse.Namespace) -> int:
     from google.cloud import pubsub_v1
 
-    from l2cache.bigtable_client import bigtable_instance
+    from l2cache.gcp.bigtable import bigtable_instance
     from l2cache_tools.dataset import apply_merge, apply_split, publish_edit
     from l2cache_tools.dataset.edits import pick_merge, pick_split
 

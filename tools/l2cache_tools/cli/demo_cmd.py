@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     import crackle
     from google.cloud import pubsub_v1
 
+    from l2cache.compute import dataset_context, load_chunk_l2
     from l2cache.config import load_config
-    from l2cache.ingest import start_ingest
-    from l2cache.pipeline import dataset_context, load_chunk_l2
+    from l2cache_ops.ingest import start_ingest
     from l2cache_tools.dataset import apply_merge, apply_split, publish_edit
     from l2cache_tools.dataset.edits import pick_merge, pick_split
     from l2cache_tools.local.stack import LocalStack
@@ -125,12 +125,12 @@ def run(args: argparse.Namespace) -> int:
             "  the merged nodes' old rows stay readable (history):",
         )
 
-        # QC and release (issue 12): check the bulk run, promote it, show the verdict
+        # QC and release: check the bulk run, promote it, show the verdict
         step("QC of the bulk run against the graph at its snapshot; promoted as a release")
         if not qc_and_release(config, ctx, run.run_id, directory):
             return 1
 
-        # operating the run (issue 12): SLOs and cost from the ledger, the dashboard
+        # operating the run: SLOs and cost from the ledger, the dashboard
         step("SLOs and cost of the bulk run; the dashboard (one self-contained HTML page)")
         operations(stack.config_path, run.run_id, directory)
     step(f"stack stopped; demo took {time.perf_counter() - t0:.0f}s")
@@ -139,13 +139,15 @@ def run(args: argparse.Namespace) -> int:
 
 def qc_and_release(config, ctx, run_id: str, directory: Path) -> bool:
     """QC the run (report stored, JSON and HTML written), promote it when it passes."""
-    from l2cache.qc import run_qc, save_report
-    from l2cache.releases import promote
+    from l2cache_ops.qc import run_qc
+    from l2cache_ops.qc_reports import save_report
+    from l2cache_ops.releases import promote
+    from l2cache_ops.settings import qc_thresholds
 
     from .qc_cmd import print_report, write_outputs
 
     t = time.perf_counter()
-    report = run_qc(ctx, run_id, config.qc_for(NAME))
+    report = run_qc(ctx, run_id, qc_thresholds(config, NAME))
     save_report(ctx.ledger, report)
     print_report(report)
     print(f"  QC took {time.perf_counter() - t:.1f}s")
@@ -175,9 +177,10 @@ def operations(config_path: Path, run_id: str, directory: Path) -> Path:
     dashboard and print its path."""
     import yaml
 
+    from l2cache.compute import dataset_context
     from l2cache.config import load_config
-    from l2cache.pipeline import dataset_context
-    from l2cache.slo import run_slos
+    from l2cache_ops.settings import slo_targets
+    from l2cache_ops.slo import run_slos
     from l2cache_tools.dashboard import write_dashboard
 
     from .ingest_cmd import _prices, current_status, print_cost, print_slos
@@ -190,14 +193,14 @@ def operations(config_path: Path, run_id: str, directory: Path) -> Path:
     prices = _prices(ctx)
     st = current_status(ctx.ledger, run_id, config, prices)
     print_cost(st.cost)
-    print_slos(run_slos(ctx.ledger, ctx.dataset, config.slo_for(NAME), run_id, st, prices))
+    print_slos(run_slos(ctx.ledger, ctx.dataset, slo_targets(config, NAME), run_id, st, prices))
     path = write_dashboard(config, NAME, directory / "dashboard.html").resolve()
     print(f"  dashboard: {path}")
     return path
 
 
 def stack_graph_table(config, ctx):
-    from l2cache.bigtable_client import bigtable_instance
+    from l2cache.gcp.bigtable import bigtable_instance
 
     g = ctx.dataset.graph
     return bigtable_instance(g.project, g.instance).table(g.table_id)

@@ -18,7 +18,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from google.api_core.exceptions import NotFound
 
     from l2cache.config import ConfigError, UnknownDatasetError
-    from l2cache.failures import PermanentError
+    from l2cache.domain.failures import PermanentError
 
     return (
         ConfigError,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l2cache.features import compute_features
+from l2cache.engine.features import compute_features
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from l2cache_ops.ledger import done_chunks, list_runs
+from l2cache_ops.settings import slo_targets
+
 from .common import add_config_arg, config_from, print_status
 
 
@@ -85,7 +88,7 @@ def register(sub) -> None:
 
 
 def _ctx(args):
-    from l2cache.pipeline import dataset_context
+    from l2cache.compute import dataset_context
 
     cfg = config_from(args)
     return cfg, dataset_context(cfg, args.dataset)
@@ -104,7 +107,7 @@ def current_status(ledger, run_id: str, cfg=None, prices=None):
     """The run's status; a run whose ledger row is gone is reported broken, not pending."""
     from google.api_core.exceptions import NotFound
 
-    from l2cache.status import run_status
+    from l2cache_ops.status import run_status
 
     extra = {"prices": prices} if prices is not None else {}
     try:
@@ -156,7 +159,7 @@ def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = No
 
 
 def ingest(args: argparse.Namespace) -> int:
-    from l2cache.ingest import start_ingest
+    from l2cache_ops.ingest import start_ingest
 
     cfg = config_from(args)
     bbox = [int(v) for v in args.bbox.split(",")] if args.bbox else None
@@ -175,7 +178,7 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from l2cache.slo import run_slos
+    from l2cache_ops.slo import run_slos
 
     cfg, ctx = _ctx(args)
     prices = _prices(ctx)
@@ -184,7 +187,9 @@ def status(args: argparse.Namespace) -> int:
     st = current_status(ctx.ledger, args.run, cfg, prices)
     print_status(st)
     print_cost(st.cost)
-    print_slos(run_slos(ctx.ledger, ctx.dataset, cfg.slo_for(args.dataset), args.run, st, prices))
+    print_slos(
+        run_slos(ctx.ledger, ctx.dataset, slo_targets(cfg, args.dataset), args.run, st, prices)
+    )
     return 0 if st.failed == 0 and not st.broken else 1
 
 
@@ -195,7 +200,7 @@ def _prices(ctx):
 
 
 def print_cost(cost) -> None:
-    """Per chunk and per mm^3 (prices: l2cache.cost; worker size: infra/sizing.py)."""
+    """Per chunk and per mm^3 (prices: l2cache_ops.cost; worker size: infra/sizing.py)."""
     if cost is None or not cost.chunks:
         print("cost: no chunk done yet")
         return
@@ -208,7 +213,7 @@ def print_cost(cost) -> None:
 
 def print_slos(results) -> None:
     """Each SLO: measured value, target, verdict (met / missed / no data / no target)."""
-    from l2cache.slo import format_target, format_value
+    from l2cache_ops.slo import format_target, format_value
 
     print("SLOs:")
     for r in results:
@@ -250,7 +255,7 @@ def scattered_chunks(region, n: int) -> list[list[int]]:
             picked.append(list(c))
         i += 1
     if len(picked) < n:
-        from l2cache.ingest import region_chunks
+        from l2cache.domain.regions import region_chunks
 
         for c in region_chunks(region):
             if tuple(c) not in seen and len(picked) < n:
@@ -260,7 +265,7 @@ def scattered_chunks(region, n: int) -> list[list[int]]:
 
 
 def queue_concurrency(cfg) -> int:
-    from l2cache.tasks import queue_path, tasks_client
+    from l2cache.gcp.tasks import queue_path, tasks_client
 
     client = tasks_client()
     return int(
@@ -275,11 +280,12 @@ def sample_then_ingest(args: argparse.Namespace, cfg, bbox) -> int:
     without, nothing else is enqueued and ``ingest --resume RUN`` continues it later."""
     import math
 
-    from l2cache.cost import project, run_cost
-    from l2cache.ingest import region_from_bbox, region_size, start_ingest
-    from l2cache.pipeline import chunk_id, dataset_context
-    from l2cache.runs import new_run
-    from l2cache.tasks import enqueue_region, tasks_client
+    from l2cache.compute import chunk_id, dataset_context
+    from l2cache.domain.regions import region_from_bbox, region_size
+    from l2cache.gcp.tasks import enqueue_region, tasks_client
+    from l2cache.store.ledger import new_run
+    from l2cache_ops.cost import project, run_cost
+    from l2cache_ops.ingest import start_ingest
 
     if args.resume:
         raise ValueError("--sample starts a new run; it cannot be combined with --resume")
@@ -359,7 +365,7 @@ def queue_command(args: argparse.Namespace) -> int:
     from google.cloud import tasks_v2
     from google.protobuf import field_mask_pb2
 
-    from l2cache.tasks import queue_path, tasks_client
+    from l2cache.gcp.tasks import queue_path, tasks_client
 
     cfg = config_from(args)
     cfg.dataset(args.dataset)  # an unknown dataset is a user error
@@ -419,10 +425,10 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def reconcile(args: argparse.Namespace) -> int:
-    from l2cache.ingest import region_chunks
-    from l2cache.lineage import utc_now
-    from l2cache.pipeline import chunk_id
-    from l2cache.tasks import enqueue_region, tasks_client
+    from l2cache.compute import chunk_id
+    from l2cache.domain.lineage import utc_now
+    from l2cache.domain.regions import region_chunks
+    from l2cache.gcp.tasks import enqueue_region, tasks_client
 
     cfg, ctx = _ctx(args)
     if cfg.tasks is None:
@@ -433,7 +439,7 @@ def reconcile(args: argparse.Namespace) -> int:
             f"run {run.run_id} is a {run.kind} run (messages, no region): reconcile applies "
             "to bulk and region runs"
         )
-    done = ctx.ledger.done_chunks(run.run_id)
+    done = done_chunks(ctx.ledger, run.run_id)
     gaps = [c for c in region_chunks(run.region) if chunk_id(ctx, c) not in done]
     client = tasks_client()
     generation = "reconcile" + utc_now().strftime("%Y%m%dT%H%M%S%f")
@@ -445,11 +451,11 @@ def reconcile(args: argparse.Namespace) -> int:
 
 
 def runs_command(args: argparse.Namespace) -> int:
-    from l2cache.rollback import rollback_run
+    from l2cache_ops.rollback import rollback_run
 
     _, ctx = _ctx(args)
     if args.runs_command == "list":
-        for run in ctx.ledger.list_runs():
+        for run in list_runs(ctx.ledger):
             print(
                 f"{run.run_id:40} {run.kind:18} {run.dataset:16} {run.created_at} "
                 f"chunks={run.n_chunks} params={run.params_hash} code={run.code_revision}"

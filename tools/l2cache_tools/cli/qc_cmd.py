@@ -53,12 +53,14 @@ def print_report(report: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from l2cache.pipeline import dataset_context
-    from l2cache.qc import run_qc, save_report
+    from l2cache.compute import dataset_context
+    from l2cache_ops.qc import run_qc
+    from l2cache_ops.qc_reports import save_report
+    from l2cache_ops.settings import qc_thresholds
 
     cfg = config_from(args)
     ctx = dataset_context(cfg, args.dataset)
-    report = run_qc(ctx, args.run, cfg.qc_for(args.dataset))
+    report = run_qc(ctx, args.run, qc_thresholds(cfg, args.dataset))
     save_report(ctx.ledger, report)
     print_report(report)
     write_outputs(report, args.json, args.html)

@@ -65,8 +65,8 @@ def print_release(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from l2cache.pipeline import dataset_context
-    from l2cache.releases import current_release, promote, release_history, rollback_release
+    from l2cache.compute import dataset_context
+    from l2cache_ops.releases import current_release, promote, release_history, rollback_release
 
     ctx = dataset_context(config_from(args), args.dataset)
     if args.release_command == "promote":

@@ -20,10 +20,10 @@ import cc3d
 import fastremap
 import numpy as np
 
-from l2cache import ids as idlib
-from l2cache.bigtable_write import write_rows
-from l2cache.graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
-from l2cache.lineage import utc_now
+from l2cache.domain import ids as idlib
+from l2cache.domain.lineage import utc_now
+from l2cache.gcp.bigtable_write import write_rows
+from l2cache.inputs.graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
 
 SPATIAL_BITS = {1: 10, 2: 10, 3: 9, 4: 8, 5: 7, 6: 6}
 COMPRESS_FROM = 4  # children lists at least this long are stored zstd-compressed

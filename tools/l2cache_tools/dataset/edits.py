@@ -18,12 +18,18 @@ from datetime import datetime
 
 import numpy as np
 
-from l2cache import ids as idlib
-from l2cache.bigtable_write import write_rows
-from l2cache.graph import CHILDREN, GRAPH_FAMILY, PARENTS, BigtableGraphReader, encode_children
-from l2cache.lineage import utc_now
-from l2cache.remap import remap_to_l2
-from l2cache.volume import read_chunk
+from l2cache.domain import ids as idlib
+from l2cache.domain.lineage import utc_now
+from l2cache.gcp.bigtable_write import write_rows
+from l2cache.inputs.graph import (
+    CHILDREN,
+    GRAPH_FAMILY,
+    PARENTS,
+    BigtableGraphReader,
+    encode_children,
+)
+from l2cache.inputs.volume import read_chunk
+from l2cache_tools.dataset.remap import remap_to_l2
 
 from .build import COUNTER_FAMILY, counter_key
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from l2cache.bigtable_client import bigtable_instance
+from l2cache.gcp.bigtable import bigtable_instance
 
 from .emulators import (
     Emulator,
@@ -139,7 +139,7 @@ class LocalStack:
             cfg.update({k: v for k, v in self.base_config(compute_url).items() if k != "datasets"})
             self.config_path.write_text(yaml.safe_dump(cfg))
         instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
-        from l2cache.runs import create_runs_table
+        from l2cache.store.ledger import create_runs_table
 
         create_runs_table(instance, "l2cache_runs")
         runtimes = dict(self.runtimes(self)) if self.runtimes else {}
@@ -217,7 +217,7 @@ class LocalStack:
 
     def _create_queue(self) -> None:
         from l2cache.config import load_config
-        from l2cache.tasks import ensure_queue, tasks_client
+        from l2cache.gcp.tasks import ensure_queue, tasks_client
 
         cfg = load_config(self.config_path)
         ensure_queue(

@@ -1,0 +1,223 @@
+"""Releases: QC-passed runs promoted to a dataset's current state, with region rollback.
+
+Every run writes straight into the served cache table (the lookup serves the newest
+version of each row), so a release does not move data: it records that a run passed
+QC and is the state the dataset is expected to be in, with the run's lineage. What it
+buys is a point to return to: rolling back the current release (or a region of it)
+deletes, in that region only, every cell version written by bulk or region runs after
+the release each chunk had before (the previous release covering that chunk), so the
+previous release's bytes are current again there. Versions written by edit streams
+and missing-id runs are kept: they are new L2 ids the previous release never had.
+
+Rows of the runs table: ``release:<dataset>:<%010d seq>`` (one per release, JSON in
+``meta``: release number, run, region, promoted_at, QC verdict, lineage, rollbacks) and
+``release:<dataset>`` (the atomic release counter). A rollback scans only the key
+ranges of the region's chunks (:func:`l2cache_ops.rollback.chunk_key_ranges`), never the
+whole table, and records what it read and how long it took.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from l2cache.domain.lineage import utc_now
+from l2cache.domain.regions import region_chunks, region_from_bbox
+from l2cache_ops.ledger import list_runs, next_sequence, put_record, records
+from l2cache_ops.qc_reports import BATCH_KINDS, chunk_ids_of, load_report
+from l2cache_ops.rollback import chunk_key_ranges, rollback_runs_in_ranges
+
+PREFIX = "release:"
+
+
+class ReleaseRefused(ValueError):
+    """A promotion or rollback that would break the release contract; says why."""
+
+
+def _key(dataset: str, seq: int | None = None) -> str:
+    return f"{PREFIX}{dataset}" if seq is None else f"{PREFIX}{dataset}:{seq:010d}"
+
+
+def release_history(ledger, dataset: str) -> list[dict[str, Any]]:
+    """Every release of ``dataset``, oldest first, with lineage and rollbacks."""
+    out = []
+    for _, cells in records(ledger, f"{PREFIX}{dataset}:"):
+        if "meta" in cells:
+            out.append(json.loads(cells["meta"]))
+    return sorted(out, key=lambda r: r["release"])
+
+
+def current_release(ledger, dataset: str) -> dict[str, Any] | None:
+    """The newest release not wholly rolled back (a region rollback keeps it current
+    outside that region); None when the dataset has none."""
+    live = [r for r in release_history(ledger, dataset) if not r["rolled_back"]]
+    return live[-1] if live else None
+
+
+def release_state(ledger, dataset: str) -> str:
+    """Changes whenever a release is promoted or rolled back: a QC report records it,
+    and promotion refuses a report whose diff was taken against another state."""
+    history = release_history(ledger, dataset)
+    last = history[-1]["release"] if history else 0
+    return f"{last}:{sum(len(r['rollbacks']) for r in history)}"
+
+
+def _in_box(coords, box) -> bool:
+    return all(box[a] <= coords[a] < box[a + 3] for a in range(3))
+
+
+def covers(release: dict[str, Any], coords) -> bool:
+    """Whether ``release`` is what chunk ``coords`` should hold (in its region, not rolled back)."""
+    if release["rolled_back"] or not _in_box(coords, release["region"]):
+        return False
+    return not any(_in_box(coords, rb["region"]) for rb in release["rollbacks"])
+
+
+def baseline_for_chunks(ledger, dataset: str, chunk_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Chunk id -> {release, nodes, covered_voxels} of the release currently covering it,
+    from that release's own QC report (chunks no release covers are left out)."""
+    wanted = set(chunk_ids)
+    out: dict[int, dict[str, Any]] = {}
+    for release in reversed(release_history(ledger, dataset)):
+        if not wanted or release["rolled_back"]:
+            continue
+        report = load_report(ledger, release["run_id"])
+        table = (report or {}).get("chunks") or {}
+        for i, cid in enumerate(table.get("chunk_id", [])):
+            cid = int(cid)
+            if cid in wanted and covers(release, table["coords"][i]):
+                out[cid] = {
+                    "release": release["release"],
+                    "nodes": table["rows"][i],
+                    "covered_voxels": table["covered_voxels"][i],
+                }
+                wanted.discard(cid)
+    return out
+
+
+def promote(ledger, dataset: str, run_id: str) -> dict[str, Any]:
+    """Make a QC-passed run the dataset's current release; refuses with the reason otherwise."""
+    run = ledger.get_run(run_id)
+    if run.dataset != dataset:
+        raise ReleaseRefused(f"run {run_id} belongs to dataset {run.dataset!r}, not {dataset!r}")
+    report = load_report(ledger, run_id, with_chunks=False)
+    if report is None:
+        raise ReleaseRefused(
+            f"run {run_id} has no QC report: run `l2cache qc {dataset} {run_id}` first"
+        )
+    if not report["passed"]:
+        raise ReleaseRefused(f"run {run_id} failed QC: {'; '.join(report['reasons'])}")
+    history = release_history(ledger, dataset)
+    for r in history:
+        if r["run_id"] == run_id:
+            state = "was rolled back" if r["rolled_back"] or r["rollbacks"] else "is current"
+            raise ReleaseRefused(f"run {run_id} is already release {r['release']} ({state})")
+    now_state = release_state(ledger, dataset)
+    if report["release_state"] != now_state:
+        raise ReleaseRefused(
+            f"the QC of run {run_id} was diffed against another release state "
+            f"({report['release_state']}, now {now_state}): run `l2cache qc {dataset} {run_id}` again"
+        )
+    seq = next_sequence(ledger, _key(dataset))
+    record = {
+        "release": seq,
+        "dataset": dataset,
+        "run_id": run_id,
+        "kind": run.kind,
+        "region": run.region,
+        "promoted_at": utc_now().isoformat(),
+        "qc_passed": True,
+        "qc_created_at": report["created_at"],
+        "coverage": report["coverage"]["ratio"],
+        "lineage": run.provenance(),
+        "rolled_back": False,
+        "rolled_back_at": None,
+        "rollbacks": [],
+    }
+    _write(ledger, record)
+    return record
+
+
+def _write(ledger, record: dict[str, Any]) -> None:
+    put_record(
+        ledger, _key(record["dataset"], record["release"]), {"meta": json.dumps(record).encode()}
+    )
+
+
+def _intersect(a, b) -> list[int] | None:
+    lo = [max(a[i], b[i]) for i in range(3)]
+    hi = [min(a[i + 3], b[i + 3]) for i in range(3)]
+    return None if any(h <= low for low, h in zip(lo, hi, strict=True)) else [*lo, *hi]
+
+
+def rollback_release(ctx, bbox_voxels=None) -> dict[str, Any]:
+    """Roll the current release back in a region (voxel box; default its whole region).
+
+    Per chunk, the cut-off is the cell timestamp of the previous release covering the
+    chunk (none: the rolled-back release's own timestamp, inclusive); every version
+    newer than it written by a bulk or region run of the dataset is deleted, within
+    the chunk's key range only. Returns what was read, deleted and how long it took.
+    """
+    ledger, ds, table = ctx.ledger, ctx.dataset, ctx.store.table
+    history = release_history(ledger, ds.name)
+    live = [r for r in history if not r["rolled_back"]]
+    if not live:
+        raise ReleaseRefused(f"dataset {ds.name} has no current release to roll back")
+    current = live[-1]
+    whole = bbox_voxels is None
+    box = (
+        current["region"]
+        if whole
+        else _intersect(current["region"], region_from_bbox(ds, bbox_voxels))
+    )
+    if box is None:
+        raise ReleaseRefused(
+            f"region {list(bbox_voxels)} does not overlap release {current['release']}'s "
+            f"region (chunks {current['region']})"
+        )
+    t0 = time.perf_counter()
+    earlier = list(reversed(live[:-1]))  # newest first
+    own_ms = current["lineage"]["cell_timestamp_ms"]
+    groups: dict[int, list[list[int]]] = {}
+    restored: set[int] = set()  # the earlier releases whose values show again
+    for coords in region_chunks(box):
+        # a chunk rolled back before is done again: runs since may have written it
+        prev = next((r for r in earlier if covers(r, coords)), None)
+        cutoff = prev["lineage"]["cell_timestamp_ms"] if prev else own_ms - 1
+        if prev:
+            restored.add(prev["release"])
+        groups.setdefault(cutoff, []).append(coords)
+    runs = [r for r in list_runs(ledger) if r.dataset == ds.name and r.kind in BATCH_KINDS]
+    totals = {"ranges": 0, "rows_scanned": 0, "rows_touched": 0, "versions_deleted": 0}
+    per_run: dict[str, int] = {}
+    for cutoff, coords in groups.items():
+        run_ids = [r.run_id for r in runs if r.cell_timestamp_ms > cutoff]
+        ranges = chunk_key_ranges(
+            chunk_ids_of(np.asarray(coords), ds.spatial_bits), ds.spatial_bits
+        )
+        after = datetime.fromtimestamp(cutoff / 1000, tz=UTC)
+        done = rollback_runs_in_ranges(table, run_ids, ranges, after=after)
+        for key in totals:
+            totals[key] += getattr(done, key)
+        for run_id, n in done.runs.items():
+            per_run[run_id] = per_run.get(run_id, 0) + n
+    seconds = time.perf_counter() - t0
+    event = {
+        "at": utc_now().isoformat(),
+        "region": box,
+        "whole": whole,
+        "chunks": sum(len(c) for c in groups.values()),
+        **totals,
+        "runs": per_run,
+        "seconds": round(seconds, 4),
+    }
+    current["rollbacks"].append(event)
+    if whole:
+        current["rolled_back"] = True
+        current["rolled_back_at"] = event["at"]
+    _write(ledger, current)
+    return {"release": current["release"], "restored": sorted(restored), **event}

@@ -1,0 +1,170 @@
+"""Roll back a run: delete exactly the cell versions it wrote, so older values show again.
+
+Selection is by lineage, for every kind of run: each cell a run writes is written in
+the same mutation as a ``lineage:run`` cell naming the run, at the same timestamp.
+Bulk and region runs write all their cells at the run's one timestamp; stream runs
+(edits, missing ids) write each message's cells at that message's publish time, so one
+row can hold several of a stream run's versions. Rollback reads every version of
+``lineage:run`` equal to the run id (a server-side value filter), and deletes, in each
+such row, the feature and lineage cells at exactly those timestamps. Versions written
+by other runs are untouched, and the cache table's GC keeps the last N versions, so
+the previous values become current again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from google.cloud.bigtable import row_filters
+from google.cloud.bigtable.row_filters import TimestampRange
+from google.cloud.bigtable.row_set import RowSet
+
+from l2cache.domain.attributes import ATTRIBUTES, FEATURE_FAMILY, LINEAGE_FAMILY
+from l2cache.domain.ids import get_layer
+from l2cache.gcp.bigtable_write import write_rows
+
+FEATURE_COLUMNS = [a.key for a in ATTRIBUTES]
+LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]
+
+
+def run_versions(table, run_id: str) -> dict[bytes, list[int]]:
+    """Row key -> timestamps (microseconds) of every version whose ``lineage:run`` is ``run_id``."""
+    filt = row_filters.RowFilterChain(
+        [
+            row_filters.FamilyNameRegexFilter(LINEAGE_FAMILY),
+            row_filters.ColumnQualifierRegexFilter(b"^run$"),
+            row_filters.ValueRegexFilter(b"^" + re.escape(run_id).encode() + b"$"),
+            row_filters.StripValueTransformerFilter(True),
+        ]
+    )
+    out: dict[bytes, list[int]] = {}
+    for row in table.read_rows(filter_=filt):
+        cells = row.cells.get(LINEAGE_FAMILY, {}).get(b"run", [])
+        stamps = sorted({_micros(c.timestamp) for c in cells})
+        if stamps:
+            out[row.row_key] = stamps
+    return out
+
+
+def rows_of_run(table, run_id: str) -> list[bytes]:
+    """Keys of rows holding any version written by ``run_id``."""
+    return list(run_versions(table, run_id))
+
+
+def rollback_run(table, run) -> int:
+    """Delete every cell version the run wrote; returns the number of rows touched."""
+    versions = run_versions(table, run.run_id)
+    rows = []
+    for key, stamps in versions.items():
+        row = table.direct_row(key)
+        for micros in stamps:
+            start = datetime.fromtimestamp(micros / 1e6, tz=UTC)
+            window = TimestampRange(start=start, end=start + timedelta(milliseconds=1))
+            # per column: a whole-family delete cannot be limited to a time range
+            row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, time_range=window)
+            row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, time_range=window)
+        rows.append(row)
+    write_rows(table, rows, "rollback")
+    return len(rows)
+
+
+def _micros(ts: datetime) -> int:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return int(round(ts.timestamp() * 1000)) * 1000
+
+
+# -- region-scoped rollback ------------------------------------------------------------
+# The L2 ids of one atomic chunk share its chunk id in their high bits, so their
+# ``%020d`` row keys are one contiguous range: [chunk_id, chunk_id + 2**segment_bits).
+# A region's rollback reads exactly those ranges (one per chunk, adjacent ones merged),
+# never the whole table: a region of a few chunks in a table of billions of rows costs
+# what the region holds.
+
+
+def chunk_key_ranges(chunk_ids, spatial_bits) -> list[tuple[bytes, bytes]]:
+    """``[start, end)`` row-key ranges of the ids in ``chunk_ids`` (chunk ids of one layer:
+    layer 2 for cache rows, layer 1 for a graph's supervoxels), adjacent chunks merged."""
+    ids = np.unique(np.asarray(chunk_ids, dtype=np.uint64))
+    if ids.size == 0:
+        return []
+    layers = np.unique(get_layer(ids))
+    if layers.size != 1:
+        raise ValueError("chunk key ranges need chunk ids of one layer")
+    seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(layers)[0])
+    span = 1 << seg_bits
+    ranges: list[list[int]] = []
+    for cid in ids.tolist():
+        if ranges and ranges[-1][1] == cid:
+            ranges[-1][1] = cid + span
+        else:
+            ranges.append([cid, cid + span])
+    return [(b"%020d" % lo, b"%020d" % hi) for lo, hi in ranges]
+
+
+@dataclass
+class RangeRollback:
+    """What a range-scoped rollback read and deleted."""
+
+    ranges: int  # key ranges requested (one per chunk, adjacent chunks merged)
+    rows_scanned: int  # rows the scan returned (only rows holding a selected version)
+    rows_touched: int  # rows mutated
+    versions_deleted: int  # (row, timestamp) versions removed
+    runs: dict[str, int]  # run id -> versions deleted
+
+
+def versions_in_ranges(
+    table, run_ids, ranges: list[tuple[bytes, bytes]], after: datetime | None = None
+) -> tuple[dict[bytes, dict[str, list[int]]], int]:
+    """Row key -> {run id: timestamps} of the ``lineage:run`` versions naming one of
+    ``run_ids``, newer than ``after``, within ``ranges`` only; plus the rows scanned."""
+    run_ids = sorted(set(run_ids))
+    if not run_ids or not ranges:
+        return {}, 0
+    alternatives = b"|".join(re.escape(r).encode() for r in run_ids)
+    chain = [
+        row_filters.FamilyNameRegexFilter(LINEAGE_FAMILY),
+        row_filters.ColumnQualifierRegexFilter(b"^run$"),
+    ]
+    if after is not None:
+        start = datetime.fromtimestamp(_micros(after) / 1e6 + 0.001, tz=UTC)
+        chain.append(row_filters.TimestampRangeFilter(TimestampRange(start=start)))
+    chain.append(row_filters.ValueRegexFilter(b"^(" + alternatives + b")$"))
+    row_set = RowSet()
+    for start_key, end_key in ranges:
+        row_set.add_row_range_from_keys(start_key=start_key, end_key=end_key)
+    out: dict[bytes, dict[str, list[int]]] = {}
+    scanned = 0
+    for row in table.read_rows(row_set=row_set, filter_=row_filters.RowFilterChain(chain)):
+        scanned += 1
+        per_run: dict[str, set[int]] = {}
+        for cell in row.cells.get(LINEAGE_FAMILY, {}).get(b"run", []):
+            per_run.setdefault(cell.value.decode(), set()).add(_micros(cell.timestamp))
+        if per_run:
+            out[row.row_key] = {run: sorted(stamps) for run, stamps in per_run.items()}
+    return out, scanned
+
+
+def rollback_runs_in_ranges(
+    table, run_ids, ranges: list[tuple[bytes, bytes]], after: datetime | None = None
+) -> RangeRollback:
+    """Delete, within ``ranges`` only, every cell version written by one of ``run_ids``
+    (selected by ``lineage:run``, as :func:`rollback_run`), newer than ``after``."""
+    versions, scanned = versions_in_ranges(table, run_ids, ranges, after)
+    rows, per_run, deleted = [], {}, 0
+    for key, by_run in versions.items():
+        row = table.direct_row(key)
+        for run, stamps in by_run.items():
+            per_run[run] = per_run.get(run, 0) + len(stamps)
+            for micros in stamps:
+                start = datetime.fromtimestamp(micros / 1e6, tz=UTC)
+                window = TimestampRange(start=start, end=start + timedelta(milliseconds=1))
+                row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, time_range=window)
+                row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, time_range=window)
+                deleted += 1
+        rows.append(row)
+    write_rows(table, rows, "rollback")
+    return RangeRollback(len(ranges), scanned, len(rows), deleted, per_run)

@@ -1,0 +1,318 @@
+"""The compute_chunk task handler: split a region or compute a batch of chunks.
+
+Task body (JSON)::
+
+    {"dataset": "...", "run_id": "...", "region": [x0, y0, z0, x1, y1, z1], "batch": 4,
+     "generation": 0}
+
+A region with more than ``batch`` chunks is split and a task per part is enqueued
+under a deterministic name (a retried split re-enqueues the same names and Cloud Tasks
+drops the duplicates); a smaller one is computed here, skipping chunks the run already
+finished (resume and duplicate delivery cost nothing and count once).
+
+The HTTP status follows the failure contract (:mod:`l2cache.domain.failures`), because Cloud
+Tasks retries every non-2xx answer: 200 for success and for permanent failures
+(recorded: in the ledger when the run exists, in the log otherwise), 503 for transient
+ones, and 200 again on the task's last attempt, after recording "gave up after N
+attempts" for whatever it could not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from l2cache.compute import chunk_id, compute_chunks, compute_l2_ids, dataset_context
+from l2cache.config import L2CacheConfig, UnknownDatasetError
+from l2cache.domain import ids as idlib
+from l2cache.domain.failures import (
+    BadRequest,
+    PermanentError,
+    dead_letter_attributes,
+    describe,
+    gave_up,
+)
+from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
+from l2cache.gcp.tasks import enqueue_region, tasks_client
+from l2cache.inputs.volume import in_volume
+from l2cache.support import logs
+
+log = logging.getLogger(__name__)
+
+RETRY_COUNT_HEADER = "X-CloudTasks-TaskRetryCount"
+MAX_AT_MS = 2**45  # ~3084 AD in milliseconds: beyond it, not a publish time
+DeadLetter = Callable[[bytes, dict[str, str]], Any]
+
+
+class BadTask(BadRequest):
+    pass
+
+
+def parse_task(body: bytes) -> dict[str, Any]:
+    task = _parse_json(body)
+    if task.get("kind") == "ids":
+        return _parse_ids_task(task)
+    for key in ("dataset", "run_id", "region"):
+        if key not in task:
+            raise BadTask(f"task body lacks {key!r}")
+    if not isinstance(task["dataset"], str) or not isinstance(task["run_id"], str):
+        raise BadTask("dataset and run_id must be strings")
+    if not _region_shaped(task["region"]):
+        raise BadTask("region must be 6 non-negative integers x0,y0,z0,x1,y1,z1 with x0<x1 ...")
+    batch = task.get("batch", DEFAULT_BATCH)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise BadTask("batch must be a positive integer")
+    task["batch"] = batch
+    generation = task.get("generation", 0)
+    if not isinstance(generation, int | str):
+        raise BadTask("generation must be an integer or a string")
+    task["generation"] = generation
+    return task
+
+
+def _parse_ids_task(task: dict) -> dict[str, Any]:
+    """An ids task (one chunk of a fanned-out message): see :func:`l2cache.gcp.tasks.enqueue_chunk_ids`."""
+    for key in ("dataset", "run_id", "event_key", "chunk", "ids", "at_ms"):
+        if key not in task:
+            raise BadTask(f"ids task lacks {key!r}")
+    if not all(isinstance(task[k], str) for k in ("dataset", "run_id", "event_key")):
+        raise BadTask("dataset, run_id and event_key must be strings")
+    chunk, ids = task["chunk"], task["ids"]
+    ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not (
+        isinstance(chunk, list) and len(chunk) == 3 and all(ok_int(v) and v >= 0 for v in chunk)
+    ):
+        raise BadTask("chunk must be 3 non-negative integers")
+    if not (isinstance(ids, list) and ids and all(ok_int(v) and 0 <= v < 2**64 for v in ids)):
+        raise BadTask("ids must be a non-empty list of uint64 ids")
+    if not ok_int(task["at_ms"]) or task["at_ms"] <= 0:
+        raise BadTask("at_ms must be a positive integer (milliseconds since the epoch)")
+    return task
+
+
+def attempt_number(headers: Mapping[str, str] | None) -> int:
+    """1-based attempt of this delivery, from Cloud Tasks' retry-count header."""
+    try:
+        return int((headers or {}).get(RETRY_COUNT_HEADER, 0)) + 1
+    except ValueError:
+        return 1
+
+
+def handle_task(
+    config: L2CacheConfig,
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    enqueue: Callable[[list[int]], Any] | None = None,
+    dead_letter: DeadLetter | None = None,
+) -> tuple[int, dict]:
+    """Run one task; returns (HTTP status, JSON summary).
+
+    The last attempt is known only from Cloud Tasks' retry-count header (a chunk's own
+    attempt counter also counts resumes, reconciles and duplicate deliveries).
+    """
+    attempt = attempt_number(headers)
+    max_attempts = config.tasks.max_attempts if config.tasks else None
+    last = max_attempts is not None and attempt >= max_attempts
+    ctx = run = task = None
+    try:
+        task = _parse_json(body)
+        ctx, run = _task_run(config, task)
+        task = parse_task(body) if task.get("kind") != "ids" else _parse_ids_task(task)
+        _check_task(ctx, run, task)
+    except PermanentError as exc:
+        return _reject(ctx, run, task if isinstance(task, dict) else None, exc, attempt)
+    except Exception as exc:  # reading the runs table failed: transient
+        log.exception("task could not start")
+        if last and run is not None and _is_region(task.get("region")):
+            return _give_up_region(ctx, run, task["region"], gave_up(attempt, exc), attempt)
+        return (200 if last else 503), {"status": "error", "error": describe(exc)}
+
+    if task.get("kind") == "ids":
+        return _ids_task(ctx, run, task, attempt, last, dead_letter)
+    kind, items = plan_task(task["region"], task["batch"])
+    try:
+        if kind == "split":
+            enqueue = enqueue or _enqueuer(config, task)
+            for sub in items:
+                enqueue(sub)
+            return 200, {"split": len(items)}
+        ids = [chunk_id(ctx, c) for c in items]
+        done = ctx.ledger.done_among(run.run_id, ids)
+        todo = [(cid, c) for cid, c in zip(ids, items, strict=True) if cid not in done]
+        ctx.ledger.chunks_queued(run.run_id, todo, attempt)
+        results = [
+            {"chunk": c, "status": "skipped"}
+            for cid, c in zip(ids, items, strict=True)
+            if cid in done
+        ]
+        coords = [c for _, c in todo]
+        read_ahead = bool(config.tasks and config.tasks.read_ahead)
+        results += compute_chunks(ctx, run, coords, last, attempt, read_ahead=read_ahead)
+        return 200, {"chunks": results}
+    except Exception as exc:  # transient: Bigtable/storage hiccup, enqueue failure, ...
+        if last:
+            return _give_up_region(ctx, run, task["region"], gave_up(attempt, exc), attempt)
+        log.exception("task failed; Cloud Tasks will retry")
+        return 503, {"error": describe(exc)}
+
+
+def _parse_json(body: bytes) -> dict:
+    try:
+        task = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadTask(f"task body is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(task, dict):
+        raise BadTask("task body must be a JSON object")
+    return task
+
+
+def _task_run(config: L2CacheConfig, task: dict):
+    """The task's dataset context and run (both must exist: else permanent)."""
+    if not isinstance(task.get("dataset"), str) or not isinstance(task.get("run_id"), str):
+        raise BadTask("task body needs string 'dataset' and 'run_id'")
+    try:
+        ctx = dataset_context(config, task["dataset"])
+    except UnknownDatasetError as exc:
+        raise BadTask(str(exc)) from None
+    if ctx.dataset.existing_cache_table:
+        raise BadTask(
+            f"dataset {ctx.dataset.name!r} is served from an existing cache table "
+            f"({ctx.dataset.cache_table_id}) that l2cache does not write"
+        )
+    try:
+        run = ctx.ledger.get_run(task["run_id"])
+    except KeyError as exc:
+        raise BadTask(str(exc.args[0]) if exc.args else "unknown run") from None
+    return ctx, run
+
+
+def _check_task(ctx, run, task: dict) -> None:
+    """What must hold for a task of this run: its chunks inside the run and the ids' bits."""
+
+    bits = ctx.dataset.spatial_bits
+    limit = 1 << int(bits.bits_for(np.array([2]))[0])
+    if task.get("kind") == "ids":
+        chunk = task["chunk"]
+        if any(v >= limit for v in chunk) or not in_volume(ctx.dataset, chunk):
+            raise BadTask(f"chunk {chunk} is outside the volume")
+        if not 0 < task["at_ms"] < MAX_AT_MS:
+            raise BadTask(f"at_ms {task['at_ms']} is not a plausible time in milliseconds")
+        ids = np.array(task["ids"], dtype=np.uint64)
+        own = idlib.get_chunk_coords(ids, bits)
+        if ((own != np.asarray(chunk)).any(1) & (idlib.get_layer(ids) == 2)).any():
+            raise BadTask("ids task names layer-2 ids of another chunk")
+        return
+    region = task["region"]
+    if any(v > limit for v in region):
+        raise BadTask(f"region {region} does not fit the dataset's chunk coordinates")
+    if run.region is not None:
+        lo, hi = run.region[:3], run.region[3:]
+        if any(region[a] < lo[a] or region[a + 3] > hi[a] for a in range(3)):
+            raise BadTask(f"region {region} is not inside the run's region {run.region}")
+
+
+def _reject(ctx, run, task: dict | None, exc: Exception, attempt: int) -> tuple[int, dict]:
+    """A permanent task error: 2xx so Cloud Tasks stops, recorded where it can be.
+
+    With a known run, the rejection is recorded against it (the region's chunks fail,
+    or, when the region itself is unreadable, the run is reported broken), so the run
+    still ends; without one, the log is the record.
+    """
+    reason = f"task rejected: {exc}"
+    log.error("%s (permanent, not retried)", reason)
+    if run is not None:
+        region = (task or {}).get("region")
+        if _is_region(region):
+            ctx.ledger.task_gave_up(run.run_id, region, reason, attempt)
+        else:
+            ctx.ledger.task_rejected(run.run_id, reason)
+    return 200, {"status": "rejected", "error": str(exc)}
+
+
+def _region_shaped(region) -> bool:
+    """Six non-negative integers bounding at least one chunk (x0,y0,z0,x1,y1,z1)."""
+    return (
+        isinstance(region, list)
+        and len(region) == 6
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in region)
+        and region_size(region) > 0
+    )
+
+
+def _is_region(region) -> bool:
+    """A region the ledger can record against (small enough for status to expand)."""
+    return _region_shaped(region) and max(region) < 2**31 and region_size(region) <= 2**31
+
+
+def _give_up_region(ctx, run, region, reason: str, attempt: int) -> tuple[int, dict]:
+    log.error("task for region %s of run %s: %s", region, run.run_id, reason)
+    try:
+        ctx.ledger.task_gave_up(run.run_id, region, reason, attempt)
+    except Exception:
+        log.exception("could not record that the task gave up")
+        return 503, {"status": "error", "error": reason}
+    return 200, {"status": "failed", "error": reason}
+
+
+@logs.ids_task
+def _ids_task(ctx, run, task: dict, attempt: int, last: bool, dead_letter=None) -> tuple[int, dict]:
+    """Recompute one chunk's ids of a stream event; record the chunk under the event.
+
+    Ids that cannot be computed (permanently, or after the last attempt) are recorded
+    under the event and dead-lettered with exactly those ids and the reason, as on_edit
+    does for a message it computes itself.
+    """
+    from datetime import UTC, datetime
+
+    at = datetime.fromtimestamp(task["at_ms"] / 1000, tz=UTC)
+    ids = np.array(task["ids"], dtype=np.uint64)
+    cid = chunk_id(ctx, task["chunk"])
+    key = task["event_key"]
+    try:
+        result = compute_l2_ids(ctx, ids, at, run, cell_timestamp=at, event_key=key)
+    except Exception as exc:  # transient (permanent ones come back in result["failed"])
+        if not last:
+            log.exception("ids task failed; Cloud Tasks will retry")
+            return 503, {"error": describe(exc)}
+        result = {
+            "failed": [
+                {"chunk": task["chunk"], "ids": ids.tolist(), "error": gave_up(attempt, exc)}
+            ]
+        }
+    for failure in result["failed"]:
+        ctx.ledger.event_chunk_failed(run.run_id, key, cid, failure["error"], len(failure["ids"]))
+        if dead_letter is not None:
+            dead_letter(
+                np.asarray(failure["ids"], dtype="<u8").tobytes(),
+                dead_letter_attributes(
+                    {"table_id": ctx.dataset.name, "l2_cache_id": ctx.dataset.cache_table_id},
+                    f"{len(failure['ids'])} ids of event {key} could not be computed: "
+                    f"chunk {failure['chunk']}: {failure['error']}",
+                    key,
+                ),
+            )
+    if result["failed"]:
+        return 200, {"status": "failed", "errors": [f["error"] for f in result["failed"]]}
+    return 200, {"status": "done", **{k: v for k, v in result.items() if k != "failed"}}
+
+
+def _enqueuer(config: L2CacheConfig, task: dict) -> Callable[[list[int]], Any]:
+
+    client = tasks_client()
+
+    def enqueue(region: list[int]):
+        return enqueue_region(
+            client,
+            config.tasks,
+            task["dataset"],
+            task["run_id"],
+            region,
+            task["batch"],
+            task["generation"],
+        )
+
+    return enqueue

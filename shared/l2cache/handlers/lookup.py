@@ -1,0 +1,84 @@
+"""The lookup as a Flask view: CORS, CAVE auth and bounded body reading around serve.
+
+functions-framework hands every request of the lookup function to :func:`handle`
+(functions/lookup/main.py stays a one-liner). CORS is flask-cors configured as the
+existing service configures it (``CORS(app, expose_headers="WWW-Authenticate")``):
+preflights answered, ``Access-Control-Allow-Origin`` on every response.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import flask
+from flask_cors import cross_origin
+
+from l2cache.serving.api import ApiError, LookupService, error_response
+from l2cache.serving.cave_auth import CaveAuth
+
+_DRAIN_CHUNK = 64 * 2**10
+_lock = threading.Lock()
+_built: dict[str, object] = {}
+
+
+def _components() -> tuple[LookupService, object | None]:
+    """The service and its authorizer, built once per instance on first use."""
+    with _lock:
+        if "service" not in _built:
+            service = LookupService.from_env()
+            authorizer = None
+            if service.config.auth is not None:
+                authorizer = CaveAuth(service.config.auth)
+            _built["authorizer"] = authorizer
+            _built["service"] = service
+    return _built["service"], _built["authorizer"]  # type: ignore[return-value]
+
+
+def _read_body(request: flask.Request):
+    """A reader that takes at most ``limit`` bytes of the body into memory."""
+
+    def read(limit: int) -> bytes:
+        length = request.content_length
+        if length is not None and length > limit:
+            raise ApiError(413, f"request body of {length} bytes is over the {limit}-byte limit")
+        data = request.stream.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit")
+        return data
+
+    return read
+
+
+def _drain(request: flask.Request) -> None:
+    """Discard an unread body in small pieces (functions-framework reads it whole after)."""
+    stream = request.stream
+    while stream.read(_DRAIN_CHUNK):
+        pass
+
+
+@cross_origin(expose_headers=["WWW-Authenticate", "X-L2Cache-Missing-Ids", "X-L2Cache-Queue"])
+def handle(request: flask.Request) -> flask.Response:
+    try:
+        service, authorizer = _components()
+    except Exception as exc:  # misconfigured instance: a server fault, said plainly
+        r = error_response(500, f"the lookup is misconfigured: {exc}")
+    else:
+        r = service.handle(
+            request.method,
+            request.path,
+            request.args,
+            request.headers,
+            _read_body(request),
+            authorizer,
+        )
+    _drain(request)
+    return flask.Response(r.body, r.status, r.headers)
+
+
+def reset() -> None:
+    """Forget the built service, so the next request reads ``L2CACHE_CONFIG`` again.
+
+    For in-process tests that serve several dataset maps from one interpreter.
+    """
+    with _lock:
+        _built.clear()

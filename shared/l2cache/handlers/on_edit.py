@@ -1,0 +1,337 @@
+"""Pub/Sub messages on_edit accepts, and what happens to each under the failure contract.
+
+- PCG edit message (on PCG's own edits topic, which other services also read):
+  attributes ``table_id`` (+ user_id, remesh ...), data =
+  ``pickle.dumps({"operation_id", "new_lvl2_ids", ...})``, decoded with the restricted
+  unpickler (never plain ``pickle.loads``).
+- missing-id message (from the lookup): raw little-endian uint64 data, attributes
+  ``table_id`` and ``l2_cache_id``.
+
+Outcomes (:mod:`l2cache.domain.failures`):
+
+- ``table_id`` that l2cache does not cache, or whose cache table is an existing one
+  another service owns (``existing_cache_table``): acknowledged and counted (the
+  existing service ignores uncached tables too; the topic carries every PCG table's
+  edits).
+- undecodable, no ids, or an ``l2_cache_id`` that is not the dataset's cache table:
+  permanent, dead-lettered with the reason, acknowledged.
+- per chunk: good chunks are written once (a redelivery skips them), chunks that fail
+  permanently (outside the volume, missing/corrupt/inconsistent input) are dead-lettered
+  with their ids and reasons while the rest of the message is still computed.
+- transient: raised, so the function answers 5xx and Pub/Sub redelivers; the last
+  delivery (counted per event in the ledger) is dead-lettered "gave up after N attempts".
+
+Size: a message whose ids lie in one chunk is computed here (an edit, typically); one
+spanning several chunks is fanned out as one compute_chunk task per chunk, so no message
+needs more than one chunk's work within on_edit's timeout.
+
+Idempotence: the graph is read and every cell is written at the message's publish
+time, and the event row is keyed by the PCG operation id (or the message id), so a
+redelivered message rewrites the same bytes at the same version and the same row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from l2cache.compute import compute_l2_ids, dataset_context, group_by_chunk
+from l2cache.config import L2CacheConfig
+from l2cache.domain import ids as idlib
+from l2cache.domain.failures import (
+    PERMANENT,
+    BadRequest,
+    classify,
+    dead_letter_attributes,
+    describe,
+    gave_up,
+)
+from l2cache.domain.lineage import code_revision, utc_now
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.gcp.tasks import enqueue_chunk_ids, tasks_client
+from l2cache.inputs.volume import in_volume
+from l2cache.store.ledger import RunLedger, new_run
+from l2cache.support import logs
+from l2cache.support.safe_pickle import UnsafePickleError, restricted_loads
+
+log = logging.getLogger(__name__)
+
+# A message whose ids lie in more chunks than this is fanned out, one task per chunk.
+INLINE_MAX_CHUNKS = 1
+ENQUEUE_THREADS = 16
+
+DeadLetter = Callable[[bytes, dict[str, str]], None]
+
+
+class PoisonMessage(BadRequest):
+    """Can never succeed: goes to the dead-letter topic with this reason."""
+
+
+@dataclass(frozen=True)
+class RecomputeRequest:
+    dataset: str
+    l2ids: np.ndarray
+    kind: str  # "edit" | "missing_ids"
+    operation_id: int | None = None
+    l2_cache_id: str | None = None
+
+
+def decode_message(data: bytes, attributes: dict[str, str]) -> RecomputeRequest:
+    table_id = attributes.get("table_id")
+    if not table_id:
+        raise PoisonMessage("message has no table_id attribute")
+    l2_cache_id = attributes.get("l2_cache_id")
+    if l2_cache_id is not None:  # the lookup's missing-id message: raw uint64 ids
+        if len(data) % 8:
+            raise PoisonMessage(f"missing-id data of {len(data)} bytes is not uint64 ids")
+        ids = np.frombuffer(data, dtype="<u8").astype(np.uint64)
+        return RecomputeRequest(table_id, ids, "missing_ids", None, l2_cache_id)
+    try:
+        payload = restricted_loads(data)
+    except UnsafePickleError as exc:
+        raise PoisonMessage(f"edit message rejected: {exc}") from None
+    if not isinstance(payload, dict) or "new_lvl2_ids" not in payload:
+        raise PoisonMessage("edit message has no new_lvl2_ids")
+    try:
+        ids = np.asarray(payload["new_lvl2_ids"], dtype=np.uint64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise PoisonMessage(f"new_lvl2_ids are not uint64 ids: {exc}") from None
+    op = payload.get("operation_id")
+    op = int(op) if isinstance(op, int | np.integer) and not isinstance(op, bool) else None
+    return RecomputeRequest(table_id, ids, "edit", op)
+
+
+def event_key(request: RecomputeRequest, message_id: str) -> str:
+    """Ledger key of one event: the PCG operation, else the Pub/Sub message."""
+    if request.kind == "edit" and request.operation_id is not None:
+        return f"op-{request.operation_id}"
+    return f"msg-{message_id}"
+
+
+def runs_ledger(config: L2CacheConfig) -> RunLedger:
+
+    instance = bigtable_instance(config.bigtable.project, config.bigtable.instance)
+    return RunLedger(instance.table(config.runs_table_id))
+
+
+@logs.event
+def handle_message(
+    config: L2CacheConfig,
+    data: bytes,
+    attributes: dict[str, str],
+    message_id: str,
+    dead_letter: DeadLetter | None = None,
+    publish_time: datetime | None = None,
+    ledger_factory: Callable[[L2CacheConfig], RunLedger] = runs_ledger,
+) -> dict:
+    """Recompute what a message asks for; returns a summary (raises when transient)."""
+    when = _ms(publish_time or utc_now())
+
+    def to_dead_letter(reason: str, payload: bytes = data, extra: dict | None = None) -> None:
+        log.warning("dead-lettering message %s: %s", message_id, reason)
+        if dead_letter is None:
+            return
+        dead_letter(
+            payload, dead_letter_attributes({**attributes, **(extra or {})}, reason, message_id)
+        )
+
+    try:
+        request = decode_message(data, attributes)
+    except PoisonMessage as exc:
+        to_dead_letter(str(exc))
+        return {"status": "dead_lettered", "reason": str(exc)}
+    known = config.datasets.get(request.dataset)
+    if known is None or known.existing_cache_table:
+        # the topic carries every PCG table's edits; a table l2cache does not write
+        # (none, or an existing table another service owns) is not an error
+        total = ledger_factory(config).count_ignored(request.dataset)
+        why = "no cache for that table" if known is None else "its cache table is not ours to write"
+        log.info("message for %s ignored: %s (%d so far)", request.dataset, why, total)
+        return {"status": "ignored", "table_id": request.dataset, "ignored_total": total}
+    ctx = dataset_context(config, request.dataset)
+    try:
+        _check_target(request, ctx.dataset.cache_table_id)
+        if request.l2ids.size == 0:
+            raise PoisonMessage("message names no L2 ids")
+    except PoisonMessage as exc:
+        to_dead_letter(str(exc))
+        return {"status": "dead_lettered", "reason": str(exc)}
+
+    kind = "edit_stream" if request.kind == "edit" else "missing_ids"
+    run = ctx.ledger.ensure_run(stream_run(kind, ctx.dataset))
+    key = event_key(request, message_id)
+    attempt = ctx.ledger.event_delivered(run.run_id, key)
+    max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
+
+    def record(**fields) -> None:
+        ctx.ledger.record_event(
+            run.run_id,
+            key,
+            kind=request.kind,
+            operation_id=request.operation_id,
+            message_id=message_id,
+            ids=int(request.l2ids.size),
+            published_at=when.isoformat(),
+            recorded_at=utc_now().isoformat(),
+            deliveries=attempt,
+            **fields,
+        )
+
+    def give_up_or_raise(exc: Exception) -> dict:
+        """A permanent failure, or a transient one on the last delivery: record it,
+        dead-letter the message with the reason, acknowledge. Otherwise re-raise: the
+        function answers 5xx and Pub/Sub redelivers with backoff."""
+        permanent = classify(exc) == PERMANENT
+        if not permanent and (max_attempts is None or attempt < max_attempts):
+            raise exc
+        reason = describe(exc) if permanent else gave_up(attempt, exc)
+        record(status="failed", error=reason)
+        to_dead_letter(reason)
+        return {"status": "dead_lettered", "reason": reason}
+
+    not_layer2, groups = group_by_chunk(ctx.dataset, request.l2ids)
+    if not_layer2:  # never computable: reported now, the rest still runs
+        ids = np.unique(request.l2ids)
+        bad = ids[idlib.get_layer(ids) != 2]
+        _dead_letter_ids(to_dead_letter, ctx, request, bad, "they are not layer-2 (L2) ids")
+    if not groups:
+        record(status="dead_lettered", not_layer2=not_layer2, written=0)
+        return {"status": "dead_lettered", "reason": "no layer-2 ids", "not_layer2": not_layer2}
+    if config.tasks is not None and len(groups) > INLINE_MAX_CHUNKS:
+        try:
+            return _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_letter)
+        except Exception as exc:  # enqueueing failed; the tasks already created stay unique
+            return give_up_or_raise(exc)
+    try:
+        result = compute_l2_ids(ctx, request.l2ids, when, run, cell_timestamp=when, event_key=key)
+    except Exception as exc:  # per-chunk permanent errors come back in result["failed"]
+        return give_up_or_raise(exc)
+    status = "ok"
+    if result["failed"]:
+        status = "partial"
+        bad = np.array([i for f in result["failed"] for i in f["ids"]], dtype="<u8")
+        reason = "; ".join(f"chunk {f['chunk']}: {f['error']}" for f in result["failed"])
+        _dead_letter_ids(to_dead_letter, ctx, request, bad, reason)
+    record(
+        status=status,
+        written=result["written"],
+        chunks_read=result["chunks_read"],
+        chunks_skipped=result["chunks_skipped"],
+        not_found=len(result["not_found"]),
+        not_found_sample=result["not_found"][:10],
+        failed_ids=sum(len(f["ids"]) for f in result["failed"]),
+        not_layer2=not_layer2,
+        errors=[f["error"] for f in result["failed"]][:10],
+    )
+    return {"status": status, **result}
+
+
+def _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_letter) -> dict:
+    """One Cloud Task per chunk: no message ever needs more than one chunk's work.
+
+    A missing-id message may name up to the lookup's id cap, spread over many chunks;
+    computed here in sequence it would outlast on_edit's timeout and be redelivered
+    until dead-lettered. Chunks outside the volume are reported now; the rest run as
+    ``compute_chunk`` tasks named per (run, event, chunk), so a redelivery enqueues
+    nothing twice, and each task records its chunk under the event. Raises when
+    enqueueing fails (the caller decides between redelivery and giving up).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    inside, outside = [], []
+    for chunk, ids in groups:
+        (inside if in_volume(ctx.dataset, chunk) else outside).append((chunk, ids))
+    client = tasks_client()
+    at_ms = int(when.timestamp() * 1000)
+
+    def enqueue(group):
+        chunk, ids = group
+        return enqueue_chunk_ids(
+            client, config.tasks, ctx.dataset.name, run.run_id, key, chunk, ids, at_ms
+        )
+
+    with ThreadPoolExecutor(max_workers=ENQUEUE_THREADS) as pool:
+        list(pool.map(enqueue, inside))
+    status = "fanned_out"
+    if outside:
+        status = "partial"
+        bad = np.concatenate([m for _, m in outside])
+        where = ", ".join(str(c) for c, _ in outside[:5])
+        _dead_letter_ids(
+            to_dead_letter, ctx, request, bad, f"chunks {where} lie outside the volume"
+        )
+    record(
+        status=status,
+        chunks_enqueued=len(inside),
+        failed_ids=int(sum(m.size for _, m in outside)),
+    )
+    return {"status": status, "chunks_enqueued": len(inside), "outside": len(outside)}
+
+
+def _dead_letter_ids(to_dead_letter, ctx, request, bad: np.ndarray, reason: str) -> None:
+    """Dead-letter exactly the ids that could not be computed, as a missing-id message
+    of the dataset's cache table, so they can be re-published once the cause is fixed."""
+    to_dead_letter(
+        f"{bad.size} of {request.l2ids.size} ids could not be computed: {reason}",
+        payload=np.asarray(bad, dtype="<u8").tobytes(),
+        extra={"l2_cache_id": ctx.dataset.cache_table_id, "failed_ids": str(bad.size)},
+    )
+
+
+def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:
+    if request.l2_cache_id is not None and request.l2_cache_id != cache_table_id:
+        raise PoisonMessage(
+            f"l2_cache_id {request.l2_cache_id!r} is not the cache table of {request.dataset!r} "
+            f"({cache_table_id!r}); l2cache writes only the table its dataset map names"
+        )
+
+
+def stream_run(kind: str, dataset):
+    """The run of a message stream: one per dataset, kind, code revision and parameters.
+
+    A new deployment (new revision) starts a new stream run, so lineage never credits
+    cells to code that did not compute them; each cell carries its message's time.
+    """
+    run = new_run(kind, dataset, trigger="pubsub")
+    revision = code_revision()
+    run.run_id = f"{kind}-{dataset.name}-{revision[:12]}-{run.params_hash[:8]}"
+    run.code_revision = revision
+    return run
+
+
+def _ms(when: datetime) -> datetime:
+    """Bigtable versions are whole milliseconds; so is everything derived from them."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.replace(microsecond=(when.microsecond // 1000) * 1000)
+
+
+def parse_publish_time(value: str | None) -> datetime | None:
+    """Pub/Sub's RFC 3339 publish time (``...Z``, up to nanoseconds) as a datetime."""
+    if not value:
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    if "." in text:
+        head, rest = text.split(".", 1)
+        frac = "".join(ch for ch in rest if ch.isdigit())
+        tz = rest[len(frac) :]
+        text = f"{head}.{frac[:6].ljust(6, '0')}{tz}"
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+__all__ = [
+    "PoisonMessage",
+    "RecomputeRequest",
+    "decode_message",
+    "describe",
+    "handle_message",
+    "parse_publish_time",
+    "stream_run",
+]

@@ -1,0 +1,1 @@
+"""What a chunk is computed from: its segmentation (CloudVolume) and PCG's graph."""

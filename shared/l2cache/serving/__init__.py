@@ -1,0 +1,1 @@
+"""The lookup API behind the lookup function: routes, formats, CAVE auth."""

@@ -1,0 +1,451 @@
+"""The lookup API, framework-free: request in, status + body + headers out.
+
+A drop-in for the existing L2 cache service (PCGL2Cache, ``/l2cache/api/v1/...``):
+same routes, same JSON values and types (:mod:`l2cache.store.rowformat`), same open and
+guarded routes, so caveclient's ``L2CacheClient`` and browser clients work unchanged.
+The HTTP function (functions/lookup/main.py via :mod:`l2cache.handlers.lookup`) adapts a
+Flask request, CORS and CAVE auth around :meth:`LookupService.handle`.
+
+Failure contract: every bad request gets a 4xx JSON ``{"code", "message"}`` saying what
+to fix (nothing a client sends can make it a 5xx); a server-side failure (Bigtable
+down) gets a 503 so clients retry. Request bodies are read and decompressed within a
+bound derived from the id cap before memory is spent; responses are compressed
+(brotli or gzip) when the client accepts it, and one still over Cloud Run's 32 MiB
+limit is refused with a 413. Publishing missing ids waits at most ``PUBLISH_WAIT_S``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from l2cache import __version__
+from l2cache.config import L2CacheConfig, UnknownDatasetError, load_config
+from l2cache.domain import ids as idlib
+from l2cache.domain.attributes import ATTRIBUTE_NAMES
+from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.gcp.pubsub import publish_missing_ids_async, publisher
+from l2cache.store.cache import CacheStore
+from l2cache.support import logs
+from l2cache.support.gc_defer import gc_deferred
+
+log = logging.getLogger(__name__)
+
+API_VERSIONS = [1]
+PREFIX = "/l2cache/api"
+_ATTRIBUTES_ROUTE = re.compile(r"^/l2cache/api/v1/table/(?P<table>[^/]+)/attributes$")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: "²".isdigit() is True
+GZIP_MIN_BYTES = 1024
+# Cloud Run refuses responses over 32 MiB; keep room for headers.
+RESPONSE_LIMIT_BYTES = 32 * 2**20 - 64 * 2**10
+# Longest JSON spelling of one id: 20 digits, quotes, comma and a space, with slack.
+BODY_BYTES_PER_ID = 32
+MIN_BODY_LIMIT = 64 * 2**10
+PUBLISH_WAIT_S = 0.1
+
+# attribute_metadata as the existing service answers it: str(serializer.basetype) of
+# each kvdbclient attribute (pcgl2cache/core/attributes.py).
+ATTRIBUTE_METADATA = {
+    "size_nm3": "<class 'numpy.uint32'>",
+    "area_nm2": "<class 'numpy.uint32'>",
+    "max_dt_nm": "<class 'numpy.uint16'>",
+    "mean_dt_nm": "<class 'numpy.float16'>",
+    "rep_coord_nm": "<class 'numpy.uint16'>",
+    "chunk_intersect_count": "<class 'numpy.uint16'>",
+    "pca": "<class 'numpy.float16'>",
+    "pca_val": "<class 'numpy.float32'>",
+}
+
+# (table id or None, permission or None) -> None to go on, or the refusal to send.
+Authorizer = Callable[[str | None, str | None, str | None], "Response | None"]
+# (limit in bytes) -> the raw body; raises ApiError(413) past the limit.
+BodyReader = Callable[[int], bytes]
+# (ids, graph table id, cache table id) -> a future of the publish, or None.
+Publisher = Callable[[np.ndarray, str, str], "Future | None"]
+
+
+class ApiError(Exception):
+    """An error with the HTTP status and message the client should see."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _truthy(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(400, f"expected true or false, got {value!r}")
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    # Trailing newline as the existing service's jsonify_with_kwargs writes it.
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    return Response(status, body, {"Content-Type": "application/json", **(headers or {})})
+
+
+def error_response(status: int, message: str) -> Response:
+    return _json(status, {"code": status, "message": message})
+
+
+def _bytes_body(body: bytes) -> BodyReader:
+    def read(limit: int) -> bytes:
+        if len(body) > limit:
+            raise ApiError(413, f"request body of {len(body)} bytes is over the {limit} limit")
+        return body
+
+    return read
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress gzip (all members) without ever holding more than ``limit`` bytes.
+
+    A gzip bomb stops at ``limit + 1`` output bytes with a 413, whatever its ratio.
+    """
+    out = bytearray()
+    while data:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error:
+            raise ApiError(400, "Content-Encoding is gzip but the body is not gzip") from None
+        if len(out) > limit:
+            raise ApiError(413, f"the decompressed body is over the {limit}-byte limit")
+        if not d.eof:
+            raise ApiError(400, "Content-Encoding is gzip but the gzip body is truncated")
+        data = d.unused_data
+        if not data.strip(b"\x00"):  # trailing zero padding, as gzip.decompress allows
+            break
+    return bytes(out)
+
+
+def parse_l2_ids(body: bytes, content_type: str) -> np.ndarray:
+    """Ids from a JSON ``{"l2_ids": [...]}`` body or a raw little-endian uint64 body."""
+    if "application/octet-stream" in content_type.lower():
+        if len(body) % 8:
+            raise ApiError(
+                400,
+                f"a binary body must be little-endian uint64 ids: {len(body)} bytes "
+                "is not a multiple of 8",
+            )
+        return np.frombuffer(body, dtype="<u8").astype(np.uint64)
+    try:
+        # stdlib json keeps integers exact at any size (orjson turns > 2**64 into floats),
+        # so an out-of-range id is reported as such.
+        payload = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ApiError(400, f"the body is not valid JSON ({reason})") from None
+    if not isinstance(payload, dict) or "l2_ids" not in payload:
+        raise ApiError(400, 'the body must be a JSON object {"l2_ids": [...]}')
+    raw = payload["l2_ids"]
+    if not isinstance(raw, list):
+        raise ApiError(400, "l2_ids must be a list of integer ids")
+    values = []
+    for v in raw:
+        if isinstance(v, str) and _DIGITS.fullmatch(v.strip()):
+            v = int(v.strip())
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ApiError(400, f"l2_ids must be integers, got {_short(v)}")
+        if v < 0 or v >= 2**64:
+            raise ApiError(400, f"l2 id {_short(v)} is outside 0..2**64-1")
+        values.append(v)
+    return np.array(values, dtype=np.uint64)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) else str(value)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} chars)"
+
+
+class LookupService:
+    """Routes, validation and response shaping for the lookup function."""
+
+    def __init__(
+        self,
+        config: L2CacheConfig,
+        store_factory: Callable[[str], CacheStore],
+        publish_missing: Publisher | None = None,
+    ) -> None:
+        self.config = config
+        self._store_factory = store_factory
+        self._stores: dict[str, CacheStore] = {}
+        self._publish_missing = publish_missing
+
+    @classmethod
+    def from_env(cls) -> LookupService:
+        """Build from ``L2CACHE_CONFIG`` with real Bigtable and Pub/Sub clients."""
+
+        config = load_config()
+        instance = bigtable_instance(config.bigtable.project, config.bigtable.instance)
+
+        def store_factory(name: str) -> CacheStore:
+            ds = config.dataset(name)
+            return CacheStore(instance.table(ds.cache_table_id), ds)
+
+        publish = None
+        if config.pubsub and config.pubsub.missing_ids_topic:
+            client = publisher()
+            topic = client.topic_path(config.pubsub.project, config.pubsub.missing_ids_topic)
+
+            def publish(l2ids: np.ndarray, table_id: str, l2_cache_id: str) -> Future:
+                return publish_missing_ids_async(client, topic, l2ids, table_id, l2_cache_id)
+
+        return cls(config, store_factory, publish)
+
+    @property
+    def body_limit(self) -> int:
+        """Largest request body (raw or decompressed) a request within the id cap needs."""
+        return max(MIN_BODY_LIMIT, self.config.max_ids_per_request * BODY_BYTES_PER_ID)
+
+    def store(self, dataset: str) -> CacheStore:
+        if dataset not in self._stores:
+            self._stores[dataset] = self._store_factory(dataset)
+        return self._stores[dataset]
+
+    @logs.lookup
+    def handle(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes | BodyReader,
+        authorize: Authorizer | None = None,
+    ) -> Response:
+        """Answer one request. ``authorize`` enforces CAVE auth where upstream does."""
+        reader = _bytes_body(body) if isinstance(body, bytes | bytearray) else body
+        timings: dict[str, float] = {}
+        try:
+            with gc_deferred():  # decoding rows to API values allocates, in no cycle
+                response = self._route(method, path, query, headers, reader, authorize, timings)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.message)
+        except Exception as exc:  # server-side failure: 5xx so clients retry
+            log.exception("lookup failed")
+            response = error_response(
+                503, f"the cache could not be read right now: {type(exc).__name__}"
+            )
+        t0 = time.perf_counter()
+        response = self._encode(response, headers)
+        if timings:
+            timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+            response.headers["Server-Timing"] = server_timing(timings)
+        return response
+
+    def _route(self, method, path, query, headers, reader, authorize, timings) -> Response:
+        path = path.rstrip("/") or "/"
+        if method == "OPTIONS":  # CORS preflight (answered by the HTTP layer normally)
+            return Response(200, b"", {"Allow": "GET, POST, OPTIONS"})
+        if path in ("/l2cache", "/l2cache/index"):  # open, as upstream
+            return self._text(method, f"l2cache v{__version__} (PCGL2Cache API v1)")
+        if path in (f"{PREFIX}/v1", f"{PREFIX}/v1/index"):  # upstream: auth_required
+            refusal = authorize(None, None, None) if authorize else None
+            return refusal or self._text(method, f"l2cache v{__version__} (PCGL2Cache API v1)")
+        if path == f"{PREFIX}/versions":
+            self._only(method, "GET")
+            return _json(200, API_VERSIONS)
+        if path == f"{PREFIX}/v1/attribute_metadata":
+            self._only(method, "GET")
+            return _json(200, ATTRIBUTE_METADATA)
+        if path == f"{PREFIX}/v1/table_mapping":
+            self._only(method, "GET")
+            return _json(200, self._table_mapping())
+        match = _ATTRIBUTES_ROUTE.match(path)
+        if match:
+            self._only(method, "POST")
+            table = match["table"]
+            if authorize is not None:
+                refusal = authorize(table, "view", self._auth_dataset(table))
+                if refusal is not None:
+                    return refusal
+            return self._attributes(table, query, headers, reader, timings)
+        raise ApiError(404, f"no such endpoint: {method} {path[:200]}")
+
+    @staticmethod
+    def _only(method: str, allowed: str) -> None:
+        if method != allowed and not (allowed == "GET" and method == "HEAD"):
+            raise ApiError(405, f"use {allowed} for this endpoint, not {method[:20]}")
+
+    @staticmethod
+    def _text(method: str, text: str) -> Response:
+        LookupService._only(method, "GET")
+        return Response(200, text.encode(), {"Content-Type": "text/html; charset=utf-8"})
+
+    def _auth_dataset(self, table: str) -> str | None:
+        """The configured CAVE dataset of a real table; aliases ask the auth service."""
+        ds = self.config.datasets.get(table)
+        return ds.auth_dataset if ds else None
+
+    def _table_mapping(self) -> dict[str, Any]:
+        """What upstream's read_l2cache_config() returns: graph table -> cv_path, l2cache_id."""
+        return {
+            name: {"cv_path": ds.segmentation, "l2cache_id": ds.cache_table_id}
+            for name, ds in sorted(self.config.datasets.items())
+        }
+
+    def _attributes(
+        self, table: str, query, headers, reader: BodyReader, timings: dict[str, float]
+    ) -> Response:
+        try:
+            ds = self.config.resolve_table(table)
+        except UnknownDatasetError as exc:
+            raise ApiError(404, str(exc)) from None
+        names = None
+        if query.get("attribute_names"):
+            names = [n.strip() for n in query["attribute_names"].split(",") if n.strip()]
+            unknown = [n for n in names if n not in ATTRIBUTE_NAMES]
+            if unknown:
+                raise ApiError(
+                    400,
+                    f"unknown attribute(s) {[_short(n) for n in unknown[:5]]}; "
+                    f"known: {list(ATTRIBUTE_NAMES)}",
+                )
+        int64_as_str = _truthy(query.get("int64_as_str"), False)
+        update_cache = _truthy(query.get("update_cache"), True)
+        body = self._decompress(reader(self.body_limit), headers)
+        l2ids = parse_l2_ids(body, headers.get("Content-Type", "") or "")
+        if l2ids.size > self.config.max_ids_per_request:
+            raise ApiError(
+                413,
+                f"{l2ids.size} ids in one request; the limit is "
+                f"{self.config.max_ids_per_request} (split the request)",
+            )
+        l2ids = np.unique(l2ids)  # upstream answers each id once, in id order
+        is_l2 = idlib.get_layer(l2ids) == 2 if l2ids.size else np.zeros(0, bool)
+        found = self.store(ds.name).read_features(l2ids[is_l2], names, int64_as_str, timings)
+        result: dict[str, Any] = {str(node): found.get(node, {}) for node in l2ids.tolist()}
+        headers_out = {"X-L2Cache-Non-L2-Ids": str(int((~is_l2).sum()))}
+        candidates = l2ids[is_l2]
+        missing = candidates[[n not in found for n in candidates.tolist()]]
+        headers_out["X-L2Cache-Missing-Ids"] = str(missing.size)
+        if ds.existing_cache_table:  # another service owns that table: nothing to queue
+            update_cache = False
+        if update_cache and missing.size and self._publish_missing is not None:
+            headers_out.update(self._queue_missing(missing, ds.name, ds.cache_table_id))
+        t0 = time.perf_counter()
+        response = _json(200, result, headers_out)
+        timings["encode"] = time.perf_counter() - t0
+        return response
+
+    def _queue_missing(self, missing: np.ndarray, table_id: str, cache_id: str) -> dict:
+        """Hand missing ids to Pub/Sub, waiting at most ``PUBLISH_WAIT_S`` for the ack.
+
+        A lookup never fails or stalls because the recompute queue does: a publish still
+        pending after the wait completes (or logs its failure) in the background.
+        """
+        try:
+            future = self._publish_missing(missing, table_id, cache_id)
+        except Exception:
+            log.exception("could not queue %d missing ids", missing.size)
+            return {"X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "failed"}
+        state = "pending"
+        if future is not None:
+            try:
+                future.result(timeout=PUBLISH_WAIT_S)
+                state = "published"
+            except TimeoutError:
+                state = "pending"
+            except Exception:
+                log.exception("could not queue %d missing ids", missing.size)
+                return {"X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "failed"}
+        return {"X-L2Cache-Queued-Ids": str(missing.size), "X-L2Cache-Queue": state}
+
+    def _decompress(self, body: bytes, headers: Mapping[str, str]) -> bytes:
+        encoding = (headers.get("Content-Encoding", "") or "").strip().lower()
+        if "gzip" in encoding:
+            return gunzip_bounded(body, self.body_limit)
+        if encoding not in ("", "identity"):
+            raise ApiError(415, f"unsupported Content-Encoding {_short(encoding)}; use gzip")
+        return body
+
+    @staticmethod
+    def _encode(response: Response, headers: Mapping[str, str]) -> Response:
+        """Compress when the client accepts it (brotli, else gzip); refuse what Cloud
+        Run could not send."""
+        coding = response_coding(headers.get("Accept-Encoding", "") or "")
+        size = len(response.body)
+        varies = 200 <= response.status < 300  # compressed or not, it depended on the header
+        if varies and coding and size >= GZIP_MIN_BYTES:
+            response.body = RESPONSE_CODINGS[coding](response.body)
+            response.headers["Content-Encoding"] = coding
+        if len(response.body) > RESPONSE_LIMIT_BYTES:
+            how = "even compressed" if coding else "(send Accept-Encoding: gzip, or"
+            tail = "; split the request" if coding else " split the request)"
+            response = error_response(
+                413,
+                f"the response would be {size / 2**20:.1f} MiB, over the 32 MiB a "
+                f"response may have {how}{tail}",
+            )
+        if varies:
+            response.headers["Vary"] = "Accept-Encoding"
+        return response
+
+
+def server_timing(timings: Mapping[str, float]) -> str:
+    """A ``Server-Timing`` header value (milliseconds): where a lookup's time went, shown
+    by browsers' developer tools and read by ``bench/lookup.py``."""
+    return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timings.items())
+
+
+def response_coding(header: str) -> str | None:
+    """The first of our :data:`RESPONSE_CODINGS` an ``Accept-Encoding`` header allows.
+
+    ``q=0`` refuses a coding; ``*`` (q > 0) allows every coding the header does not
+    name. Among the allowed ones the server's preference order decides (RFC 9110 lets
+    it), not the client's q ranking. ``None``: send the body as it is.
+    """
+    q_of: dict[str, float] = {}
+    for part in header.lower().split(","):
+        coding, _, params = part.partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if coding.strip():
+            q_of[coding.strip()] = q
+    star = q_of.get("*", 0.0)
+    return next((c for c in RESPONSE_CODINGS if q_of.get(c, star) > 0), None)
+
+
+def _brotli(body: bytes) -> bytes:
+    import brotli
+
+    return brotli.compress(body, quality=0)
+
+
+# Preferred first. Brotli at quality 0 is twice as fast as gzip at level 1 on a 4.2 MB
+# answer (0.019 s vs 0.038 s) at the same size; requests sends "br" when brotli is
+# installed, browsers always.
+RESPONSE_CODINGS: dict[str, Callable[[bytes], bytes]] = {
+    "br": _brotli,
+    "gzip": lambda body: gzip.compress(body, compresslevel=1, mtime=0),
+}

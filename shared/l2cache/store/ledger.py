@@ -1,0 +1,362 @@
+"""The runs table: one row per run, one ledger row per chunk, one per edit message.
+
+Every write to the cache belongs to a run (bulk ingest, region reprocess, edit stream,
+missing-id recompute). The run row records what produced the values (code revision,
+parameter set and hash, segmentation, graph and its snapshot time, region, trigger);
+the ledger rows record what happened to each chunk (done / failed, attempts, error,
+L2 count, input checksum, duration). Status, resume, reconcile, rollback and cost
+estimates all read this table and nothing else.
+
+Row keys: ``run:<run_id>``, ``chunk:<run_id>:<chunk_id %020d>``,
+``task:<run_id>:<region>`` (split tasks that gave up), ``event:<run_id>:<event key>``
+(one per PCG operation or missing-id message), ``evchunk:<run_id>:<event key>:<chunk>``
+(chunks of an event already written, so a redelivery computes each chunk once) and
+``ignored:<table_id>`` (edits for tables without a cache, counted). Every write goes
+through :func:`l2cache.gcp.bigtable_write.write_rows`, which checks each row's status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.cloud.bigtable import column_family
+from google.cloud.bigtable.row_filters import (
+    ColumnQualifierRegexFilter,
+    FamilyNameRegexFilter,
+    RowFilterChain,
+    ValueRegexFilter,
+)
+from google.cloud.bigtable.row_set import RowSet
+
+from l2cache.domain.failures import RevisionMismatch
+from l2cache.domain.lineage import Lineage, code_revision, params_hash, utc_now
+from l2cache.gcp.bigtable_write import write_rows
+
+RUN_FAMILY = "run"
+LEDGER_FAMILY = "ledger"
+DEFAULT_RUNS_TABLE = "l2cache_runs"
+
+
+@dataclass
+class RunRecord:
+    """What a run is: enough to reproduce or roll back everything it wrote."""
+
+    run_id: str
+    kind: str  # bulk_ingest | region_reprocess | edit_stream | missing_ids
+    dataset: str
+    segmentation: str
+    graph: str
+    snapshot_timestamp: str  # ISO time the graph is read at ("now" for edit streams)
+    cell_timestamp_ms: int  # every cell this run writes carries this version
+    params: dict[str, Any]
+    params_hash: str
+    code_revision: str
+    region: list[int] | None = None  # chunk box x0,y0,z0,x1,y1,z1 (exclusive end)
+    n_chunks: int = 0
+    trigger: str = "cli"
+    created_at: str = field(default_factory=lambda: utc_now().isoformat())
+    # When set, only workers running exactly this revision may write for the run.
+    pinned_revision: str | None = None
+
+    def lineage(self, input_checksum: str = "", cell_timestamp: datetime | None = None) -> Lineage:
+        """Lineage of cells computed *here*: the code revision is this process's own
+        (``code_revision`` of the run is where it was started), so every cell names the
+        code that computed it."""
+        ts = cell_timestamp or datetime.fromtimestamp(self.cell_timestamp_ms / 1000, tz=UTC)
+        return Lineage(self.run_id, self.params_hash, code_revision(), input_checksum, ts)
+
+    def provenance(self) -> dict[str, Any]:
+        """What QC reports and releases record of the run that produced the values."""
+        return {
+            "code_revision": self.code_revision,
+            "params_hash": self.params_hash,
+            "segmentation": self.segmentation,
+            "graph": self.graph,
+            "snapshot": self.snapshot_timestamp,
+            "cell_timestamp_ms": self.cell_timestamp_ms,
+        }
+
+    def check_revision(self) -> None:
+        """Refuse to compute for a run pinned to another revision (permanent)."""
+        here = code_revision()
+        if self.pinned_revision and self.pinned_revision != here:
+            raise RevisionMismatch(
+                f"run {self.run_id} is pinned to revision {self.pinned_revision}; "
+                f"this worker runs {here}"
+            )
+
+    @property
+    def snapshot(self) -> datetime:
+        return datetime.fromisoformat(self.snapshot_timestamp)
+
+
+def new_run(
+    kind: str,
+    dataset,
+    region=None,
+    n_chunks=0,
+    trigger="cli",
+    snapshot=None,
+    pinned_revision: str | None = None,
+) -> RunRecord:
+    """A run record for ``dataset`` (a DatasetConfig) with a fresh id and timestamps."""
+    now = utc_now()
+    params = {
+        "resolution": list(dataset.resolution),
+        "chunk_size": list(dataset.chunk_size),
+        "voxel_offset": list(dataset.voxel_offset),
+    }
+    g = dataset.graph
+    return RunRecord(
+        run_id=f"{kind.split('_')[0]}-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        kind=kind,
+        dataset=dataset.name,
+        segmentation=dataset.segmentation,
+        graph=g.table_id if g.kind == "bigtable" else (g.url or ""),
+        snapshot_timestamp=(snapshot or now).isoformat(),
+        cell_timestamp_ms=int(now.timestamp() * 1000),
+        params=params,
+        params_hash=params_hash(params),
+        code_revision=code_revision(),
+        region=list(region) if region is not None else None,
+        n_chunks=n_chunks,
+        trigger=trigger,
+        pinned_revision=pinned_revision,
+    )
+
+
+def create_runs_table(instance, table_id: str = DEFAULT_RUNS_TABLE):
+    table = instance.table(table_id)
+    if not table.exists():
+        gc = column_family.MaxVersionsGCRule(1)
+        table.create(column_families={RUN_FAMILY: gc, LEDGER_FAMILY: gc})
+    return table
+
+
+def prefix_rows(table, prefix: bytes):
+    end = prefix[:-1] + bytes([prefix[-1] + 1])
+    rs = RowSet()
+    rs.add_row_range_from_keys(start_key=prefix, end_key=end)
+    return table.read_rows(row_set=rs)
+
+
+def row_cells(row, family: str) -> dict[str, bytes]:
+    return {k.decode(): v[0].value for k, v in row.cells.get(family, {}).items()}
+
+
+class RunLedger:
+    """Reads and writes of the runs table."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    # runs ----------------------------------------------------------------------
+    def create_run(self, run: RunRecord) -> None:
+        row = self.table.direct_row(f"run:{run.run_id}".encode())
+        row.set_cell(RUN_FAMILY, b"meta", json.dumps(asdict(run), sort_keys=True).encode())
+        write_rows(self.table, [row], "run")
+
+    def get_run(self, run_id: str) -> RunRecord:
+        row = self.table.read_row(f"run:{run_id}".encode())
+        if row is None:
+            raise KeyError(f"no run {run_id!r}")
+        return RunRecord(**json.loads(row_cells(row, RUN_FAMILY)["meta"]))
+
+    def ensure_run(self, run: RunRecord) -> RunRecord:
+        """The stored run with this id, creating it from ``run`` if absent."""
+        try:
+            return self.get_run(run.run_id)
+        except KeyError:
+            self.create_run(run)
+            return run
+
+    # chunks ----------------------------------------------------------------------
+    def _chunk_key(self, run_id: str, chunk_id: int) -> bytes:
+        return b"chunk:%s:%020d" % (run_id.encode(), chunk_id)
+
+    def chunk_started(self, run_id: str, chunk_id: int, coords=None) -> int:
+        """Count one more attempt and mark the chunk running; returns the attempt number.
+
+        The increment is a read-modify-write (it raises on failure); ``started_at`` lets
+        status tell an attempt in flight from one whose worker died without a word.
+        """
+        key = self._chunk_key(run_id, chunk_id)
+        row = self.table.append_row(key)
+        row.increment_cell_value(LEDGER_FAMILY, b"attempts", 1)
+        cells = row.commit()
+        attempt = struct.unpack(">q", cells[LEDGER_FAMILY][b"attempts"][0][0])[0]
+        mark = self._unless_done(key)
+        mark.set_cell(LEDGER_FAMILY, b"status", b"running", state=False)
+        mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode(), state=False)
+        if coords is not None:
+            value = json.dumps([int(c) for c in coords]).encode()
+            mark.set_cell(LEDGER_FAMILY, b"coords", value, state=False)
+        mark.commit()
+        return attempt
+
+    def _unless_done(self, key: bytes):
+        """A check-and-mutate row whose ``state=False`` mutations apply only while the
+        chunk is not done: a late or duplicate attempt never turns a done chunk back
+        into running, retrying or failed. (CheckAndMutateRow raises on failure.)"""
+        return self._conditional(key, b"^status$", ValueRegexFilter(b"^done$"))
+
+    def _conditional(self, key: bytes, column_regex: bytes, *more):
+        """A check-and-mutate row conditioned on a ledger column (and ``more`` filters)."""
+        chain = [FamilyNameRegexFilter(LEDGER_FAMILY), ColumnQualifierRegexFilter(column_regex)]
+        return self.table.conditional_row(key, filter_=RowFilterChain([*chain, *more]))
+
+    def chunks_queued(self, run_id: str, chunks, task_attempt: int) -> None:
+        """Mark every not-done chunk of a leaf task as queued by this task attempt.
+
+        A worker that dies on the batch's first chunk never reaches the others; with
+        this mark they carry the task's attempt and time, so status can presume them
+        failed after the last attempt instead of leaving them pending forever.
+        """
+        now = utc_now().isoformat().encode()
+        for chunk_id, coords in chunks:
+            row = self._unless_done(self._chunk_key(run_id, chunk_id))
+            row.set_cell(LEDGER_FAMILY, b"queued_at", now, state=False)
+            row.set_cell(
+                LEDGER_FAMILY, b"task_attempt", json.dumps(task_attempt).encode(), state=False
+            )
+            row.set_cell(
+                LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode(), state=False
+            )
+            row.commit()
+
+    def task_rejected(self, run_id: str, reason: str) -> None:
+        """A task of this run that could not even be read (its region is unknown): the
+        run cannot be completed as planned, and status reports it broken."""
+        digest = hashlib.sha256(reason.encode()).hexdigest()[:16]
+        row = self.table.direct_row(f"rejected:{run_id}:{digest}".encode())
+        row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
+        row.set_cell(LEDGER_FAMILY, b"at", utc_now().isoformat().encode())
+        write_rows(self.table, [row], "ledger")
+
+    def chunk_finished(
+        self, run_id: str, chunk_id: int, coords, status: str, **fields: Any
+    ) -> None:
+        """Record an attempt's outcome. ``done`` is written unconditionally; any other
+        outcome only while the chunk is not done (a duplicate delivery's late failure
+        must not hide data that another delivery already wrote)."""
+        key = self._chunk_key(run_id, chunk_id)
+        cells = {
+            b"status": status.encode(),
+            b"coords": json.dumps([int(c) for c in coords]).encode(),
+            b"finished_at": utc_now().isoformat().encode(),
+            **{k.encode(): json.dumps(v).encode() for k, v in fields.items()},
+        }
+        if status == "done":
+            row = self.table.direct_row(key)
+            for col, value in cells.items():
+                row.set_cell(LEDGER_FAMILY, col, value)
+            write_rows(self.table, [row], "ledger")
+        else:
+            row = self._unless_done(key)
+            for col, value in cells.items():
+                row.set_cell(LEDGER_FAMILY, col, value, state=False)
+            row.commit()
+        if status != "done":
+            self._first_failure(run_id, chunk_id)
+
+    def _first_failure(self, run_id: str, chunk_id: int) -> None:
+        """Stamp ``first_failed_at`` once (check-and-mutate: only when absent), so the
+        time to recover a failed chunk survives the rewrites of later attempts."""
+        row = self._conditional(self._chunk_key(run_id, chunk_id), b"first_failed_at")
+        stamp = utc_now().isoformat().encode()
+        row.set_cell(LEDGER_FAMILY, b"first_failed_at", stamp, state=False)
+        row.commit()
+
+    def task_gave_up(self, run_id: str, region, reason: str, attempts: int) -> None:
+        """A split task's last attempt failed: its region's unstarted chunks are failed."""
+        key = "task:{}:{}".format(run_id, "-".join(str(int(v)) for v in region)).encode()
+        row = self.table.direct_row(key)
+        row.set_cell(LEDGER_FAMILY, b"status", b"failed")
+        row.set_cell(LEDGER_FAMILY, b"region", json.dumps([int(v) for v in region]).encode())
+        row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
+        row.set_cell(LEDGER_FAMILY, b"attempts", json.dumps(attempts).encode())
+        write_rows(self.table, [row], "ledger")
+
+    def done_among(self, run_id: str, chunk_ids: list[int]) -> set[int]:
+        """Which of ``chunk_ids`` are done: reads only their rows, not the run's ledger.
+
+        A leaf task asks this for its own few chunks, so resume costs O(batch) reads
+        per task instead of a scan of a ledger that may hold millions of rows.
+        """
+        rs = RowSet()
+        for cid in chunk_ids:
+            rs.add_row_key(self._chunk_key(run_id, cid))
+        done = set()
+        for row in self.table.read_rows(row_set=rs):
+            if row_cells(row, LEDGER_FAMILY).get("status") == b"done":
+                done.add(int(row.row_key.rsplit(b":", 1)[1]))
+        return done
+
+    # edit-stream events --------------------------------------------------------------
+    def _event_key(self, run_id: str, event_key: str) -> bytes:
+        return f"event:{run_id}:{event_key}".encode()
+
+    def record_event(self, run_id: str, event_key: str, **fields: Any) -> None:
+        """One row per event (PCG operation or missing-id message); rewritten, not added,
+        when the same event is delivered again."""
+        row = self.table.direct_row(self._event_key(run_id, event_key))
+        for key, value in fields.items():
+            row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
+        write_rows(self.table, [row], "event")
+
+    def event_delivered(self, run_id: str, event_key: str) -> int:
+        """Count one more delivery of an event; returns the delivery number (1-based)."""
+        row = self.table.append_row(self._event_key(run_id, event_key))
+        row.increment_cell_value(LEDGER_FAMILY, b"delivery_count", 1)
+        cells = row.commit()
+        return struct.unpack(">q", cells[LEDGER_FAMILY][b"delivery_count"][0][0])[0]
+
+    def event_chunk_done(self, run_id: str, event_key: str, chunk_id: int, **fields: Any) -> None:
+        self._event_chunk(run_id, event_key, chunk_id, "done", **fields)
+
+    def event_chunk_failed(
+        self, run_id: str, event_key: str, chunk_id: int, error: str, n_ids: int
+    ) -> None:
+        """A chunk of a fanned-out event that could not be computed, with the reason."""
+        self._event_chunk(run_id, event_key, chunk_id, "failed", error=error, failed_ids=n_ids)
+
+    def _event_chunk(self, run_id: str, event_key: str, chunk_id: int, status: str, **fields):
+        key = b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
+        row = self.table.direct_row(key)
+        row.set_cell(LEDGER_FAMILY, b"status", status.encode())
+        for name, value in fields.items():
+            row.set_cell(LEDGER_FAMILY, name.encode(), json.dumps(value).encode())
+        write_rows(self.table, [row], "event")
+
+    def event_chunks(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:
+        """Every recorded chunk of an event (done or failed) with its fields."""
+        prefix = f"evchunk:{run_id}:{event_key}:".encode()
+        return {
+            int(r.row_key.rsplit(b":", 1)[1]): {
+                k: v.decode() if k == "status" else json.loads(v)
+                for k, v in row_cells(r, LEDGER_FAMILY).items()
+            }
+            for r in prefix_rows(self.table, prefix)
+        }
+
+    def event_chunks_done(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:
+        """Chunks of an event already written (by an earlier delivery), with their counts."""
+        return {
+            cid: fields
+            for cid, fields in self.event_chunks(run_id, event_key).items()
+            if fields.get("status") == "done"
+        }
+
+    # edits for tables without a cache -------------------------------------------------
+    def count_ignored(self, table_id: str) -> int:
+        """Count one more edit for a graph table l2cache does not cache; returns the total."""
+        row = self.table.append_row(f"ignored:{table_id}".encode())
+        row.increment_cell_value(LEDGER_FAMILY, b"count", 1)
+        cells = row.commit()
+        return struct.unpack(">q", cells[LEDGER_FAMILY][b"count"][0][0])[0]

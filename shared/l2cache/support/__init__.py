@@ -1,0 +1,1 @@
+"""Process plumbing every layer may use: structured logs, GC deferral, safe unpickling."""
