@@ -45,6 +45,12 @@ lock: venv
 	    -c ../../requirements.txt requirements.in -o requirements.txt) || exit 1; \
 	done
 
+# Unit prices (ops/l2cache_ops/prices.yaml) from the Cloud Billing Catalog API; needs
+# L2CACHE_BILLING_API_KEY or GOOGLE_APPLICATION_CREDENTIALS (fails, changing nothing, without).
+.PHONY: prices
+prices: venv
+	$(VENV)/bin/l2cache prices refresh --out ops/l2cache_ops/prices.yaml
+
 lint: venv
 	$(VENV)/bin/ruff check shared ops tools functions infra tests bench
 	$(VENV)/bin/ruff format --check shared ops tools functions infra tests bench

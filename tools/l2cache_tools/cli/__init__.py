@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qc_cmd",
     "release_cmd",
     "dashboard_cmd",
+    "prices_cmd",
 )
 
 

@@ -104,19 +104,42 @@ def _status_args(cfg) -> dict:
 
 
 def current_status(ledger, run_id: str, cfg=None, prices=None):
-    """The run's status; a run whose ledger row is gone is reported broken, not pending."""
+    """The run's status; a run whose ledger row is gone is reported broken, not pending.
+
+    Priced with ``prices`` or else as the run's worker was deployed
+    (:func:`run_prices_of`): every command that prints a run's cost gets the same one.
+    """
     from google.api_core.exceptions import NotFound
 
     from l2cache_ops.status import run_status
 
-    extra = {"prices": prices} if prices is not None else {}
+    if prices is None:
+        prices = run_prices_of(ledger, run_id, cfg)
     try:
-        return run_status(ledger, run_id, **_status_args(cfg) if cfg else {}, **extra)
+        return run_status(ledger, run_id, **_status_args(cfg) if cfg else {}, prices=prices)
     except (KeyError, NotFound) as exc:
-        raise RunBroken(
-            f"run {run_id} is broken: its ledger cannot be read ({_words(exc)}); "
-            "it will never be done: start a new run"
-        ) from None
+        raise _broken(run_id, exc) from None
+
+
+def run_prices_of(ledger, run_id: str, cfg=None):
+    """Prices of the worker that computed the run (its recorded chunk size, the map's
+    ``tasks.read_ahead``): :func:`l2cache_ops.cost.run_prices` of its ledger record."""
+    from google.api_core.exceptions import NotFound
+
+    from l2cache_ops.cost import run_prices
+
+    try:
+        run = ledger.get_run(run_id)
+    except (KeyError, NotFound) as exc:
+        raise _broken(run_id, exc) from None
+    return run_prices(run, cfg)
+
+
+def _broken(run_id: str, exc: BaseException) -> RunBroken:
+    return RunBroken(
+        f"run {run_id} is broken: its ledger cannot be read ({_words(exc)}); "
+        "it will never be done: start a new run"
+    )
 
 
 class RunBroken(LookupError):
@@ -136,13 +159,14 @@ def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = No
     """
     from tqdm import tqdm
 
-    st = current_status(ledger, run_id, cfg)
+    prices = run_prices_of(ledger, run_id, cfg)  # once, not a ledger read per poll
+    st = current_status(ledger, run_id, cfg, prices)
     start = time.monotonic()
     with tqdm(
         total=st.total, unit="chunk", desc=run_id, dynamic_ncols=True, mininterval=1.0
     ) as bar:
         while True:
-            st = current_status(ledger, run_id, cfg)
+            st = current_status(ledger, run_id, cfg, prices)
             bar.set_postfix(
                 failed=st.failed,
                 retrying=st.retrying,
@@ -181,7 +205,7 @@ def status(args: argparse.Namespace) -> int:
     from l2cache_ops.slo import run_slos
 
     cfg, ctx = _ctx(args)
-    prices = _prices(ctx)
+    prices = run_prices_of(ctx.ledger, args.run, cfg)
     if args.watch:
         watch(ctx.ledger, args.run, cfg=cfg)
     st = current_status(ctx.ledger, args.run, cfg, prices)
@@ -193,21 +217,35 @@ def status(args: argparse.Namespace) -> int:
     return 0 if st.failed == 0 and not st.broken else 1
 
 
-def _prices(ctx):
-    from l2cache_tools.sizing import worker_prices
+def _prices(ctx, cfg=None):
+    """Prices of the worker deployed for the dataset's chunk size (and the map's
+    ``tasks.read_ahead``); for a run in the ledger, :func:`run_prices_of`."""
+    from l2cache_ops.cost import map_read_ahead, worker_prices
 
-    return worker_prices(ctx.dataset.chunk_size)
+    return worker_prices(ctx.dataset.chunk_size, map_read_ahead(cfg))
 
 
 def print_cost(cost) -> None:
-    """Per chunk and per mm^3 (prices: l2cache_ops.cost; worker size: infra/sizing.py)."""
+    """Per chunk and per mm^3, then its parts with the prices that made them (how
+    Bigtable is charged: :mod:`l2cache_ops.cost`; the price file's region and date)."""
+    from l2cache_ops.cost import PRICES
+
     if cost is None or not cost.chunks:
         print("cost: no chunk done yet")
         return
+    p = cost.prices or PRICES
     per_mm3 = f"${cost.per_mm3:,.2f}/mm^3" if cost.per_mm3 is not None else "-"
     print(
         f"cost: ${cost.usd:.6f} for {cost.chunks} chunks (${cost.per_chunk:.6f}/chunk, "
         f"{cost.compute_s:.1f} compute-s, {cost.l2_rows} rows), {cost.mm3:.4g} mm^3 -> {per_mm3}"
+    )
+    print(
+        f"  compute ${cost.compute_usd:.6f} (worker {p.worker_gib:g} GiB x "
+        f"{p.worker_vcpu:g} vCPU), dispatch ${cost.dispatch_usd:.6f}, storage "
+        f"${cost.storage_usd:.6f} ({p.storage_months:g} month of {cost.l2_rows} rows x "
+        f"{p.row_bytes:g} B, {p.bigtable_storage}), Bigtable nodes ${cost.node_usd:.6f} "
+        f"({p.bigtable_nodes:g} x {cost.busy_s / 3600:.3g} h busy); {p.currency} list "
+        f"prices of {p.region}, {p.date}"
     )
 
 
@@ -284,7 +322,7 @@ def sample_then_ingest(args: argparse.Namespace, cfg, bbox) -> int:
     from l2cache.domain.regions import region_from_bbox, region_size
     from l2cache.gcp.tasks import enqueue_region, tasks_client
     from l2cache.store.ledger import new_run
-    from l2cache_ops.cost import project, run_cost
+    from l2cache_ops.cost import project, run_cost, run_prices
     from l2cache_ops.ingest import start_ingest
 
     if args.resume:
@@ -309,7 +347,7 @@ def sample_then_ingest(args: argparse.Namespace, cfg, bbox) -> int:
     print(f"run {run.run_id}: sampling {len(picks)} of {run.n_chunks} chunks first: {picks}")
     wanted = {chunk_id(ctx, c) for c in picks}
     deadline = time.monotonic() + args.sample_timeout
-    prices = _prices(ctx)
+    prices = run_prices(run, cfg)  # as `status` and `--watch` price this run
     while True:
         st = current_status(ctx.ledger, run.run_id, cfg, prices)
         rows = [r for r in st.rows if r["chunk_id"] in wanted]
@@ -340,7 +378,9 @@ def sample_then_ingest(args: argparse.Namespace, cfg, bbox) -> int:
         f"worker {prices.worker_gib:g} GiB x {prices.worker_vcpu:g} vCPU):\n"
         f"  whole region: {proj.total_chunks} chunks, {proj.mm3:.4g} mm^3 -> "
         f"wall time {proj.wall_s:,.0f}s at {proj.max_instances} instances, "
-        f"cost ${proj.usd:.4f} ({per_mm3})"
+        f"cost ${proj.usd:.4f} ({per_mm3}; Bigtable nodes ${proj.node_usd:.4f} of it, "
+        f"{prices.bigtable_nodes:g} for the wall time; {prices.currency} list prices of "
+        f"{prices.region}, {prices.date})"
     )
     if failed:
         print(f"{len(failed)} sampled chunks failed: fix them before a full run")
