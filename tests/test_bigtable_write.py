@@ -1,24 +1,26 @@
-"""The one write helper: every row's status is checked, and a failure is raised, not lost."""
+"""The one write path: every row's status is checked, and a failure is raised, not lost."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 from google.cloud.bigtable import column_family
 from google.cloud.bigtable.data.mutations import RowMutationEntry
+from google.cloud.bigtable.row_filters import TimestampRange
 from google.cloud.bigtable_v2.types import bigtable as bt_types
 
 from l2cache.domain.failures import PERMANENT, classify
-from l2cache.gcp.bigtable import WRITE_SCOPE, bigtable_instance, data_channel
+from l2cache.gcp import bigtable_write
+from l2cache.gcp.bigtable import WRITE_SCOPE, CellFilter, bigtable_instance, data_channel, read_row
 from l2cache.gcp.bigtable_write import (
     RETRYABLE_CODES,
-    SERVER_TIMESTAMP,
-    CellEncoder,
+    Row,
     WriteError,
-    encode_entry,
-    encode_rows,
+    check_and_mutate,
+    encode_columns,
+    increment,
     mutate_entries,
     timestamp_micros,
     write_rows,
@@ -65,7 +67,7 @@ def test_a_missing_table_is_raised_not_swallowed(table):
     assert b"k" in err.value.failed
 
 
-# -- the feature rows' own encoder and MutateRows writer ------------------------------
+# -- the generated-message encoding and the MutateRows engine ------------------------
 
 TS = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -89,22 +91,28 @@ def test_the_encoded_request_is_byte_for_byte_the_librarys(table):
         for col, v in shared:
             row.set_cell("f", col, v, timestamp=TS)
         rows.append(row)
-    micros = timestamp_micros(TS)
-    constant = b"".join(CellEncoder("f", col, micros).encode(v) for col, v in shared)
-    entries = encode_rows(keys, [(CellEncoder("f", b"c", micros), values)], constant)
+    columns = [("f", b"c", values)]
+    entries = encode_columns(keys, columns, [("f", col, v) for col, v in shared], TS)
     head = bt_types.MutateRowsRequest.serialize(bt_types.MutateRowsRequest(table_name=table.name))
     ours = head + b"".join(e for _, e in entries)
     assert ours == _library_request(table, rows)
+    # one Row at a time, the same bytes
+    built = []
+    for key, value in zip(keys, values, strict=True):
+        row = Row(key).set_cell("f", b"c", value, TS)
+        for col, v in shared:
+            row.set_cell("f", col, v, TS)
+        built.append(row.encode())
+    assert head + b"".join(built) == _library_request(table, rows)
     # the server's own timestamp (-1, a 10-byte varint) too
     server = table.direct_row(keys[0])
     server.set_cell("f", b"c", values[0])
-    ours = head + encode_entry(keys[0], CellEncoder("f", b"c", SERVER_TIMESTAMP).encode(values[0]))
+    ours = head + Row(keys[0]).set_cell("f", b"c", values[0]).encode()
     assert ours == _library_request(table, [server])
 
 
 def _entries(keys, family="f"):
-    enc = CellEncoder(family, b"c", timestamp_micros(TS))
-    return [(k, encode_entry(k, enc.encode(b"v-" + k))) for k in keys]
+    return [(k, Row(k).set_cell(family, b"c", b"v-" + k, TS).encode()) for k in keys]
 
 
 def test_mutate_entries_writes_and_counts(table):
@@ -144,8 +152,14 @@ class _UnreachableFirstCalls:
         self._live = data_channel(WRITE_SCOPE)
 
     def unary_stream(self, method, request_serializer, response_deserializer):
+        return self._switch("unary_stream", method, request_serializer, response_deserializer)
+
+    def unary_unary(self, method, request_serializer, response_deserializer):
+        return self._switch("unary_unary", method, request_serializer, response_deserializer)
+
+    def _switch(self, kind, method, request_serializer, response_deserializer):
         calls = [
-            ch.unary_stream(method, request_serializer, response_deserializer)
+            getattr(ch, kind)(method, request_serializer, response_deserializer)
             for ch in (self._dead, self._live)
         ]
 
@@ -180,10 +194,10 @@ def test_mutate_entries_gives_up_at_its_deadline_as_a_transient_error(table):
 def test_server_timestamped_writes_are_sent_once(table):
     faults = _UnreachableFirstCalls(1)
     channel = faults
-    enc = CellEncoder("f", b"c", SERVER_TIMESTAMP)
-    entries = [(b"raw-once", encode_entry(b"raw-once", enc.encode(b"v")))]
+    row = Row(b"raw-once").set_cell("f", b"c", b"v")  # no timestamp: the server's
+    assert not row.idempotent
     with pytest.raises(WriteError):
-        mutate_entries(channel, table.name, entries, "test", idempotent=False)
+        write_rows(table, [row], "test", channel=channel)
     assert faults.calls == 1
 
 
@@ -222,3 +236,105 @@ def test_a_row_the_server_gives_no_status_is_a_transient_failure(table, out_of_r
     assert all("no status" in reason for reason in err.value.failed.values())
     assert err.value.codes == {grpc.StatusCode.UNKNOWN.value[0]}
     assert classify(err.value) != PERMANENT  # retried as a whole by the task
+
+
+def test_deletes_by_time_range_are_byte_for_byte_the_librarys(table):
+    start = TS.replace(microsecond=123000)
+    library = table.direct_row(b"del")
+    window = TimestampRange(start=start, end=start + timedelta(milliseconds=1))
+    library.delete_cells("f", [b"a", b"b"], time_range=window)
+    micros = timestamp_micros(start)
+    ours = Row(b"del").delete_cells("f", [b"a", b"b"], micros, micros + 1000)
+    head = bt_types.MutateRowsRequest.serialize(bt_types.MutateRowsRequest(table_name=table.name))
+    assert head + ours.encode() == _library_request(table, [library])
+
+
+def test_rows_and_library_rows_go_through_the_same_checked_path(table):
+    row = Row(b"mixed-ours").set_cell("f", b"c", b"ours", TS)
+    theirs = table.direct_row(b"mixed-theirs")
+    theirs.set_cell("f", b"c", b"theirs", timestamp=TS)
+    assert write_rows(table, [row, theirs], "test") == 2
+    assert read_row(table, b"mixed-theirs")["f"][b"c"] == b"theirs"
+    assert read_row(table, b"mixed-ours")["f"][b"c"] == b"ours"
+
+
+class _Counting:
+    """The live channel, counting MutateRows requests and the rows in each."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self._live = data_channel(WRITE_SCOPE)
+
+    def unary_stream(self, method, request_serializer, response_deserializer):
+        live = self._live.unary_stream(method, request_serializer, response_deserializer)
+
+        def call(request, timeout=None):
+            self.sizes.append(len(bt_types.MutateRowsRequest.pb().FromString(request).entries))
+            return live(request, timeout=timeout)
+
+        return call
+
+
+def test_requests_stay_within_the_mutation_limit_and_every_failure_is_named(table, monkeypatch):
+    monkeypatch.setattr(bigtable_write, "MAX_MUTATIONS", 7)
+    rows = []
+    for i in range(5):
+        row = Row(b"limit-%d" % i)
+        for col in (b"a", b"b", b"c"):
+            row.set_cell("no_such_family" if i in (0, 4) else "f", col, b"v", TS)
+        rows.append(row)
+    counting = _Counting()
+    with pytest.raises(WriteError) as err:
+        write_rows(table, rows, "test", deadline_s=5, channel=counting)
+    assert counting.sizes == [2, 2, 1]  # 3 mutations a row, at most 7 a request
+    assert sorted(err.value.failed) == [b"limit-0", b"limit-4"]  # both batches' failures
+    assert err.value.codes and not err.value.codes & RETRYABLE_CODES
+    assert all(read_row(table, b"limit-%d" % i) is not None for i in (1, 2, 3))
+
+
+def test_retried_rows_and_rows_sent_once_travel_apart(table):
+    faults = _UnreachableFirstCalls(1)
+    explicit = Row(b"apart-explicit").set_cell("f", b"c", b"v", TS)
+    server = Row(b"apart-server").set_cell("f", b"c", b"v")
+    assert write_rows(table, [server, explicit], "test", channel=faults) == 2
+    assert faults.calls == 3  # the explicit row's request retried once, the other sent once
+    assert read_row(table, b"apart-server") is not None
+
+
+def test_check_and_mutate_applies_only_as_the_predicate_says(table):
+    done = CellFilter(columns={"f": [b"status"]}, values=[b"done"])
+    key = b"cam"
+    write_rows(table, [Row(key).set_cell("f", b"status", b"running", TS)], "test")
+    assert not check_and_mutate(table, Row(key).set_cell("f", b"status", b"failed"), done)
+    assert read_row(table, key)["f"][b"status"] == b"failed"
+    write_rows(table, [Row(key).set_cell("f", b"status", b"done")], "test")
+    assert check_and_mutate(table, Row(key).set_cell("f", b"status", b"failed"), done)
+    assert read_row(table, key)["f"][b"status"] == b"done"
+    assert check_and_mutate(table, Row(key).set_cell("f", b"note", b"seen"), done, if_matched=True)
+    assert read_row(table, key)["f"][b"note"] == b"seen"
+
+
+def test_increment_counts_atomically(table):
+    assert [increment(table, b"counter", "f", b"n") for _ in range(3)] == [1, 2, 3]
+    assert increment(table, b"counter", "f", b"n", by=10) == 13
+
+
+@pytest.mark.parametrize("kind", ["check_and_mutate", "increment"])
+def test_single_row_writes_fail_classified_and_are_sent_once(table, kind):
+    def send(target, channel=None, what="test"):
+        if kind == "increment":
+            return increment(target, b"once", "f", b"n", what=what, channel=channel)
+        row = Row(b"once").set_cell("f", b"c", b"v")
+        return check_and_mutate(target, row, CellFilter(), what=what, channel=channel)
+
+    missing = table.name.rsplit("/", 1)[0] + "/no_such_table"
+    with pytest.raises(WriteError) as err:
+        send(missing)
+    assert list(err.value.failed) == [b"once"]
+    assert classify(err.value) == PERMANENT
+    faults = _UnreachableFirstCalls(1)
+    with pytest.raises(WriteError) as err:
+        send(table, channel=faults)
+    assert "UNAVAILABLE" in err.value.failed[b"once"]
+    assert classify(err.value) != PERMANENT  # the caller's task is retried
+    assert faults.calls == 1

@@ -2,7 +2,9 @@
 
 The functions write the ledger (:class:`l2cache.store.ledger.RunLedger`) and read only
 the few rows a task or message needs; everything that scans a run, lists runs or keeps
-operator records (QC reports, releases) lives here, outside every deploy archive.
+operator records (QC reports, releases) lives here, outside every deploy archive. Reads
+and writes go through the same two paths as the functions' (:mod:`l2cache.gcp.bigtable`,
+:mod:`l2cache.gcp.bigtable_write`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import json
 import struct
 from typing import Any
 
-from l2cache.gcp.bigtable_write import write_rows
+from l2cache.gcp.bigtable import read_row
+from l2cache.gcp.bigtable_write import Row, increment, write_rows
 from l2cache.store.ledger import (
     LEDGER_FAMILY,
     RUN_FAMILY,
@@ -25,14 +28,14 @@ from l2cache.store.ledger import (
 def list_runs(ledger: RunLedger) -> list[RunRecord]:
     return [
         RunRecord(**json.loads(row_cells(r, RUN_FAMILY)["meta"]))
-        for r in prefix_rows(ledger.table, b"run:")
+        for r in prefix_rows(ledger.table, b"run:").values()
     ]
 
 
 def rejected_tasks(ledger: RunLedger, run_id: str) -> list[str]:
     return [
         json.loads(row_cells(r, LEDGER_FAMILY)["error"])
-        for r in prefix_rows(ledger.table, f"rejected:{run_id}:".encode())
+        for r in prefix_rows(ledger.table, f"rejected:{run_id}:".encode()).values()
     ]
 
 
@@ -42,15 +45,15 @@ def failed_tasks(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
             k: json.loads(v) if k != "status" else v.decode()
             for k, v in row_cells(r, LEDGER_FAMILY).items()
         }
-        for r in prefix_rows(ledger.table, f"task:{run_id}:".encode())
+        for r in prefix_rows(ledger.table, f"task:{run_id}:".encode()).values()
     ]
 
 
 def chunk_rows(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
     out = []
-    for r in prefix_rows(ledger.table, f"chunk:{run_id}:".encode()):
+    for key, r in prefix_rows(ledger.table, f"chunk:{run_id}:".encode()).items():
         cells = row_cells(r, LEDGER_FAMILY)
-        entry: dict[str, Any] = {"chunk_id": int(r.row_key.rsplit(b":", 1)[1])}
+        entry: dict[str, Any] = {"chunk_id": int(key.rsplit(b":", 1)[1])}
         for k, v in cells.items():
             if k == "attempts":
                 entry[k] = struct.unpack(">q", v)[0]
@@ -69,8 +72,8 @@ def done_chunks(ledger: RunLedger, run_id: str) -> set[int]:
 
 def events(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
     out = []
-    for r in prefix_rows(ledger.table, f"event:{run_id}:".encode()):
-        entry: dict[str, Any] = {"key": r.row_key.decode().split(":", 2)[2]}
+    for key, r in prefix_rows(ledger.table, f"event:{run_id}:".encode()).items():
+        entry: dict[str, Any] = {"key": key.decode().split(":", 2)[2]}
         for k, v in row_cells(r, LEDGER_FAMILY).items():
             entry[k] = struct.unpack(">q", v)[0] if k == "delivery_count" else json.loads(v)
         out.append(entry)
@@ -78,7 +81,7 @@ def events(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
 
 
 def ignored_count(ledger: RunLedger, table_id: str) -> int:
-    row = ledger.table.read_row(f"ignored:{table_id}".encode())
+    row = read_row(ledger.table, f"ignored:{table_id}".encode())
     if row is None:
         return 0
     return struct.unpack(">q", row_cells(row, LEDGER_FAMILY)["count"])[0]
@@ -86,7 +89,7 @@ def ignored_count(ledger: RunLedger, table_id: str) -> int:
 
 def put_record(ledger: RunLedger, key: str, columns: dict[str, bytes]) -> None:
     """Write (replace) the given columns of one record row, checked."""
-    row = ledger.table.direct_row(key.encode())
+    row = Row(key.encode())
     for column, value in columns.items():
         row.set_cell(RUN_FAMILY, column.encode(), value)
     write_rows(ledger.table, [row], "record")
@@ -94,22 +97,19 @@ def put_record(ledger: RunLedger, key: str, columns: dict[str, bytes]) -> None:
 
 def get_record(ledger: RunLedger, key: str) -> dict[str, bytes] | None:
     """The newest value of every column of a record row; None when it does not exist."""
-    row = ledger.table.read_row(key.encode())
+    row = read_row(ledger.table, key.encode())
     return None if row is None else row_cells(row, RUN_FAMILY)
 
 
 def records(ledger: RunLedger, prefix: str) -> list[tuple[str, dict[str, bytes]]]:
     """(key, columns) of every record whose key starts with ``prefix``, in key order."""
     return [
-        (r.row_key.decode(), row_cells(r, RUN_FAMILY))
-        for r in prefix_rows(ledger.table, prefix.encode())
+        (key.decode(), row_cells(r, RUN_FAMILY))
+        for key, r in prefix_rows(ledger.table, prefix.encode()).items()
     ]
 
 
 def next_sequence(ledger: RunLedger, key: str) -> int:
     """Atomically count one more in ``key``'s counter; returns the new value (1-based),
     so two concurrent callers never get the same number."""
-    row = ledger.table.append_row(key.encode())
-    row.increment_cell_value(RUN_FAMILY, b"seq", 1)
-    cells = row.commit()
-    return struct.unpack(">q", cells[RUN_FAMILY][b"seq"][0][0])[0]
+    return increment(ledger.table, key.encode(), RUN_FAMILY, b"seq", what="record")

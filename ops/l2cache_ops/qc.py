@@ -27,20 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from google.cloud.bigtable import row_filters
-from google.cloud.bigtable.row_filters import TimestampRange
-from google.cloud.bigtable.row_set import RowSet
 
 from l2cache.compute import load_chunk_l2
 from l2cache.domain import ids as idlib
 from l2cache.domain.attributes import BY_NAME, FEATURE_FAMILY, LINEAGE_FAMILY
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.regions import region_chunks
-from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.gcp.bigtable import CellFilter, read_rows
+from l2cache.inputs.graph import GRAPH_FAMILY, PARENTS
 from l2cache_ops.ledger import chunk_rows
 from l2cache_ops.qc_reports import BATCH_KINDS, chunk_ids_of
 from l2cache_ops.releases import baseline_for_chunks, release_state
@@ -232,25 +230,19 @@ def graph_l2_ids(ctx, coords: np.ndarray, timestamp: datetime) -> dict[int, np.n
             cid: load_chunk_l2(ctx, c.tolist(), timestamp).l2_ids
             for cid, c in zip(l2_cids, coords, strict=True)
         }
-    table = bigtable_instance(g.project, g.instance).table(g.table_id)
-    until = datetime.fromtimestamp(_ms(timestamp) / 1000 + 0.001, tz=UTC)
-    filt = row_filters.RowFilterChain(
-        [
-            row_filters.FamilyNameRegexFilter("0"),
-            row_filters.ColumnQualifierRegexFilter(b"^parents$"),
-            row_filters.TimestampRangeFilter(TimestampRange(end=until)),
-            row_filters.CellsColumnLimitFilter(1),
-        ]
+    table = f"projects/{g.project}/instances/{g.instance}/tables/{g.table_id}"
+    cells = CellFilter(
+        columns={GRAPH_FAMILY: [PARENTS]},
+        end_micros=(_ms(timestamp) + 1) * 1000,  # the newest parent at or before it
+        per_column=1,
     )
-    row_set = RowSet()
-    for start, end in chunk_key_ranges(chunk_ids_of(coords, bits, layer=1), bits):
-        row_set.add_row_range_from_keys(start_key=start, end_key=end)
+    ranges = chunk_key_ranges(chunk_ids_of(coords, bits, layer=1), bits)
     svs, parents = [], []
-    for row in table.read_rows(row_set=row_set, filter_=filt):
-        cells = row.cells.get("0", {}).get(b"parents", [])
-        if cells:
-            svs.append(int(row.row_key))
-            parents.append(cells[0].value)
+    for key, row in read_rows(table, ranges=ranges, cells=cells).items():
+        parent = row.get(GRAPH_FAMILY, {}).get(PARENTS)
+        if parent is not None:
+            svs.append(int(key))
+            parents.append(parent)
     out = {cid: np.zeros(0, dtype=np.uint64) for cid in l2_cids}
     if not svs:
         return out
@@ -270,22 +262,17 @@ def run_rows(table, run, chunk_ids: np.ndarray, spatial_bits) -> dict[int, dict]
     or region run writes every cell at it); a row is the run's when its
     ``lineage:run`` at that version names the run.
     """
-    start = datetime.fromtimestamp(run.cell_timestamp_ms / 1000, tz=UTC)
-    filt = row_filters.TimestampRangeFilter(
-        TimestampRange(start=start, end=start + timedelta(milliseconds=1))
-    )
-    row_set = RowSet()
-    for lo, hi in chunk_key_ranges(chunk_ids, spatial_bits):
-        row_set.add_row_range_from_keys(start_key=lo, end_key=hi)
+    start = run.cell_timestamp_ms * 1000
+    cells = CellFilter(start_micros=start, end_micros=start + 1000, per_column=1)
+    ranges = chunk_key_ranges(chunk_ids, spatial_bits)
     out: dict[int, dict] = {int(c): {} for c in np.asarray(chunk_ids).tolist()}
     mine = run.run_id.encode()
     keys, rows = [], []
-    for row in table.read_rows(row_set=row_set, filter_=filt):
-        lineage = row.cells.get(LINEAGE_FAMILY, {}).get(b"run", [])
-        if not lineage or lineage[0].value != mine:
+    for key, row in read_rows(table, ranges=ranges, cells=cells).items():
+        if row.get(LINEAGE_FAMILY, {}).get(b"run") != mine:
             continue
-        keys.append(int(row.row_key))
-        rows.append({q: cells[0].value for q, cells in row.cells.get(FEATURE_FAMILY, {}).items()})
+        keys.append(int(key))
+        rows.append(dict(row.get(FEATURE_FAMILY, {})))
     if keys:
         cids = idlib.get_chunk_id(np.asarray(keys, dtype=np.uint64), spatial_bits).tolist()
         for key, cid, cells in zip(keys, cids, rows, strict=True):

@@ -9,43 +9,42 @@ row can hold several of a stream run's versions. Rollback reads every version of
 such row, the feature and lineage cells at exactly those timestamps. Versions written
 by other runs are untouched, and the cache table's GC keeps the last N versions, so
 the previous values become current again.
+
+The scans go through the one read path (:func:`l2cache.gcp.bigtable.read_versions`,
+every version with its timestamp) and the deletions through the one write path
+(:func:`l2cache.gcp.bigtable_write.write_rows`, every row's status checked).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import numpy as np
-from google.cloud.bigtable import row_filters
-from google.cloud.bigtable.row_filters import TimestampRange
-from google.cloud.bigtable.row_set import RowSet
 
 from l2cache.domain.attributes import ATTRIBUTES, FEATURE_FAMILY, LINEAGE_FAMILY
 from l2cache.domain.ids import get_layer
-from l2cache.gcp.bigtable_write import write_rows
+from l2cache.gcp.bigtable import CellFilter, read_versions
+from l2cache.gcp.bigtable_write import Row, write_rows
 
 FEATURE_COLUMNS = [a.key for a in ATTRIBUTES]
 LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]
+MS = 1000  # Bigtable cell timestamps are whole milliseconds, in microseconds
+# A scan of a whole table (rollback_run) or of a large region may outlast the read
+# path's 60 s default; it is an operator's command, bounded all the same.
+SCAN_DEADLINE_S = 3600.0
 
 
 def run_versions(table, run_id: str) -> dict[bytes, list[int]]:
     """Row key -> timestamps (microseconds) of every version whose ``lineage:run`` is ``run_id``."""
-    filt = row_filters.RowFilterChain(
-        [
-            row_filters.FamilyNameRegexFilter(LINEAGE_FAMILY),
-            row_filters.ColumnQualifierRegexFilter(b"^run$"),
-            row_filters.ValueRegexFilter(b"^" + re.escape(run_id).encode() + b"$"),
-            row_filters.StripValueTransformerFilter(True),
-        ]
+    cells = CellFilter(
+        columns={LINEAGE_FAMILY: [b"run"]}, values=[run_id.encode()], strip_values=True
     )
     out: dict[bytes, list[int]] = {}
-    for row in table.read_rows(filter_=filt):
-        cells = row.cells.get(LINEAGE_FAMILY, {}).get(b"run", [])
-        stamps = sorted({_micros(c.timestamp) for c in cells})
+    for key, row in read_versions(table, cells=cells, deadline_s=SCAN_DEADLINE_S).items():
+        stamps = sorted({stamp for stamp, _ in row.get(LINEAGE_FAMILY, {}).get(b"run", [])})
         if stamps:
-            out[row.row_key] = stamps
+            out[key] = stamps
     return out
 
 
@@ -59,16 +58,18 @@ def rollback_run(table, run) -> int:
     versions = run_versions(table, run.run_id)
     rows = []
     for key, stamps in versions.items():
-        row = table.direct_row(key)
+        row = Row(key)
         for micros in stamps:
-            start = datetime.fromtimestamp(micros / 1e6, tz=UTC)
-            window = TimestampRange(start=start, end=start + timedelta(milliseconds=1))
-            # per column: a whole-family delete cannot be limited to a time range
-            row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, time_range=window)
-            row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, time_range=window)
+            _delete_version(row, micros)
         rows.append(row)
     write_rows(table, rows, "rollback")
     return len(rows)
+
+
+def _delete_version(row: Row, micros: int) -> None:
+    """Delete the feature and lineage cells of the version at ``micros``."""
+    row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, micros, micros + MS)
+    row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, micros, micros + MS)
 
 
 def _micros(ts: datetime) -> int:
@@ -124,28 +125,20 @@ def versions_in_ranges(
     run_ids = sorted(set(run_ids))
     if not run_ids or not ranges:
         return {}, 0
-    alternatives = b"|".join(re.escape(r).encode() for r in run_ids)
-    chain = [
-        row_filters.FamilyNameRegexFilter(LINEAGE_FAMILY),
-        row_filters.ColumnQualifierRegexFilter(b"^run$"),
-    ]
-    if after is not None:
-        start = datetime.fromtimestamp(_micros(after) / 1e6 + 0.001, tz=UTC)
-        chain.append(row_filters.TimestampRangeFilter(TimestampRange(start=start)))
-    chain.append(row_filters.ValueRegexFilter(b"^(" + alternatives + b")$"))
-    row_set = RowSet()
-    for start_key, end_key in ranges:
-        row_set.add_row_range_from_keys(start_key=start_key, end_key=end_key)
+    cells = CellFilter(
+        columns={LINEAGE_FAMILY: [b"run"]},
+        start_micros=None if after is None else _micros(after) + MS,
+        values=[r.encode() for r in run_ids],
+    )
+    found = read_versions(table, ranges=ranges, cells=cells, deadline_s=SCAN_DEADLINE_S)
     out: dict[bytes, dict[str, list[int]]] = {}
-    scanned = 0
-    for row in table.read_rows(row_set=row_set, filter_=row_filters.RowFilterChain(chain)):
-        scanned += 1
+    for key, row in found.items():
         per_run: dict[str, set[int]] = {}
-        for cell in row.cells.get(LINEAGE_FAMILY, {}).get(b"run", []):
-            per_run.setdefault(cell.value.decode(), set()).add(_micros(cell.timestamp))
+        for stamp, value in row.get(LINEAGE_FAMILY, {}).get(b"run", []):
+            per_run.setdefault(value.decode(), set()).add(stamp)
         if per_run:
-            out[row.row_key] = {run: sorted(stamps) for run, stamps in per_run.items()}
-    return out, scanned
+            out[key] = {run: sorted(stamps) for run, stamps in per_run.items()}
+    return out, len(found)
 
 
 def rollback_runs_in_ranges(
@@ -156,14 +149,11 @@ def rollback_runs_in_ranges(
     versions, scanned = versions_in_ranges(table, run_ids, ranges, after)
     rows, per_run, deleted = [], {}, 0
     for key, by_run in versions.items():
-        row = table.direct_row(key)
+        row = Row(key)
         for run, stamps in by_run.items():
             per_run[run] = per_run.get(run, 0) + len(stamps)
             for micros in stamps:
-                start = datetime.fromtimestamp(micros / 1e6, tz=UTC)
-                window = TimestampRange(start=start, end=start + timedelta(milliseconds=1))
-                row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, time_range=window)
-                row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, time_range=window)
+                _delete_version(row, micros)
                 deleted += 1
         rows.append(row)
     write_rows(table, rows, "rollback")

@@ -1,22 +1,50 @@
-"""Bigtable access: one way to build clients, and a fast row reader for lookups.
+"""Bigtable access: clients, channels, the retry rule, and the one read path.
 
-Writes and admin go through ``google.cloud.bigtable`` (honours
-``BIGTABLE_EMULATOR_HOST``). Point reads of thousands of rows go through
-:class:`RowReader`, which speaks ReadRows with the raw protobuf messages on a
-single-threaded-stream gRPC channel: the client library turns every streamed row into
-proto-plus objects on a helper thread, which measured ~9x slower (10,000 rows of 9
-cells: 1.2 s vs 0.14 s on the emulator) and was the whole lookup budget.
+Every read of a Bigtable table in l2cache goes through :class:`RowReader` (or the
+:func:`read_rows` / :func:`read_row` / :func:`read_versions` shorthands): row keys, key
+ranges, prefixes or the whole table, with a server-side :class:`CellFilter` (columns,
+timestamp range, exact values, newest N per column, keys only). One engine serves
+them all, so one deadline, one retry rule and one classification of failures apply to
+the lookup, the graph's parents, the ledger, QC and rollback alike:
+
+- **Deadline**: a read call ends within ``deadline_s`` (:data:`READ_DEADLINE_S`, 60 s;
+  10,000 rows take ~0.5 s on the emulator), retries included. A stream that hangs
+  becomes DEADLINE_EXCEEDED, a transient error its caller owns (the lookup answers
+  503, a task is retried), instead of a request that never ends.
+- **Retry**: a stream that fails with a transient code (:data:`TRANSIENT_CODES`) is
+  resumed after the last row it delivered, with backoff (:class:`Backoff`), until the
+  deadline; rows already read are kept, never read twice.
+- **Failure**: what no retry can change (a missing table: NOT_FOUND; PERMISSION_DENIED;
+  INVALID_ARGUMENT) is raised as the ``google.api_core`` exception of its code
+  (``NotFound``...), permanent by :func:`l2cache.domain.failures.classify` and what the
+  CLI reports as a user error; anything else is raised as the ``grpc.RpcError`` of the
+  last attempt, transient.
+
+The engine speaks ReadRows with the generated protobuf messages on a
+single-threaded-stream gRPC channel and parses the cell chunks itself: the client
+library turns every streamed row into proto-plus objects on a helper thread, which
+measured ~9x slower (10,000 rows of 9 cells: 1.2 s vs 0.14 s on the emulator) and was
+the whole lookup budget. Writes are :mod:`l2cache.gcp.bigtable_write`; table admin
+(create, families) stays with ``google.cloud.bigtable`` (:func:`bigtable_instance`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.api_core import exceptions as api_exceptions
 from google.cloud import bigtable
 from google.cloud.bigtable_v2.types import bigtable as bt_types
+from google.cloud.bigtable_v2.types import data as data_types
 
+from l2cache.domain.failures import FINAL_ROW_CODES
 from l2cache.support.gc_defer import gc_deferred
 
 EMULATOR_ENV = "BIGTABLE_EMULATOR_HOST"
@@ -26,21 +54,28 @@ WRITE_SCOPE = "https://www.googleapis.com/auth/bigtable.data"
 _READ_ROWS = "/google.bigtable.v2.Bigtable/ReadRows"
 _ReadRowsRequest = bt_types.ReadRowsRequest.pb()
 _ReadRowsResponse = bt_types.ReadRowsResponse.pb()
+_RowFilter = data_types.RowFilter.pb()
 _CHANNEL_OPTIONS = [
     (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
-READ_ATTEMPTS = 3
-# Each ReadRows stream must end within this (10,000 rows take ~0.5 s on the emulator): a
-# stream that hangs becomes DEADLINE_EXCEEDED, a transient error its caller owns (the
-# lookup answers 503, a task is retried), instead of a request that never ends.
 READ_DEADLINE_S = 60.0
+# Codes a repeat may cure (a server restarting, a stream cut, a lost race): what the
+# client library retries. Reads always retry them; writes only when the request is safe
+# to repeat (see l2cache.gcp.bigtable_write).
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+)
 
-RowCells = dict[str, dict[bytes, bytes]]
+RowCells = dict[str, dict[bytes, bytes]]  # family -> qualifier -> newest value
+# family -> qualifier -> [(timestamp micros, value)], newest first
+RowVersions = dict[str, dict[bytes, list[tuple[int, bytes]]]]
+KeyRange = tuple[bytes, bytes]  # [start, end); b"" end = to the end of the table
 
 
 def bigtable_instance(project: str, instance: str, admin: bool = False):
-    """A ``google.cloud.bigtable`` Instance handle (admin for table creation)."""
+    """A ``google.cloud.bigtable`` Instance handle: table admin, and the table names
+    (``table.name``) the read and write paths take."""
     client = bigtable.Client(project=project, admin=admin)
     return client.instance(instance)
 
@@ -71,16 +106,142 @@ def data_channel(scope: str = DATA_SCOPE) -> grpc.Channel:
         return _channels[key]
 
 
+def table_name(table: Any) -> str:
+    """The full name (``projects/../instances/../tables/..``) of a table handle or name."""
+    return table if isinstance(table, str) else table.name
+
+
+class Backoff:
+    """The pause between attempts of one call: 10 ms doubling to 1 s, within a deadline.
+
+    Shared by the read and write paths so both give up at the same kind of moment.
+    """
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline = time.monotonic() + deadline_s
+        self.delay = 0.01
+
+    def remaining(self) -> float:
+        """Seconds left for the next attempt (at least 1 ms: gRPC refuses 0)."""
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    def wait(self) -> bool:
+        """Sleep before the next attempt; False (no sleep) when it would end past the
+        deadline."""
+        if time.monotonic() + self.delay >= self.deadline:
+            return False
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 1.0)
+        return True
+
+
+def read_failure(exc: grpc.RpcError) -> BaseException:
+    """The exception a failed read raises: what no retry can change as its
+    ``google.api_core`` exception (``NotFound`` for a missing table: permanent), anything
+    else as the gRPC error itself (transient)."""
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    if code is not None and code.value[0] in FINAL_ROW_CODES:
+        return api_exceptions.from_grpc_error(exc)
+    return exc
+
+
+# -- what to read ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CellFilter:
+    """Which cells of a row to return, applied by the server (one ``RowFilter``).
+
+    Applied in this order: ``columns`` (family -> qualifiers, ``None`` or empty for the
+    whole family), ``[start_micros, end_micros)`` cell timestamps, ``values`` (exact
+    values, any of them), the newest ``per_column`` cells of each column, the first
+    ``per_row`` cells of a row, then ``strip_values`` (keys and timestamps only). A row
+    with no cell left is not returned at all. The default selects everything.
+    """
+
+    columns: Mapping[str, Sequence[bytes] | None] | None = None
+    start_micros: int | None = None
+    end_micros: int | None = None
+    values: Sequence[bytes] | None = None
+    per_column: int = 0
+    per_row: int = 0
+    strip_values: bool = False
+
+    def to_pb(self):
+        """The generated ``RowFilter`` message; ``None`` when nothing is filtered.
+        Bigtable wants chains and interleaves of >= 2 filters."""
+        parts = []
+        if self.columns:
+            by_family = []
+            for family, qualifiers in self.columns.items():
+                sel = [_RowFilter(family_name_regex_filter=f"^{re.escape(family)}$")]
+                if qualifiers:
+                    sel.append(_RowFilter(column_qualifier_regex_filter=_alternatives(qualifiers)))
+                by_family.append(sel)
+            if len(by_family) == 1:
+                parts.extend(by_family[0])
+            else:
+                union = _RowFilter()
+                union.interleave.filters.extend(_chain(sel) for sel in by_family)
+                parts.append(union)
+        if self.start_micros is not None or self.end_micros is not None:
+            window = _RowFilter()
+            window.timestamp_range_filter.start_timestamp_micros = self.start_micros or 0
+            window.timestamp_range_filter.end_timestamp_micros = self.end_micros or 0
+            parts.append(window)
+        if self.values:
+            parts.append(_RowFilter(value_regex_filter=_alternatives(self.values)))
+        if self.per_column:
+            parts.append(_RowFilter(cells_per_column_limit_filter=self.per_column))
+        if self.per_row:
+            parts.append(_RowFilter(cells_per_row_limit_filter=self.per_row))
+        if self.strip_values:
+            parts.append(_RowFilter(strip_value_transformer=True))
+        return _chain(parts) if parts else None
+
+
+ALL = CellFilter()
+NEWEST = CellFilter(per_column=1)
+KEYS_ONLY = CellFilter(per_row=1, strip_values=True)
+
+
+def _alternatives(exact: Iterable[bytes]) -> bytes:
+    """An RE2 pattern matching exactly one of ``exact``."""
+    return b"^(" + b"|".join(re.escape(bytes(v)) for v in exact) + b")$"
+
+
+def _chain(parts: list):
+    if len(parts) == 1:
+        return parts[0]
+    out = _RowFilter()
+    out.chain.filters.extend(parts)
+    return out
+
+
+def prefix_range(prefix: bytes) -> KeyRange:
+    """The key range of every key starting with ``prefix``."""
+    end = prefix.rstrip(b"\xff")
+    end = end[:-1] + bytes([end[-1] + 1]) if end else b""
+    return prefix, end
+
+
+# -- the engine -----------------------------------------------------------------------
+
+
 class RowReader:
-    """Read rows by key, newest cell per column, as ``{key: {family: {qualifier: value}}}``."""
+    """Reads of one table: every Bigtable read in l2cache is one of these methods.
+
+    ``deadline_s`` bounds each call, retries included. The reader holds no state
+    between calls, so threads may share it (the lookup reads batches concurrently).
+    """
 
     def __init__(
         self,
-        table_name: str,
+        table: Any,
         channel: grpc.Channel | None = None,
         deadline_s: float = READ_DEADLINE_S,
     ) -> None:
-        self.table_name = table_name
+        self.table_name = table_name(table)
         self.deadline_s = deadline_s
         self._call = (channel or data_channel()).unary_stream(
             _READ_ROWS,
@@ -88,6 +249,7 @@ class RowReader:
             response_deserializer=_ReadRowsResponse.FromString,
         )
 
+    # -- the hot paths: rows by key, newest cells ------------------------------------
     def read(
         self,
         keys: list[bytes],
@@ -95,24 +257,13 @@ class RowReader:
         qualifiers: dict[str, list[bytes]] | None = None,
         until_micros: int | None = None,
     ) -> dict[bytes, RowCells]:
-        """Rows of ``keys`` that exist; retried (remaining keys only) on UNAVAILABLE.
-
-        ``until_micros``: only cells with a timestamp <= this (the graph "at time T").
-        """
-        out: dict[bytes, RowCells] = {}
-        remaining = list(keys)
-        for attempt in range(READ_ATTEMPTS):
-            try:
-                with gc_deferred():  # ~3 containers per cell, none in a cycle
-                    self._stream(remaining, families, qualifiers, out, until_micros)
-                return out
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
-                    raise
-                if attempt == READ_ATTEMPTS - 1:
-                    raise
-                remaining = [k for k in remaining if k not in out]
-        return out
+        """Rows of ``keys`` that exist, newest cell per column, optionally only
+        ``families`` (and per family only ``qualifiers``) and only cells with a
+        timestamp <= ``until_micros`` (the graph "at time T")."""
+        columns = {f: (qualifiers or {}).get(f) for f in families} if families else None
+        # end is exclusive; Bigtable timestamps are whole milliseconds
+        end = None if until_micros is None else until_micros + 1000
+        return self.rows(keys=keys, cells=CellFilter(columns, end_micros=end, per_column=1))
 
     def any_in_range(self, start_key: bytes, end_key: bytes) -> bool:
         """Whether any row has a key in ``[start_key, end_key)`` (reads one key at most)."""
@@ -121,68 +272,184 @@ class RowReader:
     def keys_in_range(self, start_key: bytes, end_key: bytes, limit: int = 0) -> list[bytes]:
         """Row keys in ``[start_key, end_key)`` (at most ``limit``; 0 = all), keys only:
         one cell per row, values stripped."""
-        req = _ReadRowsRequest(table_name=self.table_name, rows_limit=limit)
-        rng = req.rows.row_ranges.add()
-        rng.start_key_closed = start_key
-        rng.end_key_open = end_key
-        chain = req.filter.chain.filters
-        chain.add().cells_per_row_limit_filter = 1
-        chain.add().strip_value_transformer = True
-        keys: list[bytes] = []
-        for response in self._call(req, timeout=self.deadline_s):
-            for chunk in response.chunks:
-                if chunk.row_key and (not keys or keys[-1] != chunk.row_key):
-                    keys.append(chunk.row_key)
-        return keys
+        return list(self.rows(ranges=[(start_key, end_key)], cells=KEYS_ONLY, limit=limit))
 
-    def _request(self, keys, families, qualifiers, until_micros=None):
-        """ReadRows request; Bigtable wants chains and interleaves of >= 2 filters."""
-        req = _ReadRowsRequest(table_name=self.table_name)
-        req.rows.row_keys.extend(keys)
-        if not families and until_micros is None:
-            req.filter.cells_per_column_limit_filter = 1
-            return req
-        chain = req.filter.chain.filters
-        if until_micros is not None:
-            # end is exclusive; Bigtable timestamps are whole milliseconds
-            chain.add().timestamp_range_filter.end_timestamp_micros = until_micros + 1000
-        chain.add().cells_per_column_limit_filter = 1
-        if not families:
-            return req
-        per_family = chain.add() if len(families) == 1 else None
-        union = None if per_family is not None else chain.add().interleave.filters
-        for fam in families:
-            target = per_family if per_family is not None else union.add()
-            wanted = (qualifiers or {}).get(fam)
-            if wanted:
-                sub = target.chain.filters
-                sub.add().family_name_regex_filter = f"^{fam}$"
-                sub.add().column_qualifier_regex_filter = b"^(" + b"|".join(wanted) + b")$"
-            else:
-                target.family_name_regex_filter = f"^{fam}$"
-        return req
+    # -- the general reads ------------------------------------------------------------
+    def rows(
+        self,
+        *,
+        keys: Sequence[bytes] | None = None,
+        ranges: Sequence[KeyRange] | None = None,
+        prefix: bytes | None = None,
+        cells: CellFilter = NEWEST,
+        limit: int = 0,
+    ) -> dict[bytes, RowCells]:
+        """``{key: {family: {qualifier: newest value}}}`` of the rows selected, in key
+        order. Rows are ``keys``, ``ranges`` and ``prefix`` together; none of them
+        given reads the whole table, an empty list reads nothing. ``limit``: at most
+        that many rows (0 = all)."""
+        out: dict[bytes, RowCells] = {}
+        self._read(keys, ranges, prefix, cells, limit, _parse_newest, out)
+        return out
 
-    def _stream(self, keys, families, qualifiers, out: dict[bytes, RowCells], until=None) -> None:
-        row: RowCells = {}
-        key = family = qualifier = None
-        parts: list[bytes] = []
-        request = self._request(keys, families, qualifiers, until)
-        for response in self._call(request, timeout=self.deadline_s):
-            for chunk in response.chunks:
-                if chunk.reset_row:
-                    row, parts = {}, []
-                    continue
-                if chunk.row_key:
-                    key = chunk.row_key
-                if chunk.HasField("family_name"):
-                    family = chunk.family_name.value
-                if chunk.HasField("qualifier"):
-                    qualifier = chunk.qualifier.value
-                parts.append(chunk.value)
-                if chunk.value_size == 0:  # the cell is complete
-                    value = parts[0] if len(parts) == 1 else b"".join(parts)
-                    parts = []
-                    row.setdefault(family, {}).setdefault(qualifier, value)
-                if chunk.commit_row:
-                    out[key] = row
-                    row = {}
+    def versions(
+        self,
+        *,
+        keys: Sequence[bytes] | None = None,
+        ranges: Sequence[KeyRange] | None = None,
+        prefix: bytes | None = None,
+        cells: CellFilter = ALL,
+        limit: int = 0,
+    ) -> dict[bytes, RowVersions]:
+        """As :meth:`rows`, with every cell version the filter keeps and its timestamp
+        (microseconds), newest first: what rollback selects its deletions by."""
+        out: dict[bytes, RowVersions] = {}
+        self._read(keys, ranges, prefix, cells, limit, _parse_versions, out)
+        return out
+
+    def _read(self, keys, ranges, prefix, cells: CellFilter, limit: int, parse, out) -> None:
+        """Build one request, stream it, and resume it after the last delivered row on
+        a transient failure until the deadline."""
+        given = [s for s in (keys, ranges) if s is not None]
+        if prefix is None and given and not any(given):
+            return  # an empty selection, not the whole table
+        request = _ReadRowsRequest(table_name=self.table_name, rows_limit=limit)
+        if keys:
+            request.rows.row_keys.extend(keys)
+        for start, end in [
+            *(ranges or ()),
+            *([prefix_range(prefix)] if prefix is not None else []),
+        ]:
+            rng = request.rows.row_ranges.add()
+            rng.start_key_closed = start
+            if end:
+                rng.end_key_open = end
+        filt = cells.to_pb()
+        if filt is not None:
+            request.filter.CopyFrom(filt)
+        backoff = Backoff(self.deadline_s)
+        while True:
+            progress: list[bytes] = []  # keys of the rows delivered by this attempt
+            try:
+                with gc_deferred():  # ~3 containers per cell, none in a cycle
+                    parse(self._call(request, timeout=backoff.remaining()), out, progress)
+                return
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code not in TRANSIENT_CODES or not backoff.wait():
+                    failure = read_failure(exc)
+                    if failure is exc:
+                        raise
+                    raise failure from exc
+                if progress and not _resume_after(request, progress[-1], len(progress)):
+                    return  # everything asked for was delivered before the failure
+
+
+def _resume_after(request, last_key: bytes, delivered: int) -> bool:
+    """Narrow ``request`` to the rows after ``last_key`` (rows stream in key order);
+    False when nothing is left to read."""
+    if request.rows_limit:
+        request.rows_limit -= delivered
+        if request.rows_limit <= 0:
+            return False
+    rows = request.rows
+    whole_table = not rows.row_keys and not rows.row_ranges
+    keys = [k for k in rows.row_keys if k > last_key]
+    ranges = []
+    for rng in rows.row_ranges:
+        end_kind = rng.WhichOneof("end_key")
+        end = getattr(rng, end_kind) if end_kind else None
+        if end is not None and end <= last_key:
+            continue  # wholly delivered
+        start_kind = rng.WhichOneof("start_key")
+        start = getattr(rng, start_kind) if start_kind else b""
+        if start <= last_key:
+            rng.start_key_open = last_key
+        ranges.append(rng)
+    if whole_table:
+        rng = data_types.RowRange.pb()(start_key_open=last_key)
+        ranges.append(rng)
+    if not keys and not ranges:
+        return False
+    new = data_types.RowSet.pb()(row_keys=keys, row_ranges=ranges)
+    request.rows.CopyFrom(new)
+    return True
+
+
+def _parse_newest(responses, out: dict[bytes, RowCells], progress: list[bytes]) -> None:
+    """Cell chunks -> newest value per column (the first cell of a column is newest)."""
+    row: RowCells = {}
+    key = family = qualifier = None
+    parts: list[bytes] = []
+    for response in responses:
+        for chunk in response.chunks:
+            if chunk.reset_row:
+                row, parts = {}, []
+                continue
+            if chunk.row_key:
+                key = chunk.row_key
+            if chunk.HasField("family_name"):
+                family = chunk.family_name.value
+            if chunk.HasField("qualifier"):
+                qualifier = chunk.qualifier.value
+            parts.append(chunk.value)
+            if chunk.value_size == 0:  # the cell is complete
+                value = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts = []
+                row.setdefault(family, {}).setdefault(qualifier, value)
+            if chunk.commit_row:
+                out[key] = row
+                progress.append(key)
+                row = {}
+
+
+def _parse_versions(responses, out: dict[bytes, RowVersions], progress: list[bytes]) -> None:
+    """Cell chunks -> every cell with its timestamp, newest first per column."""
+    row: RowVersions = {}
+    key = family = qualifier = None
+    stamp = 0
+    parts: list[bytes] = []
+    for response in responses:
+        for chunk in response.chunks:
+            if chunk.reset_row:
+                row, parts = {}, []
+                continue
+            if chunk.row_key:
+                key = chunk.row_key
+            if chunk.HasField("family_name"):
+                family = chunk.family_name.value
+            if chunk.HasField("qualifier"):
+                qualifier = chunk.qualifier.value
+            if not parts:  # a cell's first chunk carries its timestamp
+                stamp = chunk.timestamp_micros
+            parts.append(chunk.value)
+            if chunk.value_size == 0:
+                value = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts = []
+                row.setdefault(family, {}).setdefault(qualifier, []).append((stamp, value))
+            if chunk.commit_row:
+                out[key] = row
+                progress.append(key)
+                row = {}
+
+
+# -- shorthands for reads that need no reader of their own ---------------------------
+
+
+def read_rows(
+    table: Any, *, deadline_s: float = READ_DEADLINE_S, **select
+) -> dict[bytes, RowCells]:
+    """:meth:`RowReader.rows` of ``table`` (a handle or its name)."""
+    return RowReader(table, deadline_s=deadline_s).rows(**select)
+
+
+def read_versions(
+    table: Any, *, deadline_s: float = READ_DEADLINE_S, **select
+) -> dict[bytes, RowVersions]:
+    """:meth:`RowReader.versions` of ``table`` (a handle or its name)."""
+    return RowReader(table, deadline_s=deadline_s).versions(**select)
+
+
+def read_row(table: Any, key: bytes, cells: CellFilter = NEWEST) -> RowCells | None:
+    """The newest cells of one row; ``None`` when it does not exist."""
+    return read_rows(table, keys=[key], cells=cells).get(key)

@@ -1,110 +1,84 @@
-"""The one way l2cache writes to Bigtable: every row's status checked, failures raised.
+"""The one write path: every Bigtable write in l2cache, its statuses checked, its
+failures raised as :class:`WriteError` and classified in one place.
+
+Three kinds of request, one module:
+
+- **MutateRows** (:func:`write_rows` for :class:`Row` objects, :func:`encode_columns`
+  + :func:`mutate_entries` for the feature rows): every row's status is checked; rows
+  that fail with a transient code (and the whole request on a transient RPC error)
+  are re-sent with backoff until the deadline (:data:`DEADLINE_S`), but only when the
+  request is safe to repeat: a write with server timestamps (``timestamp=None``)
+  would add a version per repeat, so it is sent once, as the client library does.
+- **CheckAndMutateRow** (:func:`check_and_mutate`) and **ReadModifyWriteRow**
+  (:func:`increment`): one row, sent once (a repeat could apply a second time or
+  count twice), the RPC's failure raised.
 
 ``DirectRow.commit()`` and ``Table.mutate_rows()`` *return* per-row statuses instead of
 raising, so a caller that forgets to look loses writes silently (a run enqueued with no
-run row, a chunk computed but never marked done). Every write in the production code
-goes through :func:`write_rows`, which bounds the client's own retries of failed rows
-and raises :class:`WriteError` naming every row that still failed. A raised ``WriteError`` is transient by the failure contract: the
-caller answers 5xx and the whole, idempotent, operation is retried.
+run row, a chunk computed but never marked done); that is why nothing calls them. A
+:class:`WriteError` carries the gRPC codes of what failed, so
+:func:`l2cache.domain.failures.classify` tells final (a missing table, a bad family:
+permanent) from transient (everything else: the caller answers 5xx and the whole,
+idempotent, operation is retried).
+
+Requests are built with the library's generated protobuf messages (upb). The feature
+rows were once encoded by hand for speed; side by side the generated messages cost ~3 ms
+more per 1,000 rows, ~0.5 % of a chunk (BENCHMARKS.md, "Write encoding"). Each row is
+serialized once, as the bytes of a ``MutateRowsRequest`` holding only its entry, so a
+request is the table name's bytes followed by its rows' (protobuf concatenates repeated
+fields) and a retry re-sends the failed rows' bytes without encoding them again.
 """
 
 from __future__ import annotations
 
-import time
+import struct
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 import grpc
-from google.api_core import exceptions as api_exceptions
 from google.cloud._helpers import _microseconds_from_datetime
-from google.cloud.bigtable.table import DEFAULT_RETRY
 from google.cloud.bigtable_v2.types import bigtable as bt_types
 
-BATCH_ROWS = 2_000
-DEADLINE_S = 60.0  # the client library retries failed rows with backoff up to this long
-_MUTATE_ROWS = "/google.bigtable.v2.Bigtable/MutateRows"
-_MutateRowsResponse = bt_types.MutateRowsResponse.pb()
-NO_STATUS = grpc.StatusCode.UNKNOWN.value[0]  # a row the response never mentioned
-# Row statuses worth retrying: what the client library retries (its RETRYABLE codes).
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
-        grpc.StatusCode.ABORTED.value[0],
-        grpc.StatusCode.UNAVAILABLE.value[0],
-    }
+from l2cache.gcp.bigtable import (
+    TRANSIENT_CODES,
+    WRITE_SCOPE,
+    Backoff,
+    CellFilter,
+    data_channel,
+    table_name,
 )
+
+BATCH_ROWS = 2_000
+MAX_MUTATIONS = 100_000  # Bigtable's limit per MutateRows request, all rows together
+DEADLINE_S = 60.0  # a write call ends within this, retries included
+_MUTATE_ROWS = "/google.bigtable.v2.Bigtable/MutateRows"
+_CHECK_AND_MUTATE = "/google.bigtable.v2.Bigtable/CheckAndMutateRow"
+_READ_MODIFY_WRITE = "/google.bigtable.v2.Bigtable/ReadModifyWriteRow"
+_MutateRowsRequest = bt_types.MutateRowsRequest.pb()
+_MutateRowsResponse = bt_types.MutateRowsResponse.pb()
+_Entry = _MutateRowsRequest.Entry
+_CheckAndMutateRowRequest = bt_types.CheckAndMutateRowRequest.pb()
+_CheckAndMutateRowResponse = bt_types.CheckAndMutateRowResponse.pb()
+_ReadModifyWriteRowRequest = bt_types.ReadModifyWriteRowRequest.pb()
+_ReadModifyWriteRowResponse = bt_types.ReadModifyWriteRowResponse.pb()
+NO_STATUS = grpc.StatusCode.UNKNOWN.value[0]  # a row the response never mentioned
+# Row statuses worth retrying (as integers, the form row statuses come in).
+RETRYABLE_CODES = frozenset(code.value[0] for code in TRANSIENT_CODES)
 SERVER_TIMESTAMP = -1  # Bigtable assigns the time; such a write is not idempotent
 
 
 class WriteError(RuntimeError):
-    """Rows that could not be written; ``failed`` maps row key -> reason."""
+    """Rows that could not be written; ``failed`` maps row key -> reason, ``codes`` holds
+    the gRPC codes of the failures (what :func:`l2cache.domain.failures.classify` reads)."""
 
     def __init__(self, what: str, failed: dict[bytes, str], codes: set[int] | None = None) -> None:
         self.failed = failed
-        self.codes = codes or set()  # gRPC codes of the failed rows (empty: the RPC failed)
+        self.codes = codes or set()
         sample = ", ".join(
             f"{k.decode(errors='replace')}: {v}" for k, v in list(failed.items())[:3]
         )
         super().__init__(f"{len(failed)} {what} row(s) failed to write ({sample})")
-
-
-def write_rows(
-    table, rows: Sequence, what: str = "bigtable", deadline_s: float = DEADLINE_S
-) -> int:
-    """Apply ``rows`` (DirectRow mutations) and check every row's status.
-
-    The client library already retries rows that failed with a retryable code, with
-    backoff, until ``deadline_s``; a status still non-OK after that is final and
-    raised. So is the RPC itself failing (Bigtable or the emulator unreachable).
-    Returns the number of rows written.
-    """
-    rows = list(rows)
-    failed: dict[bytes, str] = {}
-    codes: set[int] = set()
-    retry = DEFAULT_RETRY.with_deadline(deadline_s)
-    for start in range(0, len(rows), BATCH_ROWS):
-        batch = rows[start : start + BATCH_ROWS]
-        try:
-            statuses = table.mutate_rows(batch, retry=retry, timeout=deadline_s)
-        except (api_exceptions.GoogleAPICallError, api_exceptions.RetryError) as exc:
-            raise WriteError(
-                what, {r.row_key: f"{type(exc).__name__}: {exc}" for r in batch}
-            ) from exc
-        for row, status in zip(batch, statuses, strict=True):
-            if status.code != 0:
-                failed[row.row_key] = status.message or f"code {status.code}"
-                codes.add(status.code)
-    if failed:
-        raise WriteError(what, failed, codes)
-    return len(rows)
-
-
-# -- feature rows: the MutateRows request encoded directly ------------------------------
-#
-# The client library builds two proto-plus objects per cell and converts each to
-# protobuf again when sending: 2,000 rows of 12 cells took 0.5-0.8 s of pure Python,
-# twice the emulator's own time. A cell's wire bytes are a constant header (family,
-# qualifier, timestamp, lengths) followed by its value, so :class:`CellEncoder` keeps
-# the headers and a row costs one ``bytes.join``. The encoding is protobuf's own
-# (tests parse it back with the generated message and compare with the library's).
-
-
-def _varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF  # negative int64 (server timestamp -1): 10 bytes
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def timestamp_micros(when: datetime | None) -> int:
@@ -116,93 +90,224 @@ def timestamp_micros(when: datetime | None) -> int:
     return micros - micros % 1000
 
 
-class CellEncoder:
-    """Wire bytes of ``Mutation{set_cell}`` entries for one (family, qualifier, version).
+class Row:
+    """The mutations of one row, held in the generated ``MutateRowsRequest.Entry``.
 
-    ``encode(value)`` is the header cached per value length plus the value.
+    ``idempotent`` stays true while every cell has an explicit timestamp; a row with a
+    server-timestamped cell is sent once.
     """
 
-    def __init__(self, family: str, qualifier: bytes, micros: int) -> None:
-        self._prefix = (
-            _field(1, family.encode()) + _field(2, qualifier) + _varint(3 << 3) + _varint(micros)
-        )
-        self._headers: dict[int, bytes] = {}
+    __slots__ = ("_request", "_entry", "idempotent")
 
-    def header(self, length: int) -> bytes:
-        head = self._headers.get(length)
-        if head is None:
-            value_tag = _varint(4 << 3 | 2) + _varint(length) if length else b""
-            set_cell_len = len(self._prefix) + len(value_tag) + length
-            set_cell_head = _varint(1 << 3 | 2) + _varint(set_cell_len)
-            mutation_len = len(set_cell_head) + set_cell_len
-            head = _varint(2 << 3 | 2) + _varint(mutation_len) + set_cell_head
-            head += self._prefix + value_tag
-            self._headers[length] = head
-        return head
+    def __init__(self, key: bytes) -> None:
+        self._request = _MutateRowsRequest()  # holds the entry: one serialization encodes it
+        self._entry = self._request.entries.add(row_key=key)
+        self.idempotent = True
 
-    def encode(self, value: bytes) -> bytes:
-        """``Entry.mutations`` field bytes of one SetCell with ``value`` (empty: omitted,
-        as protobuf serializes a default field)."""
-        return self.header(len(value)) + value
+    @property
+    def key(self) -> bytes:
+        return self._entry.row_key
+
+    @property
+    def mutations(self):
+        """The generated ``Mutation`` messages, in order."""
+        return self._entry.mutations
+
+    def set_cell(
+        self, family: str, qualifier: bytes, value: bytes, timestamp: datetime | None = None
+    ) -> Row:
+        """Write ``value`` at ``timestamp`` (ms precision; ``None``: the server's time)."""
+        micros = timestamp_micros(timestamp)
+        if micros == SERVER_TIMESTAMP:
+            self.idempotent = False
+        cell = self._entry.mutations.add().set_cell
+        cell.family_name = family
+        cell.column_qualifier = qualifier
+        cell.timestamp_micros = micros
+        cell.value = value
+        return self
+
+    def delete_cells(
+        self, family: str, qualifiers: Iterable[bytes], start_micros: int, end_micros: int
+    ) -> Row:
+        """Delete the versions in ``[start_micros, end_micros)`` of each column (a
+        whole-family delete cannot be limited to a time range)."""
+        for qualifier in qualifiers:
+            delete = self._entry.mutations.add().delete_from_column
+            delete.family_name = family
+            delete.column_qualifier = qualifier
+            delete.time_range.start_timestamp_micros = start_micros
+            delete.time_range.end_timestamp_micros = end_micros
+        return self
+
+    def encode(self) -> bytes:
+        """The row's ``MutateRowsRequest.entries`` field bytes."""
+        return self._request.SerializeToString()
 
 
-def encode_entry(row_key: bytes, cells: bytes) -> bytes:
-    """``MutateRowsRequest.entries`` field bytes of one row from its encoded cells."""
-    body = _field(1, row_key) + cells
-    return _varint(2 << 3 | 2) + _varint(len(body)) + body
+def _entry_of(row: Any) -> tuple[bytes, bytes, bool, int]:
+    """(key, entry bytes, idempotent, mutation count) of a :class:`Row`, or of a client
+    library ``DirectRow`` (tests and scripts build those; they are sent the same way)."""
+    if isinstance(row, Row):
+        return row.key, row.encode(), row.idempotent, len(row.mutations)
+    from google.cloud.bigtable.data.mutations import RowMutationEntry
+
+    entry = RowMutationEntry(row.row_key, row._get_mutations())
+    request = _MutateRowsRequest(entries=[bt_types.MutateRowsRequest.Entry.pb(entry._to_pb())])
+    return row.row_key, request.SerializeToString(), entry.is_idempotent(), len(entry.mutations)
+
+
+# -- MutateRows -----------------------------------------------------------------------
+
+
+def write_rows(
+    table: Any,
+    rows: Sequence[Row],
+    what: str = "bigtable",
+    deadline_s: float = DEADLINE_S,
+    channel: grpc.Channel | None = None,
+) -> int:
+    """Apply ``rows`` to ``table`` (a handle or its name) and check every row's status.
+
+    Sent in requests of at most :data:`BATCH_ROWS` rows and :data:`MAX_MUTATIONS`
+    mutations, as :func:`mutate_entries`: rows whose cells all have explicit timestamps
+    are retried, rows with a server timestamp are sent once, in requests of their own.
+    Returns the number of rows written; raises :class:`WriteError` naming every row
+    that failed.
+    """
+    encoded = [_entry_of(row) for row in rows]
+    failures = _Failures(what)
+    for idempotent in (True, False):
+        batch: list[tuple[bytes, bytes]] = []
+        mutations = 0
+        for key, entry, repeatable, n in encoded:
+            if bool(repeatable) != idempotent:
+                continue
+            if batch and (len(batch) == BATCH_ROWS or mutations + n > MAX_MUTATIONS):
+                failures.run(mutate_entries, channel, table, batch, what, deadline_s, idempotent)
+                batch, mutations = [], 0
+            batch.append((key, entry))
+            mutations += n
+        if batch:
+            failures.run(mutate_entries, channel, table, batch, what, deadline_s, idempotent)
+    failures.raise_any()
+    return len(encoded)
+
+
+class _Failures:
+    """Failed rows gathered over several requests, raised as one :class:`WriteError`
+    once every request was tried (the others' rows are written meanwhile)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failed: dict[bytes, str] = {}
+        self.codes: set[int] = set()
+        self.first: WriteError | None = None
+
+    def run(self, send, *args) -> None:
+        try:
+            send(*args)
+        except WriteError as exc:
+            self.first = self.first or exc
+            self.failed.update(exc.failed)
+            self.codes |= exc.codes
+
+    def raise_any(self) -> None:
+        if self.first is not None:
+            raise WriteError(self.what, self.failed, self.codes) from (
+                self.first.__cause__ or self.first
+            )
+
+
+def encode_columns(
+    keys: Iterable[bytes],
+    columns: Sequence[tuple[str, bytes, Sequence[bytes]]],
+    shared: Sequence[tuple[str, bytes, bytes]],
+    timestamp: datetime | None,
+) -> list[tuple[bytes, bytes]]:
+    """``(key, entry bytes)`` of rows ``keys``: row i gets each column's i-th value,
+    then the ``shared`` cells, every cell at ``timestamp``. An empty value is a cell
+    with an empty value (protobuf omits the default field, as the library does).
+
+    One template entry with every cell is copied per row and only its values are set:
+    the cheapest way through the generated messages (BENCHMARKS.md, "Write encoding").
+    """
+    micros = timestamp_micros(timestamp)
+    template = _Entry()
+    for family, qualifier, _ in columns:
+        _set_cell(template, family, qualifier, b"", micros)
+    for family, qualifier, value in shared:
+        _set_cell(template, family, qualifier, value, micros)
+    values = [column_values for *_, column_values in columns]
+    out = []
+    for i, key in enumerate(keys):
+        one = _MutateRowsRequest()
+        entry = one.entries.add()
+        entry.CopyFrom(template)
+        entry.row_key = key
+        cells = entry.mutations
+        for j, column_values in enumerate(values):
+            cells[j].set_cell.value = column_values[i]
+        out.append((key, one.SerializeToString()))
+    return out
+
+
+def _set_cell(entry, family: str, qualifier: bytes, value: bytes, micros: int) -> None:
+    cell = entry.mutations.add().set_cell
+    cell.family_name = family
+    cell.column_qualifier = qualifier
+    cell.timestamp_micros = micros
+    cell.value = value
 
 
 def mutate_entries(
-    channel: grpc.Channel,
-    table_name: str,
+    channel: grpc.Channel | None,
+    table: Any,
     entries: Sequence[tuple[bytes, bytes]],
     what: str = "bigtable",
     deadline_s: float = DEADLINE_S,
     idempotent: bool = True,
 ) -> int:
-    """Send ``(row key, encoded entry)`` pairs with MutateRows and check every status.
+    """Send ``(row key, entry bytes)`` pairs with MutateRows and check every status.
 
-    The same contract as :func:`write_rows`: rows that fail with a retryable code (and
-    the whole request on a retryable RPC error) are re-sent with backoff until
-    ``deadline_s``; what still failed is raised as :class:`WriteError` with the codes,
-    so :func:`l2cache.domain.failures.classify` tells final (missing table, bad family) from
-    transient. ``idempotent=False`` (server timestamps) sends once, as the library does.
-    Returns the number of rows written.
+    Rows that fail with a transient code (and the whole request on a transient RPC
+    error) are re-sent with backoff until ``deadline_s``; what still failed is raised
+    as :class:`WriteError` with the codes. A row the server gives no status is not
+    written (UNKNOWN, transient). ``idempotent=False`` (server timestamps) sends once.
+    ``channel`` ``None`` is the shared write channel. Returns the number of rows sent.
     """
-    call = channel.unary_stream(
+    call = (channel or data_channel(WRITE_SCOPE)).unary_stream(
         _MUTATE_ROWS,
         request_serializer=bytes,
         response_deserializer=_MutateRowsResponse.FromString,
     )
-    head = _field(1, table_name.encode())
+    head = _MutateRowsRequest(table_name=table_name(table)).SerializeToString()
+    failures = _Failures(what)
     for start in range(0, len(entries), BATCH_ROWS):
-        _mutate_batch(
-            call, head, list(entries[start : start + BATCH_ROWS]), what, deadline_s, idempotent
-        )
+        batch = list(entries[start : start + BATCH_ROWS])
+        failures.run(_mutate_batch, call, head, batch, what, deadline_s, idempotent)
+    failures.raise_any()
     return len(entries)
 
 
 def _mutate_batch(call, head: bytes, batch, what: str, deadline_s: float, idempotent: bool) -> None:
-    deadline = time.monotonic() + deadline_s
+    backoff = Backoff(deadline_s)
     pending = list(range(len(batch)))
     failed: dict[bytes, str] = {}
     codes: set[int] = set()
-    delay = 0.01
     while pending:
         results: dict[int, tuple[int, str]] = {}
         rpc_error: grpc.RpcError | None = None
         request = head + b"".join(batch[i][1] for i in pending)
         try:
-            timeout = max(deadline - time.monotonic(), 0.001)
-            for response in call(request, timeout=timeout):
+            for response in call(request, timeout=backoff.remaining()):
                 for entry in response.entries:
                     if 0 <= entry.index < len(pending):  # else: the row has no status
                         results[pending[entry.index]] = (entry.status.code, entry.status.message)
         except grpc.RpcError as exc:
             rpc_error = exc
         if rpc_error is not None:
-            rpc_code = rpc_error.code().value[0]
-            rpc_reason = f"{rpc_error.code().name}: {rpc_error.details()}"
+            rpc_code, rpc_reason = _code_and_reason(rpc_error)
         else:  # the stream ended cleanly without a status for some rows: not written
             rpc_code, rpc_reason = NO_STATUS, "UNKNOWN: the server returned no status for the row"
         retry = []
@@ -215,15 +320,12 @@ def _mutate_batch(call, head: bytes, batch, what: str, deadline_s: float, idempo
                 continue
             failed[batch[i][0]] = message or f"code {code}"
             codes.add(code)
-        if retry and time.monotonic() + delay >= deadline:
+        if retry and not backoff.wait():
             for i in retry:
                 code, message = results.get(i, (rpc_code, rpc_reason))
                 failed[batch[i][0]] = f"gave up after {deadline_s:.0f} s: {message or code}"
                 codes.add(code)
             retry = []
-        if retry:
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
         pending = retry
         if failed and rpc_error is not None and not pending:
             raise WriteError(what, failed, codes) from rpc_error
@@ -231,15 +333,79 @@ def _mutate_batch(call, head: bytes, batch, what: str, deadline_s: float, idempo
         raise WriteError(what, failed, codes)
 
 
-def encode_rows(
-    keys: Iterable[bytes], columns: Sequence[tuple[CellEncoder, Sequence[bytes]]], constant: bytes
-) -> list[tuple[bytes, bytes]]:
-    """Entries of rows ``keys``: per row its value in each column, then ``constant``
-    (cells every row shares, already encoded)."""
-    encoders = [enc for enc, _ in columns]
-    values = [vals for _, vals in columns]
-    out = []
-    for i, key in enumerate(keys):
-        cells = b"".join([enc.encode(vals[i]) for enc, vals in zip(encoders, values, strict=True)])
-        out.append((key, encode_entry(key, cells + constant)))
-    return out
+# -- single-row requests --------------------------------------------------------------
+
+
+def check_and_mutate(
+    table: Any,
+    row: Row,
+    predicate: CellFilter,
+    *,
+    if_matched: bool = False,
+    what: str = "bigtable",
+    deadline_s: float = DEADLINE_S,
+    channel: grpc.Channel | None = None,
+) -> bool:
+    """Apply ``row``'s mutations only if the row has (``if_matched``) or has no
+    (default) cell that ``predicate`` keeps; returns whether it had one.
+
+    One CheckAndMutateRow, sent once: the server checks and writes atomically, which is
+    what makes "unless done" safe against a concurrent delivery.
+    """
+    request = _CheckAndMutateRowRequest(table_name=table_name(table), row_key=row.key)
+    condition = predicate.to_pb()
+    if condition is not None:
+        request.predicate_filter.CopyFrom(condition)
+    (request.true_mutations if if_matched else request.false_mutations).extend(row.mutations)
+    response = _unary(
+        channel, _CHECK_AND_MUTATE, request, _CheckAndMutateRowResponse, row.key, what, deadline_s
+    )
+    return response.predicate_matched
+
+
+def increment(
+    table: Any,
+    key: bytes,
+    family: str,
+    qualifier: bytes,
+    by: int = 1,
+    *,
+    what: str = "bigtable",
+    deadline_s: float = DEADLINE_S,
+    channel: grpc.Channel | None = None,
+) -> int:
+    """Atomically add ``by`` to a 64-bit big-endian counter cell; returns the new value.
+
+    One ReadModifyWriteRow, sent once (a repeat would count twice), so two callers
+    never get the same number.
+    """
+    request = _ReadModifyWriteRowRequest(table_name=table_name(table), row_key=key)
+    request.rules.add(family_name=family, column_qualifier=qualifier, increment_amount=by)
+    response = _unary(
+        channel, _READ_MODIFY_WRITE, request, _ReadModifyWriteRowResponse, key, what, deadline_s
+    )
+    for fam in response.row.families:
+        if fam.name == family:
+            for column in fam.columns:
+                if column.qualifier == qualifier and column.cells:
+                    return struct.unpack(">q", column.cells[0].value)[0]
+    raise WriteError(what, {key: "the increment returned no value"}, {NO_STATUS})
+
+
+def _unary(channel, method: str, request, response_type, key: bytes, what: str, deadline_s: float):
+    call = (channel or data_channel(WRITE_SCOPE)).unary_unary(
+        method,
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=response_type.FromString,
+    )
+    try:
+        return call(request, timeout=deadline_s)
+    except grpc.RpcError as exc:
+        code, reason = _code_and_reason(exc)
+        raise WriteError(what, {key: reason}, {code}) from exc
+
+
+def _code_and_reason(exc: grpc.RpcError) -> tuple[int, str]:
+    if not isinstance(exc, grpc.Call):
+        return NO_STATUS, f"{type(exc).__name__}: {exc}"
+    return exc.code().value[0], f"{exc.code().name}: {exc.details()}"

@@ -36,8 +36,7 @@ from l2cache.domain.lineage import Lineage
 from l2cache.gcp.bigtable import WRITE_SCOPE, RowReader, data_channel
 from l2cache.gcp.bigtable_write import (
     SERVER_TIMESTAMP,
-    CellEncoder,
-    encode_rows,
+    encode_columns,
     mutate_entries,
     timestamp_micros,
 )
@@ -94,22 +93,15 @@ class CacheStore:
         n = l2ids.size
         if n == 0:
             return 0
-        micros = timestamp_micros(lineage.cell_timestamp)
-        columns = [
-            (CellEncoder(FEATURE_FAMILY, a.key, micros), encode_column(a, features[a.name]))
-            for a in ATTRIBUTES
-        ]
-        shared = b"".join(
-            CellEncoder(LINEAGE_FAMILY, col, micros).encode(value)
-            for col, value in lineage.columns().items()
-        )
-        entries = encode_rows(idlib.row_keys(l2ids), columns, shared)
+        columns = [(FEATURE_FAMILY, a.key, encode_column(a, features[a.name])) for a in ATTRIBUTES]
+        shared = [(LINEAGE_FAMILY, col, value) for col, value in lineage.columns().items()]
+        entries = encode_columns(idlib.row_keys(l2ids), columns, shared, lineage.cell_timestamp)
         mutate_entries(
             data_channel(WRITE_SCOPE),
             self.table.name,
             entries,
             "cache",
-            idempotent=micros != SERVER_TIMESTAMP,
+            idempotent=timestamp_micros(lineage.cell_timestamp) != SERVER_TIMESTAMP,
         )
         return n
 

@@ -11,32 +11,30 @@ Row keys: ``run:<run_id>``, ``chunk:<run_id>:<chunk_id %020d>``,
 ``task:<run_id>:<region>`` (split tasks that gave up), ``event:<run_id>:<event key>``
 (one per PCG operation or missing-id message), ``evchunk:<run_id>:<event key>:<chunk>``
 (chunks of an event already written, so a redelivery computes each chunk once) and
-``ignored:<table_id>`` (edits for tables without a cache, counted). Every write goes
-through :func:`l2cache.gcp.bigtable_write.write_rows`, which checks each row's status.
+``ignored:<table_id>`` (edits for tables without a cache, counted).
+
+Every read goes through :mod:`l2cache.gcp.bigtable`'s one read path and every write
+through :mod:`l2cache.gcp.bigtable_write`: plain rows with ``write_rows`` (each row's
+status checked), the "unless done" and "only once" marks with ``check_and_mutate``, the
+attempt and delivery counters with ``increment``; all with one deadline and their
+failures classified the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from google.cloud.bigtable import column_family
-from google.cloud.bigtable.row_filters import (
-    ColumnQualifierRegexFilter,
-    FamilyNameRegexFilter,
-    RowFilterChain,
-    ValueRegexFilter,
-)
-from google.cloud.bigtable.row_set import RowSet
 
 from l2cache.domain.failures import RevisionMismatch
 from l2cache.domain.lineage import Lineage, code_revision, params_hash, utc_now
-from l2cache.gcp.bigtable_write import write_rows
+from l2cache.gcp.bigtable import CellFilter, RowCells, read_row, read_rows
+from l2cache.gcp.bigtable_write import Row, check_and_mutate, increment, write_rows
 
 RUN_FAMILY = "run"
 LEDGER_FAMILY = "ledger"
@@ -139,15 +137,19 @@ def create_runs_table(instance, table_id: str = DEFAULT_RUNS_TABLE):
     return table
 
 
-def prefix_rows(table, prefix: bytes):
-    end = prefix[:-1] + bytes([prefix[-1] + 1])
-    rs = RowSet()
-    rs.add_row_range_from_keys(start_key=prefix, end_key=end)
-    return table.read_rows(row_set=rs)
+# Ledger marks that must never undo a done chunk, and the one that is stamped only once.
+UNLESS_DONE = CellFilter(columns={LEDGER_FAMILY: [b"status"]}, values=[b"done"])
+FIRST_FAILED = CellFilter(columns={LEDGER_FAMILY: [b"first_failed_at"]})
 
 
-def row_cells(row, family: str) -> dict[str, bytes]:
-    return {k.decode(): v[0].value for k, v in row.cells.get(family, {}).items()}
+def prefix_rows(table, prefix: bytes) -> dict[bytes, RowCells]:
+    """Every row whose key starts with ``prefix``, newest cells, in key order."""
+    return read_rows(table, prefix=prefix)
+
+
+def row_cells(row: RowCells, family: str) -> dict[str, bytes]:
+    """One family's newest cells of a row read by :func:`prefix_rows`, by column name."""
+    return {k.decode(): v for k, v in row.get(family, {}).items()}
 
 
 class RunLedger:
@@ -158,12 +160,13 @@ class RunLedger:
 
     # runs ----------------------------------------------------------------------
     def create_run(self, run: RunRecord) -> None:
-        row = self.table.direct_row(f"run:{run.run_id}".encode())
+        row = Row(f"run:{run.run_id}".encode())
         row.set_cell(RUN_FAMILY, b"meta", json.dumps(asdict(run), sort_keys=True).encode())
         write_rows(self.table, [row], "run")
 
     def get_run(self, run_id: str) -> RunRecord:
-        row = self.table.read_row(f"run:{run_id}".encode())
+        """The run's record; ``KeyError`` if it has none (``NotFound``: no runs table)."""
+        row = read_row(self.table, f"run:{run_id}".encode())
         if row is None:
             raise KeyError(f"no run {run_id!r}")
         return RunRecord(**json.loads(row_cells(row, RUN_FAMILY)["meta"]))
@@ -187,29 +190,20 @@ class RunLedger:
         status tell an attempt in flight from one whose worker died without a word.
         """
         key = self._chunk_key(run_id, chunk_id)
-        row = self.table.append_row(key)
-        row.increment_cell_value(LEDGER_FAMILY, b"attempts", 1)
-        cells = row.commit()
-        attempt = struct.unpack(">q", cells[LEDGER_FAMILY][b"attempts"][0][0])[0]
-        mark = self._unless_done(key)
-        mark.set_cell(LEDGER_FAMILY, b"status", b"running", state=False)
-        mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode(), state=False)
+        attempt = increment(self.table, key, LEDGER_FAMILY, b"attempts", what="ledger")
+        mark = Row(key)
+        mark.set_cell(LEDGER_FAMILY, b"status", b"running")
+        mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode())
         if coords is not None:
-            value = json.dumps([int(c) for c in coords]).encode()
-            mark.set_cell(LEDGER_FAMILY, b"coords", value, state=False)
-        mark.commit()
+            mark.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
+        self._unless_done(mark)
         return attempt
 
-    def _unless_done(self, key: bytes):
-        """A check-and-mutate row whose ``state=False`` mutations apply only while the
-        chunk is not done: a late or duplicate attempt never turns a done chunk back
-        into running, retrying or failed. (CheckAndMutateRow raises on failure.)"""
-        return self._conditional(key, b"^status$", ValueRegexFilter(b"^done$"))
-
-    def _conditional(self, key: bytes, column_regex: bytes, *more):
-        """A check-and-mutate row conditioned on a ledger column (and ``more`` filters)."""
-        chain = [FamilyNameRegexFilter(LEDGER_FAMILY), ColumnQualifierRegexFilter(column_regex)]
-        return self.table.conditional_row(key, filter_=RowFilterChain([*chain, *more]))
+    def _unless_done(self, row: Row) -> None:
+        """Write ``row`` only while the chunk is not done (one CheckAndMutateRow): a late
+        or duplicate attempt never turns a done chunk back into running, retrying or
+        failed."""
+        check_and_mutate(self.table, row, UNLESS_DONE, what="ledger")
 
     def chunks_queued(self, run_id: str, chunks, task_attempt: int) -> None:
         """Mark every not-done chunk of a leaf task as queued by this task attempt.
@@ -220,21 +214,17 @@ class RunLedger:
         """
         now = utc_now().isoformat().encode()
         for chunk_id, coords in chunks:
-            row = self._unless_done(self._chunk_key(run_id, chunk_id))
-            row.set_cell(LEDGER_FAMILY, b"queued_at", now, state=False)
-            row.set_cell(
-                LEDGER_FAMILY, b"task_attempt", json.dumps(task_attempt).encode(), state=False
-            )
-            row.set_cell(
-                LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode(), state=False
-            )
-            row.commit()
+            row = Row(self._chunk_key(run_id, chunk_id))
+            row.set_cell(LEDGER_FAMILY, b"queued_at", now)
+            row.set_cell(LEDGER_FAMILY, b"task_attempt", json.dumps(task_attempt).encode())
+            row.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
+            self._unless_done(row)
 
     def task_rejected(self, run_id: str, reason: str) -> None:
         """A task of this run that could not even be read (its region is unknown): the
         run cannot be completed as planned, and status reports it broken."""
         digest = hashlib.sha256(reason.encode()).hexdigest()[:16]
-        row = self.table.direct_row(f"rejected:{run_id}:{digest}".encode())
+        row = Row(f"rejected:{run_id}:{digest}".encode())
         row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
         row.set_cell(LEDGER_FAMILY, b"at", utc_now().isoformat().encode())
         write_rows(self.table, [row], "ledger")
@@ -252,31 +242,27 @@ class RunLedger:
             b"finished_at": utc_now().isoformat().encode(),
             **{k.encode(): json.dumps(v).encode() for k, v in fields.items()},
         }
+        row = Row(key)
+        for col, value in cells.items():
+            row.set_cell(LEDGER_FAMILY, col, value)
         if status == "done":
-            row = self.table.direct_row(key)
-            for col, value in cells.items():
-                row.set_cell(LEDGER_FAMILY, col, value)
             write_rows(self.table, [row], "ledger")
         else:
-            row = self._unless_done(key)
-            for col, value in cells.items():
-                row.set_cell(LEDGER_FAMILY, col, value, state=False)
-            row.commit()
+            self._unless_done(row)
         if status != "done":
             self._first_failure(run_id, chunk_id)
 
     def _first_failure(self, run_id: str, chunk_id: int) -> None:
         """Stamp ``first_failed_at`` once (check-and-mutate: only when absent), so the
         time to recover a failed chunk survives the rewrites of later attempts."""
-        row = self._conditional(self._chunk_key(run_id, chunk_id), b"first_failed_at")
-        stamp = utc_now().isoformat().encode()
-        row.set_cell(LEDGER_FAMILY, b"first_failed_at", stamp, state=False)
-        row.commit()
+        row = Row(self._chunk_key(run_id, chunk_id))
+        row.set_cell(LEDGER_FAMILY, b"first_failed_at", utc_now().isoformat().encode())
+        check_and_mutate(self.table, row, FIRST_FAILED, what="ledger")
 
     def task_gave_up(self, run_id: str, region, reason: str, attempts: int) -> None:
         """A split task's last attempt failed: its region's unstarted chunks are failed."""
         key = "task:{}:{}".format(run_id, "-".join(str(int(v)) for v in region)).encode()
-        row = self.table.direct_row(key)
+        row = Row(key)
         row.set_cell(LEDGER_FAMILY, b"status", b"failed")
         row.set_cell(LEDGER_FAMILY, b"region", json.dumps([int(v) for v in region]).encode())
         row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
@@ -289,14 +275,12 @@ class RunLedger:
         A leaf task asks this for its own few chunks, so resume costs O(batch) reads
         per task instead of a scan of a ledger that may hold millions of rows.
         """
-        rs = RowSet()
-        for cid in chunk_ids:
-            rs.add_row_key(self._chunk_key(run_id, cid))
-        done = set()
-        for row in self.table.read_rows(row_set=rs):
-            if row_cells(row, LEDGER_FAMILY).get("status") == b"done":
-                done.add(int(row.row_key.rsplit(b":", 1)[1]))
-        return done
+        keys = [self._chunk_key(run_id, cid) for cid in chunk_ids]
+        return {
+            int(key.rsplit(b":", 1)[1])
+            for key, row in read_rows(self.table, keys=keys).items()
+            if row_cells(row, LEDGER_FAMILY).get("status") == b"done"
+        }
 
     # edit-stream events --------------------------------------------------------------
     def _event_key(self, run_id: str, event_key: str) -> bytes:
@@ -305,17 +289,15 @@ class RunLedger:
     def record_event(self, run_id: str, event_key: str, **fields: Any) -> None:
         """One row per event (PCG operation or missing-id message); rewritten, not added,
         when the same event is delivered again."""
-        row = self.table.direct_row(self._event_key(run_id, event_key))
+        row = Row(self._event_key(run_id, event_key))
         for key, value in fields.items():
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
         write_rows(self.table, [row], "event")
 
     def event_delivered(self, run_id: str, event_key: str) -> int:
         """Count one more delivery of an event; returns the delivery number (1-based)."""
-        row = self.table.append_row(self._event_key(run_id, event_key))
-        row.increment_cell_value(LEDGER_FAMILY, b"delivery_count", 1)
-        cells = row.commit()
-        return struct.unpack(">q", cells[LEDGER_FAMILY][b"delivery_count"][0][0])[0]
+        key = self._event_key(run_id, event_key)
+        return increment(self.table, key, LEDGER_FAMILY, b"delivery_count", what="event")
 
     def event_chunk_done(self, run_id: str, event_key: str, chunk_id: int, **fields: Any) -> None:
         self._event_chunk(run_id, event_key, chunk_id, "done", **fields)
@@ -328,7 +310,7 @@ class RunLedger:
 
     def _event_chunk(self, run_id: str, event_key: str, chunk_id: int, status: str, **fields):
         key = b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
-        row = self.table.direct_row(key)
+        row = Row(key)
         row.set_cell(LEDGER_FAMILY, b"status", status.encode())
         for name, value in fields.items():
             row.set_cell(LEDGER_FAMILY, name.encode(), json.dumps(value).encode())
@@ -338,11 +320,11 @@ class RunLedger:
         """Every recorded chunk of an event (done or failed) with its fields."""
         prefix = f"evchunk:{run_id}:{event_key}:".encode()
         return {
-            int(r.row_key.rsplit(b":", 1)[1]): {
+            int(key.rsplit(b":", 1)[1]): {
                 k: v.decode() if k == "status" else json.loads(v)
-                for k, v in row_cells(r, LEDGER_FAMILY).items()
+                for k, v in row_cells(row, LEDGER_FAMILY).items()
             }
-            for r in prefix_rows(self.table, prefix)
+            for key, row in prefix_rows(self.table, prefix).items()
         }
 
     def event_chunks_done(self, run_id: str, event_key: str) -> dict[int, dict[str, Any]]:
@@ -356,7 +338,5 @@ class RunLedger:
     # edits for tables without a cache -------------------------------------------------
     def count_ignored(self, table_id: str) -> int:
         """Count one more edit for a graph table l2cache does not cache; returns the total."""
-        row = self.table.append_row(f"ignored:{table_id}".encode())
-        row.increment_cell_value(LEDGER_FAMILY, b"count", 1)
-        cells = row.commit()
-        return struct.unpack(">q", cells[LEDGER_FAMILY][b"count"][0][0])[0]
+        key = f"ignored:{table_id}".encode()
+        return increment(self.table, key, LEDGER_FAMILY, b"count", what="ledger")

@@ -22,7 +22,7 @@ import numpy as np
 
 from l2cache.domain import ids as idlib
 from l2cache.domain.lineage import utc_now
-from l2cache.gcp.bigtable_write import write_rows
+from l2cache.gcp.bigtable_write import Row, write_rows
 from l2cache.inputs.graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
 
 SPATIAL_BITS = {1: 10, 2: 10, 3: 9, 4: 8, 5: 7, 6: 6}
@@ -135,7 +135,7 @@ def build_dataset(
                 if n:
                     parent_l2[1:] = l2_ids[(piece_of_sv[1:] - 1).astype(np.int64)]
                 for sv, parent in zip(sv_ids[1:].tolist(), parent_l2[1:].tolist(), strict=True):
-                    row = table.direct_row(idlib.row_key(sv))
+                    row = Row(idlib.row_key(sv))
                     row.set_cell(GRAPH_FAMILY, PARENTS, struct.pack("<Q", parent), timestamp=ts)
                     rows.append(row)
                 order = np.argsort(parent_l2[1:], kind="stable")
@@ -147,7 +147,7 @@ def build_dataset(
                 ):
                     if parent.size == 0:
                         continue
-                    row = table.direct_row(idlib.row_key(parent[0]))
+                    row = Row(idlib.row_key(parent[0]))
                     row.set_cell(
                         GRAPH_FAMILY,
                         CHILDREN,
@@ -156,7 +156,7 @@ def build_dataset(
                     )
                     rows.append(row)
                 chunk_id = int(idlib.chunk_id_from_coords(2, coord[None], bits)[0])
-                row = table.direct_row(counter_key(chunk_id))
+                row = Row(counter_key(chunk_id))
                 row.set_cell(COUNTER_FAMILY, b"segment", struct.pack(">q", n_pieces))
                 rows.append(row)
                 n_l2 += n_pieces

@@ -20,7 +20,7 @@ import numpy as np
 
 from l2cache.domain import ids as idlib
 from l2cache.domain.lineage import utc_now
-from l2cache.gcp.bigtable_write import write_rows
+from l2cache.gcp.bigtable_write import Row, increment, write_rows
 from l2cache.inputs.graph import (
     CHILDREN,
     GRAPH_FAMILY,
@@ -46,10 +46,7 @@ class EditResult:
 
 
 def _increment(table, key: bytes, by: int = 1) -> int:
-    row = table.append_row(key)
-    row.increment_cell_value(COUNTER_FAMILY, b"segment", by)
-    cells = row.commit()
-    return struct.unpack(">q", cells[COUNTER_FAMILY][b"segment"][0][0])[0]
+    return increment(table, key, COUNTER_FAMILY, b"segment", by, what="graph counter")
 
 
 def _new_l2_ids(table, chunk_coord, count: int, bits) -> np.ndarray:
@@ -62,13 +59,13 @@ def _new_l2_ids(table, chunk_coord, count: int, bits) -> np.ndarray:
 def _write(table, new_nodes: dict[int, np.ndarray], ts: datetime) -> None:
     rows = []
     for node, children in new_nodes.items():
-        row = table.direct_row(idlib.row_key(node))
+        row = Row(idlib.row_key(node))
         row.set_cell(
             GRAPH_FAMILY, CHILDREN, encode_children(children, children.size >= 4), timestamp=ts
         )
         rows.append(row)
         for sv in children.tolist():
-            r = table.direct_row(idlib.row_key(sv))
+            r = Row(idlib.row_key(sv))
             r.set_cell(GRAPH_FAMILY, PARENTS, struct.pack("<Q", node), timestamp=ts)
             rows.append(r)
     write_rows(table, rows, "graph edit")
