@@ -1,7 +1,9 @@
 """The extended Cloud Tasks emulator does what the local stack relies on.
 
-Loopback-only binding, the queue's retry config (backoff, max attempts) and bounded
-concurrent dispatch, checked against a recording HTTP target on 127.0.0.1.
+Loopback-only binding, the queue's retry config (backoff, max attempts), bounded
+concurrent dispatch and GetTask, checked against a recording HTTP target on 127.0.0.1.
+That no further attempt comes is shown by the task being gone from the emulator
+(GetTask NOT_FOUND: it succeeded or was dropped), never by sleeping.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
+from google.api_core.exceptions import NotFound
 
 from l2cache.config import TasksConfig
 from l2cache.gcp.tasks import enqueue, ensure_queue, tasks_client
@@ -26,6 +29,7 @@ class Target(BaseHTTPRequestHandler):
     active = 0
     max_active = 0
     lock = threading.Lock()
+    release = threading.Event()  # requests to /hold answer once it is set
 
     def log_message(self, *args):
         pass
@@ -40,6 +44,8 @@ class Target(BaseHTTPRequestHandler):
             Target.max_active = max(Target.max_active, Target.active)
         if key.startswith("/slow"):
             time.sleep(0.4)
+        if key.startswith("/hold"):
+            Target.release.wait(20)
         with Target.lock:
             Target.active -= 1
         status = 503 if n <= Target.fail_first.get(key, 0) else 200
@@ -79,6 +85,23 @@ def wait_calls(path: str, n: int, timeout: float = 20) -> list[float]:
     raise AssertionError(f"{path}: {len(Target.calls.get(path, []))} calls, wanted {n}")
 
 
+def wait_gone(name: str, timeout: float = 20) -> None:
+    """Until GetTask says NOT_FOUND: the task succeeded or was dropped after its last
+    attempt, so no attempt of it can come any more (bounded; fails loudly)."""
+    client = tasks_client()
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            task = client.get_task(name=name)
+        except NotFound:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(
+                f"{name} still held after {timeout:.0f}s ({task.dispatch_count} attempts)"
+            )
+        time.sleep(0.02)
+
+
 def test_listens_on_loopback_only(setup):
     emu, _ = setup
     listening = [
@@ -99,9 +122,9 @@ def test_failed_task_is_retried_with_backoff_until_success(setup):
     _, url = setup
     Target.fail_first["/retry"] = 2
     cfg = queue("retry-q", f"{url}/retry", max_attempts=5, min_backoff_s=0.3, max_backoff_s=5)
-    enqueue(tasks_client(), cfg, {"x": 1})
+    name = enqueue(tasks_client(), cfg, {"x": 1})
     calls = wait_calls("/retry", 3)
-    time.sleep(1.5)
+    wait_gone(name)
     assert len(Target.calls["/retry"]) == 3  # succeeded on the third attempt, then stopped
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert gaps[0] >= 0.28 and gaps[1] >= 0.58  # 0.3 s, then doubled
@@ -111,9 +134,9 @@ def test_gives_up_after_max_attempts(setup):
     _, url = setup
     Target.fail_first["/always"] = 10**6
     cfg = queue("giveup-q", f"{url}/always", max_attempts=3, min_backoff_s=0.1, max_backoff_s=0.2)
-    enqueue(tasks_client(), cfg, {"x": 2})
+    name = enqueue(tasks_client(), cfg, {"x": 2})
     wait_calls("/always", 3)
-    time.sleep(1.5)
+    wait_gone(name)  # dropped: no fourth attempt can come
     assert len(Target.calls["/always"]) == 3
 
 
@@ -126,3 +149,25 @@ def test_dispatches_up_to_max_concurrent(setup):
         enqueue(client, cfg, {"i": i})
     wait_calls("/slow", 5)
     assert Target.max_active == 2
+
+
+def test_get_task_answers_until_the_task_is_done(setup):
+    """What ``wait_gone`` relies on: GetTask finds a task while it is pending and while
+    its attempt is in flight (the target holds it), and NOT_FOUND once it succeeded."""
+    _, url = setup
+    Target.release.clear()
+    cfg = queue("hold-q", f"{url}/hold")
+    client = tasks_client()
+    client.pause_queue(name=client.queue_path("p", "l", "hold-q"))
+    name = enqueue(client, cfg, {"x": 3})
+    assert client.get_task(name=name).dispatch_count == 0  # pending
+    client.resume_queue(name=client.queue_path("p", "l", "hold-q"))
+    wait_calls("/hold", 1)
+    try:
+        assert client.get_task(name=name).dispatch_count == 1  # in flight
+    finally:
+        Target.release.set()
+    wait_gone(name)
+    with pytest.raises(NotFound):
+        client.get_task(name=f"{client.queue_path('p', 'l', 'hold-q')}/tasks/never-created")
+    assert len(Target.calls["/hold"]) == 1

@@ -18,7 +18,11 @@ changes, keeping its gRPC API (so ``google-cloud-tasks`` talks to it unchanged):
   (``l2cache runs pause|resume``);
 - it accepts duplicate task names -> a second task with a name already used in the
   queue (pending or already run, as Cloud Tasks' tombstones) fails with ALREADY_EXISTS,
-  which is what makes named split tasks idempotent.
+  which is what makes named split tasks idempotent;
+- it has no ``GetTask`` -> a task is answered while it exists (pending, or an attempt
+  in flight) and is NOT_FOUND once it succeeded or was dropped after its last attempt,
+  as on Cloud Tasks: a test waits for that instead of sleeping to see that no further
+  attempt comes.
 
 Run: ``python -m l2cache_tools.local.tasks_emulator --port N``.
 """
@@ -64,6 +68,10 @@ class RetryingQueueState(upstream.QueueState):
         self._names: set[str] = set()
         self._names_lock = threading.Lock()
         self.changed = threading.Event()  # a task was added: the dispatcher looks now
+        # attempts in flight (for GetTask), by id(): a task is here or in its queue from
+        # creation until it is done; the lock makes each move between them one step
+        self._in_flight: dict[int, Task] = {}
+        self._tasks_lock = threading.Lock()
 
     def create_task(self, queue: str, task: Task):
         """Upstream's create_task, refusing a name the queue has already seen."""
@@ -117,14 +125,37 @@ class RetryingQueueState(upstream.QueueState):
             st = task.schedule_time
             if st and st.replace(tzinfo=UTC) > now:
                 continue
-            try:
-                self._queue_tasks[queue_name].remove(task)
-            except ValueError:
-                continue
+            with self._tasks_lock:
+                try:
+                    self._queue_tasks[queue_name].remove(task)
+                except ValueError:
+                    continue
+                self._in_flight[id(task)] = task
             due.append(task)
         return due
 
+    def get_task(self, name: str) -> Task:
+        """Cloud Tasks' GetTask: the task while it is pending or being dispatched;
+        NOT_FOUND once it succeeded or was dropped after its last attempt."""
+        queue_name = name.rsplit("/tasks/", 1)[0]
+        self._known(queue_name)
+        with self._tasks_lock:
+            for task in [*self._in_flight.values(), *self._queue_tasks.get(queue_name, [])]:
+                if task.name == name:
+                    return task
+        raise NotFound(f"Task {name} does not exist.")
+
     def dispatch(self, queue_name: str, task: Task) -> None:
+        requeued = False
+        try:
+            requeued = self._attempt(queue_name, task)
+        finally:
+            if not requeued:  # done: succeeded or dropped (a requeued one moved already)
+                with self._tasks_lock:
+                    self._in_flight.pop(id(task), None)
+
+    def _attempt(self, queue_name: str, task: Task) -> bool:
+        """One attempt; True when the task went back to its queue for a retry."""
         task.dispatch_count += 1
         self.dispatched += 1
         try:
@@ -136,27 +167,36 @@ class RetryingQueueState(upstream.QueueState):
             log.warning("task %s: %s", task.name, exc)
             status = 503
         if 200 <= status < 300:
-            return
+            return False
         queue: Queue = self._queues[queue_name]
         rc = queue.retry_config
         max_attempts = rc.max_attempts if rc and rc.max_attempts else -1
         if 0 < max_attempts <= task.dispatch_count:
             log.warning("giving up task %s after %d attempts", task.name, task.dispatch_count)
             self.abandoned.append(task.name)
-            return
+            return False
         lo = _seconds(rc.min_backoff if rc else None, 0.1)
         hi = _seconds(rc.max_backoff if rc else None, 3600.0)
         delay = min(hi, lo * 2 ** (task.dispatch_count - 1))
         task.schedule_time = datetime.now(UTC) + timedelta(seconds=delay)
-        self._queue_tasks[queue_name].append(task)
+        with self._tasks_lock:  # one step: never in neither place, never taken twice
+            self._queue_tasks[queue_name].append(task)
+            self._in_flight.pop(id(task), None)
+        return True
 
 
 class Servicer(upstream.Greeter):
-    """Upstream's servicer with UpdateQueue honouring the update mask."""
+    """Upstream's servicer with UpdateQueue honouring the update mask, and GetTask."""
 
     def UpdateQueue(self, request, context):  # noqa: N802 - gRPC method name
         try:
             return self._state.update_queue_fields(request.queue, list(request.update_mask.paths))
+        except GoogleAPICallError as err:
+            context.abort(err.grpc_status_code, err.message)
+
+    def GetTask(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            return self._state.get_task(request.name)
         except GoogleAPICallError as err:
             context.abort(err.grpc_status_code, err.message)
 
