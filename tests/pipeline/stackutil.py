@@ -1,8 +1,12 @@
-"""Helpers shared by the local-stack test modules: a built dataset, waits, lookups, pulls."""
+"""Helpers shared by the local-stack test modules: a built dataset, waits, lookups, pulls,
+and proofs that the Cloud Tasks emulator has moved on (instead of fixed sleeps)."""
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,9 @@ import requests
 import yaml
 from google.cloud import pubsub_v1
 
+from l2cache.config import TasksConfig
 from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.gcp.tasks import enqueue, ensure_queue, tasks_client
 from l2cache.store.cache import create_cache_table
 from l2cache_ops.ledger import events, list_runs
 from l2cache_tools.dataset import build_dataset
@@ -113,3 +119,84 @@ def find_event(ledger, dataset: str, kind: str, key: str):
                 if event["key"] == key:
                     return run, event
     return None
+
+
+def wait_tasks_gone(names, timeout: float = 60) -> None:
+    """Until the Cloud Tasks emulator holds none of the tasks ``names`` (full task names):
+    GetTask is NOT_FOUND once a task succeeded or was dropped after its last attempt, so
+    no attempt of any of them can still come (bounded; fails loudly)."""
+    from google.api_core.exceptions import NotFound
+
+    client = tasks_client()
+    left = list(names)
+
+    def gone() -> bool:
+        while left:
+            try:
+                client.get_task(name=left[0])
+            except NotFound:
+                left.pop(0)
+            else:
+                return False
+        return True
+
+    wait_for(gone, timeout, f"{len(left)} tasks to leave the queue (first: {left[:1]})", 0.02)
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.server.cond:
+            self.server.seen.add(self.path)
+            self.server.cond.notify_all()
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class DispatchProbe:
+    """Shows that the Cloud Tasks emulator's dispatcher has moved past a point in time.
+
+    A queue of its own (running) in the emulator named by ``L2CACHE_TASKS_EMULATOR_HOST``,
+    whose tasks go to a loopback recorder. :meth:`passed` returns once two sentinel tasks,
+    enqueued one after the other, were dispatched. The dispatcher visits every queue in
+    turn, one round after another (``ConcurrentProcessor.run``); the second sentinel is
+    taken in a later round than the first, so that round began after :meth:`passed` was
+    called and looked at every queue: anything enqueued before the call that it may
+    dispatch has been taken by then. A test that wants "nothing was dispatched" checks
+    after ``passed()``, not after a sleep.
+    """
+
+    def __init__(self, project: str, location: str, queue: str = "dispatch-probe") -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+        self.server.cond = threading.Condition()
+        self.server.seen = set()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.cfg = TasksConfig(project=project, location=location, queue=queue, compute_url=url)
+        self.client = tasks_client()
+        ensure_queue(self.client, self.cfg, max_concurrent=1)
+
+    def passed(self, timeout: float = 30) -> None:
+        for _ in range(2):
+            path = f"/sentinel-{uuid.uuid4().hex}"
+            cfg = TasksConfig(
+                self.cfg.project, self.cfg.location, self.cfg.queue, self.cfg.compute_url + path
+            )
+            enqueue(self.client, cfg, {"sentinel": path})
+            with self.server.cond:
+                if not self.server.cond.wait_for(lambda p=path: p in self.server.seen, timeout):
+                    raise AssertionError(f"sentinel task {path} not dispatched in {timeout:.0f}s")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> DispatchProbe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
+from stackutil import DispatchProbe
 
 from l2cache.config import TasksConfig
 from l2cache.gcp.tasks import enqueue, ensure_queue, queue_path, tasks_client
@@ -133,7 +133,8 @@ def test_pause_holds_tasks_until_resume(setup, capsys):
     client = tasks_client()
     for _ in range(2):
         enqueue(client, cfg, {"x": 2})
-    time.sleep(1.5)  # bounded wait: a running queue dispatches within ~0.02 s
+    with DispatchProbe(cfg.project, cfg.location) as probe:
+        probe.passed()  # the dispatcher has since looked at every queue: ours stayed paused
     assert Gate.finished == 0
     assert len(list(client.list_tasks(parent=queue_path(client, cfg)))) == 2
     assert "running" in cli(capsys, "runs", "resume", "ds", "--config", path)
