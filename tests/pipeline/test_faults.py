@@ -15,7 +15,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from stackutil import (
     lookup,
     pull_dead_letters,
     wait_for,
+    wait_tasks_gone,
 )
 
 from l2cache.compute import chunk_id, dataset_context, load_chunk_l2
@@ -260,8 +260,24 @@ def test_tasks_delivered_three_times_compute_once(env):
         assert requests.post(url, json=body, timeout=60).json() == {"split": 8}
     status = finished(env, split.run_id)
     assert (status.done, status.failed) == (8, 0)
-    time.sleep(1.0)  # duplicates, had any been enqueued, would now be running
+    # every task of those names has left the queue (succeeded): a duplicate, had one been
+    # accepted, would be one of them, so it has run too by now
+    wait_tasks_gone(split_task_names(env, split.run_id, body["region"], body["batch"]))
     assert all(r["attempts"] == 1 for r in chunk_rows(ctx.ledger, split.run_id))
+
+
+def split_task_names(env, run_id: str, region, batch: int) -> list[str]:
+    """Full names of the sub-tasks a split of ``region`` enqueues (generation 0); each
+    is checked to be one the queue has seen (a new task of that name is refused)."""
+    from l2cache.domain.regions import plan_task
+    from l2cache.gcp.tasks import enqueue_region, queue_path, task_id, tasks_client
+
+    cfg, client = env["config"].tasks, tasks_client()
+    kind, parts = plan_task(region, batch)
+    assert kind == "split"
+    for part in parts:
+        assert enqueue_region(client, cfg, DS, run_id, part, batch) is None
+    return [f"{queue_path(client, cfg)}/tasks/{task_id(run_id, part)}" for part in parts]
 
 
 def test_named_task_is_refused_a_second_time():

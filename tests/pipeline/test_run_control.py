@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from chromium import load_page
-from stackutil import add_dataset, crop_volume
+from stackutil import DispatchProbe, add_dataset, crop_volume
 
 from l2cache.compute import dataset_context
 from l2cache.config import load_config
@@ -90,7 +90,8 @@ def test_pause_stops_dispatch_and_resume_finishes_the_run(env, capsys):
     assert code == 0 and ": paused," in out
     try:
         run = start_ingest(config, DATASET, batch=2)
-        time.sleep(3.0)  # bounded wait: a running queue dispatches the root task in < 0.1 s
+        with DispatchProbe(config.tasks.project, config.tasks.location) as probe:
+            probe.passed()  # the dispatcher has since looked at every queue: ours held
         assert chunk_rows(ledger, run.run_id) == []  # no chunk started, none finished
         held = queued_tasks(config)
         assert [t.name.rsplit("/", 1)[1] for t in held] == [f"{run.run_id}-g0-0-0-0-2-2-2"]
