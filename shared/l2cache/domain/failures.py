@@ -19,9 +19,11 @@ retries exhausted             2xx on the last attempt,   ack on the last deliver
 A permanent error is raised as a :class:`PermanentError` (or a subclass) where it is
 detected; everything else is transient by default, because retrying an unknown error a
 bounded number of times is safe and recording it as permanent could lose work. The
-"last attempt" is known from the transport (Cloud Tasks' retry-count header, Pub/Sub's
-``deliveryAttempt``) and the configured maximum, so every run ends: no chunk or message
-stays "retrying" after its queue has given up.
+"last attempt" is known from the configured maximum and a count of attempts: Cloud
+Tasks' retry-count header for a task; for a message, the per-event delivery count the
+ledger keeps (functions-framework drops Pub/Sub's ``deliveryAttempt`` from the
+CloudEvent, so on_edit cannot read it). So every run ends: no chunk or message stays
+"retrying" after its queue has given up.
 """
 
 from __future__ import annotations

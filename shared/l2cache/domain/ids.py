@@ -52,11 +52,6 @@ class SpatialBits:
             table[layer_i] = bits_i
         return cls(tuple(table))
 
-    @classmethod
-    def uniform(cls, bits: int, n_layers: int) -> SpatialBits:
-        """The same ``bits`` for layers 1..n_layers (PCG's default for low layers)."""
-        return cls.from_mapping({layer: bits for layer in range(1, n_layers + 1)})
-
     def bits_for(self, layers: np.ndarray) -> np.ndarray:
         """Spatial bits of each layer in ``layers``; raises on a layer the dataset lacks."""
         lookup = np.asarray(self.table, dtype=np.int64)

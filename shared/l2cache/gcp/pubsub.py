@@ -7,10 +7,13 @@ only fixes the message formats so producer and consumer cannot drift apart.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
 from google.cloud import pubsub_v1
+
+from l2cache.config import L2CacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +21,7 @@ PUBLISH_TIMEOUT_S = 10.0
 
 
 def publisher() -> pubsub_v1.PublisherClient:
+    """A client (it honours ``PUBSUB_EMULATOR_HOST`` by itself)."""
     return pubsub_v1.PublisherClient()
 
 
@@ -25,14 +29,6 @@ def missing_ids_message(l2ids: np.ndarray, table_id: str, l2_cache_id: str) -> t
     """The existing service's missing-id message: raw little-endian uint64 + attributes."""
     data = np.asarray(l2ids, dtype="<u8").tobytes()
     return data, {"table_id": table_id, "l2_cache_id": l2_cache_id}
-
-
-def publish_missing_ids(
-    client: pubsub_v1.PublisherClient, topic_path: str, l2ids, table_id: str, l2_cache_id: str
-) -> str:
-    """Publish one missing-id message and wait for its id (raises on failure)."""
-    data, attrs = missing_ids_message(l2ids, table_id, l2_cache_id)
-    return client.publish(topic_path, data, **attrs).result(timeout=PUBLISH_TIMEOUT_S)
 
 
 def publish_missing_ids_async(
@@ -56,7 +52,7 @@ def publish_missing_ids_async(
     return future
 
 
-def dead_letter_publisher(config):
+def dead_letter_publisher(config: L2CacheConfig) -> Callable[[bytes, dict[str, str]], str] | None:
     """``publish(data, attributes)`` to the map's dead-letter topic (waits for the ack,
     raises on failure: an unrecorded dead letter must not be acknowledged), or None
     when the map names no dead-letter topic."""

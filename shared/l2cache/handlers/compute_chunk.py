@@ -35,6 +35,7 @@ from l2cache.domain.failures import (
     dead_letter_attributes,
     describe,
     gave_up,
+    is_last_attempt,
 )
 from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
 from l2cache.gcp.tasks import enqueue_region, tasks_client
@@ -116,7 +117,7 @@ def handle_task(
     """
     attempt = attempt_number(headers)
     max_attempts = config.tasks.max_attempts if config.tasks else None
-    last = max_attempts is not None and attempt >= max_attempts
+    last = is_last_attempt(attempt, max_attempts)
     ctx = run = task = None
     try:
         task = _parse_json(body)

@@ -49,6 +49,7 @@ from l2cache.domain.failures import (
     dead_letter_attributes,
     describe,
     gave_up,
+    is_last_attempt,
 )
 from l2cache.domain.lineage import code_revision, utc_now
 from l2cache.gcp.bigtable import bigtable_instance
@@ -129,7 +130,7 @@ def handle_message(
     ledger_factory: Callable[[L2CacheConfig], RunLedger] = runs_ledger,
 ) -> dict:
     """Recompute what a message asks for; returns a summary (raises when transient)."""
-    when = _ms(publish_time or utc_now())
+    when = to_millisecond(publish_time or utc_now())
 
     def to_dead_letter(reason: str, payload: bytes = data, extra: dict | None = None) -> None:
         log.warning("dead-lettering message %s: %s", message_id, reason)
@@ -186,7 +187,7 @@ def handle_message(
         dead-letter the message with the reason, acknowledge. Otherwise re-raise: the
         function answers 5xx and Pub/Sub redelivers with backoff."""
         permanent = classify(exc) == PERMANENT
-        if not permanent and (max_attempts is None or attempt < max_attempts):
+        if not permanent and not is_last_attempt(attempt, max_attempts):
             raise exc
         reason = describe(exc) if permanent else gave_up(attempt, exc)
         record(status="failed", error=reason)
@@ -303,27 +304,31 @@ def stream_run(kind: str, dataset):
     return run
 
 
-def _ms(when: datetime) -> datetime:
-    """Bigtable versions are whole milliseconds; so is everything derived from them."""
+def to_millisecond(when: datetime) -> datetime:
+    """``when`` in UTC, cut to whole milliseconds: Bigtable versions are whole
+    milliseconds, and so is everything derived from them (a naive time is UTC)."""
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.replace(microsecond=(when.microsecond // 1000) * 1000)
 
 
 def parse_publish_time(value: str | None) -> datetime | None:
-    """Pub/Sub's RFC 3339 publish time (``...Z``, up to nanoseconds) as a datetime."""
+    """Pub/Sub's RFC 3339 publish time as an aware datetime in UTC; None if unreadable.
+
+    ``datetime.fromisoformat`` (3.11+) reads every RFC 3339 form Pub/Sub and CloudEvents
+    send: ``Z`` or a numeric offset, and fractions of any length (nanoseconds are cut to
+    microseconds). A time without an offset is taken as UTC. None lets the caller fall
+    back to the time of receipt instead of failing a message over its envelope.
+    """
     if not value:
         return None
-    text = value.strip().replace("Z", "+00:00")
-    if "." in text:
-        head, rest = text.split(".", 1)
-        frac = "".join(ch for ch in rest if ch.isdigit())
-        tz = rest[len(frac) :]
-        text = f"{head}.{frac[:6].ljust(6, '0')}{tz}"
     try:
-        return datetime.fromisoformat(text)
+        parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 __all__ = [
