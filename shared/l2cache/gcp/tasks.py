@@ -28,6 +28,7 @@ EMULATOR_ENV = "L2CACHE_TASKS_EMULATOR_HOST"
 
 
 def tasks_client() -> tasks_v2.CloudTasksClient:
+    """The local emulator's client when ``L2CACHE_TASKS_EMULATOR_HOST`` is set, else the API's."""
     host = os.environ.get(EMULATOR_ENV)
     if host:
         channel = grpc.insecure_channel(host)
@@ -35,19 +36,25 @@ def tasks_client() -> tasks_v2.CloudTasksClient:
     return tasks_v2.CloudTasksClient()
 
 
-def queue_path(client, cfg: TasksConfig) -> str:
+def queue_path(client: tasks_v2.CloudTasksClient, cfg: TasksConfig) -> str:
+    """The queue's resource name."""
     return client.queue_path(cfg.project, cfg.location, cfg.queue)
 
 
 def ensure_queue(
-    client,
+    client: tasks_v2.CloudTasksClient,
     cfg: TasksConfig,
-    max_attempts: int = 5,
+    max_attempts: int | None = None,
     min_backoff_s: float = 1.0,
     max_backoff_s: float = 60.0,
     max_concurrent: int = 2,
 ) -> None:
-    """Create the queue with its retry and rate settings if it does not exist."""
+    """Create the queue with its retry and rate settings if it does not exist.
+
+    ``max_attempts`` defaults to the map's ``tasks.max_attempts``: the handler answers
+    the last attempt itself ("gave up"), so the queue must give up at the same count.
+    """
+    max_attempts = cfg.max_attempts if max_attempts is None else max_attempts
     parent = f"projects/{cfg.project}/locations/{cfg.location}"
     name = queue_path(client, cfg)
     existing = {q.name for q in client.list_queues(parent=parent)}
