@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from l2cache_ops.cost import run_cost
-from l2cache_ops.ledger import chunk_rows, events, list_runs
+from l2cache.config import DatasetConfig
+from l2cache.store.ledger import RunLedger
+from l2cache_ops.ledger import events, list_runs
 from l2cache_ops.qc_reports import load_report
+from l2cache_ops.status import RunStatus
 
 MET, MISSED, NO_DATA = "met", "missed", "no data"
 
@@ -226,15 +228,20 @@ def evaluate(
 
 
 def run_slos(
-    ledger, dataset_cfg, targets: SloTargets, run_id: str, status, prices
+    ledger: RunLedger,
+    dataset_cfg: DatasetConfig,
+    targets: SloTargets,
+    run_id: str,
+    status: RunStatus,
 ) -> list[SloResult]:
-    """Evaluate ``targets`` for one run of ``dataset_cfg`` straight from the ledger."""
-    rows = chunk_rows(ledger, run_id)
+    """Evaluate ``targets`` for one run of ``dataset_cfg``: the status's own rows and cost
+    (so the cost SLO judges the figure ``status`` prints, not a second computation),
+    the run's stored QC report and the dataset's stream events."""
     return evaluate(
         targets,
         status,
-        rows,
-        run_cost(rows, dataset_cfg.voxel_volume_nm3, prices),
+        status.rows,
+        status.cost,
         load_report(ledger, run_id, with_chunks=False),
         stream_events(ledger, dataset_cfg.name),
     )

@@ -18,13 +18,13 @@ from typing import Any
 
 from l2cache.compute import dataset_context
 from l2cache.domain.lineage import utc_now
+from l2cache_ops.cost import map_read_ahead, run_prices, worker_prices
 from l2cache_ops.ledger import list_runs
 from l2cache_ops.qc_reports import load_report
 from l2cache_ops.releases import current_release, release_history
 from l2cache_ops.settings import slo_targets
 from l2cache_ops.slo import edit_latencies, evaluate, format_target, format_value, stream_events
 from l2cache_ops.status import run_status
-from l2cache_tools.sizing import worker_prices
 
 STREAM_KINDS = ("edit_stream", "missing_ids")
 
@@ -51,7 +51,7 @@ class DashboardData:
 def collect(cfg, dataset: str) -> DashboardData:
     """Every run of ``dataset`` with its status, cost, QC and SLOs; the current release."""
     ctx = dataset_context(cfg, dataset)
-    prices = worker_prices(ctx.dataset.chunk_size)
+    prices = worker_prices(ctx.dataset.chunk_size, map_read_ahead(cfg))
     targets = slo_targets(cfg, dataset)
     events = stream_events(ctx.ledger, dataset)
     extra = {}
@@ -67,7 +67,7 @@ def collect(cfg, dataset: str) -> DashboardData:
     for run in runs:
         if run.kind in STREAM_KINDS:
             continue
-        st = run_status(ctx.ledger, run.run_id, prices=prices, **extra)
+        st = run_status(ctx.ledger, run.run_id, prices=run_prices(run, cfg), **extra)
         qc = load_report(ctx.ledger, run.run_id, with_chunks=False)
         slos = evaluate(targets, st, st.rows, st.cost, qc, events)
         views.append(RunView(run, st, qc, slos))

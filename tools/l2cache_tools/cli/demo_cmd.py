@@ -193,7 +193,7 @@ def operations(config_path: Path, run_id: str, directory: Path) -> Path:
     prices = _prices(ctx)
     st = current_status(ctx.ledger, run_id, config, prices)
     print_cost(st.cost)
-    print_slos(run_slos(ctx.ledger, ctx.dataset, slo_targets(config, NAME), run_id, st, prices))
+    print_slos(run_slos(ctx.ledger, ctx.dataset, slo_targets(config, NAME), run_id, st))
     path = write_dashboard(config, NAME, directory / "dashboard.html").resolve()
     print(f"  dashboard: {path}")
     return path

@@ -211,9 +211,7 @@ def status(args: argparse.Namespace) -> int:
     st = current_status(ctx.ledger, args.run, cfg, prices)
     print_status(st)
     print_cost(st.cost)
-    print_slos(
-        run_slos(ctx.ledger, ctx.dataset, slo_targets(cfg, args.dataset), args.run, st, prices)
-    )
+    print_slos(run_slos(ctx.ledger, ctx.dataset, slo_targets(cfg, args.dataset), args.run, st))
     return 0 if st.failed == 0 and not st.broken else 1
 
 
