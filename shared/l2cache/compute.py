@@ -79,7 +79,9 @@ def dataset_context(config: L2CacheConfig, name: str) -> DatasetContext:
     return _contexts[key]
 
 
-def load_chunk_l2(ctx: DatasetContext, coords, timestamp: datetime | None) -> ChunkLabels:
+def load_chunk_l2(
+    ctx: DatasetContext, coords: Sequence[int], timestamp: datetime | None
+) -> ChunkLabels:
     """Read, relabel and check one chunk; raises a PermanentError for bad input."""
     coords = [int(c) for c in coords]
     sv = read_chunk(
@@ -93,7 +95,7 @@ def load_chunk_l2(ctx: DatasetContext, coords, timestamp: datetime | None) -> Ch
     return chunk
 
 
-def check_complete(ctx: DatasetContext, chunk: ChunkLabels, coords) -> None:
+def check_complete(ctx: DatasetContext, chunk: ChunkLabels, coords: Sequence[int]) -> None:
     """Every supervoxel the graph has in the chunk must be in its segmentation: a file
     that decodes but lost part of its content (zeroed, truncated rewrite) would
     otherwise be written as done with partial features."""
@@ -110,7 +112,9 @@ def check_complete(ctx: DatasetContext, chunk: ChunkLabels, coords) -> None:
         )
 
 
-def check_consistency(ctx: DatasetContext, chunk: ChunkLabels, coords, timestamp) -> None:
+def check_consistency(
+    ctx: DatasetContext, chunk: ChunkLabels, coords: Sequence[int], timestamp: datetime | None
+) -> None:
     """Supervoxels and graph must agree: every supervoxel has an L2 parent in this chunk."""
     at = timestamp.isoformat() if timestamp else "now"
     if chunk.unmapped_sv:
@@ -134,7 +138,8 @@ def check_consistency(ctx: DatasetContext, chunk: ChunkLabels, coords, timestamp
         )
 
 
-def chunk_id(ctx: DatasetContext, coords) -> int:
+def chunk_id(ctx: DatasetContext, coords: Sequence[int]) -> int:
+    """The layer-2 chunk id of chunk ``coords``: the ledger's key for the chunk."""
     return int(idlib.chunk_id_from_coords(2, np.asarray(coords)[None], ctx.dataset.spatial_bits)[0])
 
 
@@ -142,7 +147,7 @@ def chunk_id(ctx: DatasetContext, coords) -> int:
 def compute_chunk(
     ctx: DatasetContext,
     run: RunRecord,
-    coords,
+    coords: Sequence[int],
     last_attempt: bool = False,
     task_attempt: int | None = None,
     load: Callable[[], ChunkLabels] | None = None,
@@ -240,7 +245,9 @@ class _ReadAhead:
     """Chunk i's load: the future started while chunk i-1 computed, else a direct read;
     either way chunk i+1's load is started as soon as chunk i's has ended."""
 
-    def __init__(self, ctx: DatasetContext, run: RunRecord, chunks: list, pool) -> None:
+    def __init__(
+        self, ctx: DatasetContext, run: RunRecord, chunks: list, pool: ThreadPoolExecutor
+    ) -> None:
         self.ctx, self.run, self.chunks, self.pool = ctx, run, chunks, pool
         self.pending: dict[int, Future] = {}
 
@@ -265,7 +272,9 @@ class _ReadAhead:
         return load
 
 
-def group_by_chunk(dataset: DatasetConfig, l2ids) -> tuple[int, list[tuple[list[int], np.ndarray]]]:
+def group_by_chunk(
+    dataset: DatasetConfig, l2ids: np.ndarray | Sequence[int]
+) -> tuple[int, list[tuple[list[int], np.ndarray]]]:
     """(number of ids that are not layer 2, [(chunk coords, its ids)]) for distinct ids."""
     l2ids = np.unique(idlib.as_uint64(l2ids))
     valid = l2ids[idlib.get_layer(l2ids) == 2]

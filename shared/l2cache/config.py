@@ -103,12 +103,16 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class BigtableConfig:
+    """The Bigtable instance that holds the cache tables and the runs table."""
+
     project: str
     instance: str
 
 
 @dataclass(frozen=True)
 class PubSubConfig:
+    """Topics: missing ids (lookup -> on_edit), PCG's edits, and the dead letters."""
+
     project: str
     missing_ids_topic: str | None = None
     edits_topic: str | None = None
@@ -121,6 +125,8 @@ class PubSubConfig:
 
 @dataclass(frozen=True)
 class TasksConfig:
+    """The Cloud Tasks queue that feeds compute_chunk, and how its attempts end."""
+
     project: str
     location: str
     queue: str
@@ -289,6 +295,8 @@ def _virtual_tables(raw: Mapping, datasets: Mapping, source: str) -> dict[str, s
 
 
 def config_section(raw: Mapping, key: str, source: str, required: bool = False) -> Mapping:
+    """``raw[key]`` as a mapping (``{}`` when absent and not ``required``); shared with
+    the operator sections' parser so both report errors the same way."""
     value = raw.get(key)
     if value is None:
         if required:
@@ -397,7 +405,14 @@ def _geometry_from_info(segmentation: str, where: str) -> dict[str, Any]:
     """Resolution, offset, size, chunk size and spatial bits from the volume's info."""
     try:
         from cloudvolume import CloudVolume
-
+    except ImportError as exc:  # the lookup's lock has no CloudVolume: its map is resolved
+        raise ConfigError(
+            f"{where}: resolution, voxel_offset, chunk_size and spatial_bits must be in the "
+            f"dataset map here: reading them from the segmentation info needs CloudVolume, "
+            f"which cannot be imported ({exc}); deploy archives carry them, resolved when "
+            f"`pulumi up` builds the archive"
+        ) from None
+    try:
         cv = CloudVolume(segmentation, progress=False)
         info = cv.info
         scale = info["scales"][0]

@@ -82,6 +82,7 @@ def code_revision() -> str:
 
 
 def format_revision(commit: str, dirty: bool) -> str:
+    """The ``lineage:code`` form: 12 hex digits, ``-dirty`` for uncommitted changes."""
     return f"{commit[:12]}{'-dirty' if dirty else ''}"
 
 

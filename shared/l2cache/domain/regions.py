@@ -11,20 +11,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import product
+from typing import Protocol
 
 import numpy as np
+
+
+class DatasetGeometry(Protocol):
+    """What a region needs of a dataset (``l2cache.config.DatasetConfig`` has it); a
+    protocol, so the domain layer does not depend on the dataset map."""
+
+    name: str
+    chunk_size: tuple[int, int, int]
+    voxel_offset: tuple[int, int, int]
+    volume_size: tuple[int, int, int] | None
 
 DEFAULT_BATCH = 4
 
 
-def chunk_grid(dataset) -> np.ndarray:
+def chunk_grid(dataset: DatasetGeometry) -> np.ndarray:
     """Number of atomic chunks along x, y, z."""
     if dataset.volume_size is None:
         raise ValueError(f"dataset {dataset.name!r} has no volume_size: give it or a --bbox")
     return -(-np.asarray(dataset.volume_size) // np.asarray(dataset.chunk_size))
 
 
-def region_from_bbox(dataset, bbox_voxels: Sequence[int] | None) -> list[int]:
+def region_from_bbox(dataset: DatasetGeometry, bbox_voxels: Sequence[int] | None) -> list[int]:
     """Chunk region ``[x0, y0, z0, x1, y1, z1)`` covering a voxel box (default: all)."""
     grid = chunk_grid(dataset)
     if bbox_voxels is None:
@@ -39,11 +50,14 @@ def region_from_bbox(dataset, bbox_voxels: Sequence[int] | None) -> list[int]:
 
 
 def region_size(region: Sequence[int]) -> int:
+    """Number of chunks in ``region`` (0 for an empty or inverted box)."""
     lo, hi = np.asarray(region[:3]), np.asarray(region[3:])
     return int(np.prod(np.maximum(hi - lo, 0)))
 
 
 def region_chunks(region: Sequence[int]) -> list[list[int]]:
+    """Every chunk of ``region`` in x-major order; for small regions (a task's batch,
+    a QC region), never a whole dataset."""
     x0, y0, z0, x1, y1, z1 = region
     return [list(c) for c in product(range(x0, x1), range(y0, y1), range(z0, z1))]
 

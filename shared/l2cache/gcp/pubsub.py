@@ -32,7 +32,11 @@ def missing_ids_message(l2ids: np.ndarray, table_id: str, l2_cache_id: str) -> t
 
 
 def publish_missing_ids_async(
-    client: pubsub_v1.PublisherClient, topic_path: str, l2ids, table_id: str, l2_cache_id: str
+    client: pubsub_v1.PublisherClient,
+    topic_path: str,
+    l2ids: np.ndarray,
+    table_id: str,
+    l2_cache_id: str,
 ) -> Future:
     """Publish one missing-id message without waiting; a failure is logged when it happens.
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 from google.api_core import exceptions as api_exceptions
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
@@ -94,7 +95,10 @@ def task_id(run_id: str, region: Sequence[int], generation: int | str = 0) -> st
 
 
 def enqueue(
-    client, cfg: TasksConfig, payload: dict[str, Any], name: str | None = None
+    client: tasks_v2.CloudTasksClient,
+    cfg: TasksConfig,
+    payload: dict[str, Any],
+    name: str | None = None,
 ) -> str | None:
     """Create one HTTP POST task for the compute function.
 
@@ -121,7 +125,13 @@ def enqueue(
 
 
 def enqueue_region(
-    client, cfg: TasksConfig, dataset: str, run_id: str, region, batch: int, generation=0
+    client: tasks_v2.CloudTasksClient,
+    cfg: TasksConfig,
+    dataset: str,
+    run_id: str,
+    region: Sequence[int],
+    batch: int,
+    generation: int | str = 0,
 ) -> str | None:
     """Enqueue the task for one region of a run under its deterministic name."""
     payload = {
@@ -135,7 +145,14 @@ def enqueue_region(
 
 
 def enqueue_chunk_ids(
-    client, cfg: TasksConfig, dataset: str, run_id: str, event_key: str, chunk, ids, at_ms: int
+    client: tasks_v2.CloudTasksClient,
+    cfg: TasksConfig,
+    dataset: str,
+    run_id: str,
+    event_key: str,
+    chunk: Sequence[int],
+    ids: Sequence[int] | np.ndarray,
+    at_ms: int,
 ) -> str | None:
     """Enqueue the recompute of ``ids`` (all in ``chunk``) for one stream event.
 

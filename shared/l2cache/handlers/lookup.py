@@ -13,7 +13,7 @@ import threading
 import flask
 from flask_cors import cross_origin
 
-from l2cache.serving.api import ApiError, LookupService, error_response
+from l2cache.serving.api import ApiError, BodyReader, LookupService, error_response
 from l2cache.serving.cave_auth import CaveAuth
 
 _DRAIN_CHUNK = 64 * 2**10
@@ -34,7 +34,7 @@ def _components() -> tuple[LookupService, object | None]:
     return _built["service"], _built["authorizer"]  # type: ignore[return-value]
 
 
-def _read_body(request: flask.Request):
+def _read_body(request: flask.Request) -> BodyReader:
     """A reader that takes at most ``limit`` bytes of the body into memory."""
 
     def read(limit: int) -> bytes:
@@ -58,6 +58,8 @@ def _drain(request: flask.Request) -> None:
 
 @cross_origin(expose_headers=["WWW-Authenticate", "X-L2Cache-Missing-Ids", "X-L2Cache-Queue"])
 def handle(request: flask.Request) -> flask.Response:
+    """The lookup function: one HTTP request in, the API's answer out (CORS by the
+    decorator, CAVE auth when the map configures it)."""
     try:
         service, authorizer = _components()
     except Exception as exc:  # misconfigured instance: a server fault, said plainly

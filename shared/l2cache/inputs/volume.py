@@ -26,14 +26,19 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from l2cache.config import DatasetConfig
 from l2cache.domain.failures import CorruptInput, MissingInput, OutsideVolume
+
+if TYPE_CHECKING:  # imported when a chunk is first read: it is a heavy import
+    from cloudvolume import CloudVolume
 
 
 @lru_cache(maxsize=16)
-def _volume(path: str):
+def _volume(path: str) -> CloudVolume:
     from cloudvolume import CloudVolume
 
     return CloudVolume(path, fill_missing=False, progress=False, bounded=False, mip=0)
@@ -48,14 +53,16 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (DecodingError, DecompressionError, DeflateError, zlib.error, EOFError)
 
 
-def chunk_origin(dataset, chunk_coords: Sequence[int]) -> np.ndarray:
+def chunk_origin(dataset: DatasetConfig, chunk_coords: Sequence[int]) -> np.ndarray:
     """First voxel of an atomic chunk (in the segmentation's voxel coordinates)."""
     return np.asarray(dataset.voxel_offset) + np.asarray(chunk_coords) * np.asarray(
         dataset.chunk_size
     )
 
 
-def chunk_bounds(dataset, chunk_coords: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def chunk_bounds(
+    dataset: DatasetConfig, chunk_coords: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Voxel box ``[start, stop)`` of the chunk's data inside the volume (clipped)."""
     coords = np.asarray(chunk_coords)
     start = chunk_origin(dataset, coords)
@@ -68,7 +75,7 @@ def chunk_bounds(dataset, chunk_coords: Sequence[int]) -> tuple[np.ndarray, np.n
     return start, stop
 
 
-def in_volume(dataset, chunk_coords: Sequence[int]) -> bool:
+def in_volume(dataset: DatasetConfig, chunk_coords: Sequence[int]) -> bool:
     """Whether an atomic chunk has any voxel inside the dataset's volume."""
     try:
         chunk_bounds(dataset, chunk_coords)
@@ -78,7 +85,7 @@ def in_volume(dataset, chunk_coords: Sequence[int]) -> bool:
 
 
 def read_chunk(
-    dataset,
+    dataset: DatasetConfig,
     chunk_coords: Sequence[int],
     graph_has_supervoxels: Callable[[], bool | None] | None = None,
 ) -> np.ndarray:

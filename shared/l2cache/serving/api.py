@@ -86,6 +86,8 @@ class ApiError(Exception):
 
 @dataclass
 class Response:
+    """What the lookup answers, independent of the HTTP framework serving it."""
+
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
@@ -109,6 +111,7 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> R
 
 
 def error_response(status: int, message: str) -> Response:
+    """The one error body every client error and failure uses: ``{code, message}``."""
     return _json(status, {"code": status, "message": message})
 
 
@@ -257,7 +260,16 @@ class LookupService:
             response.headers["Server-Timing"] = server_timing(timings)
         return response
 
-    def _route(self, method, path, query, headers, reader, authorize, timings) -> Response:
+    def _route(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+        reader: BodyReader,
+        authorize: Authorizer | None,
+        timings: dict[str, float],
+    ) -> Response:
         path = path.rstrip("/") or "/"
         if method == "OPTIONS":  # CORS preflight (answered by the HTTP layer normally)
             return Response(200, b"", {"Allow": "GET, POST, OPTIONS"})
@@ -309,7 +321,12 @@ class LookupService:
         }
 
     def _attributes(
-        self, table: str, query, headers, reader: BodyReader, timings: dict[str, float]
+        self,
+        table: str,
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+        reader: BodyReader,
+        timings: dict[str, float],
     ) -> Response:
         try:
             ds = self.config.resolve_table(table)

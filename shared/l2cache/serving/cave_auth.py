@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import orjson
 
 from l2cache.config import AuthConfig, ConfigError
 from l2cache.serving.api import Response
+
+if TYPE_CHECKING:
+    import flask
 
 SERVICE_TOKEN_ENV = "AUTH_TOKEN"
 _PASSED = object()
@@ -64,7 +68,7 @@ class CaveAuth:
         """None when the request may go on, else the library's refusal (401/403/302/400)."""
         from middle_auth_client import auth_required, auth_requires_permission
 
-        def passed():
+        def passed() -> object:
             return _PASSED
 
         if permission is None:
@@ -81,7 +85,7 @@ class CaveAuth:
         return None if outcome is _PASSED else _as_response(outcome)
 
 
-def _as_response(flask_response) -> Response:
+def _as_response(flask_response: flask.Response) -> Response:
     """The library's Flask response, with ``code`` added to its JSON error body.
 
     Its body is ``{"error": "no_token", "message": ..., "data": ...}``; keeping it and
