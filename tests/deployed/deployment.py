@@ -3,8 +3,10 @@
 Shared by the deployed-mode test and ``bench/cold_start.py``. For each function:
 infra's own ``build_archive`` (the bytes ``pulumi up`` uploads), unzipped into a
 directory that is then read-only; a venv built from that archive's ``requirements.txt``
-alone (``uv``; cached by the lock's hash, so repeated runs skip the install); and
-exactly infra's ``function_env()``, with the cloud's fixed paths mapped to local ones:
+alone, installed as Cloud Functions' Python buildpack installs it (``pip install`` with
+the buildpack's flags, so hash-checking mode, then its ``pip check``; cached by the lock's
+hash, so repeated runs skip the install); and exactly infra's ``function_env()``, with
+the cloud's fixed paths mapped to local ones:
 
 - ``/workspace`` (where Cloud Functions unpacks the source) -> the unpack directory;
 - ``/tmp`` (the only writable path there) -> a per-function writable directory, also
@@ -58,13 +60,44 @@ def infra():
     return archive, infra_functions
 
 
-def uv_binary() -> str:
-    """The pinned uv from the project's venv (requirements.txt); fail loudly without it."""
-    here = Path(sys.executable).with_name("uv")
-    found = str(here) if here.exists() else shutil.which("uv")
-    if not found:
-        raise FileNotFoundError("uv not found: `make venv` installs the pinned uv into .venv")
-    return found
+# The Cloud Functions Python buildpack's install of requirements.txt, flag for flag
+# (GoogleCloudPlatform/buildpacks pkg/python/python.go: basePipInstallArgs, then
+# compileBytecode, then CheckIncompatibleDependencies). A lock with ``--hash`` lines puts
+# pip in hash-checking mode: every package pip resolves, dependencies included, must be in
+# the file with ``==`` and a hash, or the build fails; and a dependency left out is a
+# ``pip check`` failure, which fails the build too. uv is laxer on both (it installs an
+# unlisted dependency unhashed), so the deployed-mode test installs with pip.
+BUILDPACK_PIP_INSTALL = (
+    "install",
+    "--upgrade",
+    "--upgrade-strategy",
+    "only-if-needed",
+    "--no-warn-script-location",
+    "--no-warn-conflicts",
+    "--force-reinstall",
+    "--no-compile",
+    "--disable-pip-version-check",
+)
+INSTALLER = "pip-buildpack-1"  # part of the venv cache key: a new recipe, a new venv
+
+
+def install_as_the_buildpack(python: Path, requirements: Path) -> None:
+    """Install ``requirements`` into the environment of ``python`` as the buildpack does.
+
+    pip runs from this interpreter against ``python`` (``pip --python``), so the venv
+    holds exactly the lock: no pip, no setuptools. Raises CalledProcessError (pip's
+    output on stderr) when the buildpack would fail the build."""
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    subprocess.run(
+        [*pip, *BUILDPACK_PIP_INSTALL, "-q", "--requirement", str(requirements)], check=True
+    )
+    # deterministic, unchecked hash-based pycs, as the buildpack compiles them
+    subprocess.run(
+        [str(python), "-m", "compileall", "--invalidation-mode", "unchecked-hash", "-qq"]
+        + [str(Path(python).parents[1])],
+        check=False,  # exit 1 on a file that does not compile (test data in some wheels)
+    )
+    subprocess.run([*pip, "check"], check=True, stdout=subprocess.DEVNULL)
 
 
 def venv_cache_root() -> Path:
@@ -84,11 +117,12 @@ class Venv:
 
 
 def function_venv(name: str, requirements: Path) -> Venv:
-    """The venv for ``requirements`` (a lock): built once per lock content and
-    interpreter, under the user's cache, reused afterwards. A file lock serialises
+    """The venv for ``requirements`` (a lock): built once per lock content, interpreter
+    and install recipe, under the user's cache, reused afterwards. A file lock serialises
     concurrent builders; a marker written last means a venv is complete."""
     lock = requirements.read_bytes()
-    key = hashlib.sha256(lock + platform.python_version().encode()).hexdigest()[:16]
+    salt = (platform.python_version() + INSTALLER).encode()
+    key = hashlib.sha256(lock + salt).hexdigest()[:16]
     venv = venv_cache_root() / f"{name}-{key}"
     marker = venv / ".l2cache-complete"
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -98,13 +132,9 @@ def function_venv(name: str, requirements: Path) -> Venv:
             return Venv(venv, False, 0.0)
         start = time.monotonic()
         shutil.rmtree(venv, ignore_errors=True)
-        uv = uv_binary()
-        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-        subprocess.run(
-            [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python")]
-            + ["--compile-bytecode", "-r", str(requirements)],  # bytecode: as pip installs
-            check=True,
-        )
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+        install_as_the_buildpack(venv / "bin" / "python", requirements)
         marker.write_text(json.dumps({"lock_sha256": hashlib.sha256(lock).hexdigest()}))
         return Venv(venv, True, time.monotonic() - start)
 

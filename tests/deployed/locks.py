@@ -50,3 +50,24 @@ def lock(name: str) -> dict[str, tuple[str, str, list[str]]]:
 
 def function_names() -> list[str]:
     return sorted(p.name for p in FUNCTIONS.iterdir() if (p / "main.py").exists())
+
+
+def requirements_of(package: str, version: str) -> set[str]:
+    """Normalized names ``package`` requires at ``version`` with no extras on this platform
+    (Linux, Python 3.11, as deployed): what ``pip install`` resolves for it and ``pip check``
+    demands. Read from the installed metadata of the repository's venv, whose pins the locks
+    share (``test_lock_agrees_with_the_repository_pins``); a different installed version is
+    an error, not a guess."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    dist = metadata.distribution(package)
+    if normalize(dist.metadata["Name"]) != package or dist.version != version:
+        raise LookupError(f"{package}=={version} is not what .venv has ({dist.version})")
+    out = set()
+    for line in dist.requires or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out.add(normalize(req.name))
+    return out

@@ -1,15 +1,22 @@
 """Each function's lock pins every package it installs, and agrees with the repository.
 
-Fast (no install): the deployed-mode test proves the locks suffice; this one proves they
-are complete locks (``==`` and hashes on every line, so a deploy builds exactly these
-versions) and consistent with ``requirements.txt``, which the tests and tools run on.
+Fast (no install): the deployed-mode test proves the locks suffice (it installs each lock
+as Cloud Functions' buildpack does: pip in hash-checking mode, then ``pip check``); this
+one proves they are complete locks (``==`` and hashes on every line, so a deploy builds
+exactly these versions), closed under their packages' requirements (what hash-checking
+mode and ``pip check`` demand), holding nothing their function does not need, and
+consistent with ``requirements.txt``, which the tests and tools run on.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from .locks import FUNCTIONS, REPO, function_names, lock, parse
+from .locks import FUNCTIONS, REPO, function_names, lock, parse, requirements_of
 
 NAMES = function_names()
 
@@ -62,3 +69,147 @@ def test_parser_rejects_what_a_lock_must_not_contain():
     parsed = parse("numpy>=2 \\\n    --hash=sha256:aa\nPyYAML==6.0.3\n")
     assert parsed["numpy"][0] == ">=" and parsed["numpy"][2] == ["sha256:aa"]
     assert parsed["pyyaml"] == ("==", "6.0.3", [])
+
+
+# Test runners and their plugins: never needed to serve, so never in a production lock...
+TEST_RUNNERS = {"pytest", "pluggy", "iniconfig", "py", "nose", "hypothesis", "coverage", "tox"}
+# ...except where a published package declares one a runtime requirement, which every
+# install then needs: pip in hash-checking mode refuses a dependency the lock leaves out,
+# and the buildpack's `pip check` fails the build on one (tests/deployed/deployment.py).
+PYTEST_AT_RUNTIME = {
+    # every release on PyPI (1.0.0 to 2.3.3) lists pytest in install_requires; CloudVolume
+    # requires it and decodes compressed_segmentation chunks with it (the workers read
+    # segmentation). Upstream moving pytest to an extra removes it: this test then fails
+    # until the entry goes and `make lock` drops pytest, pluggy and iniconfig.
+    "compressed-segmentation",
+}
+# What the lookup never imports (it reads the cache table, never segmentation): its lock
+# must not carry them, and the test below proves it does not load them.
+NOT_IN_LOOKUP = (
+    "cloud-volume",
+    "cloud-files",
+    "compressed-segmentation",
+    "crackle-codec",
+    "fastremap",
+    "numba",
+    "llvmlite",
+    "edt",
+)
+NOT_LOADED_BY_LOOKUP = (
+    "cloudvolume",
+    "cloudfiles",
+    "compressed_segmentation",
+    "crackle",
+    "fastremap",
+    "numba",
+    "llvmlite",
+    "edt",
+    "pytest",
+)
+
+
+def is_test_runner(pkg: str) -> bool:
+    return pkg in TEST_RUNNERS or pkg.startswith("pytest-")
+
+
+def closure(name: str, dropped: set[tuple[str, str]] = frozenset()) -> set[str]:
+    """Every package the function's direct dependencies need, transitively, in its lock
+    (``dropped``: requirement edges not followed)."""
+    pins = lock(name)
+    seen: set[str] = set()
+    todo = list(parse((FUNCTIONS / name / "requirements.in").read_text()))
+    while todo:
+        pkg = todo.pop()
+        if pkg in seen or pkg not in pins:
+            continue
+        seen.add(pkg)
+        todo += [r for r in requirements_of(pkg, pins[pkg][1]) if (pkg, r) not in dropped]
+    return seen
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lock_holds_every_requirement_of_its_packages(name):
+    """What the buildpack's install needs: in hash-checking mode pip refuses a dependency
+    the file does not pin and hash, and `pip check` fails the build on a missing one (so
+    dropping a declared requirement with uv's --override cannot deploy)."""
+    pins = lock(name)
+    missing = {
+        (pkg, req)
+        for pkg, (_, version, _) in pins.items()
+        for req in requirements_of(pkg, version)
+        if req not in pins
+    }
+    assert not missing, f"{name}: (package, requirement not in the lock): {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lock_holds_only_what_its_direct_dependencies_need(name):
+    extra = set(lock(name)) - closure(name)
+    assert not extra, f"{name}: in the lock, needed by nothing in requirements.in: {extra}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_test_runner_in_a_production_lock(name):
+    """A test runner is in a lock only through a package that declares it at runtime
+    (PYTEST_AT_RUNTIME), never through anything the function asks for itself."""
+    pins = lock(name)
+    runners = {pkg for pkg in pins if is_test_runner(pkg)}
+    requirers = {
+        pkg
+        for pkg, (_, version, _) in pins.items()
+        if not is_test_runner(pkg) and "pytest" in requirements_of(pkg, version)
+    }
+    stale = {pkg for pkg in PYTEST_AT_RUNTIME & set(pins) if pkg not in requirers}
+    assert not stale, f"{name}: {stale} no longer require pytest: drop them here, `make lock`"
+    assert requirers <= PYTEST_AT_RUNTIME, f"{name}: pytest required at runtime by {requirers}"
+    direct = parse((FUNCTIONS / name / "requirements.in").read_text())
+    assert not [pkg for pkg in direct if is_test_runner(pkg)], f"{name}: asks for a test runner"
+    # without the declared edges nothing reaches a test runner
+    without = closure(name, dropped={(pkg, "pytest") for pkg in requirers})
+    assert not runners & without, f"{name}: {runners & without} reached otherwise"
+
+
+def test_lookup_lock_has_no_segmentation_io_feature_engine_or_test_runner():
+    pins = lock("lookup")
+    present = {pkg for pkg in NOT_IN_LOOKUP if pkg in pins}
+    assert not present, f"lookup's lock carries {present}"
+    assert not {pkg for pkg in pins if is_test_runner(pkg)}, "lookup's lock has a test runner"
+    assert len(pins) < 60, f"lookup's lock grew to {len(pins)} packages (55 when written)"
+
+
+def test_lookup_loads_nothing_its_lock_leaves_out():
+    """What lets the lock leave them out: the lookup's handler (and the core it imports,
+    config included) loads none of them."""
+    probe = (
+        "import json, sys; import l2cache.handlers.lookup, l2cache.serving.api; "
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_LOADED_BY_LOOKUP!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+def test_a_map_without_geometry_and_no_cloudvolume_is_a_clear_config_error(monkeypatch):
+    """The lookup's venv has no CloudVolume: deploy archives carry every dataset's geometry
+    resolved, and a map that lacks it says so instead of a bare ModuleNotFoundError."""
+    from l2cache.config import ConfigError, parse_config
+
+    monkeypatch.setitem(sys.modules, "cloudvolume", None)  # import cloudvolume -> ImportError
+    raw = {
+        "bigtable": {"project": "p", "instance": "i"},
+        "pubsub": {"project": "p", "missing_ids_topic": "m", "edits_topic": "e"},
+        "tasks": {"project": "p", "location": "l", "queue": "q", "compute_url": "https://x"},
+        "datasets": {
+            "minnie": {
+                "segmentation": "gs://bucket/seg",
+                "graph": {"kind": "bigtable", "project": "p", "instance": "i", "table_id": "t"},
+                "cache_table_id": "c",
+                "resolution": [8, 8, 40],
+            }
+        },
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "datasets.yaml")
+    message = str(err.value)
+    assert "datasets.yaml" in message and "minnie" in message, message
+    assert "must be in the dataset map" in message and "CloudVolume" in message, message
