@@ -152,11 +152,12 @@ def read_failure(exc: grpc.RpcError) -> BaseException:
 class CellFilter:
     """Which cells of a row to return, applied by the server (one ``RowFilter``).
 
-    Applied in this order: ``columns`` (family -> qualifiers, ``None`` or empty for the
-    whole family), ``[start_micros, end_micros)`` cell timestamps, ``values`` (exact
-    values, any of them), the newest ``per_column`` cells of each column, the first
-    ``per_row`` cells of a row, then ``strip_values`` (keys and timestamps only). A row
-    with no cell left is not returned at all. The default selects everything.
+    Applied in this order: ``[start_micros, end_micros)`` cell timestamps (first: the
+    cheapest cut), ``columns`` (family -> qualifiers, ``None`` or empty for the whole
+    family), ``values`` (exact values, any of them), the newest ``per_column`` cells of
+    each column, the first ``per_row`` cells of a row, then ``strip_values`` (keys and
+    timestamps only). A row with no cell left is not returned at all. The default
+    selects everything.
     """
 
     columns: Mapping[str, Sequence[bytes] | None] | None = None
@@ -171,6 +172,11 @@ class CellFilter:
         """The generated ``RowFilter`` message; ``None`` when nothing is filtered.
         Bigtable wants chains and interleaves of >= 2 filters."""
         parts = []
+        if self.start_micros is not None or self.end_micros is not None:
+            window = _RowFilter()
+            window.timestamp_range_filter.start_timestamp_micros = self.start_micros or 0
+            window.timestamp_range_filter.end_timestamp_micros = self.end_micros or 0
+            parts.append(window)
         if self.columns:
             by_family = []
             for family, qualifiers in self.columns.items():
@@ -184,11 +190,6 @@ class CellFilter:
                 union = _RowFilter()
                 union.interleave.filters.extend(_chain(sel) for sel in by_family)
                 parts.append(union)
-        if self.start_micros is not None or self.end_micros is not None:
-            window = _RowFilter()
-            window.timestamp_range_filter.start_timestamp_micros = self.start_micros or 0
-            window.timestamp_range_filter.end_timestamp_micros = self.end_micros or 0
-            parts.append(window)
         if self.values:
             parts.append(_RowFilter(value_regex_filter=_alternatives(self.values)))
         if self.per_column:
