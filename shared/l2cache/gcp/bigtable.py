@@ -168,7 +168,7 @@ class CellFilter:
     per_row: int = 0
     strip_values: bool = False
 
-    def to_pb(self):
+    def to_pb(self) -> Any:
         """The generated ``RowFilter`` message; ``None`` when nothing is filtered.
         Bigtable wants chains and interleaves of >= 2 filters."""
         parts = []
@@ -211,7 +211,7 @@ def _alternatives(exact: Iterable[bytes]) -> bytes:
     return b"^(" + b"|".join(re.escape(bytes(v)) for v in exact) + b")$"
 
 
-def _chain(parts: list):
+def _chain(parts: list) -> Any:
     if len(parts) == 1:
         return parts[0]
     out = _RowFilter()
@@ -438,17 +438,33 @@ def _parse_versions(responses, out: dict[bytes, RowVersions], progress: list[byt
 
 
 def read_rows(
-    table: Any, *, deadline_s: float = READ_DEADLINE_S, **select
+    table: Any,
+    *,
+    keys: Sequence[bytes] | None = None,
+    ranges: Sequence[KeyRange] | None = None,
+    prefix: bytes | None = None,
+    cells: CellFilter = NEWEST,
+    limit: int = 0,
+    deadline_s: float = READ_DEADLINE_S,
 ) -> dict[bytes, RowCells]:
     """:meth:`RowReader.rows` of ``table`` (a handle or its name)."""
-    return RowReader(table, deadline_s=deadline_s).rows(**select)
+    reader = RowReader(table, deadline_s=deadline_s)
+    return reader.rows(keys=keys, ranges=ranges, prefix=prefix, cells=cells, limit=limit)
 
 
 def read_versions(
-    table: Any, *, deadline_s: float = READ_DEADLINE_S, **select
+    table: Any,
+    *,
+    keys: Sequence[bytes] | None = None,
+    ranges: Sequence[KeyRange] | None = None,
+    prefix: bytes | None = None,
+    cells: CellFilter = ALL,
+    limit: int = 0,
+    deadline_s: float = READ_DEADLINE_S,
 ) -> dict[bytes, RowVersions]:
     """:meth:`RowReader.versions` of ``table`` (a handle or its name)."""
-    return RowReader(table, deadline_s=deadline_s).versions(**select)
+    reader = RowReader(table, deadline_s=deadline_s)
+    return reader.versions(keys=keys, ranges=ranges, prefix=prefix, cells=cells, limit=limit)
 
 
 def read_row(table: Any, key: bytes, cells: CellFilter = NEWEST) -> RowCells | None:

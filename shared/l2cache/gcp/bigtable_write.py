@@ -110,7 +110,7 @@ class Row:
         return self._entry.row_key
 
     @property
-    def mutations(self):
+    def mutations(self) -> Any:
         """The generated ``Mutation`` messages, in order."""
         return self._entry.mutations
 
@@ -393,7 +393,9 @@ def increment(
     raise WriteError(what, {key: "the increment returned no value"}, {NO_STATUS})
 
 
-def _unary(channel, method: str, request, response_type, key: bytes, what: str, deadline_s: float):
+def _unary(
+    channel, method: str, request, response_type, key: bytes, what: str, deadline_s: float
+) -> Any:
     call = (channel or data_channel(WRITE_SCOPE)).unary_unary(
         method,
         request_serializer=type(request).SerializeToString,
