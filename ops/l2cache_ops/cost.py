@@ -62,11 +62,16 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from l2cache_ops.sizing import PRODUCTION_CHUNK, cpu_for_memory, worker_memory_mib
+
+if TYPE_CHECKING:  # annotations only: at run time the map (numpy) and the ledger (the
+    # Bigtable client) would make loading the prices ~1 s slower, for no use here
+    from l2cache.config import L2CacheConfig
+    from l2cache.store.ledger import RunRecord
 
 NM3_PER_MM3 = 1e18
 GIB = 2**30
@@ -138,7 +143,7 @@ def load_sheet(path: Path | None = None) -> dict[str, Any]:
     return doc
 
 
-def check_sheet(doc: Any, where: str = "price file") -> None:
+def check_sheet(doc: object, where: str = "price file") -> None:
     """Raise :class:`PriceFileError` naming what is wrong with a price document."""
     if not isinstance(doc, dict):
         raise PriceFileError(f"{where}: not a mapping")
@@ -285,13 +290,15 @@ def worker_prices(
     return base.with_worker(mib, vcpu if vcpu is not None else float(cpu_for_memory(mib)))
 
 
-def map_read_ahead(cfg: Any) -> bool:
+def map_read_ahead(cfg: L2CacheConfig | None) -> bool:
     """The dataset map's ``tasks.read_ahead`` (False without a ``tasks`` section)."""
     tasks = getattr(cfg, "tasks", None)
     return bool(getattr(tasks, "read_ahead", False))
 
 
-def run_prices(run: Any, cfg: Any = None, base: Prices | None = None) -> Prices:
+def run_prices(
+    run: RunRecord, cfg: L2CacheConfig | None = None, base: Prices | None = None
+) -> Prices:
     """Prices of the worker that computed ``run`` (a ledger RunRecord): its recorded
     chunk size (``params.chunk_size``; the map's dataset when the run has none) and the
     map's ``tasks.read_ahead``. Every CLI path that prints a run's cost uses this, so
@@ -352,10 +359,13 @@ class RunCost:
 
     @property
     def per_chunk(self) -> float | None:
+        """USD per done chunk, all-in (nodes included); None before any chunk is done."""
         return self.usd / self.chunks if self.chunks else None
 
     @property
     def per_mm3(self) -> float | None:
+        """USD per mm^3 of the done chunks, what the cost SLO (``max_usd_per_mm3``)
+        judges; None while they cover no volume."""
         return self.usd / self.mm3 if self.mm3 > 0 else None
 
 
@@ -410,6 +420,8 @@ class Projection:
 
     @property
     def usd_per_mm3(self) -> float | None:
+        """All-in per mm^3 of the whole region, comparable with a finished run's
+        :attr:`RunCost.per_mm3`; None for a region of no volume."""
         return self.usd / self.mm3 if self.mm3 > 0 else None
 
 

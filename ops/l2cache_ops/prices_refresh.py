@@ -253,7 +253,7 @@ def dump_sheet(doc: Mapping[str, Any]) -> str:
 
 
 def refresh(
-    out: Path | None = None,
+    out: Path | str | None = None,
     env: Mapping[str, str] | None = None,
     fetch: Fetch | None = None,
     today: date | None = None,

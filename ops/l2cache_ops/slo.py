@@ -27,6 +27,7 @@ import numpy as np
 
 from l2cache.config import DatasetConfig
 from l2cache.store.ledger import RunLedger
+from l2cache_ops.cost import RunCost
 from l2cache_ops.ledger import events, list_runs
 from l2cache_ops.qc_reports import load_report
 from l2cache_ops.status import RunStatus
@@ -67,6 +68,8 @@ class SloTargets:
         return replace(base or cls(), **values)
 
     def any(self) -> bool:
+        """Whether the map sets at least one objective: with none there is nothing to
+        judge a run against, so a caller can skip measuring."""
         return any(getattr(self, f.name) is not None for f in fields(self))
 
 
@@ -82,7 +85,9 @@ class SloResult:
     detail: str = ""
 
 
-def _verdict(value, target, higher_is_better: bool = False) -> str:
+def _verdict(
+    value: float | bool | None, target: float | bool | None, higher_is_better: bool = False
+) -> str:
     if target is None:
         return "no target"
     if value is None:
@@ -121,7 +126,7 @@ def edit_latencies(events: Iterable[Mapping[str, Any]]) -> list[float]:
     return out
 
 
-def stream_events(ledger, dataset: str) -> list[dict]:
+def stream_events(ledger: RunLedger, dataset: str) -> list[dict]:
     """Every event of the dataset's edit-stream runs (all code revisions)."""
     out: list[dict] = []
     for run in list_runs(ledger):
@@ -132,9 +137,9 @@ def stream_events(ledger, dataset: str) -> list[dict]:
 
 def evaluate(
     targets: SloTargets,
-    status,
+    status: RunStatus,
     rows: list[Mapping[str, Any]],
-    run_cost,
+    run_cost: RunCost,
     qc_report: Mapping[str, Any] | None,
     events: list[Mapping[str, Any]],
 ) -> list[SloResult]:
@@ -253,6 +258,8 @@ def format_value(r: SloResult) -> str:
 
 
 def format_target(r: SloResult) -> str:
+    """The target with its direction (``>=`` for throughput, ``<=`` for the limits), so a
+    reader sees which side of it the value must stay; "-" for no objective."""
     if r.target is None:
         return "-"
     if isinstance(r.target, bool):
@@ -261,7 +268,7 @@ def format_target(r: SloResult) -> str:
     return f"{op} {_fmt(r.target, r.unit)}"
 
 
-def _fmt(v, unit: str) -> str:
+def _fmt(v: float | bool | None, unit: str) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):

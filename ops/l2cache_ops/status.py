@@ -13,6 +13,7 @@ from datetime import datetime
 
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.regions import region_chunks
+from l2cache.store.ledger import RunLedger
 from l2cache_ops.cost import PRICES, Prices, RunCost, run_cost
 from l2cache_ops.ledger import chunk_rows, failed_tasks, rejected_tasks
 
@@ -76,7 +77,7 @@ def presume_lost(
 
 
 def run_status(
-    ledger,
+    ledger: RunLedger,
     run_id: str,
     now: datetime | None = None,
     max_attempts: int | None = None,

@@ -11,44 +11,63 @@ dataset without a release "no release yet".
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from l2cache.compute import dataset_context
+from l2cache.config import L2CacheConfig
 from l2cache.domain.lineage import utc_now
-from l2cache_ops.cost import map_read_ahead, run_prices, worker_prices
+from l2cache.store.ledger import RunRecord
+from l2cache_ops.cost import Prices, map_read_ahead, run_prices, worker_prices
 from l2cache_ops.ledger import list_runs
 from l2cache_ops.qc_reports import load_report
 from l2cache_ops.releases import current_release, release_history
 from l2cache_ops.settings import slo_targets
-from l2cache_ops.slo import edit_latencies, evaluate, format_target, format_value, stream_events
-from l2cache_ops.status import run_status
+from l2cache_ops.slo import (
+    SloResult,
+    edit_latencies,
+    evaluate,
+    format_target,
+    format_value,
+    stream_events,
+)
+from l2cache_ops.status import RunStatus, run_status
+
+if TYPE_CHECKING:  # plotly (~0.1 s) loads only when a figure is made; collect() needs none
+    import plotly.graph_objects as go
 
 STREAM_KINDS = ("edit_stream", "missing_ids")
 
 
 @dataclass
 class RunView:
-    run: Any
-    status: Any
-    qc: dict | None
-    slos: list = field(default_factory=list)
+    """One run as the page shows it: what every figure and table needs of the run,
+    read from the ledger once so the parts of the page agree."""
+
+    run: RunRecord
+    status: RunStatus
+    qc: dict[str, Any] | None  # the stored QC report, without its per-chunk figures
+    slos: list[SloResult] = field(default_factory=list)
 
 
 @dataclass
 class DashboardData:
+    """Everything the page shows, collected before any HTML is made, so the ledger
+    reads (:func:`collect`) and the rendering (:func:`render`) are apart."""
+
     dataset: str
     generated_at: str
     runs: list[RunView]
-    release: dict | None
-    history: list[dict]
+    release: dict[str, Any] | None
+    history: list[dict[str, Any]]
     edit_latencies: list[float]
-    prices: Any
+    prices: Prices  # the dataset's worker as deployed now (each run is priced as its own)
 
 
-def collect(cfg, dataset: str) -> DashboardData:
+def collect(cfg: L2CacheConfig, dataset: str) -> DashboardData:
     """Every run of ``dataset`` with its status, cost, QC and SLOs; the current release."""
     ctx = dataset_context(cfg, dataset)
     prices = worker_prices(ctx.dataset.chunk_size, map_read_ahead(cfg))
@@ -85,7 +104,7 @@ def collect(cfg, dataset: str) -> DashboardData:
 
 
 # -- figures ---------------------------------------------------------------------------
-def _layout(fig, title: str, ytitle: str = ""):
+def _layout(fig: go.Figure, title: str, ytitle: str = "") -> go.Figure:
     fig.update_layout(
         title=title,
         height=320,
@@ -97,7 +116,7 @@ def _layout(fig, title: str, ytitle: str = ""):
     return fig
 
 
-def throughput_figure(views: list[RunView]):
+def throughput_figure(views: list[RunView]) -> go.Figure:
     """Chunks done over time, one line per run (cumulative, by finish time)."""
     import plotly.graph_objects as go
 
@@ -121,13 +140,13 @@ def throughput_figure(views: list[RunView]):
     return _layout(fig, "Throughput: chunks done over time", "chunks done")
 
 
-def failures_figure(views: list[RunView]):
+def failures_figure(views: list[RunView]) -> go.Figure:
     """Per run: done, failed, retried (needed more than one attempt), still retrying."""
     import plotly.graph_objects as go
 
     names = [v.run.run_id for v in views]
 
-    def count(v, pred):
+    def count(v: RunView, pred: Callable[[Mapping[str, Any]], bool]) -> int:
         return sum(1 for r in v.status.rows if pred(r))
 
     series = {
@@ -144,7 +163,7 @@ def failures_figure(views: list[RunView]):
     return _layout(fig, "Failures and retries per run", "chunks")
 
 
-def cost_figure(views: list[RunView]):
+def cost_figure(views: list[RunView]) -> go.Figure:
     """Cost per mm^3 of each run's done chunks."""
     import plotly.graph_objects as go
 
@@ -160,7 +179,7 @@ def cost_figure(views: list[RunView]):
     return _layout(fig, "Cost per mm^3 (USD)", "$ / mm^3")
 
 
-def qc_figure(views: list[RunView]):
+def qc_figure(views: list[RunView]) -> go.Figure:
     """Coverage of each run's QC report (runs without QC are left out)."""
     import plotly.graph_objects as go
 
@@ -216,12 +235,13 @@ td,th{border-bottom:1px solid #eee;padding:4px 6px;text-align:left;vertical-alig
 """
 
 
-def _e(value: Any) -> str:
+def _e(value: object) -> str:
     return html.escape(str(value))
 
 
 def slo_table(views: list[RunView]) -> str:
-
+    """The SLO verdicts of the latest run, the one an operator is watching; the other
+    runs' progress and cost are in the runs table."""
     if not views:
         return '<p class="none">no run yet</p>'
     latest = views[-1]
@@ -239,6 +259,8 @@ def slo_table(views: list[RunView]) -> str:
 
 
 def qc_table(views: list[RunView]) -> str:
+    """Every run's QC verdict, with "no QC yet" for a run never checked, so a run that
+    cannot be promoted yet is visible as such."""
     rows = []
     for v in views:
         if v.qc is None:
@@ -266,7 +288,9 @@ def qc_table(views: list[RunView]) -> str:
 LINEAGE_KEYS = ("release", "run_id", "promoted_at", "qc_passed")
 
 
-def release_block(release: dict | None, history: list[dict]) -> str:
+def release_block(release: dict[str, Any] | None, history: list[dict[str, Any]]) -> str:
+    """The release served now with its lineage, and the history of releases a rollback
+    goes back through."""
     if release is None:
         return '<p class="none">no release yet</p>'
     cur = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in release.items())
@@ -282,6 +306,8 @@ def release_block(release: dict | None, history: list[dict]) -> str:
 
 
 def runs_table(data: DashboardData) -> str:
+    """Every run with its progress, cost and code and params hashes, to tell apart runs
+    of the same region by what computed them."""
     rows = []
     for v in data.runs:
         st, c = v.status, v.status.cost
@@ -336,7 +362,7 @@ ${p.gib_second}/GiB-s, ${p.vcpu_second}/vCPU-s, ${p.bigtable_row}/row, ${p.task}
 """
 
 
-def write_dashboard(cfg, dataset: str, out: Path | str) -> Path:
+def write_dashboard(cfg: L2CacheConfig, dataset: str, out: Path | str) -> Path:
     """Collect, render and write the page; returns its path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

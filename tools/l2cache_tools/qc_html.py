@@ -65,7 +65,7 @@ def qc_figures(report: dict[str, Any]) -> list[tuple[str, go.Figure]]:
     return figs
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
+def _table(rows: list[tuple[str, object]]) -> str:
     body = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )

@@ -26,6 +26,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, built from ``COMMAND_MODULES`` so a new command needs no
+    edit here beyond its name (and ``--help`` lists every command)."""
     parser = argparse.ArgumentParser(
         prog="l2cache", description="Per-L2-node feature cache for PyChunkedGraph datasets."
     )

@@ -6,9 +6,12 @@ import argparse
 
 from l2cache.config import L2CacheConfig, load_config
 from l2cache_ops.settings import check_sections
+from l2cache_ops.status import RunStatus
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
+    """``--config`` with one meaning on every command: a map file, or else
+    ``$L2CACHE_CONFIG`` (read by :func:`config_from`)."""
     p.add_argument("--config", help="dataset map YAML (default: $L2CACHE_CONFIG)")
 
 
@@ -38,7 +41,9 @@ def print_features(rows: dict[int, dict], title: str = "") -> None:
         )
 
 
-def print_status(status) -> None:
+def print_status(status: RunStatus) -> None:
+    """One line of progress and cost, then why the run is broken and each failed or
+    retrying chunk: the same words for ``status``, ``ingest --watch`` and the demo."""
     eta = f"{status.eta_s:.0f}s" if status.eta_s is not None else "-"
     print(
         f"run {status.run_id}: {status.done}/{status.total} done, {status.failed} failed, "

@@ -7,7 +7,9 @@ import argparse
 from .common import add_config_arg, config_from
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``dashboard``: one HTML page an operator can open offline or attach to a
+    report, with the same numbers ``status`` prints (both read the runs ledger)."""
     p = sub.add_parser(
         "dashboard",
         help="one self-contained HTML page: throughput, failures, QC, cost, SLOs, release",
@@ -19,6 +21,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the page and print its absolute path, so it can be opened from anywhere."""
     from l2cache_tools.dashboard import write_dashboard
 
     cfg = config_from(args)

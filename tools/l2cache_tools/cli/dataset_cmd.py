@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from l2cache_tools.dataset import BuildResult
+
 from .common import add_config_arg, config_from
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``dataset build|edit``: a PCG-shaped dataset and PCG-style edits on this
+    machine, so ingest, lookups and on_edit can be exercised without a real PCG."""
     p = sub.add_parser("dataset", help="build a local PCG dataset / apply edits")
     s = p.add_subparsers(dest="dataset_command", required=True)
     b = s.add_parser("build", help="labelled volume -> precomputed svs + PCG graph table")
@@ -31,6 +36,8 @@ def register(sub) -> None:
 
 
 def load_labels(path: str) -> np.ndarray:
+    """The volume to build from, as either format a cutout comes in: ``.npz`` (numpy
+    only) or crackle, which is imported only when it is needed."""
     if path.endswith(".npz"):
         with np.load(path) as z:
             return z["labels"]
@@ -40,8 +47,13 @@ def load_labels(path: str) -> np.ndarray:
 
 
 def build_into_config(
-    config_path: Path, name: str, volume: np.ndarray, out_dir: Path, resolution, chunk_size
-):
+    config_path: Path,
+    name: str,
+    volume: np.ndarray,
+    out_dir: Path,
+    resolution: Sequence[float],
+    chunk_size: Sequence[int],
+) -> BuildResult:
     """Build the dataset and add its entry (and cache table) to the dataset map."""
     from l2cache.config import load_config
     from l2cache.gcp.bigtable import bigtable_instance
@@ -72,6 +84,9 @@ def build_into_config(
 
 
 def build(args: argparse.Namespace) -> int:
+    """``dataset build``: the map is taken as a path (``--config`` or
+    ``$L2CACHE_CONFIG``), not a loaded map, because the new entry is written back into
+    that file."""
     import os
 
     config_path = Path(args.config or os.environ["L2CACHE_CONFIG"])
@@ -88,6 +103,8 @@ def build(args: argparse.Namespace) -> int:
 
 
 def edit(args: argparse.Namespace) -> int:
+    """``dataset edit``: change the graph and publish the edit as PCG does, so on_edit
+    recomputes the new L2 nodes exactly as it would in production."""
     from google.cloud import pubsub_v1
 
     from l2cache.gcp.bigtable import bigtable_instance

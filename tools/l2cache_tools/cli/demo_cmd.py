@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from google.cloud.bigtable.table import Table
+
+from l2cache.compute import DatasetContext
+from l2cache.config import L2CacheConfig
 
 from .common import print_features, print_status
 
@@ -23,7 +27,9 @@ VOLUME = REPO / "data" / "pinky40" / "pinky40_512.ckl.gz"
 NAME = "pinky40_demo"
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``demo``: the one command that shows every part working together on real
+    data, without a cloud project."""
     p = sub.add_parser("demo", help="local stack end to end on the vendored real data")
     p.add_argument("--dir", default="var/demo", help="working directory (recreated)")
     p.add_argument("--chunk-size", default="128,128,128")
@@ -32,10 +38,15 @@ def register(sub) -> None:
 
 
 def step(text: str) -> None:
+    """A visible heading per stage (flushed: the stages take seconds, and a piped
+    output should still show where the demo is)."""
     print(f"\n== {text}", flush=True)
 
 
-def lookup(url: str, ids) -> dict[int, dict]:
+def lookup(url: str, ids: np.ndarray) -> dict[int, dict]:
+    """Features of ``ids`` through the lookup function over HTTP, as caveclient asks;
+    ``update_cache=false`` so a node not in the cache is not queued for recomputation
+    and the demo sees only what ingest and on_edit wrote."""
     r = requests.post(
         f"{url}/l2cache/api/v1/table/{NAME}/attributes",
         json={"l2_ids": [int(v) for v in ids]},
@@ -47,6 +58,8 @@ def lookup(url: str, ids) -> dict[int, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The demo, stage by stage; exit 1 at the first stage whose result is wrong (a
+    failed chunk, an edit not recomputed in time, QC failed), so it doubles as a check."""
     import crackle
     from google.cloud import pubsub_v1
 
@@ -137,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def qc_and_release(config, ctx, run_id: str, directory: Path) -> bool:
+def qc_and_release(
+    config: L2CacheConfig, ctx: DatasetContext, run_id: str, directory: Path
+) -> bool:
     """QC the run (report stored, JSON and HTML written), promote it when it passes."""
     from l2cache_ops.qc import run_qc
     from l2cache_ops.qc_reports import save_report
@@ -199,7 +214,9 @@ def operations(config_path: Path, run_id: str, directory: Path) -> Path:
     return path
 
 
-def stack_graph_table(config, ctx):
+def stack_graph_table(config: L2CacheConfig, ctx: DatasetContext) -> Table:
+    """The dataset's PCG graph table itself: the demo edits it directly, as PCG would,
+    since there is no PCG server in the local stack."""
     from l2cache.gcp.bigtable import bigtable_instance
 
     g = ctx.dataset.graph

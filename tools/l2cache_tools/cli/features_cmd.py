@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ import numpy as np
 from l2cache.engine.features import compute_features
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``features``: the engine alone on one volume, no Bigtable or queue, for
+    debugging a chunk's values or timing the engine."""
     p = sub.add_parser(
         "features",
         help="compute L2 features of a labelled volume and print a summary",
@@ -44,7 +47,9 @@ def _bbox(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def load_volume(path: str, bbox=None, mip: int = 0) -> tuple[np.ndarray, tuple | None]:
+def load_volume(
+    path: str, bbox: Sequence[int] | None = None, mip: int = 0
+) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """Labels (x, y, z) and the resolution stored with them, if any."""
     if path.endswith(".npz"):
         with np.load(path) as z:
@@ -67,6 +72,8 @@ def load_volume(path: str, bbox=None, mip: int = 0) -> tuple[np.ndarray, tuple |
 
 
 def run(args: argparse.Namespace) -> int:
+    """Read, compute, print; the read and the engine are timed apart so a slow run shows
+    which of the two to look at."""
     t0 = time.perf_counter()
     if not args.path.startswith(("gs://", "file://", "precomputed://", "graphene://")):
         if not Path(args.path).exists():
@@ -89,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(feats: dict, shape, res, top: int) -> None:
+def print_summary(
+    feats: dict[str, np.ndarray], shape: Sequence[int], res: Sequence[float], top: int
+) -> None:
+    """The ``top`` largest nodes, converted from the engine's voxel units to the columns
+    and units :func:`.common.print_features` shows lookups in (um^3, um^2, nm), so a
+    computed node reads like a served one."""
     voxel_nm3 = float(np.prod(res))
     n = len(feats["l2id"])
     print(f"volume {tuple(shape)} voxels at {tuple(res)} nm: {n} L2 nodes")

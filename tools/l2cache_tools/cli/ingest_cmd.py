@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable, Sequence
 
+from l2cache.compute import DatasetContext
+from l2cache.config import L2CacheConfig
+from l2cache.store.ledger import RunLedger
+from l2cache_ops.cost import Prices, RunCost
 from l2cache_ops.ledger import done_chunks, list_runs
 from l2cache_ops.settings import slo_targets
+from l2cache_ops.slo import SloResult
+from l2cache_ops.status import RunStatus
 
 from .common import add_config_arg, config_from, print_status
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``ingest``, ``status``, ``reconcile`` and ``runs``: everything an operator
+    does with a bulk run, from its first sampled chunk to its rollback."""
     p = sub.add_parser("ingest", help="start (or resume) a bulk ingest run through Cloud Tasks")
     add_config_arg(p)
     p.add_argument("dataset")
@@ -87,14 +96,14 @@ def register(sub) -> None:
         q.set_defaults(func=queue_command)
 
 
-def _ctx(args):
+def _ctx(args: argparse.Namespace) -> tuple[L2CacheConfig, DatasetContext]:
     from l2cache.compute import dataset_context
 
     cfg = config_from(args)
     return cfg, dataset_context(cfg, args.dataset)
 
 
-def _status_args(cfg) -> dict:
+def _status_args(cfg: L2CacheConfig) -> dict[str, int | float]:
     if cfg.tasks is None:
         return {}
     return {
@@ -103,7 +112,12 @@ def _status_args(cfg) -> dict:
     }
 
 
-def current_status(ledger, run_id: str, cfg=None, prices=None):
+def current_status(
+    ledger: RunLedger,
+    run_id: str,
+    cfg: L2CacheConfig | None = None,
+    prices: Prices | None = None,
+) -> RunStatus:
     """The run's status; a run whose ledger row is gone is reported broken, not pending.
 
     Priced with ``prices`` or else as the run's worker was deployed
@@ -121,7 +135,7 @@ def current_status(ledger, run_id: str, cfg=None, prices=None):
         raise _broken(run_id, exc) from None
 
 
-def run_prices_of(ledger, run_id: str, cfg=None):
+def run_prices_of(ledger: RunLedger, run_id: str, cfg: L2CacheConfig | None = None) -> Prices:
     """Prices of the worker that computed the run (its recorded chunk size, the map's
     ``tasks.read_ahead``): :func:`l2cache_ops.cost.run_prices` of its ledger record."""
     from google.api_core.exceptions import NotFound
@@ -143,14 +157,22 @@ def _broken(run_id: str, exc: BaseException) -> RunBroken:
 
 
 class RunBroken(LookupError):
-    pass
+    """The run's ledger cannot be read, so it can never finish. A LookupError, so the
+    CLI reports it as a user error (one line, exit 2) whose message says to start a new
+    run rather than wait on this one."""
 
 
-def _words(exc) -> str:
+def _words(exc: BaseException) -> str:
     return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc).splitlines()[0]
 
 
-def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = None, cfg=None):
+def watch(
+    ledger: RunLedger,
+    run_id: str,
+    interval: float = 0.5,
+    timeout: float | None = None,
+    cfg: L2CacheConfig | None = None,
+) -> RunStatus:
     """tqdm bar over the run's chunks until it finishes; returns the final status.
 
     It always returns: a run finishes when every chunk is done or failed, failed
@@ -183,6 +205,8 @@ def watch(ledger, run_id: str, interval: float = 0.5, timeout: float | None = No
 
 
 def ingest(args: argparse.Namespace) -> int:
+    """``ingest``: start, resume or sample a run; with ``--watch`` the exit code says
+    whether every chunk was done (1 when any failed), so a script can wait on it."""
     from l2cache_ops.ingest import start_ingest
 
     cfg = config_from(args)
@@ -202,6 +226,8 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
+    """``status``: progress, cost and SLOs priced and measured as the dashboard does;
+    exit 1 while any chunk failed or the run is broken, so a check can gate on it."""
     from l2cache_ops.slo import run_slos
 
     cfg, ctx = _ctx(args)
@@ -215,7 +241,7 @@ def status(args: argparse.Namespace) -> int:
     return 0 if st.failed == 0 and not st.broken else 1
 
 
-def _prices(ctx, cfg=None):
+def _prices(ctx: DatasetContext, cfg: L2CacheConfig | None = None) -> Prices:
     """Prices of the worker deployed for the dataset's chunk size (and the map's
     ``tasks.read_ahead``); for a run in the ledger, :func:`run_prices_of`."""
     from l2cache_ops.cost import map_read_ahead, worker_prices
@@ -223,7 +249,7 @@ def _prices(ctx, cfg=None):
     return worker_prices(ctx.dataset.chunk_size, map_read_ahead(cfg))
 
 
-def print_cost(cost) -> None:
+def print_cost(cost: RunCost | None) -> None:
     """Per chunk and per mm^3, then its parts with the prices that made them (how
     Bigtable is charged: :mod:`l2cache_ops.cost`; the price file's region and date)."""
     from l2cache_ops.cost import PRICES
@@ -247,7 +273,7 @@ def print_cost(cost) -> None:
     )
 
 
-def print_slos(results) -> None:
+def print_slos(results: Iterable[SloResult]) -> None:
     """Each SLO: measured value, target, verdict (met / missed / no data / no target)."""
     from l2cache_ops.slo import format_target, format_value
 
@@ -260,7 +286,7 @@ def print_slos(results) -> None:
         )
 
 
-def scattered_chunks(region, n: int) -> list[list[int]]:
+def scattered_chunks(region: Sequence[int], n: int) -> list[list[int]]:
     """``n`` chunks spread over ``region``, deterministic: the Halton sequence in bases
     2, 3, 5 (low discrepancy: every part of the region is sampled, no clumps), each
     point mapped to its chunk, duplicates skipped; the region in order fills the rest
@@ -300,7 +326,9 @@ def scattered_chunks(region, n: int) -> list[list[int]]:
     return picked
 
 
-def queue_concurrency(cfg) -> int:
+def queue_concurrency(cfg: L2CacheConfig) -> int:
+    """The queue's max concurrent dispatches: how many chunks run at once in practice,
+    the default instance count a projection's wall time assumes."""
     from l2cache.gcp.tasks import queue_path, tasks_client
 
     client = tasks_client()
@@ -309,7 +337,9 @@ def queue_concurrency(cfg) -> int:
     )
 
 
-def sample_then_ingest(args: argparse.Namespace, cfg, bbox) -> int:
+def sample_then_ingest(
+    args: argparse.Namespace, cfg: L2CacheConfig, bbox: Sequence[int] | None
+) -> int:
     """Sample first: a run over the whole region is recorded, only the sampled chunks are
     enqueued (one task each); once they are done the projection is printed. With
     ``--yes`` the run continues as a resume (the sampled chunks are skipped as done);
@@ -463,6 +493,9 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def reconcile(args: argparse.Namespace) -> int:
+    """``reconcile``: re-queue every chunk the ledger does not have as done, one task
+    each under a fresh generation (names the queue has not seen), for a run whose tasks
+    were lost or gave up."""
     from l2cache.compute import chunk_id
     from l2cache.domain.lineage import utc_now
     from l2cache.domain.regions import region_chunks
@@ -489,6 +522,8 @@ def reconcile(args: argparse.Namespace) -> int:
 
 
 def runs_command(args: argparse.Namespace) -> int:
+    """``runs list|show|rollback``: the ledger's record of each run, and undoing what
+    one wrote (each row back to its previous version)."""
     from l2cache_ops.rollback import rollback_run
 
     _, ctx = _ctx(args)

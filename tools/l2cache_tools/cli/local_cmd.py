@@ -9,7 +9,9 @@ from pathlib import Path
 DEFAULT_DIR = "var/local"
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``local up|down``: the stack the tests and the demo start, kept running for
+    a shell session so commands can be tried against it by hand."""
     p = sub.add_parser("local", help="start/stop the local stack (emulators + functions)")
     s = p.add_subparsers(dest="local_command", required=True)
     up = s.add_parser("up")
@@ -22,6 +24,8 @@ def register(sub) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    """Start the stack and print its URLs and an ``export`` line: the processes outlive
+    this command, so the shell needs the endpoints to reach them."""
     from l2cache_tools.local.stack import LocalStack
 
     stack = LocalStack(Path(args.dir), compute_workers=args.workers)
@@ -33,6 +37,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
+    """Stop what ``local up`` started, found through the state file it left in
+    ``--dir`` (this process did not start them and holds no handle)."""
     from l2cache_tools.local.stack import stop_from_state
 
     print(f"stopped {stop_from_state(Path(args.dir))} process groups")

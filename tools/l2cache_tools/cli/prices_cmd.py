@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``prices show|refresh``: every cost figure rests on these prices, so an
+    operator can see where each comes from and bring them up to date."""
     p = sub.add_parser("prices", help="unit prices of the cost figures: show, or refresh them")
     cmds = p.add_subparsers(dest="prices_command", required=True)
     show = cmds.add_parser("show", help="the prices in use, their date, region and sources")
@@ -27,6 +29,8 @@ def register(sub) -> None:
 
 
 def show_prices(args: argparse.Namespace) -> int:
+    """``prices show``: the prices as costs use them (environment overrides marked), each
+    with its source, so a figure can be checked against Google's pricing pages."""
     from l2cache_ops.cost import PRICE_ENV, PRICE_FIELDS, load_sheet, price_file_path, prices
 
     path = price_file_path()
@@ -53,6 +57,8 @@ def show_prices(args: argparse.Namespace) -> int:
 
 
 def refresh_prices(args: argparse.Namespace) -> int:
+    """``prices refresh``: rewrite the file and print each price's old and new value,
+    so a change in a cost figure can be traced to the price that moved."""
     from l2cache_ops.prices_refresh import refresh
 
     path, changes = refresh(out=args.out)

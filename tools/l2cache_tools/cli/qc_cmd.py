@@ -13,7 +13,8 @@ from pathlib import Path
 from .common import add_config_arg, config_from
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``qc``: a run must pass it before ``release promote`` accepts it."""
     p = sub.add_parser("qc", help="QC a bulk or region run (coverage, distributions, diff)")
     add_config_arg(p)
     p.add_argument("dataset")
@@ -53,6 +54,8 @@ def print_report(report: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """QC the run and store the report in the ledger, where ``release promote`` and the
+    dashboard read it; exit 1 on a failed QC so a script can stop there."""
     from l2cache.compute import dataset_context
     from l2cache_ops.qc import run_qc
     from l2cache_ops.qc_reports import save_report
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_outputs(report: dict, json_path: str | None, html_path: str | None) -> None:
+    """The report as files to keep or share, beside the copy in the ledger: JSON for
+    tools, an HTML page with the plots for a person."""
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=1))

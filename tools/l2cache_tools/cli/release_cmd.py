@@ -11,7 +11,9 @@ import argparse
 from .common import add_config_arg, config_from
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``release promote|list|rollback``: which run's values a dataset serves as
+    known good, and the way back to the previous ones."""
     p = sub.add_parser("release", help="promote a QC-passed run, list releases, roll one back")
     rs = p.add_subparsers(dest="release_command", required=True)
     promote = rs.add_parser("promote", help="make a QC-passed run the current release")
@@ -44,6 +46,8 @@ def _region(text: str | None) -> list[int] | None:
 
 
 def print_release(r: dict) -> None:
+    """One release with its lineage (code, params, snapshot, sources) and each region
+    rolled back, so ``release list`` answers what produced the values served."""
     lin = r["lineage"]
     state = "rolled back" if r["rolled_back"] else "live"
     if r["rollbacks"] and not r["rolled_back"]:
@@ -65,6 +69,7 @@ def print_release(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """All three subcommands: each needs the dataset's ledger, opened once here."""
     from l2cache.compute import dataset_context
     from l2cache_ops.releases import current_release, promote, release_history, rollback_release
 

@@ -63,6 +63,7 @@ class Emulator:
 
     @property
     def host(self) -> str:
+        """``host:port`` as the emulator environment variables and clients take it."""
         return f"{HOST}:{self.port}"
 
     def stop(self) -> None:
@@ -81,7 +82,7 @@ class Emulator:
     def __enter__(self) -> Emulator:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -42,6 +43,9 @@ MAX_DELIVERY_ATTEMPTS = 5
 
 
 def start_tasks_emulator(log_dir: Path) -> Emulator:
+    """The Cloud Tasks emulator: ``l2cache_tools.local.tasks_emulator`` under this
+    interpreter (the other emulators come from the Cloud SDK), in its own process group
+    so :meth:`LocalStack.stop` and ``local down`` stop it like the others."""
     port = free_port()
     log = open(Path(log_dir) / "tasks-emulator.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -82,9 +86,12 @@ class LocalStack:
 
     @property
     def config_path(self) -> Path:
+        """The stack's dataset map: ``L2CACHE_CONFIG`` points every process here."""
         return self.dir / CONFIG_FILE
 
-    def base_config(self, compute_url: str) -> dict:
+    def base_config(self, compute_url: str) -> dict[str, Any]:
+        """The map's service sections for this stack (no dataset): what :meth:`start`
+        writes, or refreshes in a map kept from an earlier start, since ports change."""
         return {
             "bigtable": {"project": PROJECT, "instance": INSTANCE},
             "pubsub": {
@@ -115,10 +122,12 @@ class LocalStack:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def start(self) -> None:
+        """Emulators first, then the map, the runs table and the functions that read
+        them, then topics, subscriptions and the queue that point at the functions."""
         self.dir.mkdir(parents=True, exist_ok=True)
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -230,6 +239,8 @@ class LocalStack:
         )
 
     def write_state(self) -> None:
+        """Record the endpoints and process ids, so ``l2cache local down`` can stop a
+        stack another process started."""
         state = {
             "env": self.env,
             "urls": self.urls,
@@ -239,6 +250,8 @@ class LocalStack:
         (self.dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def stop(self) -> None:
+        """Stop every process group, newest first, going on past any that fails to stop,
+        and remove the state file so ``local down`` finds nothing left to stop."""
         for proc in reversed(self.processes):
             try:
                 proc.stop()
