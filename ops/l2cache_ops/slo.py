@@ -67,11 +67,6 @@ class SloTargets:
             values[str(key)] = value
         return replace(base or cls(), **values)
 
-    def any(self) -> bool:
-        """Whether the map sets at least one objective: with none there is nothing to
-        judge a run against, so a caller can skip measuring."""
-        return any(getattr(self, f.name) is not None for f in fields(self))
-
 
 @dataclass(frozen=True)
 class SloResult:
