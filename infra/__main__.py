@@ -1,4 +1,4 @@
-"""Pulumi entry point: read the stack config, build every resource, export the outputs."""
+"""Pulumi entry point: read the stack config, build the components, export their outputs."""
 
 import config
 import program

@@ -1,4 +1,7 @@
-"""The three gen2 Cloud Functions, their deploy archives and who may invoke them.
+"""How a gen2 Cloud Function is declared: its deploy archive, its service, who may invoke it.
+
+The Lookup and Workers components (lookup.py, workers.py) declare the three functions
+with these helpers, as their children (``opts``/``parent``).
 
 compute_chunk and on_edit are Cloud Run IAM only, always: exactly the tasks-invoker
 and the push identity. lookup depends on where the user check happens:
@@ -25,30 +28,35 @@ RUNTIME = "python311"
 BUILD_DIR = Path(__file__).parent / ".build"
 
 
-def upload(name: str, cfg: StackConfig, bucket) -> gcp.storage.BucketObject:
+def upload(
+    name: str, cfg: StackConfig, bucket: gcp.storage.Bucket, opts: pulumi.ResourceOptions
+) -> gcp.storage.BucketObject:
+    """The function's deploy archive, uploaded under its content hash."""
     path, digest = build_archive(name, cfg.datasets_file, BUILD_DIR)
     return gcp.storage.BucketObject(
         f"src-{name}",
         bucket=bucket.name,
         name=f"functions/{name}-{digest[:16]}.zip",  # content-addressed: new hash, new deploy
         source=pulumi.FileAsset(str(path)),
+        opts=opts,
     )
 
 
 def function(
     name: str,
     cfg: StackConfig,
-    obj,
-    sa,
+    obj: gcp.storage.BucketObject,
+    sa: gcp.serviceaccount.Account,
     memory_mib: int,
     timeout_s: int,
     max_instances: int,
     concurrency: int,
     env: dict,
+    opts: pulumi.ResourceOptions,
     ingress: str = "ALLOW_ALL",
     secrets: list[dict] | None = None,
-    depends_on: list | None = None,
 ) -> gcp.cloudfunctionsv2.Function:
+    """A gen2 function running archive ``obj`` as ``sa``, sized by the caller."""
     service = {
         "available_memory": f"{memory_mib}Mi",
         "available_cpu": sizing.cpu_for_memory(memory_mib),
@@ -72,13 +80,18 @@ def function(
             "source": {"storage_source": {"bucket": obj.bucket, "object": obj.name}},
         },
         service_config=service,
-        opts=pulumi.ResourceOptions(depends_on=depends_on or []),
+        opts=opts,
     )
 
 
 def invoker(
-    name: str, fn: gcp.cloudfunctionsv2.Function, cfg: StackConfig, member, suffix: str = ""
-) -> None:
+    name: str,
+    fn: gcp.cloudfunctionsv2.Function,
+    cfg: StackConfig,
+    member: pulumi.Input[str],
+    opts: pulumi.ResourceOptions,
+    suffix: str = "",
+) -> gcp.cloudrunv2.ServiceIamMember:
     """Grant Cloud Run invoke on a gen2 function's service to exactly ``member``."""
     return gcp.cloudrunv2.ServiceIamMember(
         f"invoke-{name}{suffix}",
@@ -87,6 +100,7 @@ def invoker(
         project=cfg.project,
         role="roles/run.invoker",
         member=member,
+        opts=opts,
     )
 
 
@@ -107,24 +121,8 @@ def lookup_invokers(cfg: StackConfig) -> list[str]:
     return list(cfg.lookup_invokers)
 
 
-def auth_token_access(cfg: StackConfig, lookup_sa, member) -> list:
-    """Lookup may read the operator's CAVE service token secret (``AUTH_TOKEN``, what the
-    existing service uses to ask the auth service which dataset a table belongs to).
-    The secret itself is the operator's: a credential never passes through this program."""
-    if not cfg.auth_token_secret:
-        return []
-    return [
-        gcp.secretmanager.SecretIamMember(
-            "lookup-reads-auth-token",
-            secret_id=cfg.auth_token_secret,
-            project=cfg.project,
-            role="roles/secretmanager.secretAccessor",
-            member=member(lookup_sa),
-        )
-    ]
-
-
 def lookup_secrets(cfg: StackConfig) -> list[dict]:
+    """Lookup's secret environment: the operator's CAVE service token, if configured."""
     if not cfg.auth_token_secret:
         return []
     return [
@@ -157,58 +155,3 @@ def function_env() -> dict[str, str]:
         "NUMBA_CACHE_DIR": f"{WRITABLE_DIR}/numba",
         "CLOUD_VOLUME_DIR": f"{WRITABLE_DIR}/cloudvolume",
     }
-
-
-def deploy(cfg: StackConfig, bucket, accounts: dict, member) -> tuple[dict, list]:
-    env = function_env()
-    token_access = auth_token_access(cfg, accounts["lookup"], member)  # before the deploy
-    # on_edit reads one chunk at a time; compute_chunk may read the next one ahead
-    worker_mem = sizing.worker_memory_mib(cfg.chunk_size)
-    compute_mem = sizing.worker_memory_mib(cfg.chunk_size, cfg.map_read_ahead)
-    worker_timeout = sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
-    fns = {
-        "lookup": function(
-            "lookup",
-            cfg,
-            upload("lookup", cfg, bucket),
-            accounts["lookup"],
-            1024,
-            120,
-            cfg.lookup_max_instances,
-            8,
-            env,
-            ingress=cfg.ingress,
-            secrets=lookup_secrets(cfg),
-            depends_on=token_access,
-        ),
-        # one chunk per instance at a time: memory is sized for exactly one chunk
-        "compute_chunk": function(
-            "compute_chunk",
-            cfg,
-            upload("compute_chunk", cfg, bucket),
-            accounts["worker"],
-            compute_mem,
-            worker_timeout,
-            cfg.worker_max_instances,
-            sizing.WORKER_REQUESTS_PER_INSTANCE,
-            env,
-        ),
-        "on_edit": function(
-            "on_edit",
-            cfg,
-            upload("on_edit", cfg, bucket),
-            accounts["worker"],
-            worker_mem,
-            sizing.on_edit_timeout_s(cfg.chunk_size, cfg.chunks_per_task),
-            cfg.worker_max_instances,
-            sizing.WORKER_REQUESTS_PER_INSTANCE,
-            env,
-        ),
-    }
-    invokers = [
-        invoker("compute_chunk", fns["compute_chunk"], cfg, member(accounts["tasks-invoker"])),
-        invoker("on_edit", fns["on_edit"], cfg, member(accounts["pubsub-push"])),
-    ]
-    for i, who in enumerate(lookup_invokers(cfg)):
-        invokers.append(invoker("lookup", fns["lookup"], cfg, who, suffix=f"-{i}"))
-    return fns, invokers + token_access

@@ -1,8 +1,8 @@
-"""Service accounts, one per role, and the least-privilege grants between them.
+"""Service accounts, one per role; each component grants its own least-privilege access.
 
-- lookup: reads the cache tables, publishes missing ids. Nothing else.
+- lookup: reads the cache tables, publishes missing ids. Nothing else (Lookup's grants).
 - worker (compute_chunk, on_edit): reads graph tables and segmentation, writes cache
-  and runs tables, enqueues split tasks, publishes dead letters.
+  and runs tables, enqueues split tasks, publishes dead letters (Workers' grants).
 - tasks-invoker: the OIDC identity Cloud Tasks uses to call compute_chunk; the only
   principal allowed to invoke it.
 - pubsub-push: the OIDC identity of the push subscriptions; the only principal
@@ -11,23 +11,48 @@
 
 from __future__ import annotations
 
+import pulumi
 import pulumi_gcp as gcp
+from children import COMPONENT_TYPE, child_opts
+
+ROLES = {
+    "lookup": "l2cache lookup (reads the cache)",
+    "worker": "l2cache compute_chunk and on_edit (writes the cache)",
+    "tasks-invoker": "Cloud Tasks OIDC identity for compute_chunk",
+    "pubsub-push": "Pub/Sub push OIDC identity for on_edit",
+}
 
 
-def service_accounts(project: str) -> dict[str, gcp.serviceaccount.Account]:
-    roles = {
-        "lookup": "l2cache lookup (reads the cache)",
-        "worker": "l2cache compute_chunk and on_edit (writes the cache)",
-        "tasks-invoker": "Cloud Tasks OIDC identity for compute_chunk",
-        "pubsub-push": "Pub/Sub push OIDC identity for on_edit",
-    }
-    return {
-        key: gcp.serviceaccount.Account(
-            f"sa-{key}", account_id=f"l2cache-{key}", display_name=text, project=project
-        )
-        for key, text in roles.items()
-    }
-
-
-def member(sa: gcp.serviceaccount.Account):
+def member(sa: gcp.serviceaccount.Account) -> pulumi.Output[str]:
+    """The IAM member string of a service account."""
     return sa.email.apply(lambda e: f"serviceAccount:{e}")
+
+
+class ServiceAccounts(pulumi.ComponentResource):
+    """The four identities. Grants live with the component whose resource they open
+    (Lookup, Workers, Messaging), so each component shows all the access it gives."""
+
+    lookup: gcp.serviceaccount.Account
+    worker: gcp.serviceaccount.Account
+    tasks_invoker: gcp.serviceaccount.Account
+    pubsub_push: gcp.serviceaccount.Account
+
+    def __init__(self, name: str, project: str, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(COMPONENT_TYPE.format("ServiceAccounts"), name, None, opts)
+        accounts = {
+            key: gcp.serviceaccount.Account(
+                f"sa-{key}",
+                account_id=f"l2cache-{key}",
+                display_name=text,
+                project=project,
+                opts=child_opts(self),
+            )
+            for key, text in ROLES.items()
+        }
+        self.lookup = accounts["lookup"]
+        self.worker = accounts["worker"]
+        self.tasks_invoker = accounts["tasks-invoker"]
+        self.pubsub_push = accounts["pubsub-push"]
+        self.register_outputs(
+            {f"{key.replace('-', '_')}_email": sa.email for key, sa in accounts.items()}
+        )

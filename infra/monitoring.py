@@ -16,6 +16,7 @@ import json
 
 import pulumi
 import pulumi_gcp as gcp
+from children import COMPONENT_TYPE, child_opts
 from config import StackConfig
 
 from l2cache_ops.cost import PRICES
@@ -83,7 +84,7 @@ LOG_METRICS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
 }
 
 
-def log_metrics(cfg: StackConfig) -> dict[str, gcp.logging.Metric]:
+def log_metrics(cfg: StackConfig, parent: pulumi.Resource) -> dict[str, gcp.logging.Metric]:
     """One log-based metric per entry of LOG_METRICS (counters, or distributions)."""
     out = {}
     for name, (description, flt, labels, value) in LOG_METRICS.items():
@@ -108,6 +109,7 @@ def log_metrics(cfg: StackConfig) -> dict[str, gcp.logging.Metric]:
                 display_name=name,
             ),
             label_extractors=extractors,
+            opts=child_opts(parent),
             **kwargs,
         )
     return out
@@ -270,13 +272,28 @@ def dashboard_json(cfg: StackConfig) -> str:
     return json.dumps(layout, sort_keys=True)
 
 
-def dashboard(cfg: StackConfig) -> gcp.monitoring.Dashboard:
+class Monitoring(pulumi.ComponentResource):
     """The log-based metrics, then the dashboard that charts them (it depends on them:
-    a chart of a user metric that does not exist yet shows nothing)."""
-    metrics = log_metrics(cfg)
-    return gcp.monitoring.Dashboard(
-        "dashboard",
-        dashboard_json=dashboard_json(cfg),
-        project=cfg.project,
-        opts=pulumi.ResourceOptions(depends_on=list(metrics.values())),
-    )
+    a chart of a user metric that does not exist yet shows nothing). The program
+    declares no alert policies yet; they would belong here, on the same metrics."""
+
+    metrics: dict[str, gcp.logging.Metric]
+    dashboard: gcp.monitoring.Dashboard
+
+    def __init__(
+        self, name: str, cfg: StackConfig, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__(COMPONENT_TYPE.format("Monitoring"), name, None, opts)
+        self.metrics = log_metrics(cfg, self)
+        self.dashboard = gcp.monitoring.Dashboard(
+            "dashboard",
+            dashboard_json=dashboard_json(cfg),
+            project=cfg.project,
+            opts=child_opts(self, depends_on=list(self.metrics.values())),
+        )
+        self.register_outputs(
+            {
+                "dashboard": self.dashboard.id,
+                "log_metrics": [m.name for m in self.metrics.values()],
+            }
+        )

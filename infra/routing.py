@@ -17,12 +17,18 @@ lookup function has to answer under that host. Two ways, both optional:
 (global external Application LB, the default) or ``EXTERNAL`` (classic). Behind an LB
 lookup's ingress becomes ``ALLOW_INTERNAL_AND_GCLB`` (config.StackConfig.ingress), so
 its ``run.app`` URL no longer answers from the internet.
+
+Every resource here is a child of the Lookup component (``parent``): reach is part of
+how lookup is served, next to its ingress and invokers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import pulumi
 import pulumi_gcp as gcp
+from children import child_opts
 from config import StackConfig
 
 PATH_PREFIX = "/l2cache"
@@ -54,7 +60,31 @@ def url_map_commands(url_map: str, backend: str) -> str:
     )
 
 
-def lookup_backend(cfg: StackConfig, lookup_fn) -> dict:
+@dataclass(frozen=True)
+class LoadBalancer:
+    """Our standalone HTTPS load balancer for ``l2cache:lookupDomain``."""
+
+    address: gcp.compute.GlobalAddress
+    cert: gcp.compute.ManagedSslCertificate
+    url_map: gcp.compute.URLMap
+    proxy: gcp.compute.TargetHttpsProxy
+    rule: gcp.compute.GlobalForwardingRule
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Lookup behind a load balancer: the backend an LB routes ``/l2cache/*`` to, the
+    gcloud lines for the operator's URL map, and our own LB if a domain is set."""
+
+    neg: gcp.compute.RegionNetworkEndpointGroup
+    backend: gcp.compute.BackendService
+    commands: pulumi.Output[str]
+    lb: LoadBalancer | None = None
+
+
+def lookup_backend(
+    cfg: StackConfig, lookup_fn: gcp.cloudfunctionsv2.Function, parent: pulumi.Resource
+) -> Reach:
     """Serverless NEG on lookup's Cloud Run service + the backend service on it."""
     neg = gcp.compute.RegionNetworkEndpointGroup(
         "lookup-neg",
@@ -64,6 +94,7 @@ def lookup_backend(cfg: StackConfig, lookup_fn) -> dict:
         network_endpoint_type="SERVERLESS",
         # a gen2 function runs as the Cloud Run service of the same name
         cloud_run={"service": lookup_fn.name},
+        opts=child_opts(parent),
     )
     backend = gcp.compute.BackendService(
         "lookup-backend",
@@ -74,22 +105,28 @@ def lookup_backend(cfg: StackConfig, lookup_fn) -> dict:
         # serverless NEGs take no health check, port or timeout: Cloud Run owns those
         backends=[{"group": neg.id}],
         log_config={"enable": True, "sample_rate": 1.0},
+        opts=child_opts(parent),
     )
     commands = backend.self_link.apply(
         lambda link: url_map_commands(cfg.url_map or "CAVE_URL_MAP", link)
     )
-    return {"neg": neg, "backend": backend, "commands": commands}
+    return Reach(neg=neg, backend=backend, commands=commands)
 
 
-def standalone_lb(cfg: StackConfig, backend: gcp.compute.BackendService) -> dict:
+def standalone_lb(
+    cfg: StackConfig, backend: gcp.compute.BackendService, parent: pulumi.Resource
+) -> LoadBalancer:
     """A global HTTPS load balancer of our own for ``cfg.lookup_domain``."""
     domain = cfg.lookup_domain
-    address = gcp.compute.GlobalAddress("lookup-ip", name="l2cache-lookup-ip", project=cfg.project)
+    address = gcp.compute.GlobalAddress(
+        "lookup-ip", name="l2cache-lookup-ip", project=cfg.project, opts=child_opts(parent)
+    )
     cert = gcp.compute.ManagedSslCertificate(
         "lookup-cert",
         name="l2cache-lookup-cert",
         project=cfg.project,
         managed={"domains": [domain]},
+        opts=child_opts(parent),
     )
     url_map = gcp.compute.URLMap(
         "lookup-url-map",
@@ -104,6 +141,7 @@ def standalone_lb(cfg: StackConfig, backend: gcp.compute.BackendService) -> dict
                 "path_rules": [{"paths": [PATH_RULE], "service": backend.id}],
             }
         ],
+        opts=child_opts(parent),
     )
     proxy = gcp.compute.TargetHttpsProxy(
         "lookup-https-proxy",
@@ -111,6 +149,7 @@ def standalone_lb(cfg: StackConfig, backend: gcp.compute.BackendService) -> dict
         project=cfg.project,
         url_map=url_map.id,
         ssl_certificates=[cert.id],
+        opts=child_opts(parent),
     )
     rule = gcp.compute.GlobalForwardingRule(
         "lookup-https",
@@ -121,25 +160,18 @@ def standalone_lb(cfg: StackConfig, backend: gcp.compute.BackendService) -> dict
         ip_protocol="TCP",
         port_range="443",
         load_balancing_scheme=cfg.lb_scheme,
+        opts=child_opts(parent),
     )
-    return {"address": address, "cert": cert, "url_map": url_map, "proxy": proxy, "rule": rule}
+    return LoadBalancer(address=address, cert=cert, url_map=url_map, proxy=proxy, rule=rule)
 
 
-def build(cfg: StackConfig, lookup_fn) -> dict:
-    """Whatever routing the config asks for; empty when lookup is reached directly."""
+def build(
+    cfg: StackConfig, lookup_fn: gcp.cloudfunctionsv2.Function, parent: pulumi.Resource
+) -> Reach | None:
+    """Whatever routing the config asks for; None when lookup is reached directly."""
     if not cfg.routed:
-        return {}
-    out = lookup_backend(cfg, lookup_fn)
+        return None
+    reach = lookup_backend(cfg, lookup_fn, parent)
     if cfg.lookup_domain:
-        out["lb"] = standalone_lb(cfg, out["backend"])
-    return out
-
-
-def export(routes: dict) -> None:
-    if not routes:
-        return
-    pulumi.export("lookup_backend_service", routes["backend"].self_link)
-    pulumi.export("url_map_path_rule", PATH_RULE)
-    pulumi.export("url_map_commands", routes["commands"])
-    if "lb" in routes:
-        pulumi.export("lookup_lb_ip", routes["lb"]["address"].address)
+        reach = replace(reach, lb=standalone_lb(cfg, reach.backend, parent))
+    return reach

@@ -11,87 +11,113 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_gcp as gcp
+from children import COMPONENT_TYPE, child_opts
 from config import StackConfig
 
 CACHE_FAMILIES = ("0", "lineage")
 RUNS_FAMILIES = ("run", "ledger")  # l2cache.store.ledger: RUN_FAMILY, LEDGER_FAMILY
 
 
-def bigtable(cfg: StackConfig) -> dict:
-    cluster = {"cluster_id": "l2cache-c1", "zone": cfg.bigtable_zone, "storage_type": "SSD"}
-    if cfg.bigtable_instance_type == "PRODUCTION":
-        cluster["num_nodes"] = cfg.bigtable_nodes
-    if cfg.existing_bigtable_instance:
-        instance_name = pulumi.Output.from_input(cfg.bigtable_instance)
-        instance = None
-    else:
-        instance = gcp.bigtable.Instance(
-            "bigtable",
-            name=cfg.bigtable_instance,  # the dataset map's bigtable.instance: what functions read
-            project=cfg.bigtable_project,
-            instance_type=cfg.bigtable_instance_type,
-            clusters=[cluster],
-            deletion_protection=cfg.bigtable_instance_type == "PRODUCTION",
-        )
-        instance_name = instance.name
-    protect = cfg.bigtable_instance_type == "PRODUCTION"  # as the instance
-    cache_tables, existing, policies = {}, {}, []
-    for name, ds in sorted(cfg.datasets["datasets"].items()):
-        table_id = ds["cache_table_id"]
-        if cfg.is_existing_table(name):
-            existing[name] = table_id  # served as it is; no Table, no GC policy of ours
-            continue
-        # Keyed by table id, not dataset name: moving a table from a staging dataset
-        # entry to the served one (README, "Switching") leaves the resource untouched
-        # instead of deleting one table and creating another of the same name.
-        table = gcp.bigtable.Table(
-            f"cache-{table_id}",
-            name=table_id,
-            instance_name=instance_name,
-            project=cfg.bigtable_project,
-            column_families=[{"family": f} for f in CACHE_FAMILIES],
-            deletion_protection="PROTECTED" if protect else "UNPROTECTED",
-            opts=pulumi.ResourceOptions(aliases=[pulumi.Alias(name=f"cache-{name}")]),
-        )
-        cache_tables[name] = table
-        for fam in CACHE_FAMILIES:
-            # the last N versions are what make a bad run roll-backable
-            policies.append(
-                gcp.bigtable.GCPolicy(
-                    f"gc-{table_id}-{fam}",
-                    instance_name=instance_name,
-                    table=table.name,
-                    column_family=fam,
-                    project=cfg.bigtable_project,
-                    max_versions=[{"number": cfg.cache_max_versions}],
-                    deletion_policy="ABANDON",
-                    opts=pulumi.ResourceOptions(
-                        depends_on=[table], aliases=[pulumi.Alias(name=f"gc-{name}-{fam}")]
-                    ),
-                )
+class Storage(pulumi.ComponentResource):
+    """The Bigtable instance (unless it exists already), the cache tables l2cache owns
+    with their GC policies, the runs table, and the bucket of deploy archives."""
+
+    instance: gcp.bigtable.Instance | None  # None when the instance exists already
+    instance_name: pulumi.Output[str]
+    cache_tables: dict[str, gcp.bigtable.Table]  # dataset -> the table we own
+    existing_tables: dict[str, str]  # dataset -> table id, served but not managed here
+    gc_policies: list[gcp.bigtable.GCPolicy]
+    runs: gcp.bigtable.Table
+    bucket: gcp.storage.Bucket
+    cache_table_names: pulumi.Output[dict[str, str]]  # dataset -> owned table id
+
+    def __init__(
+        self, name: str, cfg: StackConfig, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__(COMPONENT_TYPE.format("Storage"), name, None, opts)
+        cluster = {"cluster_id": "l2cache-c1", "zone": cfg.bigtable_zone, "storage_type": "SSD"}
+        if cfg.bigtable_instance_type == "PRODUCTION":
+            cluster["num_nodes"] = cfg.bigtable_nodes
+        if cfg.existing_bigtable_instance:
+            self.instance = None
+            self.instance_name = pulumi.Output.from_input(cfg.bigtable_instance)
+        else:
+            self.instance = gcp.bigtable.Instance(
+                "bigtable",
+                name=cfg.bigtable_instance,  # the dataset map's bigtable.instance: what functions read
+                project=cfg.bigtable_project,
+                instance_type=cfg.bigtable_instance_type,
+                clusters=[cluster],
+                deletion_protection=cfg.bigtable_instance_type == "PRODUCTION",
+                opts=child_opts(self),
             )
-    runs = gcp.bigtable.Table(
-        "runs",
-        name=cfg.datasets.get("runs_table_id", "l2cache_runs"),
-        instance_name=instance_name,
-        project=cfg.bigtable_project,
-        column_families=[{"family": f} for f in RUNS_FAMILIES],
-        deletion_protection="PROTECTED" if protect else "UNPROTECTED",
-    )
-    bucket = gcp.storage.Bucket(
-        "source",
-        name=f"{cfg.project}-l2cache-source",
-        location=cfg.region.upper(),
-        project=cfg.project,
-        uniform_bucket_level_access=True,
-        force_destroy=True,
-    )
-    return {
-        "instance": instance,  # None when the instance exists already
-        "instance_name": instance_name,
-        "cache_tables": cache_tables,
-        "existing_tables": existing,  # dataset -> table id, not managed here
-        "runs": runs,
-        "gc_policies": policies,
-        "bucket": bucket,
-    }
+            self.instance_name = self.instance.name
+        protect = cfg.bigtable_instance_type == "PRODUCTION"  # as the instance
+        self.cache_tables, self.existing_tables, self.gc_policies = {}, {}, []
+        for dataset, ds in sorted(cfg.datasets["datasets"].items()):
+            table_id = ds["cache_table_id"]
+            if cfg.is_existing_table(dataset):
+                self.existing_tables[dataset] = table_id  # served as it is; no Table, no GC policy
+                continue
+            # Keyed by table id, not dataset name: moving a table from a staging dataset
+            # entry to the served one (README, "Switching") leaves the resource untouched
+            # instead of deleting one table and creating another of the same name.
+            table = gcp.bigtable.Table(
+                f"cache-{table_id}",
+                name=table_id,
+                instance_name=self.instance_name,
+                project=cfg.bigtable_project,
+                column_families=[{"family": f} for f in CACHE_FAMILIES],
+                deletion_protection="PROTECTED" if protect else "UNPROTECTED",
+                opts=child_opts(self, was=[f"cache-{dataset}"]),
+            )
+            self.cache_tables[dataset] = table
+            for fam in CACHE_FAMILIES:
+                # the last N versions are what make a bad run roll-backable
+                self.gc_policies.append(
+                    gcp.bigtable.GCPolicy(
+                        f"gc-{table_id}-{fam}",
+                        instance_name=self.instance_name,
+                        table=table.name,
+                        column_family=fam,
+                        project=cfg.bigtable_project,
+                        max_versions=[{"number": cfg.cache_max_versions}],
+                        deletion_policy="ABANDON",
+                        opts=child_opts(self, depends_on=[table], was=[f"gc-{dataset}-{fam}"]),
+                    )
+                )
+        self.runs = gcp.bigtable.Table(
+            "runs",
+            name=cfg.datasets.get("runs_table_id", "l2cache_runs"),
+            instance_name=self.instance_name,
+            project=cfg.bigtable_project,
+            column_families=[{"family": f} for f in RUNS_FAMILIES],
+            deletion_protection="PROTECTED" if protect else "UNPROTECTED",
+            opts=child_opts(self),
+        )
+        self.bucket = gcp.storage.Bucket(
+            "source",
+            name=f"{cfg.project}-l2cache-source",
+            location=cfg.region.upper(),
+            project=cfg.project,
+            uniform_bucket_level_access=True,
+            force_destroy=True,
+            opts=child_opts(self),
+        )
+        self.cache_table_names = pulumi.Output.from_input(
+            {dataset: t.name for dataset, t in self.cache_tables.items()}
+        )
+        self.register_outputs(
+            {
+                "instance_name": self.instance_name,
+                "cache_tables": self.cache_table_names,
+                "existing_cache_tables": self.existing_tables,
+                "runs_table": self.runs.name,
+                "source_bucket": self.bucket.name,
+            }
+        )
+
+    def served_tables(self) -> dict[str, pulumi.Input[str]]:
+        """Every cache table lookup reads, owned or existing, by dataset."""
+        owned = {dataset: t.name for dataset, t in self.cache_tables.items()}
+        return dict(sorted({**owned, **self.existing_tables}.items()))

@@ -1,12 +1,14 @@
-"""The Cloud Tasks queue compute tasks go through, with retry and rate settings."""
+"""The Cloud Tasks queue compute tasks go through, with retry and rate settings (a child
+of the Workers component, which also grants the worker the right to enqueue on it)."""
 
 from __future__ import annotations
 
+import pulumi
 import pulumi_gcp as gcp
 from config import StackConfig
 
 
-def queue(cfg: StackConfig) -> gcp.cloudtasks.Queue:
+def queue(cfg: StackConfig, opts: pulumi.ResourceOptions | None = None) -> gcp.cloudtasks.Queue:
     tk = cfg.datasets.get("tasks", {})
     return gcp.cloudtasks.Queue(
         "compute-queue",
@@ -24,4 +26,5 @@ def queue(cfg: StackConfig) -> gcp.cloudtasks.Queue:
             "max_doublings": 5,
         },
         stackdriver_logging_config={"sampling_ratio": 0.1},
+        opts=opts,
     )

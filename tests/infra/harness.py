@@ -1,16 +1,20 @@
 """Run the Pulumi program under pulumi.runtime mocks and record every resource.
 
 Imported by the infra tests (and run as a script for the variant-config test): sets the
-mocks before importing the program, as Pulumi's unit-testing guide requires.
+mocks before importing the program, as Pulumi's unit-testing guide requires. Besides
+each resource's inputs (the mocks), the monitor records what ``new_resource`` is not
+told: each resource's parent and aliases, and the outputs each component registers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from pathlib import Path
 
 import pulumi
+from pulumi.runtime import mocks, rpc
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 sys.path.insert(0, str(INFRA))
@@ -57,8 +61,56 @@ class RecordingMocks(pulumi.runtime.Mocks):
         return {}
 
 
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """One resource as the engine would see it."""
+
+    urn: str
+    type: str
+    name: str
+    parent: str  # the parent's URN; "" = the stack itself
+    aliases: tuple[tuple[str, bool], ...]  # (name, no parent) of each alias spec
+
+    @property
+    def parent_type(self) -> str:
+        """The parent's type token ("" for the stack)."""
+        return self.parent.split("::")[2].split("$")[-1] if self.parent else ""
+
+    @property
+    def parent_name(self) -> str:
+        return self.parent.split("::")[-1] if self.parent else ""
+
+
+class RecordingMonitor(mocks.MockMonitor):
+    def __init__(self, mocks_: pulumi.runtime.Mocks) -> None:
+        super().__init__(mocks_)
+        self.registrations: dict[str, Registration] = {}
+        self.registered_outputs: dict[str, dict] = {}  # URN -> what register_outputs sent
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        aliases = tuple(
+            (a.spec.name, a.spec.noParent) for a in request.aliases if a.HasField("spec")
+        )
+        self.registrations[response.urn] = Registration(
+            response.urn, request.type, request.name, request.parent, aliases
+        )
+        return response
+
+    def RegisterResourceOutputs(self, request):
+        self.registered_outputs[request.urn] = rpc.deserialize_properties(request.outputs)
+        return super().RegisterResourceOutputs(request)
+
+    def of_type(self, typ: str) -> list[Registration]:
+        return [r for r in self.registrations.values() if r.type == typ]
+
+    def children(self, component: Registration) -> list[Registration]:
+        return [r for r in self.registrations.values() if r.parent == component.urn]
+
+
 MOCKS = RecordingMocks()
-pulumi.runtime.set_mocks(MOCKS, preview=False)
+MONITOR = RecordingMonitor(MOCKS)
+pulumi.runtime.set_mocks(MOCKS, preview=False, monitor=MONITOR)
 
 import config  # noqa: E402
 import program  # noqa: E402
@@ -131,17 +183,25 @@ def stack_config(tmp: Path, datasets_yaml: str = DATASETS_YAML, **overrides) -> 
     return dataclasses.replace(base, **overrides)
 
 
-def settle(res: dict):
-    """An Output that resolves once every resource of ``res`` is registered."""
-    outs = []
+def settle(res):
+    """An Output that resolves once every resource of ``res`` (a program.Deployment, a
+    component, or dicts and lists of them) is registered: each component's public
+    attributes are walked, and each component exposes every resource it creates."""
+    outs, seen = [], []
 
     def walk(v):
         if isinstance(v, pulumi.Resource):
+            if any(v is r for r in seen):
+                return
+            seen.append(v)
             outs.append(v.urn)
+            if isinstance(v, pulumi.ComponentResource):
+                walk([x for k, x in vars(v).items() if not k.startswith("_")])
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            walk(list(vars(v).values()))
         elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, list):
+            walk(list(v.values()))
+        elif isinstance(v, list | tuple):
             for x in v:
                 walk(x)
 
@@ -149,10 +209,27 @@ def settle(res: dict):
     return pulumi.Output.all(*outs)
 
 
+async def registered_outputs(res, timeout_s: float = 10.0) -> dict[str, dict]:
+    """Every component's registered outputs by type token, once all have arrived
+    (``register_outputs`` reaches the monitor a moment after its values resolve)."""
+    await settle(res).future()
+    components = [r for r in MONITOR.registrations.values() if r.type.startswith("l2cache:")]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not all(c.urn in MONITOR.registered_outputs for c in components):
+        if loop.time() > deadline:
+            missing = [c.type for c in components if c.urn not in MONITOR.registered_outputs]
+            raise AssertionError(f"no registered outputs from {missing}")
+        await asyncio.sleep(0.01)
+    return {c.type: MONITOR.registered_outputs[c.urn] for c in components}
+
+
 if __name__ == "__main__":
     # a variant config in a fresh process (resource names are per stack, so one build
     # per process): argv[1] = JSON {"datasets_yaml": ..., StackConfig field: value};
-    # prints every registered resource as JSON {"type", "name", "inputs"}, one per line.
+    # prints every registered resource as JSON {"type", "name", "inputs", "parent",
+    # "aliases"} (parent: "<type token>::<name>", "" for the stack), one per line, then
+    # each component's registered outputs as {"type": "registered_outputs", "name": token}.
     import json
     import tempfile
 
@@ -164,13 +241,26 @@ if __name__ == "__main__":
         program.export(res)  # the stack outputs must be declarable for every variant
 
         def report(args):
+            parents = {(r.type, r.name): r for r in MONITOR.registrations.values()}
             for r in MOCKS.resources:
-                row = {"type": r.typ, "name": r.name, "inputs": r.inputs}
+                reg = parents[(r.typ, r.name)]
+                parent = f"{reg.parent_type}::{reg.parent_name}" if reg.parent else ""
+                row = {
+                    "type": r.typ,
+                    "name": r.name,
+                    "inputs": r.inputs,
+                    "parent": parent,
+                    "aliases": reg.aliases,
+                }
                 print(json.dumps(row, default=str, sort_keys=True))
             row = {"type": "output", "name": "url_map_commands", "inputs": args[1]}
             print(json.dumps(row, sort_keys=True))
+            for typ, outputs in args[2].items():
+                row = {"type": "registered_outputs", "name": typ, "inputs": outputs}
+                print(json.dumps(row, default=str, sort_keys=True))
 
-        commands = res["routes"].get("commands", "")
-        return pulumi.Output.all(settle(res), commands).apply(report)
+        commands = res.lookup.url_map_commands or ""
+        outputs = asyncio.ensure_future(registered_outputs(res))
+        return pulumi.Output.all(settle(res), commands, outputs).apply(report)
 
     run()

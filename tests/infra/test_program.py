@@ -231,4 +231,4 @@ def test_every_function_folder_is_deployed(built):
     folders = sorted(p.name for p in (INFRA.parent / "functions").iterdir() if p.is_dir())
     assert function_names() == folders
     _, res = built
-    assert sorted(res["functions"]) == folders
+    assert sorted(res.functions) == folders
