@@ -82,20 +82,19 @@ class Series:
     """One distribution QC tracks: a scalar per node derived from one stored attribute."""
 
     name: str
-    attribute: str
     scale: str  # "log": zero bin + geometric bins up to ``hi``; "linear": 0..hi
     unit: str
 
 
 SERIES: tuple[Series, ...] = (
-    Series("size_nm3", "size_nm3", "log", "nm^3"),
-    Series("area_nm2", "area_nm2", "log", "nm^2"),
-    Series("max_dt_nm", "max_dt_nm", "log", "nm"),
-    Series("mean_dt_nm", "mean_dt_nm", "log", "nm"),
-    *(Series(f"rep_coord_{a}", "rep_coord_nm", "linear", "chunk fraction") for a in "xyz"),
-    Series("chunk_intersect_count", "chunk_intersect_count", "log", "voxels on chunk faces"),
-    *(Series(f"pca_major_{a}", "pca", "linear", "|component|") for a in "xyz"),
-    *(Series(f"pca_val_{i}", "pca_val", "log", "nm") for i in range(3)),
+    Series("size_nm3", "log", "nm^3"),
+    Series("area_nm2", "log", "nm^2"),
+    Series("max_dt_nm", "log", "nm"),
+    Series("mean_dt_nm", "log", "nm"),
+    *(Series(f"rep_coord_{a}", "linear", "chunk fraction") for a in "xyz"),
+    Series("chunk_intersect_count", "log", "voxels on chunk faces"),
+    *(Series(f"pca_major_{a}", "linear", "|component|") for a in "xyz"),
+    *(Series(f"pca_val_{i}", "log", "nm") for i in range(3)),
 )
 BY_SERIES = {s.name: s for s in SERIES}
 

@@ -48,11 +48,6 @@ def run_versions(table, run_id: str) -> dict[bytes, list[int]]:
     return out
 
 
-def rows_of_run(table, run_id: str) -> list[bytes]:
-    """Keys of rows holding any version written by ``run_id``."""
-    return list(run_versions(table, run_id))
-
-
 def rollback_run(table, run) -> int:
     """Delete every cell version the run wrote; returns the number of rows touched."""
     versions = run_versions(table, run.run_id)
