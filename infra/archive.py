@@ -35,6 +35,7 @@ import yaml
 
 from l2cache.config import load_config, parse_config
 from l2cache.domain.lineage import REVISION_FILE, git_revision
+from l2cache_ops.settings import check_sections
 
 REPO = Path(__file__).resolve().parents[1]
 FUNCTIONS = REPO / "functions"
@@ -131,6 +132,7 @@ def resolved_dataset_map(datasets_file: Path) -> bytes:
     datasets_file = Path(datasets_file)
     raw = yaml.safe_load(datasets_file.read_text())
     cfg = load_config(datasets_file)  # reads missing geometry from the segmentation info
+    check_sections(cfg)  # the functions never read qc:/slo:, so they are checked here
     for name, ds in cfg.datasets.items():
         raw["datasets"][name] = {**raw["datasets"][name], **_geometry(ds)}
     text = yaml.safe_dump(raw, sort_keys=True)
@@ -158,10 +160,11 @@ def archive_entries(name: str, datasets_file: Path) -> dict[str, bytes]:
 
 def build_archive(name: str, datasets_file: Path, out_dir: Path) -> tuple[Path, str]:
     """Write ``<out_dir>/<name>.zip``; returns its path and sha256."""
+    entries = archive_entries(name, datasets_file)  # refuses a bad map before any file
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for arcname, data in sorted(archive_entries(name, datasets_file).items()):
+        for arcname, data in sorted(entries.items()):
             info = zipfile.ZipInfo(arcname, date_time=FIXED_TIME)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED

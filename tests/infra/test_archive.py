@@ -159,3 +159,16 @@ def test_unresolvable_geometry_stops_the_build(tmp_path):
     datasets_file.write_text(MAP.format(seg=f"file://{tmp_path}/nothing-here"))
     with pytest.raises(ConfigError, match="segmentation info"):
         build_archive("lookup", datasets_file, tmp_path / "a")
+
+
+def test_a_bad_operator_section_stops_the_build(tmp_path):
+    """No function reads ``qc:``/``slo:``, so the deploy checks them: a typo is refused
+    before any archive exists, not found later by the first QC run."""
+    from archive import build_archive
+
+    seg = write_info(tmp_path / "seg", [8, 8, 40])
+    datasets_file = tmp_path / "datasets.yaml"
+    datasets_file.write_text(MAP.format(seg=seg) + "qc: {min_coverage: 2}\n")
+    with pytest.raises(ConfigError, match="min_coverage is a fraction"):
+        build_archive("lookup", datasets_file, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
