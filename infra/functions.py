@@ -1,7 +1,7 @@
 """How a gen2 Cloud Function is declared: its deploy archive, its service, who may invoke it.
 
 The Lookup and Workers components (lookup.py, workers.py) declare the three functions
-with these helpers, as their children (``opts``/``parent``).
+with these helpers, as their children (each helper takes the child's ``opts``).
 
 compute_chunk and on_edit are Cloud Run IAM only, always: exactly the tasks-invoker
 and the push identity. lookup depends on where the user check happens:

@@ -30,7 +30,7 @@ class Lookup(pulumi.ComponentResource):
     source: gcp.storage.BucketObject
     function: gcp.cloudfunctionsv2.Function
     invokers: list[gcp.cloudrunv2.ServiceIamMember]
-    grants: list[pulumi.CustomResource]
+    grants: list[pulumi.CustomResource]  # table reads, missing-id publish, secret access
     reach: routing.Reach | None  # None: reached at its run.app URL
     url: pulumi.Output[str]
     ingress: pulumi.Output[str]
@@ -49,8 +49,8 @@ class Lookup(pulumi.ComponentResource):
     ) -> None:
         super().__init__(COMPONENT_TYPE.format("Lookup"), name, None, opts)
         member = iam.member(account)
-        self.grants = self._grants(cfg, member, storage, missing_topic)
-        secret_access = [g for g in self.grants if isinstance(g, gcp.secretmanager.SecretIamMember)]
+        secret_access = self._auth_token_access(cfg, member)
+        self.grants = [*self._grants(cfg, member, storage, missing_topic), *secret_access]
         self.source = functions.upload("lookup", cfg, storage.bucket, child_opts(self))
         self.function = functions.function(
             "lookup",
@@ -98,7 +98,7 @@ class Lookup(pulumi.ComponentResource):
         missing_topic: gcp.pubsub.Topic,
     ) -> list[pulumi.CustomResource]:
         """Exactly what lookup's identity may do: read the cache tables (existing ones
-        included: they are served), publish missing ids, read the service-token secret."""
+        included: they are served) and publish missing ids."""
         out: list[pulumi.CustomResource] = [
             gcp.bigtable.TableIamMember(
                 f"lookup-reads-{dataset}",
@@ -121,18 +121,24 @@ class Lookup(pulumi.ComponentResource):
                 opts=child_opts(self),
             )
         )
-        if cfg.auth_token_secret:
-            # the operator's CAVE service token (``AUTH_TOKEN``, what the existing service
-            # uses to ask the auth service which dataset a table belongs to); the secret
-            # itself is the operator's: a credential never passes through this program
-            out.append(
-                gcp.secretmanager.SecretIamMember(
-                    "lookup-reads-auth-token",
-                    secret_id=cfg.auth_token_secret,
-                    project=cfg.project,
-                    role="roles/secretmanager.secretAccessor",
-                    member=member,
-                    opts=child_opts(self),
-                )
-            )
         return out
+
+    def _auth_token_access(
+        self, cfg: StackConfig, member: pulumi.Output[str]
+    ) -> list[gcp.secretmanager.SecretIamMember]:
+        """Lookup may read the operator's CAVE service token secret (``AUTH_TOKEN``, what
+        the existing service uses to ask the auth service which dataset a table belongs
+        to). The secret itself is the operator's: a credential never passes through
+        this program."""
+        if not cfg.auth_token_secret:
+            return []
+        return [
+            gcp.secretmanager.SecretIamMember(
+                "lookup-reads-auth-token",
+                secret_id=cfg.auth_token_secret,
+                project=cfg.project,
+                role="roles/secretmanager.secretAccessor",
+                member=member,
+                opts=child_opts(self),
+            )
+        ]

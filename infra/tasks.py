@@ -9,6 +9,8 @@ from config import StackConfig
 
 
 def queue(cfg: StackConfig, opts: pulumi.ResourceOptions | None = None) -> gcp.cloudtasks.Queue:
+    """The queue the dataset map's ``tasks.queue`` names; its attempts must equal the
+    map's ``tasks.max_attempts`` (config.validate), compute_chunk records the last one."""
     tk = cfg.datasets.get("tasks", {})
     return gcp.cloudtasks.Queue(
         "compute-queue",

@@ -69,7 +69,14 @@ class Registration:
     type: str
     name: str
     parent: str  # the parent's URN; "" = the stack itself
-    aliases: tuple[tuple[str, bool], ...]  # (name, no parent) of each alias spec
+    # (name, type, no parent) of each alias spec; "" = the resource's own name or type
+    aliases: tuple[tuple[str, str, bool], ...]
+
+    @property
+    def program_aliases(self) -> set[tuple[str, bool]]:
+        """(name, no parent) of the aliases the program sets (the provider SDK adds type
+        aliases of its own, for types it renamed)."""
+        return {(name, no_parent) for name, typ, no_parent in self.aliases if not typ}
 
     @property
     def parent_type(self) -> str:
@@ -89,8 +96,12 @@ class RecordingMonitor(mocks.MockMonitor):
 
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
+        if request.type == "pulumi:pulumi:Stack":
+            return response  # the stack itself, not a resource of the program
         aliases = tuple(
-            (a.spec.name, a.spec.noParent) for a in request.aliases if a.HasField("spec")
+            (a.spec.name, a.spec.type, a.spec.noParent)
+            for a in request.aliases
+            if a.HasField("spec")
         )
         self.registrations[response.urn] = Registration(
             response.urn, request.type, request.name, request.parent, aliases

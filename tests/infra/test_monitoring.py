@@ -73,6 +73,22 @@ def test_log_metrics_read_the_structured_lines(resources):
     assert all(m["project"] == "proj" for m in metrics.values())
 
 
+def test_metrics_and_dashboard_belong_to_the_monitoring_component(resources):
+    ours = [r for r in resources if r["type"] in (METRIC, DASHBOARD)]
+    assert len(ours) == 7
+    assert {r["parent"] for r in ours} == {"l2cache:index:Monitoring::monitoring"}
+    assert all(["", "", True] in r["aliases"] for r in ours)  # kept from the stack root
+    (registered,) = [
+        r["inputs"]
+        for r in resources
+        if r["type"] == "registered_outputs" and r["name"] == "l2cache:index:Monitoring"
+    ]
+    assert registered["dashboard"] == "dashboard_id"
+    assert sorted(registered["log_metrics"]) == sorted(
+        r["inputs"]["name"] for r in of_type(resources, METRIC)
+    )
+
+
 def test_the_log_fields_are_what_the_functions_write():
     """Every field a metric extracts is one l2cache.support.logs writes."""
     import io

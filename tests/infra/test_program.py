@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pulumi
 import pytest
 
-from .harness import INFRA, MOCKS, PCG_EDITS, program, settle, stack_config
+from .harness import (
+    INFRA,
+    MOCKS,
+    MONITOR,
+    PCG_EDITS,
+    program,
+    registered_outputs,
+    settle,
+    stack_config,
+)
 
 EMAIL = "{}@proj.iam.gserviceaccount.com"
 WORKER = "serviceAccount:" + EMAIL.format("l2cache-worker")
@@ -232,3 +243,238 @@ def test_every_function_folder_is_deployed(built):
     assert function_names() == folders
     _, res = built
     assert sorted(res.functions) == folders
+
+
+# Every cloud resource of the test stack, by the component that creates it.
+CHILDREN = {
+    "l2cache:index:ServiceAccounts": {
+        "sa-lookup",
+        "sa-worker",
+        "sa-tasks-invoker",
+        "sa-pubsub-push",
+    },
+    "l2cache:index:Storage": {
+        "bigtable",
+        "cache-l2cache_minnie_v1",
+        "cache-l2cache_pinky_v1",
+        *(f"gc-l2cache_{t}_v1-{f}" for t in ("minnie", "pinky") for f in ("0", "lineage")),
+        "runs",
+        "source",
+    },
+    "l2cache:index:Messaging": {
+        "topic-missing",
+        "topic-dead_letter",
+        "push-edits",
+        "push-missing",
+        "dead-letter-inspect",
+        "dlq-ack-edits",
+        "dlq-ack-missing",
+        "dlq-publish-agent",
+        "pubsub-mints-push-tokens",
+    },
+    "l2cache:index:Lookup": {
+        "src-lookup",
+        "fn-lookup",
+        "invoke-lookup-0",
+        "lookup-reads-minnie",
+        "lookup-reads-pinky",
+        "lookup-publishes-missing",
+    },
+    "l2cache:index:Workers": {
+        "src-compute_chunk",
+        "src-on_edit",
+        "fn-compute_chunk",
+        "fn-on_edit",
+        "compute-queue",
+        "invoke-compute_chunk",
+        "invoke-on_edit",
+        "worker-writes-minnie",
+        "worker-writes-pinky",
+        "worker-writes-runs",
+        "worker-publishes-dead-letters",
+        "worker-reads-graph-0",
+        "worker-reads-segmentation-0",
+        "worker-enqueues",
+        "worker-acts-as-tasks-invoker",
+    },
+    "l2cache:index:Monitoring": {
+        "l2cache_chunks",
+        "l2cache_chunk_seconds",
+        "l2cache_chunk_attempts",
+        "l2cache_edit_latency",
+        "l2cache_events",
+        "l2cache_lookups",
+        "dashboard",
+    },
+}
+
+
+def components():
+    return [r for r in MONITOR.registrations.values() if r.type.startswith("l2cache:index:")]
+
+
+@pulumi.runtime.test
+def test_each_component_parents_exactly_its_resources(built):
+    _, res = built
+    # a few of each component's typed attributes: the resources the mocks saw under it
+    owned = {
+        "l2cache:index:ServiceAccounts": [res.accounts.worker, res.accounts.pubsub_push],
+        "l2cache:index:Storage": [res.storage.runs, res.storage.bucket, res.storage.instance],
+        "l2cache:index:Messaging": [res.messaging.dead_letter, *res.messaging.grants],
+        "l2cache:index:Lookup": [res.lookup.function, *res.lookup.invokers, *res.lookup.grants],
+        "l2cache:index:Workers": [res.workers.queue, res.workers.on_edit, *res.workers.grants],
+        "l2cache:index:Monitoring": [res.monitoring.dashboard, *res.monitoring.metrics.values()],
+    }
+    urns = {typ: pulumi.Output.all(*(r.urn for r in rs)) for typ, rs in owned.items()}
+
+    def verify(owned_urns):
+        comps = {c.type: c for c in components()}
+        assert set(comps) == set(CHILDREN)
+        for typ, comp in comps.items():
+            assert comp.parent_type == "pulumi:pulumi:Stack", typ  # components sit at the root
+            assert {r.name for r in MONITOR.children(comp)} == CHILDREN[typ], typ
+            for urn in owned_urns[typ]:
+                assert MONITOR.registrations[urn].parent == comp.urn, urn
+        # no cloud resource is left at the stack root, none belongs to two components
+        cloud = [r for r in MONITOR.registrations.values() if r not in comps.values()]
+        assert all(r.parent_type.startswith("l2cache:index:") for r in cloud)
+        assert sorted(r.name for r in cloud) == sorted(n for c in CHILDREN.values() for n in c)
+
+    return pulumi.Output.all(settle(res), pulumi.Output.from_input(urns)).apply(
+        lambda args: verify(args[1])
+    )
+
+
+@pulumi.runtime.test
+def test_every_resource_keeps_the_urn_it_had_at_the_stack_root(built):
+    """Each child is aliased to its own name with no parent (the stack), so `pulumi up`
+    on a stack deployed before the components moves it instead of replacing it; the
+    cache tables and GC policies also keep their older dataset-keyed names."""
+
+    def verify():
+        comps = components()
+        assert all(c.aliases == () for c in comps)  # new: nothing to carry over
+        for r in MONITOR.registrations.values():
+            if r in comps:
+                continue
+            assert ("", True) in r.program_aliases, r.name
+            assert all(no_parent for _, no_parent in r.program_aliases), r.name
+            older = {name for name, _ in r.program_aliases if name}
+            if r.type == "gcp:bigtable/table:Table" and r.name != "runs":
+                dataset = r.name.split("_")[1]  # cache-l2cache_<dataset>_v1
+                assert older == {f"cache-{dataset}"}
+            elif r.type == "gcp:bigtable/gCPolicy:GCPolicy":
+                dataset, family = r.name.split("_")[1], r.name.rsplit("-", 1)[1]
+                assert older == {f"gc-{dataset}-{family}"}
+            else:
+                assert older == set(), r.name
+
+    return check(built, verify)
+
+
+@pulumi.runtime.test
+def test_components_register_their_outputs(built):
+    _, res = built
+    emails = {key: EMAIL.format(f"l2cache-{key}") for key in ("lookup", "worker")}
+    expected = {
+        "l2cache:index:ServiceAccounts": {
+            "lookup_email": emails["lookup"],
+            "worker_email": emails["worker"],
+            "tasks_invoker_email": EMAIL.format("l2cache-tasks-invoker"),
+            "pubsub_push_email": EMAIL.format("l2cache-pubsub-push"),
+        },
+        "l2cache:index:Storage": {
+            "instance_name": "l2cache",
+            "cache_tables": {"minnie": "l2cache_minnie_v1", "pinky": "l2cache_pinky_v1"},
+            "existing_cache_tables": {},
+            "runs_table": "l2cache_runs",
+            "source_bucket": "proj-l2cache-source",
+        },
+        "l2cache:index:Messaging": {
+            "missing_ids_topic": "projects/proj/topics/l2cache-missing-ids",
+            "dead_letter_topic": "projects/proj/topics/l2cache-dead-letter",
+            "edits_topic": PCG_EDITS,
+            "subscriptions": {
+                "edits": "l2cache-edits-to-on-edit",
+                "missing": "l2cache-missing-to-on-edit",
+                "dead_letter": "l2cache-dead-letter-inspect",
+            },
+        },
+        # not routed: no backend, URL map commands or LB address (None is not sent)
+        "l2cache:index:Lookup": {
+            "url": "https://l2cache-lookup-xyz.a.run.app",
+            "ingress": "ALLOW_ALL",
+        },
+        "l2cache:index:Workers": {
+            "compute_chunk_url": "https://l2cache-compute-chunk-xyz.a.run.app",
+            "on_edit_url": "https://l2cache-on-edit-xyz.a.run.app",
+            "queue": "compute-queue_id",
+        },
+        "l2cache:index:Monitoring": {
+            "dashboard": "dashboard_id",
+            "log_metrics": [
+                "l2cache_chunks",
+                "l2cache_chunk_seconds",
+                "l2cache_chunk_attempts",
+                "l2cache_edit_latency",
+                "l2cache_events",
+                "l2cache_lookups",
+            ],
+        },
+    }
+    # the typed attributes resolve to the same values the components register
+    attributes = {
+        "lookup_url": res.lookup.url,
+        "lookup_ingress": res.lookup.ingress,
+        "compute_chunk_url": res.workers.compute_chunk_url,
+        "on_edit_url": res.workers.on_edit_url,
+        "queue": res.workers.queue_id,
+        "instance_name": res.storage.instance_name,
+        "cache_tables": res.storage.cache_table_names,
+        "edits_topic": res.messaging.edits_topic,
+    }
+
+    def verify(args):
+        registered, values = args
+        assert registered == expected
+        assert values == {
+            "lookup_url": expected["l2cache:index:Lookup"]["url"],
+            "lookup_ingress": "ALLOW_ALL",
+            "compute_chunk_url": expected["l2cache:index:Workers"]["compute_chunk_url"],
+            "on_edit_url": expected["l2cache:index:Workers"]["on_edit_url"],
+            "queue": "compute-queue_id",
+            "instance_name": "l2cache",
+            "cache_tables": expected["l2cache:index:Storage"]["cache_tables"],
+            "edits_topic": PCG_EDITS,
+        }
+        assert res.lookup.reach is None and res.lookup.lb_ip is None
+
+    outputs = asyncio.ensure_future(registered_outputs(res))
+    return pulumi.Output.all(outputs, pulumi.Output.from_input(attributes)).apply(verify)
+
+
+@pulumi.runtime.test
+def test_stack_exports_are_the_component_outputs(built):
+    """The stack outputs keep their names and values (operators and the dataset map
+    read them: compute_chunk_url and tasks_invoker_email go into tasks:)."""
+    _, res = built
+    program.export(res)
+    exported = pulumi.Output.from_input(dict(pulumi.runtime.get_root_resource().outputs))
+
+    def verify(values):
+        assert values == {
+            "lookup_url": "https://l2cache-lookup-xyz.a.run.app",
+            "compute_chunk_url": "https://l2cache-compute-chunk-xyz.a.run.app",
+            "edits_topic": PCG_EDITS,
+            "missing_ids_topic": "projects/proj/topics/l2cache-missing-ids",
+            "dead_letter_topic": "projects/proj/topics/l2cache-dead-letter",
+            "queue": "compute-queue_id",
+            "bigtable_instance": "l2cache",
+            "cache_tables": {"minnie": "l2cache_minnie_v1", "pinky": "l2cache_pinky_v1"},
+            "existing_cache_tables": {},
+            "runs_table": "l2cache_runs",
+            "tasks_invoker_email": EMAIL.format("l2cache-tasks-invoker"),
+            "lookup_ingress": "ALLOW_ALL",
+        }
+
+    return exported.apply(verify)

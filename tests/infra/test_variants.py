@@ -38,8 +38,13 @@ class Built:
     """The resources one variant registered, by type."""
 
     def __init__(self, rows: list[dict]) -> None:
-        self.rows = [r for r in rows if r["type"] != "output"]
+        extra = ("output", "registered_outputs")
+        self.rows = [r for r in rows if r["type"] not in extra]
         self.outputs = {r["name"]: r["inputs"] for r in rows if r["type"] == "output"}
+        # component type token -> the outputs it registered
+        self.registered = {
+            r["name"]: r["inputs"] for r in rows if r["type"] == "registered_outputs"
+        }
 
     def of(self, typ: str) -> list[dict]:
         return [r for r in self.rows if r["type"] == typ]
@@ -52,6 +57,10 @@ class Built:
         return sorted(
             r["inputs"]["member"] for r in self.of(INVOKE) if r["name"].startswith(f"invoke-{fn}")
         )
+
+    def parents(self, types: set[str]) -> set[str]:
+        """The parents ("<type token>::<name>") of every resource of these types."""
+        return {r["parent"] for r in self.rows if r["type"] in types}
 
     def service_config(self, name: str) -> dict:
         (fn,) = [r for r in self.of(FUNCTION) if r["inputs"]["name"] == name]
@@ -103,6 +112,28 @@ def test_lookup_is_behind_a_serverless_neg_and_backend(cave_auth_with_domain):
     assert b.service_config("l2cache-lookup")["ingressSettings"] == "ALLOW_INTERNAL_AND_GCLB"
 
 
+def test_reach_belongs_to_the_lookup_component(cave_auth_with_domain):
+    """The NEG, backend and our LB are children of Lookup (aliased to where they were
+    at the stack root), and Lookup's outputs say how to reach it."""
+    b = cave_auth_with_domain
+    reach = {NEG, BACKEND} | LB_TYPES
+    assert b.parents(reach) == {"l2cache:index:Lookup::lookup"}
+    for r in b.rows:
+        if r["type"] in reach:
+            assert ["", "", True] in r["aliases"], r["name"]
+    out = b.registered["l2cache:index:Lookup"]
+    assert out["url"] == "https://l2cache-lookup-xyz.a.run.app"
+    assert out["ingress"] == "ALLOW_INTERNAL_AND_GCLB"
+    assert out["backend_service"] == f"https://www.googleapis.com/compute/v1/{BACKEND_ID}"
+    assert out["lb_ip"] == "203.0.113.7"
+    assert out["url_map_commands"] == b.outputs["url_map_commands"]
+    assert "--path-rules='/l2cache/*=" in out["url_map_commands"]
+    # allUsers is Lookup's grant, and Lookup's alone
+    assert b.parents({INVOKE}) == {"l2cache:index:Lookup::lookup", "l2cache:index:Workers::workers"}
+    (everyone,) = [r for r in b.of(INVOKE) if r["inputs"]["member"] == "allUsers"]
+    assert everyone["parent"] == "l2cache:index:Lookup::lookup"
+
+
 def test_standalone_lb_routes_l2cache_paths_for_the_domain(cave_auth_with_domain):
     b = cave_auth_with_domain
     assert {r["type"] for r in b.rows} >= LB_TYPES
@@ -148,6 +179,10 @@ def test_cave_auth_with_service_token_and_backend_for_an_existing_lb():
     assert access["secretId"] == "l2cache-auth-token"
     assert access["role"] == "roles/secretmanager.secretAccessor"
     assert access["member"] == "serviceAccount:l2cache-lookup@proj.iam.gserviceaccount.com"
+    # Lookup's grant, which its function waits for
+    assert b.parents({"gcp:secretmanager/secretIamMember:SecretIamMember"}) == {
+        "l2cache:index:Lookup::lookup"
+    }
     assert not b.of("gcp:secretmanager/secret:Secret")  # the credential is never ours
     assert b.one(BACKEND)["loadBalancingScheme"] == "EXTERNAL"  # matches the operator's LB
     assert b.one(NEG)["cloudRun"] == {"service": "l2cache-lookup"}
@@ -212,6 +247,18 @@ def test_existing_tables_and_instance_are_served_not_owned():
     assert subs == {"push-missing", "dead-letter-inspect"}
     topics = sorted(r["inputs"]["name"] for r in b.of("gcp:pubsub/topic:Topic"))
     assert topics == ["l2cache-dead-letter", "l2cache-missing-ids"]
+    # the components' outputs say the same: served, not owned; no edits topic
+    store = b.registered["l2cache:index:Storage"]
+    assert store["cache_tables"] == {"pinky": "l2cache_pinky_v1"}
+    assert store["existing_cache_tables"] == {"minnie": "l2cache_minnie_v1"}
+    assert store["instance_name"] == "l2cache"
+    messaging = b.registered["l2cache:index:Messaging"]
+    assert "edits_topic" not in messaging
+    assert set(messaging["subscriptions"]) == {"missing", "dead_letter"}
+    assert b.parents({"gcp:bigtable/tableIamMember:TableIamMember"}) == {
+        "l2cache:index:Lookup::lookup",
+        "l2cache:index:Workers::workers",
+    }
 
 
 def test_existing_tables_from_the_stack_config_list():
