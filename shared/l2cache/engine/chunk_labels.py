@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -32,6 +33,14 @@ from l2cache.engine import kernels as _kernels
 from l2cache.engine.features import DenseLabels
 
 CHECKSUM_VERSION = b"l2cache-input-v2"
+
+
+class _Digest(Protocol):
+    """What the checksum needs of a running ``hashlib`` hash (whose class is private)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,14 @@ def input_checksum(sv: np.ndarray, sv_ids: np.ndarray, parents: np.ndarray) -> s
     return _checksum(sv.shape, _order(sv), index, first_seen, sv_ids, parents)
 
 
-def _checksum(shape, order: str, index, first_seen, sv_ids, parents) -> str:
+def _checksum(
+    shape: tuple[int, ...],
+    order: str,
+    index: np.ndarray,
+    first_seen: np.ndarray,
+    sv_ids: np.ndarray,
+    parents: np.ndarray,
+) -> str:
     """sha256 (first 16 hex digits) of, in this order:
 
     ``CHECKSUM_VERSION``; the shape (3 x little-endian u64) and memory order (``C`` or
@@ -90,7 +106,9 @@ def _checksum(shape, order: str, index, first_seen, sv_ids, parents) -> str:
     return _finish(_voxel_digest(shape, order, index, first_seen), sv_ids, parents)
 
 
-def _voxel_digest(shape, order: str, index, first_seen):
+def _voxel_digest(
+    shape: tuple[int, ...], order: str, index: np.ndarray, first_seen: np.ndarray
+) -> _Digest:
     """The voxel part of :func:`_checksum` (hashlib reads the buffer, GIL released)."""
     digest = hashlib.sha256(CHECKSUM_VERSION)
     digest.update(np.asarray(shape, dtype="<u8").tobytes() + order.encode())
@@ -99,7 +117,8 @@ def _voxel_digest(shape, order: str, index, first_seen):
     return digest
 
 
-def _finish(digest, sv_ids, parents) -> str:
+def _finish(digest: _Digest, sv_ids: np.ndarray, parents: np.ndarray) -> str:
+    """Add the ids and their parents to the voxels' hash: the checksum's last part."""
     digest.update(np.ascontiguousarray(sv_ids, dtype="<u8").tobytes())
     digest.update(np.ascontiguousarray(parents, dtype="<u8").tobytes())
     return digest.hexdigest()[:16]

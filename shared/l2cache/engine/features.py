@@ -40,6 +40,7 @@ PCA_MIN_SIZE_NM3 = 1e7  # 0.01 um^3
 PCA_SAMPLE_CAP = 10_000  # the old service's subsample size, kept for comparable pca_val
 F16_MAX = float(np.finfo(np.float16).max)  # 65,504: saturate, never cast to inf
 
+
 def _memory_view(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A C-contiguous view of ``labels`` and the original axis of each of its axes."""
     if labels.flags.c_contiguous:

@@ -22,13 +22,22 @@ DT_CLIP = 65535.0  # u16 max: infinite distances (no boundary in the chunk) satu
 
 
 @njit(cache=True, nogil=True)
-def _hash_slot(v, mask):
+def _hash_slot(v: np.unsignedinteger, mask: np.uint64) -> np.uint64:
     # Fibonacci hashing: spreads PCG ids, whose low bits are small segment ids.
     return ((v * np.uint64(11400714819323198485)) >> np.uint64(40)) & mask
 
 
 @njit(cache=True, nogil=True)
-def _dense_index_run(flat, dst, start, keys, vals, ids, k, max_label):
+def _dense_index_run(
+    flat: np.ndarray,
+    dst: np.ndarray,
+    start: int,
+    keys: np.ndarray,
+    vals: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+    max_label: int,
+) -> tuple[int, int]:
     """Relabel ``flat[start:]`` until done or the tables need to grow.
 
     Kept free of any array (re)allocation: growing inside the hot loop stops numba
@@ -63,7 +72,7 @@ def _dense_index_run(flat, dst, start, keys, vals, ids, k, max_label):
 
 
 @njit(cache=True, nogil=True)
-def _rehash(ids, k, cap):
+def _rehash(ids: np.ndarray, k: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
     keys = np.zeros(cap, dtype=np.uint64)
     vals = np.zeros(cap, dtype=np.int64)
     mask = np.uint64(cap - 1)
@@ -76,7 +85,7 @@ def _rehash(ids, k, cap):
     return keys, vals
 
 
-def dense_dtype(n_ids: int) -> type:
+def dense_dtype(n_ids: int) -> type[np.unsignedinteger]:
     """The narrowest index dtype for ``n_ids`` non-zero ids (index 0 = background)."""
     if n_ids <= np.iinfo(np.uint16).max:
         return np.uint16
@@ -86,12 +95,12 @@ def dense_dtype(n_ids: int) -> type:
 
 
 @njit(cache=True, nogil=True)
-def _apply_lut(src, lut, dst):
+def _apply_lut(src: np.ndarray, lut: np.ndarray, dst: np.ndarray) -> None:
     for i in range(src.size):
         dst[i] = lut[src[i]]
 
 
-def apply_lut(index: np.ndarray, lut: np.ndarray, dtype) -> np.ndarray:
+def apply_lut(index: np.ndarray, lut: np.ndarray, dtype: type[np.unsignedinteger]) -> np.ndarray:
     """``lut[index]`` as ``dtype``, same shape; in place when ``index`` has that dtype.
 
     One compiled pass (numpy's fancy indexing would build an int64 temporary of the
@@ -148,7 +157,9 @@ def dense_index(vol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
-def first_pass(dense, dt, n_labels, perm):
+def first_pass(
+    dense: np.ndarray, dt: np.ndarray, n_labels: int, perm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts, coordinate sums, faces, chunk-face contacts and truncated-EDT stats.
 
     Returns ``(count[K], coord_sum[K,3], faces[K,3], contacts[K,2,3], dt_max[K],
@@ -230,7 +241,9 @@ def first_pass(dense, dt, n_labels, perm):
 
 
 @njit(cache=True, nogil=True)
-def second_pass(dense, wanted, centroid, res, perm):
+def second_pass(
+    dense: np.ndarray, wanted: np.ndarray, centroid: np.ndarray, res: np.ndarray, perm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Centred second moments (nm^2) and squared max distance (nm) from the centroid.
 
     Centring here (instead of raw moments) keeps the covariance exact to float64
@@ -300,7 +313,16 @@ def second_pass(dense, wanted, centroid, res, perm):
 
 
 @njit(cache=True, nogil=True)
-def representative_pass(dense, dt, wanted, centroid, max_d, res, perm, shape_xyz):
+def representative_pass(
+    dense: np.ndarray,
+    dt: np.ndarray,
+    wanted: np.ndarray,
+    centroid: np.ndarray,
+    max_d: np.ndarray,
+    res: np.ndarray,
+    perm: np.ndarray,
+    shape_xyz: np.ndarray,
+) -> np.ndarray:
     """Voxel maximising ``trunc(dt) * (1 - d / max_d)`` per label.
 
     Ties go to the first voxel in C (x-major) order of the ORIGINAL axes, whatever

@@ -22,11 +22,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
-from l2cache.compute import chunk_id, compute_chunks, compute_l2_ids, dataset_context
+from l2cache.compute import (
+    DatasetContext,
+    chunk_id,
+    compute_chunks,
+    compute_l2_ids,
+    dataset_context,
+)
 from l2cache.config import L2CacheConfig, UnknownDatasetError
 from l2cache.domain import ids as idlib
 from l2cache.domain.failures import (
@@ -40,20 +46,28 @@ from l2cache.domain.failures import (
 from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
 from l2cache.gcp.tasks import enqueue_region, tasks_client
 from l2cache.inputs.volume import in_volume
+from l2cache.store.ledger import RunRecord
 from l2cache.support import logs
 
 log = logging.getLogger(__name__)
 
 RETRY_COUNT_HEADER = "X-CloudTasks-TaskRetryCount"
 MAX_AT_MS = 2**45  # ~3084 AD in milliseconds: beyond it, not a publish time
-DeadLetter = Callable[[bytes, dict[str, str]], Any]
+DeadLetter = Callable[[bytes, dict[str, str]], object]  # (data, attributes); result unused
+Enqueue = Callable[[list[int]], object]  # enqueue the task of one region; result unused
 
 
 class BadTask(BadRequest):
-    pass
+    """A task that no retry can run (malformed body, unknown dataset or run, a region
+    outside the run): permanent, so it is answered 200 and recorded, never retried."""
 
 
 def parse_task(body: bytes) -> dict[str, Any]:
+    """Validate a task body into the task to run, with ``batch`` and ``generation`` filled.
+
+    Checked before anything is read or written: a body that is not a well-formed region
+    or ids task is :class:`BadTask`, so Cloud Tasks stops delivering it.
+    """
     task = _parse_json(body)
     if task.get("kind") == "ids":
         return _parse_ids_task(task)
@@ -75,7 +89,7 @@ def parse_task(body: bytes) -> dict[str, Any]:
     return task
 
 
-def _parse_ids_task(task: dict) -> dict[str, Any]:
+def _parse_ids_task(task: dict[str, Any]) -> dict[str, Any]:
     """An ids task (one chunk of a fanned-out message): see :func:`l2cache.gcp.tasks.enqueue_chunk_ids`."""
     for key in ("dataset", "run_id", "event_key", "chunk", "ids", "at_ms"):
         if key not in task:
@@ -107,9 +121,9 @@ def handle_task(
     config: L2CacheConfig,
     body: bytes,
     headers: Mapping[str, str] | None = None,
-    enqueue: Callable[[list[int]], Any] | None = None,
+    enqueue: Enqueue | None = None,
     dead_letter: DeadLetter | None = None,
-) -> tuple[int, dict]:
+) -> tuple[int, dict[str, Any]]:
     """Run one task; returns (HTTP status, JSON summary).
 
     The last attempt is known only from Cloud Tasks' retry-count header (a chunk's own
@@ -118,7 +132,9 @@ def handle_task(
     attempt = attempt_number(headers)
     max_attempts = config.tasks.max_attempts if config.tasks else None
     last = is_last_attempt(attempt, max_attempts)
-    ctx = run = task = None
+    ctx: DatasetContext | None = None
+    run: RunRecord | None = None
+    task: dict[str, Any] | None = None
     try:
         task = _parse_json(body)
         ctx, run = _task_run(config, task)
@@ -128,8 +144,14 @@ def handle_task(
         return _reject(ctx, run, task if isinstance(task, dict) else None, exc, attempt)
     except Exception as exc:  # reading the runs table failed: transient
         log.exception("task could not start")
-        if last and run is not None and _is_region(task.get("region")):
-            return _give_up_region(ctx, run, task["region"], gave_up(attempt, exc), attempt)
+        if (
+            last
+            and run is not None  # read only after the task body and its context
+            and ctx is not None
+            and task is not None
+            and _is_region(region := task.get("region"))
+        ):
+            return _give_up_region(ctx, run, region, gave_up(attempt, exc), attempt)
         return (200 if last else 503), {"status": "error", "error": describe(exc)}
 
     if task.get("kind") == "ids":
@@ -161,7 +183,7 @@ def handle_task(
         return 503, {"error": describe(exc)}
 
 
-def _parse_json(body: bytes) -> dict:
+def _parse_json(body: bytes) -> dict[str, Any]:
     try:
         task = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -171,7 +193,7 @@ def _parse_json(body: bytes) -> dict:
     return task
 
 
-def _task_run(config: L2CacheConfig, task: dict):
+def _task_run(config: L2CacheConfig, task: dict[str, Any]) -> tuple[DatasetContext, RunRecord]:
     """The task's dataset context and run (both must exist: else permanent)."""
     if not isinstance(task.get("dataset"), str) or not isinstance(task.get("run_id"), str):
         raise BadTask("task body needs string 'dataset' and 'run_id'")
@@ -191,9 +213,8 @@ def _task_run(config: L2CacheConfig, task: dict):
     return ctx, run
 
 
-def _check_task(ctx, run, task: dict) -> None:
+def _check_task(ctx: DatasetContext, run: RunRecord, task: dict[str, Any]) -> None:
     """What must hold for a task of this run: its chunks inside the run and the ids' bits."""
-
     bits = ctx.dataset.spatial_bits
     limit = 1 << int(bits.bits_for(np.array([2]))[0])
     if task.get("kind") == "ids":
@@ -216,7 +237,13 @@ def _check_task(ctx, run, task: dict) -> None:
             raise BadTask(f"region {region} is not inside the run's region {run.region}")
 
 
-def _reject(ctx, run, task: dict | None, exc: Exception, attempt: int) -> tuple[int, dict]:
+def _reject(
+    ctx: DatasetContext | None,
+    run: RunRecord | None,
+    task: dict[str, Any] | None,
+    exc: Exception,
+    attempt: int,
+) -> tuple[int, dict[str, Any]]:
     """A permanent task error: 2xx so Cloud Tasks stops, recorded where it can be.
 
     With a known run, the rejection is recorded against it (the region's chunks fail,
@@ -225,7 +252,7 @@ def _reject(ctx, run, task: dict | None, exc: Exception, attempt: int) -> tuple[
     """
     reason = f"task rejected: {exc}"
     log.error("%s (permanent, not retried)", reason)
-    if run is not None:
+    if ctx is not None and run is not None:  # a run is only ever read with its context
         region = (task or {}).get("region")
         if _is_region(region):
             ctx.ledger.task_gave_up(run.run_id, region, reason, attempt)
@@ -234,7 +261,7 @@ def _reject(ctx, run, task: dict | None, exc: Exception, attempt: int) -> tuple[
     return 200, {"status": "rejected", "error": str(exc)}
 
 
-def _region_shaped(region) -> bool:
+def _region_shaped(region: object) -> TypeGuard[list[int]]:
     """Six non-negative integers bounding at least one chunk (x0,y0,z0,x1,y1,z1)."""
     return (
         isinstance(region, list)
@@ -244,12 +271,19 @@ def _region_shaped(region) -> bool:
     )
 
 
-def _is_region(region) -> bool:
+def _is_region(region: object) -> TypeGuard[list[int]]:
     """A region the ledger can record against (small enough for status to expand)."""
     return _region_shaped(region) and max(region) < 2**31 and region_size(region) <= 2**31
 
 
-def _give_up_region(ctx, run, region, reason: str, attempt: int) -> tuple[int, dict]:
+def _give_up_region(
+    ctx: DatasetContext, run: RunRecord, region: list[int], reason: str, attempt: int
+) -> tuple[int, dict[str, Any]]:
+    """Record that the task's region gave up (its chunks fail; the run can end), then 200.
+
+    503 instead when even that record cannot be written, so the task is delivered again
+    rather than leaving the region neither done nor failed.
+    """
     log.error("task for region %s of run %s: %s", region, run.run_id, reason)
     try:
         ctx.ledger.task_gave_up(run.run_id, region, reason, attempt)
@@ -260,7 +294,14 @@ def _give_up_region(ctx, run, region, reason: str, attempt: int) -> tuple[int, d
 
 
 @logs.ids_task
-def _ids_task(ctx, run, task: dict, attempt: int, last: bool, dead_letter=None) -> tuple[int, dict]:
+def _ids_task(
+    ctx: DatasetContext,
+    run: RunRecord,
+    task: dict[str, Any],
+    attempt: int,
+    last: bool,
+    dead_letter: DeadLetter | None = None,
+) -> tuple[int, dict[str, Any]]:
     """Recompute one chunk's ids of a stream event; record the chunk under the event.
 
     Ids that cannot be computed (permanently, or after the last attempt) are recorded
@@ -301,11 +342,15 @@ def _ids_task(ctx, run, task: dict, attempt: int, last: bool, dead_letter=None) 
     return 200, {"status": "done", **{k: v for k, v in result.items() if k != "failed"}}
 
 
-def _enqueuer(config: L2CacheConfig, task: dict) -> Callable[[list[int]], Any]:
+def _enqueuer(config: L2CacheConfig, task: dict[str, Any]) -> Callable[[list[int]], str | None]:
+    """Enqueue a split's sub-regions as tasks of the same run, batch and generation.
 
+    Named deterministically (:func:`l2cache.gcp.tasks.task_id`), so a retried split
+    re-enqueues the same names and Cloud Tasks drops the duplicates.
+    """
     client = tasks_client()
 
-    def enqueue(region: list[int]):
+    def enqueue(region: list[int]) -> str | None:
         return enqueue_region(
             client,
             config.tasks,

@@ -36,11 +36,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import numpy as np
 
-from l2cache.compute import compute_l2_ids, dataset_context, group_by_chunk
-from l2cache.config import L2CacheConfig
+from l2cache.compute import DatasetContext, compute_l2_ids, dataset_context, group_by_chunk
+from l2cache.config import DatasetConfig, L2CacheConfig, TasksConfig
 from l2cache.domain import ids as idlib
 from l2cache.domain.failures import (
     PERMANENT,
@@ -55,7 +56,7 @@ from l2cache.domain.lineage import code_revision, utc_now
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.tasks import enqueue_chunk_ids, tasks_client
 from l2cache.inputs.volume import in_volume
-from l2cache.store.ledger import RunLedger, new_run
+from l2cache.store.ledger import RunLedger, RunRecord, new_run
 from l2cache.support import logs
 from l2cache.support.safe_pickle import UnsafePickleError, restricted_loads
 
@@ -66,6 +67,21 @@ INLINE_MAX_CHUNKS = 1
 ENQUEUE_THREADS = 16
 
 DeadLetter = Callable[[bytes, dict[str, str]], None]
+ChunkGroups = list[tuple[list[int], np.ndarray]]  # (chunk coords, its L2 ids) per chunk
+
+
+class _ToDeadLetter(Protocol):
+    """``handle_message``'s dead-lettering of this message (or of chosen ids of it)."""
+
+    def __call__(
+        self, reason: str, payload: bytes = ..., extra: dict[str, str] | None = None
+    ) -> None: ...
+
+
+class _Record(Protocol):
+    """``handle_message``'s record of this event in the ledger, with these fields."""
+
+    def __call__(self, **fields: Any) -> None: ...
 
 
 class PoisonMessage(BadRequest):
@@ -74,6 +90,9 @@ class PoisonMessage(BadRequest):
 
 @dataclass(frozen=True)
 class RecomputeRequest:
+    """What a message asks for, in one shape whichever of the two forms it came in (a PCG
+    edit or the lookup's missing ids), so everything after decoding treats both alike."""
+
     dataset: str
     l2ids: np.ndarray
     kind: str  # "edit" | "missing_ids"
@@ -82,6 +101,12 @@ class RecomputeRequest:
 
 
 def decode_message(data: bytes, attributes: dict[str, str]) -> RecomputeRequest:
+    """Read either message form into a :class:`RecomputeRequest`, or raise PoisonMessage.
+
+    The edit topic is shared with other services and its data is a pickle: it is
+    decoded with the restricted unpickler, and anything that can never be a request
+    is poison (dead-lettered once, not redelivered).
+    """
     table_id = attributes.get("table_id")
     if not table_id:
         raise PoisonMessage("message has no table_id attribute")
@@ -114,7 +139,11 @@ def event_key(request: RecomputeRequest, message_id: str) -> str:
 
 
 def runs_ledger(config: L2CacheConfig) -> RunLedger:
+    """The runs table's ledger, for a message of a table l2cache does not cache.
 
+    Such a message has no dataset context (whose ledger every other path uses), yet it
+    is still counted, so the ignored edits of other PCG tables stay visible.
+    """
     instance = bigtable_instance(config.bigtable.project, config.bigtable.instance)
     return RunLedger(instance.table(config.runs_table_id))
 
@@ -128,11 +157,13 @@ def handle_message(
     dead_letter: DeadLetter | None = None,
     publish_time: datetime | None = None,
     ledger_factory: Callable[[L2CacheConfig], RunLedger] = runs_ledger,
-) -> dict:
+) -> dict[str, Any]:
     """Recompute what a message asks for; returns a summary (raises when transient)."""
     when = to_millisecond(publish_time or utc_now())
 
-    def to_dead_letter(reason: str, payload: bytes = data, extra: dict | None = None) -> None:
+    def to_dead_letter(
+        reason: str, payload: bytes = data, extra: dict[str, str] | None = None
+    ) -> None:
         log.warning("dead-lettering message %s: %s", message_id, reason)
         if dead_letter is None:
             return
@@ -168,7 +199,7 @@ def handle_message(
     attempt = ctx.ledger.event_delivered(run.run_id, key)
     max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
 
-    def record(**fields) -> None:
+    def record(**fields: Any) -> None:
         ctx.ledger.record_event(
             run.run_id,
             key,
@@ -182,7 +213,7 @@ def handle_message(
             **fields,
         )
 
-    def give_up_or_raise(exc: Exception) -> dict:
+    def give_up_or_raise(exc: Exception) -> dict[str, Any]:
         """A permanent failure, or a transient one on the last delivery: record it,
         dead-letter the message with the reason, acknowledge. Otherwise re-raise: the
         function answers 5xx and Pub/Sub redelivers with backoff."""
@@ -204,7 +235,9 @@ def handle_message(
         return {"status": "dead_lettered", "reason": "no layer-2 ids", "not_layer2": not_layer2}
     if config.tasks is not None and len(groups) > INLINE_MAX_CHUNKS:
         try:
-            return _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_letter)
+            return _fan_out(
+                config.tasks, ctx, run, key, request, when, groups, record, to_dead_letter
+            )
         except Exception as exc:  # enqueueing failed; the tasks already created stay unique
             return give_up_or_raise(exc)
     try:
@@ -231,7 +264,17 @@ def handle_message(
     return {"status": status, **result}
 
 
-def _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_letter) -> dict:
+def _fan_out(
+    tasks: TasksConfig,
+    ctx: DatasetContext,
+    run: RunRecord,
+    key: str,
+    request: RecomputeRequest,
+    when: datetime,
+    groups: ChunkGroups,
+    record: _Record,
+    to_dead_letter: _ToDeadLetter,
+) -> dict[str, Any]:
     """One Cloud Task per chunk: no message ever needs more than one chunk's work.
 
     A missing-id message may name up to the lookup's id cap, spread over many chunks;
@@ -243,16 +286,17 @@ def _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_lette
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    inside, outside = [], []
+    inside: ChunkGroups = []
+    outside: ChunkGroups = []
     for chunk, ids in groups:
         (inside if in_volume(ctx.dataset, chunk) else outside).append((chunk, ids))
     client = tasks_client()
     at_ms = int(when.timestamp() * 1000)
 
-    def enqueue(group):
+    def enqueue(group: tuple[list[int], np.ndarray]) -> str | None:
         chunk, ids = group
         return enqueue_chunk_ids(
-            client, config.tasks, ctx.dataset.name, run.run_id, key, chunk, ids, at_ms
+            client, tasks, ctx.dataset.name, run.run_id, key, chunk, ids, at_ms
         )
 
     with ThreadPoolExecutor(max_workers=ENQUEUE_THREADS) as pool:
@@ -273,7 +317,13 @@ def _fan_out(config, ctx, run, key, request, when, groups, record, to_dead_lette
     return {"status": status, "chunks_enqueued": len(inside), "outside": len(outside)}
 
 
-def _dead_letter_ids(to_dead_letter, ctx, request, bad: np.ndarray, reason: str) -> None:
+def _dead_letter_ids(
+    to_dead_letter: _ToDeadLetter,
+    ctx: DatasetContext,
+    request: RecomputeRequest,
+    bad: np.ndarray,
+    reason: str,
+) -> None:
     """Dead-letter exactly the ids that could not be computed, as a missing-id message
     of the dataset's cache table, so they can be re-published once the cause is fixed."""
     to_dead_letter(
@@ -284,6 +334,7 @@ def _dead_letter_ids(to_dead_letter, ctx, request, bad: np.ndarray, reason: str)
 
 
 def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:
+    """A missing-id message must name the cache table l2cache writes for its dataset."""
     if request.l2_cache_id is not None and request.l2_cache_id != cache_table_id:
         raise PoisonMessage(
             f"l2_cache_id {request.l2_cache_id!r} is not the cache table of {request.dataset!r} "
@@ -291,7 +342,7 @@ def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:
         )
 
 
-def stream_run(kind: str, dataset):
+def stream_run(kind: str, dataset: DatasetConfig) -> RunRecord:
     """The run of a message stream: one per dataset, kind, code revision and parameters.
 
     A new deployment (new revision) starts a new stream run, so lineage never credits

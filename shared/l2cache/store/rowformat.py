@@ -24,6 +24,7 @@ u64[3]) are served as stored, but only for a dataset whose map entry says
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,15 @@ log = logging.getLogger(__name__)
 
 LEGACY_NM = "legacy_nm"
 _U8 = np.dtype("<u8")
-_EMPTY: dict = {}
+_EMPTY: Mapping[bytes, bytes] = {}  # a family the row does not have
 _ABSENT = object()  # a row's missing value while its dict is assembled
 
 
 def decode_rows(
-    rows: dict[bytes, dict], names: list[str], ds: DatasetConfig, int64_as_str: bool = False
+    rows: Mapping[bytes, Mapping[str, Mapping[bytes, bytes]]],
+    names: list[str],
+    ds: DatasetConfig,
+    int64_as_str: bool = False,
 ) -> dict[int, dict[str, Any]]:
     """``{l2 id: {attribute: API value}}`` for the rows that hold a requested column.
 
@@ -110,11 +114,19 @@ def _keys(names: list[str]) -> list[tuple[str, bytes]]:
     return [(name, BY_NAME[name].key) for name in names]
 
 
-def _column(attr: Attribute, cells, lengths, nodes, legacy, ds, int64_as_str):
+def _column(
+    attr: Attribute,
+    cells: Sequence[bytes | None],
+    lengths: np.ndarray,
+    nodes: np.ndarray,
+    legacy: np.ndarray,
+    ds: DatasetConfig,
+    int64_as_str: bool,
+) -> tuple[list[Any], np.ndarray]:
     """``(API value per row, whether the row has one)`` for one attribute; a row without a
     value holds ``_ABSENT``."""
     n = len(cells)
-    values: list = [_ABSENT] * n
+    values: list[Any] = [_ABSENT] * n
     has = np.zeros(n, dtype=bool)
     for is_legacy in (False, True):
         rows_of_kind = legacy == is_legacy
@@ -169,7 +181,14 @@ def _kvdbclient_value(attr: Attribute, dtype: np.dtype, cell: bytes) -> np.ndarr
     return flat
 
 
-def _api_values(attr, arr, nodes, is_legacy, ds: DatasetConfig, int64_as_str) -> list:
+def _api_values(
+    attr: Attribute,
+    arr: np.ndarray,
+    nodes: np.ndarray,
+    is_legacy: bool,
+    ds: DatasetConfig,
+    int64_as_str: bool,
+) -> list[Any]:
     """API values of ``arr`` (leading axis = rows) for ``nodes``."""
     name = attr.name
     if name == "size_nm3" and not is_legacy:
@@ -189,7 +208,7 @@ def _api_values(attr, arr, nodes, is_legacy, ds: DatasetConfig, int64_as_str) ->
     return arr.astype(np.int64).tolist()
 
 
-def _int64(values: np.ndarray, as_str: bool) -> list:
+def _int64(values: np.ndarray, as_str: bool) -> list[Any]:
     """int64/uint64 values as the existing encoder writes them (strings on request)."""
     if as_str:
         return values.astype(str).tolist()

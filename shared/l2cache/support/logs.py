@@ -19,8 +19,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, Protocol, TextIO, TypeVar
 
 SEVERITY = {
     "done": "INFO",
@@ -39,7 +40,38 @@ FIELDS = ("dataset", "run_id", "chunk", "status", "duration_s", "attempts", "err
 _TABLE = re.compile(r"/table/([^/]+)/")
 
 
-def emit(kind: str, stream=None, **fields: Any) -> dict:
+# What the decorators read of the calls they wrap, as structural types: this module is
+# layer 0, so it names no dataset context, run record or lookup service, only the
+# attributes it logs (``ctx.dataset.name``, ``run.run_id``). The rest of each call is
+# passed through untouched and keeps the wrapped function's own types (``_P``).
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _DatasetScoped(Protocol):
+    @property
+    def dataset(self) -> _Named: ...
+
+
+class _RunScoped(Protocol):
+    @property
+    def run_id(self) -> str: ...
+
+
+_P = ParamSpec("_P")
+_Ctx = TypeVar("_Ctx", bound=_DatasetScoped)
+_Run = TypeVar("_Run", bound=_RunScoped)
+_Config = TypeVar("_Config")
+_Attributes = TypeVar("_Attributes", bound=Mapping[str, str] | None)
+_Task = TypeVar("_Task", bound=Mapping[str, Any])
+_Outcome = TypeVar("_Outcome", bound=Mapping[str, Any])
+_Body = TypeVar("_Body", bound=Mapping[str, Any])
+_Service = TypeVar("_Service")
+_Answer = TypeVar("_Answer")
+
+
+def emit(kind: str, stream: TextIO | None = None, **fields: Any) -> dict[str, Any]:
     """Write one structured line (``kind`` = chunk | event | lookup); returns it."""
     status = fields.get("status")
     entry: dict[str, Any] = {
@@ -58,7 +90,7 @@ def emit(kind: str, stream=None, **fields: Any) -> dict:
     return entry
 
 
-def _raised(kind: str, base: dict, exc: Exception, t0: float) -> None:
+def _raised(kind: str, base: dict[str, Any], exc: Exception, t0: float) -> None:
     """The line for a call that raised: the caller answers 5xx, so it will be retried."""
     emit(
         kind,
@@ -69,13 +101,22 @@ def _raised(kind: str, base: dict, exc: Exception, t0: float) -> None:
     )
 
 
-def chunk(fn):
-    """``pipeline.compute_chunk(ctx, run, coords, ...)``: one line per chunk attempt."""
+def chunk(
+    fn: Callable[Concatenate[_Ctx, _Run, Sequence[int], _P], _Outcome],
+) -> Callable[Concatenate[_Ctx, _Run, Sequence[int], _P], _Outcome]:
+    """Log ``compute.compute_chunk(ctx, run, coords, ...)``: one line per chunk attempt.
+
+    The chunk metrics (throughput, failures by status, retries, compute time) count
+    these lines, so an attempt that raises still gets one (``retrying``) before the
+    exception goes on to the caller.
+    """
 
     @functools.wraps(fn)
-    def wrapper(ctx, run, coords, *args, **kwargs):
+    def wrapper(
+        ctx: _Ctx, run: _Run, coords: Sequence[int], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _Outcome:
         t0 = time.perf_counter()
-        base = {
+        base: dict[str, Any] = {
             "dataset": ctx.dataset.name,
             "run_id": run.run_id,
             "chunk": [int(c) for c in coords],
@@ -99,11 +140,19 @@ def chunk(fn):
     return wrapper
 
 
-def ids_task(fn):
-    """``worker._ids_task(ctx, run, task, attempt, last)``: one line per event chunk."""
+def ids_task(
+    fn: Callable[Concatenate[_Ctx, _Run, _Task, int, _P], tuple[int, _Body]],
+) -> Callable[Concatenate[_Ctx, _Run, _Task, int, _P], tuple[int, _Body]]:
+    """Log ``handlers.compute_chunk._ids_task(ctx, run, task, attempt, ...)``.
+
+    One ``chunk`` line per fanned-out event chunk, tagged with its ``event_key``, so
+    the chunks of an edit spread over tasks are counted like those of a bulk run.
+    """
 
     @functools.wraps(fn)
-    def wrapper(ctx, run, task, attempt, *args, **kwargs):
+    def wrapper(
+        ctx: _Ctx, run: _Run, task: _Task, attempt: int, *args: _P.args, **kwargs: _P.kwargs
+    ) -> tuple[int, _Body]:
         t0 = time.perf_counter()
         code, body = fn(ctx, run, task, attempt, *args, **kwargs)
         status = body.get("status") or ("done" if code < 300 else "retrying")
@@ -123,14 +172,30 @@ def ids_task(fn):
     return wrapper
 
 
-def event(fn):
-    """``messages.handle_message(config, data, attributes, message_id, ...)``: one line per
-    delivery, with ``latency_s`` = now - PCG's publish time once the values are written."""
+def event(
+    fn: Callable[Concatenate[_Config, bytes, _Attributes, str, _P], _Outcome],
+) -> Callable[Concatenate[_Config, bytes, _Attributes, str, _P], _Outcome]:
+    """Log ``handlers.on_edit.handle_message(config, data, attributes, message_id, ...)``.
+
+    One line per delivery, with ``latency_s`` = now - PCG's publish time once the values
+    are written: the edit-to-available latency metric is read from these lines.
+    """
 
     @functools.wraps(fn)
-    def wrapper(config, data, attributes, message_id, *args, **kwargs):
+    def wrapper(
+        config: _Config,
+        data: bytes,
+        attributes: _Attributes,
+        message_id: str,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _Outcome:
         t0 = time.perf_counter()
-        base = {"dataset": (attributes or {}).get("table_id"), "message_id": message_id}
+        given: Mapping[str, str] | None = attributes
+        base: dict[str, Any] = {
+            "dataset": (given or {}).get("table_id"),
+            "message_id": message_id,
+        }
         try:
             out = fn(config, data, attributes, message_id, *args, **kwargs)
         except Exception as exc:
@@ -138,7 +203,7 @@ def event(fn):
             raise
         published = kwargs.get("publish_time", args[1] if len(args) > 1 else None)
         latency = None
-        if published is not None and out.get("status") in ("ok", "partial"):
+        if isinstance(published, datetime) and out.get("status") in ("ok", "partial"):
             if published.tzinfo is None:
                 published = published.replace(tzinfo=UTC)
             latency = round((datetime.now(UTC) - published).total_seconds(), 4)
@@ -156,11 +221,20 @@ def event(fn):
     return wrapper
 
 
-def lookup(fn):
-    """``LookupService.handle(self, method, path, ...)``: one line per request."""
+def lookup(
+    fn: Callable[Concatenate[_Service, str, str, _P], _Answer],
+) -> Callable[Concatenate[_Service, str, str, _P], _Answer]:
+    """Log ``LookupService.handle(self, method, path, ...)``: one line per request.
+
+    The lookup metrics (requests by outcome, latency, missing ids queued) come from
+    these lines; a 4xx (the client's error) is logged at INFO as ``rejected``, a 5xx
+    (the cache's) at ERROR.
+    """
 
     @functools.wraps(fn)
-    def wrapper(self, method, path, *args, **kwargs):
+    def wrapper(
+        self: _Service, method: str, path: str, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _Answer:
         t0 = time.perf_counter()
         response = fn(self, method, path, *args, **kwargs)
         m = _TABLE.search(path or "")
