@@ -177,6 +177,18 @@ def test_lookup_lock_has_no_segmentation_io_feature_engine_or_test_runner():
     assert len(pins) < 60, f"lookup's lock grew to {len(pins)} packages (55 when written)"
 
 
+SEGMENTATION_CODECS = ("cloud-volume", "compressed-segmentation", "crackle-codec", "fastremap")
+
+
+def test_both_workers_read_every_segmentation_encoding_alike():
+    """compute_chunk and on_edit read chunks through the same code (inputs.volume), so a
+    codec only one of them carries would fail edits on datasets of that encoding."""
+    pins = {name: lock(name) for name in ("compute_chunk", "on_edit")}
+    codecs = {name: {c: p.get(c) for c in SEGMENTATION_CODECS} for name, p in pins.items()}
+    assert codecs["compute_chunk"] == codecs["on_edit"]
+    assert all(codecs["on_edit"].values()), codecs
+
+
 def test_lookup_loads_nothing_its_lock_leaves_out():
     """What lets the lock leave them out: the lookup's handler (and the core it imports,
     config included) loads none of them."""
