@@ -5,44 +5,37 @@ Thin by design: unwrap the Pub/Sub envelope, let ``l2cache.handlers.on_edit`` do
 
 from __future__ import annotations
 
-import base64
 import logging
 
 import functions_framework
+from cloudevents.http import CloudEvent
 
 from l2cache.config import load_config
 from l2cache.gcp.pubsub import dead_letter_publisher
-from l2cache.handlers.on_edit import handle_message, parse_publish_time
+from l2cache.handlers.on_edit import DeadLetter, handle_message, unwrap_cloud_event
 
 _state: dict = {}
 
 
-def _dead_letter():
+def _dead_letter() -> DeadLetter | None:
     if "dead_letter" not in _state:
         _state["dead_letter"] = dead_letter_publisher(_state["config"])
     return _state["dead_letter"]
 
 
 @functions_framework.cloud_event
-def on_edit(cloud_event):
+def on_edit(cloud_event: CloudEvent) -> None:
     if "config" not in _state:
         _state["config"] = load_config()
-    envelope = cloud_event.data if isinstance(cloud_event.data, dict) else {}
-    message = envelope.get("message") if isinstance(envelope.get("message"), dict) else {}
-    try:
-        data = base64.b64decode(message.get("data") or "", validate=False)
-    except (ValueError, TypeError):
-        data = b""  # undecodable: handle_message dead-letters it as having no ids
-    raw_attributes = message.get("attributes")
-    attributes = (
-        {str(k): str(v) for k, v in raw_attributes.items()}
-        if isinstance(raw_attributes, dict)
-        else {}
-    )
-    message_id = str(message.get("messageId") or message.get("message_id") or cloud_event.get("id"))
-    published = parse_publish_time(message.get("publishTime") or cloud_event.get("time"))
+    message = unwrap_cloud_event(cloud_event.data, cloud_event.get("id"), cloud_event.get("time"))
     # a transient failure raises: functions-framework answers 500 and Pub/Sub redelivers
     result = handle_message(
-        _state["config"], data, attributes, message_id, _dead_letter(), published
+        _state["config"],
+        message.data,
+        message.attributes,
+        message.message_id,
+        _dead_letter(),
+        message.published,
+        unreadable=message.problem,
     )
-    logging.info("on_edit %s: %s", message_id, result)
+    logging.info("on_edit %s: %s", message.message_id, result)

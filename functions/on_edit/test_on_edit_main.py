@@ -88,9 +88,18 @@ def test_undecodable_base64_is_dead_lettered_not_retried(main, dead_letters):
     """Data that is not base64 can never decode: acknowledged (no exception) and
     dead-lettered once, with the original attributes and a reason."""
     main.on_edit(envelope_event("%%% not base64 %%%", {"table_id": "ds"}))
-    _, attributes = only_dead_letter(dead_letters)
+    data, attributes = only_dead_letter(dead_letters)
     assert attributes["table_id"] == "ds"
-    assert attributes["dead_letter_reason"]
+    assert attributes["dead_letter_reason"].startswith("message data is not base64")
+    assert data == b"%%% not base64 %%%"  # what was sent, not a lenient decode of it
+
+
+def test_corrupted_base64_is_not_read_as_other_bytes(main, dead_letters):
+    """A lenient decode turns '%%%abcd%%%' into 3 bytes it never carried."""
+    main.on_edit(envelope_event("%%%abcd%%%", {"table_id": "ds"}))
+    data, attributes = only_dead_letter(dead_letters)
+    assert data == b"%%%abcd%%%"
+    assert "not base64" in attributes["dead_letter_reason"]
 
 
 def test_a_message_without_table_id_is_dead_lettered(main, dead_letters):

@@ -32,6 +32,8 @@ redelivered message rewrites the same bytes at the same version and the same row
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,8 +159,13 @@ def handle_message(
     dead_letter: DeadLetter | None = None,
     publish_time: datetime | None = None,
     ledger_factory: Callable[[L2CacheConfig], RunLedger] = runs_ledger,
+    unreadable: str | None = None,
 ) -> dict[str, Any]:
-    """Recompute what a message asks for; returns a summary (raises when transient)."""
+    """Recompute what a message asks for; returns a summary (raises when transient).
+
+    ``unreadable`` is why the envelope's data could not even be read (see
+    :func:`unwrap_cloud_event`): the message is dead-lettered with that reason at once.
+    """
     when = to_millisecond(publish_time or utc_now())
 
     def to_dead_letter(
@@ -171,6 +178,9 @@ def handle_message(
             payload, dead_letter_attributes({**attributes, **(extra or {})}, reason, message_id)
         )
 
+    if unreadable is not None:
+        to_dead_letter(unreadable)
+        return {"status": "dead_lettered", "reason": unreadable}
     try:
         request = decode_message(data, attributes)
     except PoisonMessage as exc:
@@ -363,6 +373,45 @@ def to_millisecond(when: datetime) -> datetime:
     return when.replace(microsecond=(when.microsecond // 1000) * 1000)
 
 
+@dataclass(frozen=True)
+class PubSubMessage:
+    """A Pub/Sub message as on_edit's CloudEvent carries it, unwrapped."""
+
+    data: bytes
+    attributes: dict[str, str]
+    message_id: str
+    published: datetime | None
+    problem: str | None = None  # why ``data`` could not be read; it then holds the raw text
+
+
+def unwrap_cloud_event(
+    envelope: object, event_id: str | None, event_time: str | None
+) -> PubSubMessage:
+    """The Pub/Sub message inside a CloudEvent's data (``{"message": {...}}``).
+
+    Base64 is decoded strictly: a lenient decode drops stray characters and turns
+    corrupted text into other bytes, which would be dead-lettered with a misleading
+    reason (or, worse, read). Data that is not base64 keeps its raw text and a
+    ``problem``, so the dead letter shows what was sent and why it was refused.
+    """
+    outer = envelope if isinstance(envelope, dict) else {}
+    message = outer.get("message") if isinstance(outer.get("message"), dict) else {}
+    raw_attributes = message.get("attributes")
+    attributes = (
+        {str(k): str(v) for k, v in raw_attributes.items()}
+        if isinstance(raw_attributes, dict)
+        else {}
+    )
+    message_id = str(message.get("messageId") or message.get("message_id") or event_id)
+    published = parse_publish_time(message.get("publishTime") or event_time)
+    raw = message.get("data") or ""
+    try:
+        data, problem = base64.b64decode(raw, validate=True), None
+    except (binascii.Error, TypeError, ValueError) as exc:
+        data, problem = str(raw).encode("utf-8", "replace"), f"message data is not base64: {exc}"
+    return PubSubMessage(data, attributes, message_id, published, problem)
+
+
 def parse_publish_time(value: str | None) -> datetime | None:
     """Pub/Sub's RFC 3339 publish time as an aware datetime in UTC; None if unreadable.
 
@@ -389,5 +438,6 @@ __all__ = [
     "describe",
     "handle_message",
     "parse_publish_time",
+    "unwrap_cloud_event",
     "stream_run",
 ]
