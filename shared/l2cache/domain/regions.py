@@ -25,6 +25,7 @@ class DatasetGeometry(Protocol):
     voxel_offset: tuple[int, int, int]
     volume_size: tuple[int, int, int] | None
 
+
 DEFAULT_BATCH = 4
 
 
