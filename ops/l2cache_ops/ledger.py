@@ -26,6 +26,8 @@ from l2cache.store.ledger import (
 
 
 def list_runs(ledger: RunLedger) -> list[RunRecord]:
+    """Every run the ledger records, in run-id order: what ``runs list`` shows and what
+    a release rollback and the SLO checks choose their runs from."""
     return [
         RunRecord(**json.loads(row_cells(r, RUN_FAMILY)["meta"]))
         for r in prefix_rows(ledger.table, b"run:").values()
@@ -33,6 +35,9 @@ def list_runs(ledger: RunLedger) -> list[RunRecord]:
 
 
 def rejected_tasks(ledger: RunLedger, run_id: str) -> list[str]:
+    """Why each rejected task of the run could not be read: its region is unknown, so
+    no chunk row records what it lost, and only these rows tell status that the run
+    cannot complete as planned."""
     return [
         json.loads(row_cells(r, LEDGER_FAMILY)["error"])
         for r in prefix_rows(ledger.table, f"rejected:{run_id}:".encode()).values()
@@ -40,6 +45,8 @@ def rejected_tasks(ledger: RunLedger, run_id: str) -> list[str]:
 
 
 def failed_tasks(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
+    """The split tasks of the run that gave up (region, error, attempts): their unstarted
+    chunks have no chunk row, and status counts them failed from these."""
     return [
         {
             k: json.loads(v) if k != "status" else v.decode()
@@ -50,6 +57,9 @@ def failed_tasks(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
 
 
 def chunk_rows(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
+    """Every chunk row of the run, decoded (``chunk_id`` added, ``attempts`` the counter's
+    integer, times and status as text, the rest JSON); a row with no status yet is
+    ``running``. The whole-run scan status, QC and reconcile are built on."""
     out = []
     for key, r in prefix_rows(ledger.table, f"chunk:{run_id}:".encode()).items():
         cells = row_cells(r, LEDGER_FAMILY)
@@ -67,10 +77,14 @@ def chunk_rows(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
 
 
 def done_chunks(ledger: RunLedger, run_id: str) -> set[int]:
+    """Chunk ids of the run recorded done: what reconcile leaves out when it re-queues
+    the rest."""
     return {r["chunk_id"] for r in chunk_rows(ledger, run_id) if r["status"] == "done"}
 
 
 def events(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
+    """Every event row of a stream run, decoded, with its ``key``: the edit-stream SLO
+    is measured from their publish and record times."""
     out = []
     for key, r in prefix_rows(ledger.table, f"event:{run_id}:".encode()).items():
         entry: dict[str, Any] = {"key": key.decode().split(":", 2)[2]}
@@ -81,6 +95,8 @@ def events(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
 
 
 def ignored_count(ledger: RunLedger, table_id: str) -> int:
+    """How many edits arrived for ``table_id``, a graph table without a cache (0 when
+    none did): the trace of edits on_edit acknowledges without computing anything."""
     row = read_row(ledger.table, f"ignored:{table_id}".encode())
     if row is None:
         return 0

@@ -28,21 +28,27 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from l2cache.compute import load_chunk_l2
+from l2cache.compute import DatasetContext, load_chunk_l2
+from l2cache.config import DatasetConfig
 from l2cache.domain import ids as idlib
 from l2cache.domain.attributes import BY_NAME, FEATURE_FAMILY, LINEAGE_FAMILY
+from l2cache.domain.ids import SpatialBits
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.regions import region_chunks
 from l2cache.gcp.bigtable import CellFilter, read_rows
 from l2cache.inputs.graph import GRAPH_FAMILY, PARENTS
+from l2cache.store.ledger import RunRecord
 from l2cache_ops.ledger import chunk_rows
 from l2cache_ops.qc_reports import BATCH_KINDS, chunk_ids_of
 from l2cache_ops.releases import baseline_for_chunks, release_state
 from l2cache_ops.rollback import chunk_key_ranges
+
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.table import Table
 
 READ_CHUNKS = 64  # chunks per key-range read (one RowSet with one range per chunk)
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -62,7 +68,7 @@ class QcThresholds:
     min_coverage: float = 1.0
 
     @classmethod
-    def from_mapping(cls, raw: Mapping, base: QcThresholds | None = None) -> QcThresholds:
+    def from_mapping(cls, raw: Mapping[str, Any], base: QcThresholds | None = None) -> QcThresholds:
         """Thresholds from a ``qc:`` section, key by key over ``base``."""
         values = asdict(base or cls())
         for key, value in (raw or {}).items():
@@ -99,7 +105,7 @@ SERIES: tuple[Series, ...] = (
 BY_SERIES = {s.name: s for s in SERIES}
 
 
-def series_edges(series: Series, dataset) -> np.ndarray:
+def series_edges(series: Series, dataset: DatasetConfig) -> np.ndarray:
     """Fixed bin edges of a series for a dataset, so histograms of any runs merge and compare."""
     if series.scale == "linear":
         return np.linspace(0.0, 1.0, LINEAR_BINS + 1)
@@ -114,7 +120,9 @@ def series_edges(series: Series, dataset) -> np.ndarray:
     return np.concatenate([[0.0], np.geomspace(1.0, hi, LOG_BINS)])
 
 
-def decode_feature_rows(cells: list[dict[bytes, bytes]], dataset) -> tuple[dict, np.ndarray]:
+def decode_feature_rows(
+    cells: list[dict[bytes, bytes]], dataset: DatasetConfig
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-series arrays of the rows' features, and a mask of malformed rows.
 
     ``cells`` holds each row's family-``0`` cells. A row missing a fixed-size
@@ -164,6 +172,8 @@ class Distribution:
         self.lo, self.hi = math.inf, -math.inf
 
     def add(self, values: np.ndarray) -> None:
+        """Count ``values`` in. Non-finite ones are dropped: a malformed row is reported
+        as malformed, and a node too small for PCA has NaN there."""
         values = values[np.isfinite(values)]
         if values.size == 0:
             return
@@ -190,6 +200,8 @@ class Distribution:
         return out
 
     def summary(self, unit: str = "") -> dict[str, Any]:
+        """The report's JSON of the series: exact count/min/max/mean, quantiles, and only
+        the occupied span of the histogram (a report stays small however many bins)."""
         nz = np.flatnonzero(self.counts)
         first, last = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
         return {
@@ -208,11 +220,14 @@ class Distribution:
 
 
 def _round(value: float) -> float:
+    """Five significant digits: enough to compare runs, short in the stored JSON."""
     return float(f"{value:.5g}")
 
 
 # -- reading ------------------------------------------------------------------------------
-def graph_l2_ids(ctx, coords: np.ndarray, timestamp: datetime) -> dict[int, np.ndarray]:
+def graph_l2_ids(
+    ctx: DatasetContext, coords: np.ndarray, timestamp: datetime
+) -> dict[int, np.ndarray]:
     """Layer-2 chunk id -> the L2 ids the graph has in that chunk at ``timestamp``.
 
     PCG's Bigtable: one read of the chunks' supervoxel key ranges (layer-1 ids of a
@@ -254,7 +269,9 @@ def graph_l2_ids(ctx, coords: np.ndarray, timestamp: datetime) -> dict[int, np.n
     return out
 
 
-def run_rows(table, run, chunk_ids: np.ndarray, spatial_bits) -> dict[int, dict]:
+def run_rows(
+    table: Table | str, run: RunRecord, chunk_ids: np.ndarray, spatial_bits: SpatialBits
+) -> dict[int, dict[int, dict[bytes, bytes]]]:
     """Layer-2 chunk id -> {l2 id: family-0 cells} of the rows ``run`` wrote there.
 
     One read of the chunks' key ranges, cells at exactly the run's timestamp (a bulk
@@ -264,7 +281,9 @@ def run_rows(table, run, chunk_ids: np.ndarray, spatial_bits) -> dict[int, dict]
     start = run.cell_timestamp_ms * 1000
     cells = CellFilter(start_micros=start, end_micros=start + 1000, per_column=1)
     ranges = chunk_key_ranges(chunk_ids, spatial_bits)
-    out: dict[int, dict] = {int(c): {} for c in np.asarray(chunk_ids).tolist()}
+    out: dict[int, dict[int, dict[bytes, bytes]]] = {
+        int(c): {} for c in np.asarray(chunk_ids).tolist()
+    }
     mine = run.run_id.encode()
     keys, rows = [], []
     for key, row in read_rows(table, ranges=ranges, cells=cells).items():
@@ -280,13 +299,16 @@ def run_rows(table, run, chunk_ids: np.ndarray, spatial_bits) -> dict[int, dict]
 
 
 def _ms(ts: datetime) -> int:
+    """Milliseconds since the epoch (Bigtable's cell granularity); naive means UTC."""
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     return int(ts.timestamp() * 1000)
 
 
 # -- the check ----------------------------------------------------------------------------
-def run_qc(ctx, run_id: str, thresholds: QcThresholds | None = None) -> dict[str, Any]:
+def run_qc(
+    ctx: DatasetContext, run_id: str, thresholds: QcThresholds | None = None
+) -> dict[str, Any]:
     """Check a bulk or region run; returns the report (not stored: see :func:`save_report`)."""
     thresholds = thresholds or QcThresholds()
     ledger, ds = ctx.ledger, ctx.dataset
@@ -300,7 +322,7 @@ def run_qc(ctx, run_id: str, thresholds: QcThresholds | None = None) -> dict[str
     cids = chunk_ids_of(coords, bits)
     ledger_rows = {r["chunk_id"]: r for r in chunk_rows(ledger, run_id)}
     dists = {s.name: Distribution(series_edges(s, ds)) for s in SERIES}
-    table: dict[str, list] = {
+    table: dict[str, list[Any]] = {
         k: []
         for k in (
             "chunk_id",
@@ -410,6 +432,7 @@ def run_qc(ctx, run_id: str, thresholds: QcThresholds | None = None) -> dict[str
 
 
 def _stats(values: np.ndarray) -> dict[str, Any]:
+    """Count, min, max, mean and the report's quantiles of a per-chunk column."""
     if values.size == 0:
         return {"count": 0}
     qs = np.quantile(values, QUANTILES)
@@ -429,7 +452,9 @@ def _change(old: float, new: float) -> float:
     return abs(new - old) / old if old else float(new != 0) * max(1.0, abs(new))
 
 
-def _diff(table: dict, baseline: dict[int, dict], th: QcThresholds) -> dict[str, Any] | None:
+def _diff(
+    table: dict[str, list[Any]], baseline: dict[int, dict[str, Any]], th: QcThresholds
+) -> dict[str, Any] | None:
     """Per chunk, node count and covered voxels against the release covering the chunk."""
     if not baseline:
         return None
@@ -464,7 +489,13 @@ def _diff(table: dict, baseline: dict[int, dict], th: QcThresholds) -> dict[str,
     }
 
 
-def _reasons(coverage: dict, not_done: list, diff: dict | None, th: QcThresholds) -> list[str]:
+def _reasons(
+    coverage: dict[str, Any],
+    not_done: list[dict[str, Any]],
+    diff: dict[str, Any] | None,
+    th: QcThresholds,
+) -> list[str]:
+    """Why the run fails QC, one sentence per failed check with examples; empty: passed."""
     reasons = []
     if not_done:
         sample = "; ".join(f"{d['chunk']} {d['status']}" for d in not_done[:3])

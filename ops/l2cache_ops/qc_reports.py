@@ -50,7 +50,7 @@ def load_report(ledger: RunLedger, run_id: str, with_chunks: bool = True) -> dic
     parts = report.pop("chunk_parts", 0)
     if with_chunks:
         dctx = zstandard.ZstdDecompressor()
-        table: dict[str, list] = {}
+        table: dict[str, list[Any]] = {}
         for part in range(parts):
             for key, values in json.loads(dctx.decompress(cells[f"chunks:{part:06d}"])).items():
                 table.setdefault(key, []).extend(values)

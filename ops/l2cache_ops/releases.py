@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.regions import region_chunks, region_from_bbox
+from l2cache.store.ledger import RunLedger
 from l2cache_ops.ledger import list_runs, next_sequence, put_record, records
 from l2cache_ops.qc_reports import BATCH_KINDS, chunk_ids_of, load_report
 from l2cache_ops.rollback import chunk_key_ranges, rollback_runs_in_ranges
+
+if TYPE_CHECKING:  # annotations only: l2cache.compute loads the feature engine (numba)
+    from l2cache.compute import DatasetContext
 
 PREFIX = "release:"
 
@@ -39,10 +44,12 @@ class ReleaseRefused(ValueError):
 
 
 def _key(dataset: str, seq: int | None = None) -> str:
+    """A release's record key (zero-padded, so key order is release order), or the
+    dataset's release counter without ``seq``."""
     return f"{PREFIX}{dataset}" if seq is None else f"{PREFIX}{dataset}:{seq:010d}"
 
 
-def release_history(ledger, dataset: str) -> list[dict[str, Any]]:
+def release_history(ledger: RunLedger, dataset: str) -> list[dict[str, Any]]:
     """Every release of ``dataset``, oldest first, with lineage and rollbacks."""
     out = []
     for _, cells in records(ledger, f"{PREFIX}{dataset}:"):
@@ -51,14 +58,14 @@ def release_history(ledger, dataset: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["release"])
 
 
-def current_release(ledger, dataset: str) -> dict[str, Any] | None:
+def current_release(ledger: RunLedger, dataset: str) -> dict[str, Any] | None:
     """The newest release not wholly rolled back (a region rollback keeps it current
     outside that region); None when the dataset has none."""
     live = [r for r in release_history(ledger, dataset) if not r["rolled_back"]]
     return live[-1] if live else None
 
 
-def release_state(ledger, dataset: str) -> str:
+def release_state(ledger: RunLedger, dataset: str) -> str:
     """Changes whenever a release is promoted or rolled back: a QC report records it,
     and promotion refuses a report whose diff was taken against another state."""
     history = release_history(ledger, dataset)
@@ -66,18 +73,21 @@ def release_state(ledger, dataset: str) -> str:
     return f"{last}:{sum(len(r['rollbacks']) for r in history)}"
 
 
-def _in_box(coords, box) -> bool:
+def _in_box(coords: Sequence[int], box: Sequence[int]) -> bool:
+    """Whether chunk ``coords`` lies in ``box`` ``[x0, y0, z0, x1, y1, z1)``."""
     return all(box[a] <= coords[a] < box[a + 3] for a in range(3))
 
 
-def covers(release: dict[str, Any], coords) -> bool:
+def covers(release: dict[str, Any], coords: Sequence[int]) -> bool:
     """Whether ``release`` is what chunk ``coords`` should hold (in its region, not rolled back)."""
     if release["rolled_back"] or not _in_box(coords, release["region"]):
         return False
     return not any(_in_box(coords, rb["region"]) for rb in release["rollbacks"])
 
 
-def baseline_for_chunks(ledger, dataset: str, chunk_ids: list[int]) -> dict[int, dict[str, Any]]:
+def baseline_for_chunks(
+    ledger: RunLedger, dataset: str, chunk_ids: list[int]
+) -> dict[int, dict[str, Any]]:
     """Chunk id -> {release, nodes, covered_voxels} of the release currently covering it,
     from that release's own QC report (chunks no release covers are left out)."""
     wanted = set(chunk_ids)
@@ -99,7 +109,7 @@ def baseline_for_chunks(ledger, dataset: str, chunk_ids: list[int]) -> dict[int,
     return out
 
 
-def promote(ledger, dataset: str, run_id: str) -> dict[str, Any]:
+def promote(ledger: RunLedger, dataset: str, run_id: str) -> dict[str, Any]:
     """Make a QC-passed run the dataset's current release; refuses with the reason otherwise."""
     run = ledger.get_run(run_id)
     if run.dataset != dataset:
@@ -142,19 +152,23 @@ def promote(ledger, dataset: str, run_id: str) -> dict[str, Any]:
     return record
 
 
-def _write(ledger, record: dict[str, Any]) -> None:
+def _write(ledger: RunLedger, record: dict[str, Any]) -> None:
+    """Store (replace) a release's record: promotion and each rollback rewrite it whole."""
     put_record(
         ledger, _key(record["dataset"], record["release"]), {"meta": json.dumps(record).encode()}
     )
 
 
-def _intersect(a, b) -> list[int] | None:
+def _intersect(a: Sequence[int], b: Sequence[int]) -> list[int] | None:
+    """The overlap of two boxes ``[x0, y0, z0, x1, y1, z1)``; None when they do not meet."""
     lo = [max(a[i], b[i]) for i in range(3)]
     hi = [min(a[i + 3], b[i + 3]) for i in range(3)]
     return None if any(h <= low for low, h in zip(lo, hi, strict=True)) else [*lo, *hi]
 
 
-def rollback_release(ctx, bbox_voxels=None) -> dict[str, Any]:
+def rollback_release(
+    ctx: DatasetContext, bbox_voxels: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Roll the current release back in a region (voxel box; default its whole region).
 
     Per chunk, the cut-off is the cell timestamp of the previous release covering the

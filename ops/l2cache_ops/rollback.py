@@ -17,15 +17,22 @@ every version with its timestamp) and the deletions through the one write path
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from l2cache.domain.attributes import ATTRIBUTES, FEATURE_FAMILY, LINEAGE_FAMILY
-from l2cache.domain.ids import get_layer
-from l2cache.gcp.bigtable import CellFilter, read_versions
+from l2cache.domain.ids import SpatialBits, get_layer
+from l2cache.gcp.bigtable import CellFilter, KeyRange, read_versions
 from l2cache.gcp.bigtable_write import Row, write_rows
+
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.table import Table
+
+    from l2cache.store.ledger import RunRecord
 
 FEATURE_COLUMNS = [a.key for a in ATTRIBUTES]
 LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]
@@ -35,7 +42,7 @@ MS = 1000  # Bigtable cell timestamps are whole milliseconds, in microseconds
 SCAN_DEADLINE_S = 3600.0
 
 
-def run_versions(table, run_id: str) -> dict[bytes, list[int]]:
+def run_versions(table: Table | str, run_id: str) -> dict[bytes, list[int]]:
     """Row key -> timestamps (microseconds) of every version whose ``lineage:run`` is ``run_id``."""
     cells = CellFilter(
         columns={LINEAGE_FAMILY: [b"run"]}, values=[run_id.encode()], strip_values=True
@@ -48,7 +55,7 @@ def run_versions(table, run_id: str) -> dict[bytes, list[int]]:
     return out
 
 
-def rollback_run(table, run) -> int:
+def rollback_run(table: Table | str, run: RunRecord) -> int:
     """Delete every cell version the run wrote; returns the number of rows touched."""
     versions = run_versions(table, run.run_id)
     rows = []
@@ -68,6 +75,7 @@ def _delete_version(row: Row, micros: int) -> None:
 
 
 def _micros(ts: datetime) -> int:
+    """A cell timestamp (whole milliseconds, in microseconds); naive means UTC."""
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     return int(round(ts.timestamp() * 1000)) * 1000
@@ -81,7 +89,9 @@ def _micros(ts: datetime) -> int:
 # what the region holds.
 
 
-def chunk_key_ranges(chunk_ids, spatial_bits) -> list[tuple[bytes, bytes]]:
+def chunk_key_ranges(
+    chunk_ids: np.ndarray | Sequence[int], spatial_bits: SpatialBits
+) -> list[KeyRange]:
     """``[start, end)`` row-key ranges of the ids in ``chunk_ids`` (chunk ids of one layer:
     layer 2 for cache rows, layer 1 for a graph's supervoxels), adjacent chunks merged."""
     ids = np.unique(np.asarray(chunk_ids, dtype=np.uint64))
@@ -113,7 +123,10 @@ class RangeRollback:
 
 
 def versions_in_ranges(
-    table, run_ids, ranges: list[tuple[bytes, bytes]], after: datetime | None = None
+    table: Table | str,
+    run_ids: Iterable[str],
+    ranges: list[KeyRange],
+    after: datetime | None = None,
 ) -> tuple[dict[bytes, dict[str, list[int]]], int]:
     """Row key -> {run id: timestamps} of the ``lineage:run`` versions naming one of
     ``run_ids``, newer than ``after``, within ``ranges`` only; plus the rows scanned."""
@@ -137,7 +150,10 @@ def versions_in_ranges(
 
 
 def rollback_runs_in_ranges(
-    table, run_ids, ranges: list[tuple[bytes, bytes]], after: datetime | None = None
+    table: Table | str,
+    run_ids: Iterable[str],
+    ranges: list[KeyRange],
+    after: datetime | None = None,
 ) -> RangeRollback:
     """Delete, within ``ranges`` only, every cell version written by one of ``run_ids``
     (selected by ``lineage:run``, as :func:`rollback_run`), newer than ``after``."""

@@ -34,9 +34,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.api_core import exceptions as api_exceptions
@@ -46,6 +46,11 @@ from google.cloud.bigtable_v2.types import data as data_types
 
 from l2cache.domain.failures import FINAL_ROW_CODES
 from l2cache.support.gc_defer import gc_deferred
+
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.instance import Instance
+    from google.cloud.bigtable.table import Table
+    from google.protobuf.message import Message
 
 EMULATOR_ENV = "BIGTABLE_EMULATOR_HOST"
 DATA_ENDPOINT = "bigtable.googleapis.com:443"
@@ -71,9 +76,11 @@ RowCells = dict[str, dict[bytes, bytes]]  # family -> qualifier -> newest value
 # family -> qualifier -> [(timestamp micros, value)], newest first
 RowVersions = dict[str, dict[bytes, list[tuple[int, bytes]]]]
 KeyRange = tuple[bytes, bytes]  # [start, end); b"" end = to the end of the table
+# What a read fills: RowCells (newest values) or RowVersions (every version), by key.
+_Rows = TypeVar("_Rows", RowCells, RowVersions)
 
 
-def bigtable_instance(project: str, instance: str, admin: bool = False):
+def bigtable_instance(project: str, instance: str, admin: bool = False) -> Instance:
     """A ``google.cloud.bigtable`` Instance handle: table admin, and the table names
     (``table.name``) the read and write paths take."""
     client = bigtable.Client(project=project, admin=admin)
@@ -106,7 +113,7 @@ def data_channel(scope: str = DATA_SCOPE) -> grpc.Channel:
         return _channels[key]
 
 
-def table_name(table: Any) -> str:
+def table_name(table: Table | str) -> str:
     """The full name (``projects/../instances/../tables/..``) of a table handle or name."""
     return table if isinstance(table, str) else table.name
 
@@ -168,10 +175,10 @@ class CellFilter:
     per_row: int = 0
     strip_values: bool = False
 
-    def to_pb(self) -> Any:
+    def to_pb(self) -> Message | None:
         """The generated ``RowFilter`` message; ``None`` when nothing is filtered.
         Bigtable wants chains and interleaves of >= 2 filters."""
-        parts = []
+        parts: list[Message] = []
         if self.start_micros is not None or self.end_micros is not None:
             window = _RowFilter()
             window.timestamp_range_filter.start_timestamp_micros = self.start_micros or 0
@@ -211,7 +218,9 @@ def _alternatives(exact: Iterable[bytes]) -> bytes:
     return b"^(" + b"|".join(re.escape(bytes(v)) for v in exact) + b")$"
 
 
-def _chain(parts: list) -> Any:
+def _chain(parts: list[Message]) -> Message:
+    """One filter applying ``parts`` in order: Bigtable refuses a chain of fewer than two
+    filters, so a single part is returned as it is."""
     if len(parts) == 1:
         return parts[0]
     out = _RowFilter()
@@ -238,7 +247,7 @@ class RowReader:
 
     def __init__(
         self,
-        table: Any,
+        table: Table | str,
         channel: grpc.Channel | None = None,
         deadline_s: float = READ_DEADLINE_S,
     ) -> None:
@@ -308,7 +317,16 @@ class RowReader:
         self._read(keys, ranges, prefix, cells, limit, _parse_versions, out)
         return out
 
-    def _read(self, keys, ranges, prefix, cells: CellFilter, limit: int, parse, out) -> None:
+    def _read(
+        self,
+        keys: Sequence[bytes] | None,
+        ranges: Sequence[KeyRange] | None,
+        prefix: bytes | None,
+        cells: CellFilter,
+        limit: int,
+        parse: Callable[[Iterable[Message], dict[bytes, _Rows], list[bytes]], None],
+        out: dict[bytes, _Rows],
+    ) -> None:
         """Build one request, stream it, and resume it after the last delivered row on
         a transient failure until the deadline."""
         given = [s for s in (keys, ranges) if s is not None]
@@ -346,7 +364,7 @@ class RowReader:
                     return  # everything asked for was delivered before the failure
 
 
-def _resume_after(request, last_key: bytes, delivered: int) -> bool:
+def _resume_after(request: Message, last_key: bytes, delivered: int) -> bool:
     """Narrow ``request`` to the rows after ``last_key`` (rows stream in key order);
     False when nothing is left to read."""
     if request.rows_limit:
@@ -377,7 +395,9 @@ def _resume_after(request, last_key: bytes, delivered: int) -> bool:
     return True
 
 
-def _parse_newest(responses, out: dict[bytes, RowCells], progress: list[bytes]) -> None:
+def _parse_newest(
+    responses: Iterable[Message], out: dict[bytes, RowCells], progress: list[bytes]
+) -> None:
     """Cell chunks -> newest value per column (the first cell of a column is newest)."""
     row: RowCells = {}
     key = family = qualifier = None
@@ -404,7 +424,9 @@ def _parse_newest(responses, out: dict[bytes, RowCells], progress: list[bytes]) 
                 row = {}
 
 
-def _parse_versions(responses, out: dict[bytes, RowVersions], progress: list[bytes]) -> None:
+def _parse_versions(
+    responses: Iterable[Message], out: dict[bytes, RowVersions], progress: list[bytes]
+) -> None:
     """Cell chunks -> every cell with its timestamp, newest first per column."""
     row: RowVersions = {}
     key = family = qualifier = None
@@ -438,7 +460,7 @@ def _parse_versions(responses, out: dict[bytes, RowVersions], progress: list[byt
 
 
 def read_rows(
-    table: Any,
+    table: Table | str,
     *,
     keys: Sequence[bytes] | None = None,
     ranges: Sequence[KeyRange] | None = None,
@@ -453,7 +475,7 @@ def read_rows(
 
 
 def read_versions(
-    table: Any,
+    table: Table | str,
     *,
     keys: Sequence[bytes] | None = None,
     ranges: Sequence[KeyRange] | None = None,
@@ -467,6 +489,6 @@ def read_versions(
     return reader.versions(keys=keys, ranges=ranges, prefix=prefix, cells=cells, limit=limit)
 
 
-def read_row(table: Any, key: bytes, cells: CellFilter = NEWEST) -> RowCells | None:
+def read_row(table: Table | str, key: bytes, cells: CellFilter = NEWEST) -> RowCells | None:
     """The newest cells of one row; ``None`` when it does not exist."""
     return read_rows(table, keys=[key], cells=cells).get(key)

@@ -33,9 +33,9 @@ fields) and a retry re-sends the failed rows' bytes without encoding them again.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.cloud._helpers import _microseconds_from_datetime
@@ -49,6 +49,12 @@ from l2cache.gcp.bigtable import (
     data_channel,
     table_name,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.row import DirectRow
+    from google.cloud.bigtable.table import Table
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+    from google.protobuf.message import Message
 
 BATCH_ROWS = 2_000
 MAX_MUTATIONS = 100_000  # Bigtable's limit per MutateRows request, all rows together
@@ -67,6 +73,7 @@ NO_STATUS = grpc.StatusCode.UNKNOWN.value[0]  # a row the response never mention
 # Row statuses worth retrying (as integers, the form row statuses come in).
 RETRYABLE_CODES = frozenset(code.value[0] for code in TRANSIENT_CODES)
 SERVER_TIMESTAMP = -1  # Bigtable assigns the time; such a write is not idempotent
+_Response = TypeVar("_Response", bound="Message")  # what a single-row request answers
 
 
 class WriteError(RuntimeError):
@@ -107,10 +114,11 @@ class Row:
 
     @property
     def key(self) -> bytes:
+        """The row key, held by the entry itself: what a failure is reported under."""
         return self._entry.row_key
 
     @property
-    def mutations(self) -> Any:
+    def mutations(self) -> RepeatedCompositeFieldContainer[Message]:
         """The generated ``Mutation`` messages, in order."""
         return self._entry.mutations
 
@@ -146,7 +154,7 @@ class Row:
         return self._request.SerializeToString()
 
 
-def _entry_of(row: Any) -> tuple[bytes, bytes, bool, int]:
+def _entry_of(row: Row | DirectRow) -> tuple[bytes, bytes, bool, int]:
     """(key, entry bytes, idempotent, mutation count) of a :class:`Row`, or of a client
     library ``DirectRow`` (tests and scripts build those; they are sent the same way)."""
     if isinstance(row, Row):
@@ -162,8 +170,8 @@ def _entry_of(row: Any) -> tuple[bytes, bytes, bool, int]:
 
 
 def write_rows(
-    table: Any,
-    rows: Sequence[Row],
+    table: Table | str,
+    rows: Sequence[Row | DirectRow],
     what: str = "bigtable",
     deadline_s: float = DEADLINE_S,
     channel: grpc.Channel | None = None,
@@ -205,7 +213,9 @@ class _Failures:
         self.codes: set[int] = set()
         self.first: WriteError | None = None
 
-    def run(self, send, *args) -> None:
+    def run(self, send: Callable[..., object], *args: object) -> None:
+        """Call ``send(*args)``, keeping its :class:`WriteError` for :meth:`raise_any`
+        instead of letting it stop the requests still to send."""
         try:
             send(*args)
         except WriteError as exc:
@@ -253,7 +263,7 @@ def encode_columns(
     return out
 
 
-def _set_cell(entry, family: str, qualifier: bytes, value: bytes, micros: int) -> None:
+def _set_cell(entry: Message, family: str, qualifier: bytes, value: bytes, micros: int) -> None:
     cell = entry.mutations.add().set_cell
     cell.family_name = family
     cell.column_qualifier = qualifier
@@ -263,7 +273,7 @@ def _set_cell(entry, family: str, qualifier: bytes, value: bytes, micros: int) -
 
 def mutate_entries(
     channel: grpc.Channel | None,
-    table: Any,
+    table: Table | str,
     entries: Sequence[tuple[bytes, bytes]],
     what: str = "bigtable",
     deadline_s: float = DEADLINE_S,
@@ -291,7 +301,16 @@ def mutate_entries(
     return len(entries)
 
 
-def _mutate_batch(call, head: bytes, batch, what: str, deadline_s: float, idempotent: bool) -> None:
+def _mutate_batch(
+    call: grpc.UnaryStreamMultiCallable,
+    head: bytes,
+    batch: Sequence[tuple[bytes, bytes]],
+    what: str,
+    deadline_s: float,
+    idempotent: bool,
+) -> None:
+    """One MutateRows batch: send, re-send the rows that failed transiently while
+    ``idempotent`` and the deadline allow, raise :class:`WriteError` for the rest."""
     backoff = Backoff(deadline_s)
     pending = list(range(len(batch)))
     failed: dict[bytes, str] = {}
@@ -338,7 +357,7 @@ def _mutate_batch(call, head: bytes, batch, what: str, deadline_s: float, idempo
 
 
 def check_and_mutate(
-    table: Any,
+    table: Table | str,
     row: Row,
     predicate: CellFilter,
     *,
@@ -365,7 +384,7 @@ def check_and_mutate(
 
 
 def increment(
-    table: Any,
+    table: Table | str,
     key: bytes,
     family: str,
     qualifier: bytes,
@@ -394,8 +413,16 @@ def increment(
 
 
 def _unary(
-    channel, method: str, request, response_type, key: bytes, what: str, deadline_s: float
-) -> Any:
+    channel: grpc.Channel | None,
+    method: str,
+    request: Message,
+    response_type: type[_Response],
+    key: bytes,
+    what: str,
+    deadline_s: float,
+) -> _Response:
+    """Send a single-row request once (neither kind is safe to repeat), its failure
+    raised as a :class:`WriteError` for ``key``."""
     call = (channel or data_channel(WRITE_SCOPE)).unary_unary(
         method,
         request_serializer=type(request).SerializeToString,

@@ -13,14 +13,18 @@ Two readers behind one small interface (:class:`GraphReader`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import zstandard
 
 from l2cache.domain import ids as idlib
 from l2cache.gcp.bigtable import RowReader
+
+if TYPE_CHECKING:  # annotations only
+    from l2cache.config import DatasetConfig
 
 GRAPH_FAMILY = "0"
 PARENTS = b"parents"
@@ -30,20 +34,28 @@ READ_BATCH = 5_000
 
 
 class GraphReader(Protocol):
+    """What computing a chunk needs of a graph (L2 parents, and the checks for lost
+    input), so the workers run unchanged on PCG's Bigtable, a PCG server or a test
+    double."""
+
     def l2_parents(self, sv_ids: np.ndarray, timestamp: datetime | None = None) -> np.ndarray:
         """L2 parent of each supervoxel at ``timestamp`` (now if None); 0 = unknown."""
 
     def l2_children(self, l2_ids: np.ndarray) -> dict[int, np.ndarray]:
         """Supervoxel children of each L2 node that exists."""
 
-    def has_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> bool | None:
+    def has_supervoxels(
+        self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+    ) -> bool | None:
         """Whether the graph has any supervoxel in this atomic chunk (None: cannot tell).
 
         Asked only when the chunk's segmentation file is missing, to decide between
         "empty chunk" and "lost input".
         """
 
-    def chunk_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> np.ndarray | None:
+    def chunk_supervoxels(
+        self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+    ) -> np.ndarray | None:
         """Every supervoxel the graph has in this chunk (None: cannot tell), so a chunk
         whose segmentation lost some of them is caught before it is written."""
 
@@ -56,6 +68,8 @@ def decode_children(cell: bytes) -> np.ndarray:
 
 
 def encode_children(children: np.ndarray, compress: bool) -> bytes:
+    """A ``children`` cell as PCG writes it, raw or zstd-compressed: the inverse of
+    :func:`decode_children`, for the tools that build and edit a local graph table."""
     raw = np.asarray(children, dtype="<u8").tobytes()
     return zstandard.ZstdCompressor(level=3).compress(raw) if compress else raw
 
@@ -76,6 +90,8 @@ class BigtableGraphReader:
         self.reader = reader or RowReader(table_name)
 
     def l2_parents(self, sv_ids: np.ndarray, timestamp: datetime | None = None) -> np.ndarray:
+        """The newest ``parents`` cell at or before ``timestamp`` of each supervoxel row,
+        read :data:`READ_BATCH` keys per request; a supervoxel without one gets 0."""
         sv_ids = idlib.as_uint64(sv_ids)
         out = np.zeros(sv_ids.size, dtype=np.uint64)
         if sv_ids.size == 0:
@@ -99,6 +115,8 @@ class BigtableGraphReader:
         return out
 
     def l2_children(self, l2_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """The newest ``children`` cell of each L2 row, decoded; ids without a row are
+        left out, so a caller can tell a missing node from an empty one."""
         l2_ids = idlib.as_uint64(l2_ids)
         out: dict[int, np.ndarray] = {}
         keys = idlib.row_keys(l2_ids)
@@ -112,7 +130,7 @@ class BigtableGraphReader:
                     out[int(key)] = decode_children(cell)
         return out
 
-    def has_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> bool:
+    def has_supervoxels(self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits) -> bool:
         """Any row in the key range of the chunk's layer-1 ids (one row read at most).
 
         Supervoxel ids of a chunk share its layer-1 chunk id in their high bits, so
@@ -120,13 +138,17 @@ class BigtableGraphReader:
         """
         return self.reader.any_in_range(*_layer1_range(chunk_coords, spatial_bits))
 
-    def chunk_supervoxels(self, chunk_coords, spatial_bits: idlib.SpatialBits) -> np.ndarray:
+    def chunk_supervoxels(
+        self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+    ) -> np.ndarray:
         """Every supervoxel id the graph has in this atomic chunk (a keys-only range read)."""
         keys = self.reader.keys_in_range(*_layer1_range(chunk_coords, spatial_bits))
         return np.array([int(k) for k in keys], dtype=np.uint64)
 
 
-def _layer1_range(chunk_coords, spatial_bits: idlib.SpatialBits) -> tuple[bytes, bytes]:
+def _layer1_range(
+    chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+) -> tuple[bytes, bytes]:
     """Row-key range of a chunk's supervoxels: they share its layer-1 chunk id."""
     first = int(idlib.chunk_id_from_coords(1, np.asarray(chunk_coords)[None], spatial_bits)[0])
     seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(np.array([1]))[0])
@@ -146,28 +168,34 @@ class GrapheneGraphReader:
         self.cv = CloudVolume(url, progress=False, use_https=True, secrets=token)
 
     def l2_parents(self, sv_ids: np.ndarray, timestamp: datetime | None = None) -> np.ndarray:
+        """``get_roots(stop_layer=2)`` at ``timestamp``: the server answers the same
+        question the graph table does (an empty query is not sent)."""
         sv_ids = idlib.as_uint64(sv_ids)
         if sv_ids.size == 0:
             return np.zeros(0, dtype=np.uint64)
         ts = None if timestamp is None else timestamp.timestamp()
         return np.asarray(self.cv.get_roots(sv_ids, stop_layer=2, timestamp=ts), dtype=np.uint64)
 
-    def has_supervoxels(self, chunk_coords, spatial_bits) -> None:
+    def has_supervoxels(self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits) -> None:
         """A PCG server offers no cheap "is this chunk empty" query: cannot tell."""
         return None
 
-    def chunk_supervoxels(self, chunk_coords, spatial_bits) -> None:
+    def chunk_supervoxels(
+        self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+    ) -> None:
         """Nor a list of a chunk's supervoxels: the graph-side check is skipped."""
         return None
 
     def l2_children(self, l2_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """The supervoxels of each L2 node: one ``get_leaves`` request per node, within
+        the volume's bounds."""
         return {
             int(node): np.asarray(self.cv.get_leaves(int(node), self.cv.bounds, 0), np.uint64)
             for node in idlib.as_uint64(l2_ids).tolist()
         }
 
 
-def make_graph_reader(dataset) -> GraphReader:
+def make_graph_reader(dataset: DatasetConfig) -> GraphReader:
     """The reader a dataset's ``graph`` entry names."""
     g = dataset.graph
     if g.kind == "bigtable":

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.cloud.bigtable import column_family
@@ -33,7 +33,7 @@ from l2cache.domain.attributes import (
 )
 from l2cache.domain.failures import BadRequest
 from l2cache.domain.lineage import Lineage
-from l2cache.gcp.bigtable import WRITE_SCOPE, RowReader, data_channel
+from l2cache.gcp.bigtable import WRITE_SCOPE, RowCells, RowReader, data_channel
 from l2cache.gcp.bigtable_write import (
     SERVER_TIMESTAMP,
     encode_columns,
@@ -42,13 +42,17 @@ from l2cache.gcp.bigtable_write import (
 )
 from l2cache.store.rowformat import decode_rows
 
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.instance import Instance
+    from google.cloud.bigtable.table import Table
+
 log = logging.getLogger(__name__)
 
 READ_BATCH = 10_000  # one stream per 10k ids: measured fastest on the emulator (GIL-bound parse)
 READ_THREADS = 4
 
 
-def create_cache_table(instance, table_id: str, max_versions: int = 5):
+def create_cache_table(instance: Instance, table_id: str, max_versions: int = 5) -> Table:
     """Create (or reuse) a cache table with families ``0`` and ``lineage``.
 
     GC keeps the last ``max_versions`` cell versions, which is what lets a bad run be
@@ -69,7 +73,7 @@ def create_cache_table(instance, table_id: str, max_versions: int = 5):
 class CacheStore:
     """Feature rows of one dataset's cache table."""
 
-    def __init__(self, table, dataset: DatasetConfig) -> None:
+    def __init__(self, table: Table, dataset: DatasetConfig) -> None:
         self.table = table
         self.dataset = dataset
         self._reader: RowReader | None = None
@@ -108,20 +112,22 @@ class CacheStore:
     # -- reading ---------------------------------------------------------------
     @property
     def reader(self) -> RowReader:
+        """The table's reader, made on first read (a store that only writes, as a
+        worker's does, never needs one)."""
         if self._reader is None:
             self._reader = RowReader(self.table.name)
         return self._reader
 
-    def read_raw(self, l2ids) -> dict[int, dict[str, dict[bytes, bytes]]]:
+    def read_raw(self, l2ids: np.ndarray | Iterable[int]) -> dict[int, RowCells]:
         """Newest cell bytes per family and column, for byte-level checks and tools."""
-        out: dict[int, dict[str, dict[bytes, bytes]]] = {}
+        out: dict[int, RowCells] = {}
         for rows in self._read_batches(idlib.as_uint64(l2ids), None, None):
             out.update({int(k): v for k, v in rows.items()})
         return out
 
     def read_features(
         self,
-        l2ids,
+        l2ids: np.ndarray | Iterable[int],
         attribute_names: Sequence[str] | None = None,
         int64_as_str: bool = False,
         timings: dict[str, float] | None = None,
@@ -147,7 +153,7 @@ class CacheStore:
         # bytes, and regex filters made the emulator 4-7x slower (0.25 s -> 1.7 s for
         # 10,000 rows); the decoder picks the requested columns.
         t0 = time.perf_counter()
-        rows: dict[bytes, dict] = {}
+        rows: dict[bytes, RowCells] = {}
         for part in self._read_batches(ids, None, None):
             rows.update(part)
         t1 = time.perf_counter()
@@ -157,12 +163,17 @@ class CacheStore:
             timings["decode"] = time.perf_counter() - t1
         return decoded
 
-    def _read_batches(self, ids: np.ndarray, families, qualifiers):
+    def _read_batches(
+        self,
+        ids: np.ndarray,
+        families: list[str] | None,
+        qualifiers: dict[str, list[bytes]] | None,
+    ) -> Iterator[dict[bytes, RowCells]]:
         """Read ``ids`` in concurrent batches; yields each batch's rows."""
         keys = idlib.row_keys(ids)
         batches = [keys[i : i + READ_BATCH] for i in range(0, len(keys), READ_BATCH)]
 
-        def read(batch: list[bytes]) -> dict:
+        def read(batch: list[bytes]) -> dict[bytes, RowCells]:
             return self.reader.read(batch, families, qualifiers)
 
         if len(batches) <= 1:

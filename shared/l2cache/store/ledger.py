@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.cloud.bigtable import column_family
 
@@ -35,6 +36,12 @@ from l2cache.domain.failures import RevisionMismatch
 from l2cache.domain.lineage import Lineage, code_revision, params_hash, utc_now
 from l2cache.gcp.bigtable import CellFilter, RowCells, read_row, read_rows
 from l2cache.gcp.bigtable_write import Row, check_and_mutate, increment, write_rows
+
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.instance import Instance
+    from google.cloud.bigtable.table import Table
+
+    from l2cache.config import DatasetConfig
 
 RUN_FAMILY = "run"
 LEDGER_FAMILY = "ledger"
@@ -91,19 +98,20 @@ class RunRecord:
 
     @property
     def snapshot(self) -> datetime:
+        """The graph time as a datetime; the record keeps it as ISO text so it stays JSON."""
         return datetime.fromisoformat(self.snapshot_timestamp)
 
 
 def new_run(
     kind: str,
-    dataset,
-    region=None,
-    n_chunks=0,
-    trigger="cli",
-    snapshot=None,
+    dataset: DatasetConfig,
+    region: Sequence[int] | None = None,
+    n_chunks: int = 0,
+    trigger: str = "cli",
+    snapshot: datetime | None = None,
     pinned_revision: str | None = None,
 ) -> RunRecord:
-    """A run record for ``dataset`` (a DatasetConfig) with a fresh id and timestamps."""
+    """A run record for ``dataset`` with a fresh id and timestamps."""
     now = utc_now()
     params = {
         "resolution": list(dataset.resolution),
@@ -129,7 +137,12 @@ def new_run(
     )
 
 
-def create_runs_table(instance, table_id: str = DEFAULT_RUNS_TABLE):
+def create_runs_table(instance: Instance, table_id: str = DEFAULT_RUNS_TABLE) -> Table:
+    """Create the runs table if it is missing (an existing one is reused as it is).
+
+    GC keeps one version per cell: run and chunk rows are rewritten in place as they
+    progress (status, attempts) and only their newest state is ever read.
+    """
     table = instance.table(table_id)
     if not table.exists():
         gc = column_family.MaxVersionsGCRule(1)
@@ -142,7 +155,7 @@ UNLESS_DONE = CellFilter(columns={LEDGER_FAMILY: [b"status"]}, values=[b"done"])
 FIRST_FAILED = CellFilter(columns={LEDGER_FAMILY: [b"first_failed_at"]})
 
 
-def prefix_rows(table, prefix: bytes) -> dict[bytes, RowCells]:
+def prefix_rows(table: Table | str, prefix: bytes) -> dict[bytes, RowCells]:
     """Every row whose key starts with ``prefix``, newest cells, in key order."""
     return read_rows(table, prefix=prefix)
 
@@ -155,11 +168,13 @@ def row_cells(row: RowCells, family: str) -> dict[str, bytes]:
 class RunLedger:
     """Reads and writes of the runs table."""
 
-    def __init__(self, table) -> None:
+    def __init__(self, table: Table) -> None:
         self.table = table
 
     # runs ----------------------------------------------------------------------
     def create_run(self, run: RunRecord) -> None:
+        """Store the whole record as JSON in one cell, so every worker and operator
+        reads the same definition of the run."""
         row = Row(f"run:{run.run_id}".encode())
         row.set_cell(RUN_FAMILY, b"meta", json.dumps(asdict(run), sort_keys=True).encode())
         write_rows(self.table, [row], "run")
@@ -183,7 +198,7 @@ class RunLedger:
     def _chunk_key(self, run_id: str, chunk_id: int) -> bytes:
         return b"chunk:%s:%020d" % (run_id.encode(), chunk_id)
 
-    def chunk_started(self, run_id: str, chunk_id: int, coords=None) -> int:
+    def chunk_started(self, run_id: str, chunk_id: int, coords: Sequence[int] | None = None) -> int:
         """Count one more attempt and mark the chunk running; returns the attempt number.
 
         The increment is a read-modify-write (it raises on failure); ``started_at`` lets
@@ -205,7 +220,9 @@ class RunLedger:
         failed."""
         check_and_mutate(self.table, row, UNLESS_DONE, what="ledger")
 
-    def chunks_queued(self, run_id: str, chunks, task_attempt: int) -> None:
+    def chunks_queued(
+        self, run_id: str, chunks: Iterable[tuple[int, Sequence[int]]], task_attempt: int
+    ) -> None:
         """Mark every not-done chunk of a leaf task as queued by this task attempt.
 
         A worker that dies on the batch's first chunk never reaches the others; with
@@ -230,7 +247,7 @@ class RunLedger:
         write_rows(self.table, [row], "ledger")
 
     def chunk_finished(
-        self, run_id: str, chunk_id: int, coords, status: str, **fields: Any
+        self, run_id: str, chunk_id: int, coords: Sequence[int], status: str, **fields: Any
     ) -> None:
         """Record an attempt's outcome. ``done`` is written unconditionally; any other
         outcome only while the chunk is not done (a duplicate delivery's late failure
@@ -259,7 +276,7 @@ class RunLedger:
         row.set_cell(LEDGER_FAMILY, b"first_failed_at", utc_now().isoformat().encode())
         check_and_mutate(self.table, row, FIRST_FAILED, what="ledger")
 
-    def task_gave_up(self, run_id: str, region, reason: str, attempts: int) -> None:
+    def task_gave_up(self, run_id: str, region: Sequence[int], reason: str, attempts: int) -> None:
         """A split task's last attempt failed: its region's unstarted chunks are failed."""
         key = "task:{}:{}".format(run_id, "-".join(str(int(v)) for v in region)).encode()
         row = Row(key)
@@ -300,6 +317,8 @@ class RunLedger:
         return increment(self.table, key, LEDGER_FAMILY, b"delivery_count", what="event")
 
     def event_chunk_done(self, run_id: str, event_key: str, chunk_id: int, **fields: Any) -> None:
+        """A chunk of a fanned-out event written, with its counts: a redelivery of the
+        event skips it."""
         self._event_chunk(run_id, event_key, chunk_id, "done", **fields)
 
     def event_chunk_failed(
@@ -308,7 +327,9 @@ class RunLedger:
         """A chunk of a fanned-out event that could not be computed, with the reason."""
         self._event_chunk(run_id, event_key, chunk_id, "failed", error=error, failed_ids=n_ids)
 
-    def _event_chunk(self, run_id: str, event_key: str, chunk_id: int, status: str, **fields):
+    def _event_chunk(
+        self, run_id: str, event_key: str, chunk_id: int, status: str, **fields: Any
+    ) -> None:
         key = b"evchunk:%s:%s:%020d" % (run_id.encode(), event_key.encode(), chunk_id)
         row = Row(key)
         row.set_cell(LEDGER_FAMILY, b"status", status.encode())

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import cc3d
 import fastremap
@@ -25,6 +26,10 @@ from l2cache.domain.lineage import utc_now
 from l2cache.gcp.bigtable_write import Row, write_rows
 from l2cache.inputs.graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
 
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.instance import Instance
+    from google.cloud.bigtable.table import Table
+
 SPATIAL_BITS = {1: 10, 2: 10, 3: 9, 4: 8, 5: 7, 6: 6}
 COMPRESS_FROM = 4  # children lists at least this long are stored zstd-compressed
 COUNTER_FAMILY = "counters"
@@ -32,6 +37,9 @@ COUNTER_FAMILY = "counters"
 
 @dataclass(frozen=True)
 class BuildResult:
+    """What :func:`build_dataset` made, so the caller can write the dataset's map entry
+    (segmentation path, graph table) and report its size."""
+
     segmentation: str
     graph_table_id: str
     timestamp: datetime
@@ -42,10 +50,12 @@ class BuildResult:
 
 
 def counter_key(chunk_id: int) -> bytes:
+    """The row of a chunk's L2 segment counter: edits draw new ids from it, as PCG does,
+    so they never reuse an id the build gave out."""
     return b"counter:%020d" % chunk_id
 
 
-def create_graph_table(instance, table_id: str):
+def create_graph_table(instance: Instance, table_id: str) -> Table:
     """Graph table with family ``0`` (every version kept) and the counter family."""
     table = instance.table(table_id)
     if not table.exists():
@@ -81,7 +91,7 @@ def build_dataset(
     segmentation: str,
     resolution: Sequence[float],
     chunk_size: Sequence[int],
-    instance,
+    instance: Instance,
     graph_table_id: str,
     timestamp: datetime | None = None,
 ) -> BuildResult:
@@ -168,5 +178,6 @@ def build_dataset(
     return BuildResult(segmentation, graph_table_id, ts, int(np.prod(grid)), n_l2, n_sv, grid)
 
 
-def _commit(table, rows: list) -> None:
+def _commit(table: Table, rows: list[Row]) -> None:
+    """Write a batch of graph rows, every row's status checked."""
     write_rows(table, rows, "graph")

@@ -13,11 +13,14 @@ from __future__ import annotations
 import pickle
 import struct
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from l2cache.config import DatasetConfig
 from l2cache.domain import ids as idlib
 from l2cache.domain.lineage import utc_now
 from l2cache.gcp.bigtable_write import Row, increment, write_rows
@@ -33,11 +36,18 @@ from l2cache_tools.dataset.remap import remap_to_l2
 
 from .build import COUNTER_FAMILY, counter_key
 
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.bigtable.table import Table
+    from google.cloud.pubsub_v1 import PublisherClient
+
 OPERATION_COUNTER = b"counter:operations"
 
 
 @dataclass(frozen=True)
 class EditResult:
+    """One applied edit: what its PCG message carries (operation id, new L2 ids) and
+    what a test or the demo checks afterwards (the replaced ids, the edit's time)."""
+
     operation_id: int
     timestamp: datetime
     new_l2_ids: np.ndarray
@@ -45,18 +55,22 @@ class EditResult:
     kind: str
 
 
-def _increment(table, key: bytes, by: int = 1) -> int:
+def _increment(table: Table, key: bytes, by: int = 1) -> int:
+    """Atomically advance a counter row by ``by``; returns its new value."""
     return increment(table, key, COUNTER_FAMILY, b"segment", by, what="graph counter")
 
 
-def _new_l2_ids(table, chunk_coord, count: int, bits) -> np.ndarray:
+def _new_l2_ids(
+    table: Table, chunk_coord: np.ndarray | Sequence[int], count: int, bits: idlib.SpatialBits
+) -> np.ndarray:
+    """``count`` L2 ids never used in the chunk, from its segment counter."""
     chunk_id = int(idlib.chunk_id_from_coords(2, np.asarray(chunk_coord)[None], bits)[0])
     last = _increment(table, counter_key(chunk_id), count)
     segs = np.arange(last - count + 1, last + 1)
     return idlib.encode_ids(2, np.tile(chunk_coord, (count, 1)), segs, bits)
 
 
-def _write(table, new_nodes: dict[int, np.ndarray], ts: datetime) -> None:
+def _write(table: Table, new_nodes: dict[int, np.ndarray], ts: datetime) -> None:
     rows = []
     for node, children in new_nodes.items():
         row = Row(idlib.row_key(node))
@@ -77,11 +91,14 @@ def _edit_timestamp() -> datetime:
     return utc_now()
 
 
-def _operation_id(table) -> int:
+def _operation_id(table: Table) -> int:
     return _increment(table, OPERATION_COUNTER)
 
 
-def _l2_volume(dataset, table, chunk_coord):
+def _l2_volume(
+    dataset: DatasetConfig, table: Table, chunk_coord: Sequence[int]
+) -> tuple[np.ndarray, BigtableGraphReader]:
+    """The chunk's L2 label volume as the graph has it now, and the reader that read it."""
     reader = BigtableGraphReader(table.name)
     sv = read_chunk(dataset, chunk_coord)
     sv_ids = np.unique(sv)
@@ -90,7 +107,7 @@ def _l2_volume(dataset, table, chunk_coord):
     return remap_to_l2(sv, sv_ids, parents), reader
 
 
-def pick_merge(dataset, table, chunk_coord) -> tuple[int, int]:
+def pick_merge(dataset: DatasetConfig, table: Table, chunk_coord: Sequence[int]) -> tuple[int, int]:
     """The two L2 nodes of a chunk with the largest contact surface."""
     labels, _ = _l2_volume(dataset, table, chunk_coord)
     pairs = []
@@ -107,7 +124,9 @@ def pick_merge(dataset, table, chunk_coord) -> tuple[int, int]:
     return int(best[0]), int(best[1])
 
 
-def pick_split(dataset, table, chunk_coord, exclude=()) -> int:
+def pick_split(
+    dataset: DatasetConfig, table: Table, chunk_coord: Sequence[int], exclude: Iterable[int] = ()
+) -> int:
     """The L2 node of a chunk with the most supervoxels (>= 2), not in ``exclude``."""
     labels, reader = _l2_volume(dataset, table, chunk_coord)
     nodes = np.unique(labels)
@@ -119,7 +138,7 @@ def pick_split(dataset, table, chunk_coord, exclude=()) -> int:
     return node
 
 
-def apply_merge(table, dataset, a: int, b: int) -> EditResult:
+def apply_merge(table: Table, dataset: DatasetConfig, a: int, b: int) -> EditResult:
     """Merge two L2 nodes of one chunk into one new L2 node."""
     bits = dataset.spatial_bits
     coords = idlib.get_chunk_coords(np.array([a, b], dtype=np.uint64), bits)
@@ -137,7 +156,7 @@ def apply_merge(table, dataset, a: int, b: int) -> EditResult:
     )
 
 
-def apply_split(table, dataset, node: int) -> EditResult:
+def apply_split(table: Table, dataset: DatasetConfig, node: int) -> EditResult:
     """Split an L2 node's supervoxels into two halves, each a new L2 node."""
     bits = dataset.spatial_bits
     reader = BigtableGraphReader(table.name)
@@ -153,15 +172,17 @@ def apply_split(table, dataset, node: int) -> EditResult:
     return EditResult(_operation_id(table), ts, new, np.array([node], np.uint64), "split")
 
 
-def split_for_new_ids(table, dataset, chunk_coord, k: int, used: set[int]):
+def split_for_new_ids(
+    table: Table, dataset: DatasetConfig, chunk_coord: Sequence[int], k: int, used: set[int]
+) -> tuple[np.ndarray, EditResult | None]:
     """Apply splits in one chunk until they created at least ``k`` new L2 ids.
 
-    Returns the first ``k`` new ids and the last split's result; ``used`` (nodes split
-    or created so far, updated in place) keeps later calls off the same nodes. The
-    benchmarks use it for edits of exactly ``k`` new ids.
+    Returns the first ``k`` new ids and the last split's result (None when ``k`` is
+    0); ``used`` (nodes split or created so far, updated in place) keeps later calls
+    off the same nodes. The benchmarks use it for edits of exactly ``k`` new ids.
     """
     new_ids: list[int] = []
-    result = None
+    result: EditResult | None = None
     while len(new_ids) < k:
         target = pick_split(dataset, table, chunk_coord, exclude=used)
         used.add(target)
@@ -173,7 +194,7 @@ def split_for_new_ids(table, dataset, chunk_coord, k: int, used: set[int]):
 
 def edit_message(
     table_id: str, result: EditResult, user_id: str = "l2cache-demo"
-) -> tuple[bytes, dict]:
+) -> tuple[bytes, dict[str, str]]:
     """PCG's edit message for ``result`` (payload bytes, attributes)."""
     payload = {
         "operation_id": int(result.operation_id),
@@ -189,6 +210,10 @@ def edit_message(
     return pickle.dumps(payload), attributes
 
 
-def publish_edit(publisher, topic_path: str, table_id: str, result: EditResult) -> str:
+def publish_edit(
+    publisher: PublisherClient, topic_path: str, table_id: str, result: EditResult
+) -> str:
+    """Publish ``result`` as PCG's edit message and wait for the message id, so on_edit
+    receives exactly what a PCG deployment sends (a failed publish raises here)."""
     data, attributes = edit_message(table_id, result)
     return publisher.publish(topic_path, data, **attributes).result(timeout=30)

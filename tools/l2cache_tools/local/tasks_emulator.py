@@ -35,6 +35,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from urllib import error
 
 import grpc
@@ -42,13 +43,19 @@ from gcloud_tasks_emulator import server as upstream
 from google.api_core.exceptions import AlreadyExists, GoogleAPICallError, NotFound
 from google.cloud.tasks_v2 import Queue, Task
 
+if TYPE_CHECKING:  # annotations only
+    from google.cloud.tasks_v2 import GetTaskRequest, UpdateQueueRequest
+    from google.protobuf.duration_pb2 import Duration
+
 log = logging.getLogger("l2cache.tasks-emulator")
 HOST = "127.0.0.1"
 DEFAULT_CONCURRENCY = 2
 TICK_S = 0.02  # the longest a due task waits: new tasks and finished attempts wake at once
 
 
-def _seconds(duration, default: float) -> float:
+def _seconds(duration: timedelta | Duration | None, default: float) -> float:
+    """A retry-config duration in seconds (proto-plus hands out a ``timedelta``, a raw
+    message a ``Duration``); unset or zero means ``default``."""
     if duration is None:
         return default
     try:
@@ -73,7 +80,7 @@ class RetryingQueueState(upstream.QueueState):
         self._in_flight: dict[int, Task] = {}
         self._tasks_lock = threading.Lock()
 
-    def create_task(self, queue: str, task: Task):
+    def create_task(self, queue: str, task: Task) -> Task:
         """Upstream's create_task, refusing a name the queue has already seen."""
         if task.name:
             with self._names_lock:
@@ -87,14 +94,18 @@ class RetryingQueueState(upstream.QueueState):
         return created
 
     def _known(self, queue_name: str) -> None:
+        """Raise NOT_FOUND for an unknown queue, as Cloud Tasks does (upstream: UNKNOWN)."""
         if queue_name not in self._queues:
             raise NotFound(f"Queue {queue_name} does not exist.")
 
-    def pause_queue(self, queue_name: str):
+    def pause_queue(self, queue_name: str) -> Queue:
+        """Upstream's pause, NOT_FOUND for an unknown queue as on Cloud Tasks, so
+        ``runs pause`` fails locally the way it would in production."""
         self._known(queue_name)
         return super().pause_queue(queue_name)
 
-    def resume_queue(self, queue_name: str):
+    def resume_queue(self, queue_name: str) -> Queue:
+        """Upstream's resume, NOT_FOUND for an unknown queue (as :meth:`pause_queue`)."""
         self._known(queue_name)
         return super().resume_queue(queue_name)
 
@@ -146,6 +157,8 @@ class RetryingQueueState(upstream.QueueState):
         raise NotFound(f"Task {name} does not exist.")
 
     def dispatch(self, queue_name: str, task: Task) -> None:
+        """Run one attempt; a task that is done (succeeded or dropped) leaves the
+        in-flight set, so GetTask answers NOT_FOUND for it from then on."""
         requeued = False
         try:
             requeued = self._attempt(queue_name, task)
@@ -188,13 +201,21 @@ class RetryingQueueState(upstream.QueueState):
 class Servicer(upstream.Greeter):
     """Upstream's servicer with UpdateQueue honouring the update mask, and GetTask."""
 
-    def UpdateQueue(self, request, context):  # noqa: N802 - gRPC method name
+    def UpdateQueue(  # noqa: N802 - gRPC method name
+        self, request: UpdateQueueRequest, context: grpc.ServicerContext
+    ) -> Queue:
+        """Apply the fields the update mask names (upstream ignores UpdateQueue), so
+        ``runs scale`` changes the dispatch concurrency of a running queue."""
         try:
             return self._state.update_queue_fields(request.queue, list(request.update_mask.paths))
         except GoogleAPICallError as err:
             context.abort(err.grpc_status_code, err.message)
 
-    def GetTask(self, request, context):  # noqa: N802 - gRPC method name
+    def GetTask(  # noqa: N802 - gRPC method name
+        self, request: GetTaskRequest, context: grpc.ServicerContext
+    ) -> Task:
+        """The task while it exists (upstream has no GetTask), so a test can wait for
+        a task to be finished instead of sleeping."""
         try:
             return self._state.get_task(request.name)
         except GoogleAPICallError as err:
@@ -218,6 +239,8 @@ class ConcurrentProcessor(threading.Thread):
         self.lock = threading.Lock()
 
     def run(self) -> None:
+        """Per running queue, start as many due tasks as its concurrency leaves free,
+        then wait for a change (or the tick); until ``running`` is cleared."""
         self.running.set()
         while self.running.is_set():
             self.state.changed.clear()  # before looking: a change while looking loops again
@@ -250,6 +273,8 @@ class ConcurrentProcessor(threading.Thread):
 
 
 def serve(port: int) -> None:
+    """Serve the Cloud Tasks API on loopback only (upstream binds every interface) and
+    dispatch due tasks until the server stops; the dispatcher stops with it."""
     state = RetryingQueueState()
     api = grpc.server(upstream.futures.ThreadPoolExecutor(max_workers=4))
     upstream.add_CloudTasksServicer_to_server(Servicer(state), api)
@@ -265,6 +290,7 @@ def serve(port: int) -> None:
 
 
 def main() -> None:
+    """The command line the local stack starts the emulator with (``--port N``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
