@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import flask
 import functions_framework
 
 from l2cache.config import load_config
@@ -17,7 +18,9 @@ _state: dict = {}
 
 
 @functions_framework.http
-def compute_chunk(request):
+def compute_chunk(request: flask.Request) -> tuple[str, int, dict[str, str]]:
+    """One Cloud Tasks delivery: the task's JSON summary with the status the failure
+    contract gives it (2xx done or permanent, 503 retry)."""
     if "config" not in _state:
         _state["config"] = load_config()
         _state["dead_letter"] = dead_letter_publisher(_state["config"])

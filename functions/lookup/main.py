@@ -6,11 +6,13 @@ does the work.
 
 from __future__ import annotations
 
+import flask
 import functions_framework
 
 from l2cache.handlers.lookup import handle
 
 
 @functions_framework.http
-def lookup(request):
+def lookup(request: flask.Request) -> flask.Response:
+    """One request to the L2 cache API (``/l2cache/api/v1/...``)."""
     return handle(request)

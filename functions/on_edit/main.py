@@ -25,6 +25,8 @@ def _dead_letter() -> DeadLetter | None:
 
 @functions_framework.cloud_event
 def on_edit(cloud_event: CloudEvent) -> None:
+    """One Pub/Sub delivery: returns to acknowledge (done, ignored or dead-lettered),
+    raises to have it redelivered (a transient failure)."""
     if "config" not in _state:
         _state["config"] = load_config()
     message = unwrap_cloud_event(cloud_event.data, cloud_event.get("id"), cloud_event.get("time"))
