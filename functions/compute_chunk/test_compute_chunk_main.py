@@ -92,3 +92,28 @@ def test_transient_failure_is_503_until_the_last_attempt(load_main, bigtable, fn
     status, summary = call(main, task(), {"X-CloudTasks-TaskRetryCount": str(last)})
     assert (status, summary["status"]) == (200, "error")
     assert "NotFound" in summary["error"]
+
+
+def test_a_split_on_a_map_without_a_queue_is_rejected_and_recorded(
+    load_main, bigtable, fn_map, use_map
+):
+    """A region larger than a batch must be split onto the queue; with no ``tasks``
+    section there is none, and no retry changes that: 2xx rejected, and the region is
+    recorded as failed against the run so the run still ends (it was a 503 loop)."""
+    from l2cache.config import load_config
+    from l2cache.store.ledger import RunLedger, new_run
+    from l2cache_ops.ledger import failed_tasks
+
+    del fn_map["tasks"]
+    path = use_map(fn_map)
+    ledger = RunLedger(bigtable.table("l2cache_runs"))
+    region = [0, 0, 0, 2, 2, 2]
+    run = new_run("bulk_ingest", load_config(path).dataset("ds"), region, 8)
+    ledger.create_run(run)
+    main = load_main("compute_chunk")
+    body = json.dumps({"dataset": "ds", "run_id": run.run_id, "region": region}).encode()
+    status, summary = call(main, body)
+    assert (status, summary["status"]) == (200, "rejected")
+    assert "no 'tasks' section" in summary["error"]
+    [failed] = failed_tasks(ledger, run.run_id)
+    assert failed["region"] == region and "no 'tasks' section" in failed["error"]

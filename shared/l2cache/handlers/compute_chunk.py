@@ -157,6 +157,10 @@ def handle_task(
     if task.get("kind") == "ids":
         return _ids_task(ctx, run, task, attempt, last, dead_letter)
     kind, items = plan_task(task["region"], task["batch"])
+    if kind == "split" and enqueue is None and config.tasks is None:
+        # no queue to put the parts on: no retry can change that (the map is wrong)
+        reason = BadTask("the dataset map has no 'tasks' section: a split cannot enqueue its parts")
+        return _reject(ctx, run, task, reason, attempt)
     try:
         if kind == "split":
             enqueue = enqueue or _enqueuer(config, task)
@@ -348,12 +352,15 @@ def _enqueuer(config: L2CacheConfig, task: dict[str, Any]) -> Callable[[list[int
     Named deterministically (:func:`l2cache.gcp.tasks.task_id`), so a retried split
     re-enqueues the same names and Cloud Tasks drops the duplicates.
     """
+    tasks = config.tasks
+    if tasks is None:  # handle_task rejects a split on such a map before it gets here
+        raise ValueError("the dataset map has no 'tasks' section")
     client = tasks_client()
 
     def enqueue(region: list[int]) -> str | None:
         return enqueue_region(
             client,
-            config.tasks,
+            tasks,
             task["dataset"],
             task["run_id"],
             region,
