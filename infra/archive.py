@@ -29,11 +29,10 @@ import json
 import subprocess
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from l2cache.config import load_config, parse_config
+from l2cache.config import DatasetConfig, load_config, parse_config
 from l2cache.domain.lineage import REVISION_FILE, git_revision
 from l2cache_ops.settings import check_sections
 
@@ -48,7 +47,14 @@ class ArchiveError(RuntimeError):
     """The archive cannot name or describe the code it would deploy."""
 
 
+# A dataset's geometry as the YAML values written into the archived map.
+Geometry = dict[str, list[int] | list[float] | dict[int, int]]
+
+
 def function_names() -> list[str]:
+    """The functions there is code to archive: every folder under ``functions/`` with a
+    ``main.py``. The tests compare it with the functions the program declares, so a new
+    function folder that no component deploys is caught before a deploy."""
     return sorted(p.name for p in FUNCTIONS.iterdir() if (p / "main.py").exists())
 
 
@@ -91,7 +97,7 @@ def package_files(main: Path) -> list[Path]:
     return sorted(seen) + [PACKAGE / "py.typed"]
 
 
-def revision(files: list[Path]) -> dict[str, Any]:
+def revision(files: list[Path]) -> dict[str, str | bool]:
     """``{"commit", "dirty"}`` of the checkout: dirty when tracked files under shared/ or
     functions/ differ from the commit, or when a file going into the archive is not
     tracked at all (its content is in no commit)."""
@@ -111,11 +117,11 @@ def revision(files: list[Path]) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(dirty or untracked)}
 
 
-def _geometry(ds) -> dict[str, Any]:
+def _geometry(ds: DatasetConfig) -> Geometry:
     """A dataset's resolved geometry as YAML values: ints stay ints (the resolution's
     YAML type is what ``integral_resolution`` is derived from)."""
     number = int if ds.integral_resolution else float
-    out: dict[str, Any] = {
+    out: Geometry = {
         "resolution": [number(v) for v in ds.resolution],
         "voxel_offset": [int(v) for v in ds.voxel_offset],
         "chunk_size": [int(v) for v in ds.chunk_size],

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pulumi
 import sizing
@@ -28,10 +29,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class StackConfig:
+    """One stack's settings, read once (``load``) and checked as a whole (``validate``)
+    before any resource is declared: the components take this, never ``pulumi.Config``,
+    so the tests can build a stack from a StackConfig made by hand."""
+
     project: str
     region: str
     datasets_file: Path
-    datasets: dict
+    # the dataset map as YAML gives it (l2cache.config parses it again in the functions)
+    datasets: dict[str, Any]
     bigtable_instance_type: str
     bigtable_nodes: int
     bigtable_zone: str
@@ -66,10 +72,14 @@ class StackConfig:
 
     @property
     def bigtable_project(self) -> str:
+        """The Bigtable instance's project: the dataset map's ``bigtable.project``, which
+        may be another project than the stack's (the default)."""
         return (self.datasets.get("bigtable") or {}).get("project") or self.project
 
     @property
     def bigtable_instance(self) -> str:
+        """The instance the functions read (the dataset map's ``bigtable.instance``):
+        Storage creates it, or uses it as it is, under exactly this name."""
         return (self.datasets.get("bigtable") or {}).get("instance") or "l2cache"
 
     @property
@@ -79,6 +89,8 @@ class StackConfig:
 
     @property
     def ingress(self) -> str:
+        """Lookup's Cloud Run ingress: ``l2cache:lookupIngress`` if set; else, behind a
+        load balancer, only the LB may reach it (the ``run.app`` URL would bypass it)."""
         if self.lookup_ingress:
             return self.lookup_ingress
         return "ALLOW_INTERNAL_AND_GCLB" if self.routed else "ALLOW_ALL"
@@ -90,6 +102,8 @@ class StackConfig:
 
     @property
     def map_attempt_deadline_s(self) -> float:
+        """The dataset map's ``tasks.attempt_deadline_s``: an attempt silent for longer is
+        presumed lost, so ``validate`` keeps compute_chunk's timeout within it."""
         return float((self.datasets.get("tasks") or {}).get("attempt_deadline_s", 1800))
 
     @property
@@ -112,7 +126,7 @@ class StackConfig:
         )
 
 
-def map_auth_section(datasets: Mapping) -> Mapping | None:
+def map_auth_section(datasets: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The dataset map's top-level ``auth:`` section (``{url, service_namespace,
     sticky_url}``, parsed by ``l2cache.config``): when present, the lookup app checks
     every request's CAVE token with middle-auth-client."""
@@ -120,7 +134,7 @@ def map_auth_section(datasets: Mapping) -> Mapping | None:
     return auth if isinstance(auth, Mapping) and auth else None
 
 
-def parse_cave_auth(raw: str | None, datasets: Mapping) -> bool:
+def parse_cave_auth(raw: str | None, datasets: Mapping[str, Any]) -> bool:
     """Whether Cloud Run lets everyone reach lookup (the app enforcing CAVE auth).
 
     Follows the dataset map's ``auth:`` section, the one thing the app enforces.
@@ -139,7 +153,7 @@ def parse_cave_auth(raw: str | None, datasets: Mapping) -> bool:
     raise ConfigError(f"l2cache:caveAuth must be true or false, got {raw!r}")
 
 
-def edits_topic_path(raw: str | None, datasets: Mapping) -> str | None:
+def edits_topic_path(raw: str | None, datasets: Mapping[str, Any]) -> str | None:
     """PCG's edits topic: ``l2cache:pcgEditsTopic``, else the dataset map's
     ``pubsub.edits_topic`` when it is a full path or comes with ``pubsub.edits_project``.
     A bare name alone is not enough: the topic lives in PCG's project, not ours."""
@@ -157,7 +171,9 @@ def edits_topic_path(raw: str | None, datasets: Mapping) -> str | None:
 
 
 def validate(cfg: StackConfig) -> None:
-    """Refuse configurations that would deploy something inconsistent or unsafe."""
+    """Refuse configurations that would deploy something inconsistent or unsafe, with
+    the key to change; run by ``load`` and again by ``program.build`` (a StackConfig made
+    by hand is checked too)."""
     try:
         sizing.check_queue_concurrency(cfg.queue_max_concurrent, cfg.worker_max_instances)
         sizing.worker_memory_mib(cfg.chunk_size, cfg.map_read_ahead)
@@ -205,6 +221,9 @@ def validate(cfg: StackConfig) -> None:
 
 
 def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> StackConfig:
+    """The stack's ``l2cache:`` and ``gcp:`` config and the dataset map it names, with a
+    default for every optional key, validated: the one place the program reads Pulumi
+    config (``cfg``/``gcp`` stand in for the stack's own namespaces when given)."""
     cfg = cfg or pulumi.Config("l2cache")
     gcp = gcp or pulumi.Config("gcp")
     datasets_file = Path(cfg.require("datasetsFile"))

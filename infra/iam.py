@@ -24,7 +24,8 @@ ROLES = {
 
 
 def member(sa: gcp.serviceaccount.Account) -> pulumi.Output[str]:
-    """The IAM member string of a service account."""
+    """``serviceAccount:<email>``, the form every IAM grant names an account in; an
+    Output, since the email is known only once the account exists."""
     return sa.email.apply(lambda e: f"serviceAccount:{e}")
 
 

@@ -25,7 +25,8 @@ REQUESTS_PER_INSTANCE = 8  # lookups wait on Bigtable, not CPU
 
 
 class Lookup(pulumi.ComponentResource):
-    """lookup, its reach and its grants."""
+    """lookup, its reach and its grants, in one component so that everything a request
+    to lookup passes through, and everything its identity may touch, shows in one place."""
 
     source: gcp.storage.BucketObject
     function: gcp.cloudfunctionsv2.Function

@@ -26,15 +26,22 @@ RUN = 'resource.type="cloud_run_revision"'
 FN = 'resource.label."service_name"'
 USER = "logging.googleapis.com/user/"
 
+# One object of the dashboard's JSON (a tile, a chart, a data set, a threshold): built
+# here only to be serialized by dashboard_json, so its values are any JSON value.
+JsonObject = dict[str, object]
 
-def _labels(*names: str) -> tuple[list, dict]:
+
+def _labels(
+    *names: str,
+) -> tuple[list[gcp.logging.MetricMetricDescriptorLabelArgs], dict[str, str]]:
+    """The metric's label descriptors, and how each label is read from the log line."""
     descriptors = [
         gcp.logging.MetricMetricDescriptorLabelArgs(key=n, value_type="STRING") for n in names
     ]
     return descriptors, {n: f"EXTRACT(jsonPayload.{n})" for n in names}
 
 
-def _seconds_buckets():
+def _seconds_buckets() -> gcp.logging.MetricBucketOptionsArgs:
     # 0.01 s .. ~5.8 h in 26 doubling buckets: covers a lookup and a slow chunk alike
     return gcp.logging.MetricBucketOptionsArgs(
         exponential_buckets=gcp.logging.MetricBucketOptionsExponentialBucketsArgs(
@@ -85,16 +92,11 @@ LOG_METRICS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
 
 
 def log_metrics(cfg: StackConfig, parent: pulumi.Resource) -> dict[str, gcp.logging.Metric]:
-    """One log-based metric per entry of LOG_METRICS (counters, or distributions)."""
-    out = {}
+    """One log-based metric per entry of LOG_METRICS (counters, or distributions): the
+    dashboard charts metrics, not log lines, so each SLO panel needs one."""
+    out: dict[str, gcp.logging.Metric] = {}
     for name, (description, flt, labels, value) in LOG_METRICS.items():
         descriptors, extractors = _labels(*labels)
-        kwargs = {}
-        if value is not None:
-            kwargs = {
-                "value_extractor": f"EXTRACT(jsonPayload.{value})",
-                "bucket_options": _seconds_buckets(),
-            }
         out[name] = gcp.logging.Metric(
             name,
             name=name,
@@ -109,8 +111,10 @@ def log_metrics(cfg: StackConfig, parent: pulumi.Resource) -> dict[str, gcp.logg
                 display_name=name,
             ),
             label_extractors=extractors,
+            # with a value field, a distribution of it; without (None: unset), a line count
+            value_extractor=None if value is None else f"EXTRACT(jsonPayload.{value})",
+            bucket_options=None if value is None else _seconds_buckets(),
             opts=child_opts(parent),
-            **kwargs,
         )
     return out
 
@@ -120,7 +124,10 @@ def slo_targets(cfg: StackConfig) -> SloTargets:
     return SloTargets.from_mapping(cfg.datasets.get("slo") or {})
 
 
-def _series(filter_: str, aligner: str, reducer: str, group_by: list[str] | None, legend=""):
+def _series(
+    filter_: str, aligner: str, reducer: str, group_by: list[str] | None, legend: str = ""
+) -> JsonObject:
+    """One line of a chart: the time series of ``filter_``, aligned per minute."""
     return {
         "timeSeriesQuery": {
             "timeSeriesFilter": {
@@ -144,26 +151,29 @@ def _chart(
     aligner: str = "ALIGN_RATE",
     reducer: str = "REDUCE_SUM",
     group_by: list[str] | None = None,
-    thresholds: list[dict] | None = None,
-    extra: list[dict] | None = None,
-) -> dict:
-    chart: dict = {"dataSets": [_series(filter_, aligner, reducer, group_by), *(extra or [])]}
+    thresholds: list[JsonObject] | None = None,
+    extra: list[JsonObject] | None = None,
+) -> JsonObject:
+    """A line chart tile of ``filter_``, with more series (``extra``) and SLO lines."""
+    chart: JsonObject = {"dataSets": [_series(filter_, aligner, reducer, group_by), *(extra or [])]}
     if thresholds:
         chart["thresholds"] = thresholds
     return {"title": title, "xyChart": chart}
 
 
-def _threshold(value: float | None, label: str, direction: str = "ABOVE") -> list[dict]:
+def _threshold(value: float | None, label: str, direction: str = "ABOVE") -> list[JsonObject]:
+    """A target drawn on a chart; none when the dataset map sets no such target."""
     if value is None:
         return []
     return [{"value": float(value), "label": label, "color": "RED", "direction": direction}]
 
 
-def _target(value, unit: str) -> str:
+def _target(value: float | None, unit: str) -> str:
+    """A target as a panel title shows it."""
     return "no target" if value is None else f"{value:g} {unit}".strip()
 
 
-def slo_tiles(t: SloTargets) -> list[dict]:
+def slo_tiles(t: SloTargets) -> list[JsonObject]:
     """The SLO panels, from the structured logs, with the map's targets as thresholds."""
     chunks = f'metric.type="{USER}l2cache_chunks"'
     p50 = "ALIGN_PERCENTILE_50"
@@ -234,6 +244,9 @@ def slo_tiles(t: SloTargets) -> list[dict]:
 
 
 def dashboard_json(cfg: StackConfig) -> str:
+    """The dashboard as Cloud Monitoring takes it: the SLO panels first, then what
+    explains them (requests, queue, latency, dead letters, cost), as one JSON text with
+    sorted keys, so the same tiles always give the same text."""
     tiles = [
         *slo_tiles(slo_targets(cfg)),
         _chart(

@@ -6,6 +6,7 @@ and its outputs: ServiceAccounts, Storage, Messaging, Lookup, Workers, Monitorin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import config
@@ -23,7 +24,8 @@ from workers import Workers
 
 @dataclass(frozen=True)
 class Deployment:
-    """Every component of one stack."""
+    """Every component of one stack, as ``build`` returns it: ``export`` reads their
+    outputs from it, and the tests each component's resources."""
 
     accounts: ServiceAccounts
     storage: Storage
@@ -50,6 +52,8 @@ def build(cfg: StackConfig) -> Deployment:
     storage = Storage("storage", cfg)
     # Pub/Sub pushes to on_edit, and the worker publishes to Pub/Sub's dead-letter topic:
     # the push subscriptions take on_edit's URL once Workers has declared it.
+    on_edit_url: pulumi.Output[str]
+    resolve_on_edit_url: Callable[[pulumi.Output[str]], None]
     on_edit_url, resolve_on_edit_url = pulumi.deferred_output()
     messaging = Messaging(
         "messaging", cfg, push_account=accounts.pubsub_push, on_edit_url=on_edit_url

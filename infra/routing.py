@@ -85,7 +85,8 @@ class Reach:
 def lookup_backend(
     cfg: StackConfig, lookup_fn: gcp.cloudfunctionsv2.Function, parent: pulumi.Resource
 ) -> Reach:
-    """Serverless NEG on lookup's Cloud Run service + the backend service on it."""
+    """Serverless NEG on lookup's Cloud Run service + the backend service on it: what a
+    URL map can route ``/l2cache/*`` to, ours or the operator's."""
     neg = gcp.compute.RegionNetworkEndpointGroup(
         "lookup-neg",
         name="l2cache-lookup-neg",

@@ -17,6 +17,7 @@ vCPU** (1.53x the bare EDT); memory: see :mod:`l2cache_ops.sizing` (627 MiB peak
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 # -- memory and CPU: the one definition, shared with the cost figures -----------------
 from l2cache_ops.sizing import (  # noqa: F401  (re-exported: infra reads sizing.<name>)
@@ -50,12 +51,14 @@ DEFAULT_WORKER_MAX_INSTANCES = 50
 DEFAULT_QUEUE_MAX_CONCURRENT = DEFAULT_WORKER_MAX_INSTANCES * WORKER_REQUESTS_PER_INSTANCE
 
 
-def chunk_seconds(chunk_size) -> float:
+def chunk_seconds(chunk_size: Sequence[int]) -> float:
     """Measured seconds of the real worker path for one chunk of this size, one vCPU."""
     return math.prod(chunk_size) * SECONDS_PER_CHUNK_VOXEL
 
 
-def worker_timeout_s(chunk_size, chunks_per_task: int = DEFAULT_CHUNKS_PER_TASK) -> int:
+def worker_timeout_s(
+    chunk_size: Sequence[int], chunks_per_task: int = DEFAULT_CHUNKS_PER_TASK
+) -> int:
     """compute_chunk timeout: (cold start + chunks x measured time) x 5, at least 120 s.
 
     256x256x512, 4 chunks per task: (10 + 4 x 3.0) x 5 = 110 -> the 120 s floor. Raises if that exceeds
@@ -72,7 +75,9 @@ def worker_timeout_s(chunk_size, chunks_per_task: int = DEFAULT_CHUNKS_PER_TASK)
     return timeout
 
 
-def on_edit_timeout_s(chunk_size, chunks_per_task: int = DEFAULT_CHUNKS_PER_TASK) -> int:
+def on_edit_timeout_s(
+    chunk_size: Sequence[int], chunks_per_task: int = DEFAULT_CHUNKS_PER_TASK
+) -> int:
     """on_edit computes at most one task's worth of chunks; within Pub/Sub's ack deadline."""
     return min(worker_timeout_s(chunk_size, chunks_per_task), PUSH_ACK_DEADLINE_S)
 

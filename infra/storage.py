@@ -35,7 +35,11 @@ class Storage(pulumi.ComponentResource):
         self, name: str, cfg: StackConfig, opts: pulumi.ResourceOptions | None = None
     ) -> None:
         super().__init__(COMPONENT_TYPE.format("Storage"), name, None, opts)
-        cluster = {"cluster_id": "l2cache-c1", "zone": cfg.bigtable_zone, "storage_type": "SSD"}
+        cluster: gcp.bigtable.InstanceClusterArgsDict = {
+            "cluster_id": "l2cache-c1",
+            "zone": cfg.bigtable_zone,
+            "storage_type": "SSD",
+        }
         if cfg.bigtable_instance_type == "PRODUCTION":
             cluster["num_nodes"] = cfg.bigtable_nodes
         if cfg.existing_bigtable_instance:
@@ -119,5 +123,7 @@ class Storage(pulumi.ComponentResource):
 
     def served_tables(self) -> dict[str, pulumi.Input[str]]:
         """Every cache table lookup reads, owned or existing, by dataset."""
-        owned = {dataset: t.name for dataset, t in self.cache_tables.items()}
+        owned: dict[str, pulumi.Input[str]] = {
+            dataset: t.name for dataset, t in self.cache_tables.items()
+        }
         return dict(sorted({**owned, **self.existing_tables}.items()))

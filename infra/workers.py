@@ -24,7 +24,9 @@ import functions
 
 
 class Workers(pulumi.ComponentResource):
-    """compute_chunk, on_edit, the queue, who may invoke them, what the worker may do."""
+    """compute_chunk, on_edit, the queue, who may invoke them, what the worker may do:
+    one component because both functions run as the one worker identity, whose whole
+    access is then declared here."""
 
     sources: dict[str, gcp.storage.BucketObject]  # function name -> its archive
     compute_chunk: gcp.cloudfunctionsv2.Function
