@@ -132,9 +132,17 @@ class FakeBigtable:
     says, per call, how many rows to send before failing with which code (``None``:
     send everything and end cleanly); every request is kept."""
 
-    def __init__(self, rows: dict[bytes, bytes], plan: list[tuple[int, grpc.StatusCode | None]]):
+    def __init__(
+        self,
+        rows: dict[bytes, bytes],
+        plan: list[tuple[int, grpc.StatusCode | None]],
+        row_delay_s: float = 0.0,
+        scanned: bytes | None = None,
+    ):
         self.rows = dict(sorted(rows.items()))
         self.plan = list(plan)
+        self.row_delay_s = row_delay_s  # a slow server: this long before each row
+        self.scanned = scanned  # first answer only: "scanned past this key", no rows
         self.requests: list = []
         handler = grpc.method_handlers_generic_handler(
             "google.bigtable.v2.Bigtable",
@@ -174,9 +182,15 @@ class FakeBigtable:
         keys = self._selected(request)
         if request.rows_limit:
             keys = keys[: request.rows_limit]
+        if self.scanned is not None:  # a filter matched nothing up to here, then a stall
+            yield _Response(last_scanned_row_key=self.scanned)
+            self.scanned = None
+            time.sleep(30)
+            return
         for i, key in enumerate(keys):
             if sent is not None and i == sent:
                 break
+            time.sleep(self.row_delay_s)
             response = _Response()
             chunk = response.chunks.add(row_key=key, value=self.rows[key], commit_row=True)
             chunk.family_name.value = "f"
@@ -193,8 +207,8 @@ class FakeBigtable:
 def fake():
     servers: list[FakeBigtable] = []
 
-    def make(plan, n=10):
-        server = FakeBigtable({b"r%02d" % i: b"v%d" % i for i in range(n)}, plan)
+    def make(plan, n=10, **kw):
+        server = FakeBigtable({b"r%02d" % i: b"v%d" % i for i in range(n)}, plan, **kw)
         servers.append(server)
         return server
 
@@ -255,6 +269,28 @@ def test_transient_failures_are_retried_until_the_deadline_then_raised(fake):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert classify(err.value) == TRANSIENT
     assert len(server.requests) > 2
+
+
+def test_a_slow_stream_that_keeps_delivering_is_never_failed_for_its_length(fake):
+    """The deadline bounds time without progress: a scan longer than it (here 10 rows
+    at 0.1 s, deadline 0.35 s) goes on in attempts, each resumed after its last row."""
+    server = fake([], row_delay_s=0.1)
+    t = time.monotonic()
+    got = _reader(server, deadline_s=0.35).rows()
+    assert list(got) == [b"r%02d" % i for i in range(10)]
+    assert time.monotonic() - t > 0.35  # longer than one deadline in all
+    assert len(server.requests) >= 3  # cut at each deadline and resumed
+    starts = [r.rows.row_ranges[0].start_key_open for r in server.requests[1:]]
+    assert starts == sorted(starts) and all(starts)  # always past what was delivered
+
+
+def test_scan_progress_the_server_reports_is_resumed_past(fake):
+    """A filtered scan that matched nothing for a long stretch still moved: the
+    resumed request starts after the key the server says it scanned past."""
+    server = fake([], scanned=b"r05")
+    got = _reader(server, deadline_s=0.4).rows()
+    assert list(got) == [b"r%02d" % i for i in range(6, 10)]
+    assert server.requests[1].rows.row_ranges[0].start_key_open == b"r05"
 
 
 def test_other_codes_are_not_retried_and_stay_transient(fake):

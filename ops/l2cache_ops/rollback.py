@@ -37,9 +37,6 @@ if TYPE_CHECKING:  # annotations only
 FEATURE_COLUMNS = [a.key for a in ATTRIBUTES]
 LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]
 MS = 1000  # Bigtable cell timestamps are whole milliseconds, in microseconds
-# A scan of a whole table (rollback_run) or of a large region may outlast the read
-# path's 60 s default; it is an operator's command, bounded all the same.
-SCAN_DEADLINE_S = 3600.0
 
 
 def run_versions(table: Table | str, run_id: str) -> dict[bytes, list[int]]:
@@ -48,7 +45,7 @@ def run_versions(table: Table | str, run_id: str) -> dict[bytes, list[int]]:
         columns={LINEAGE_FAMILY: [b"run"]}, values=[run_id.encode()], strip_values=True
     )
     out: dict[bytes, list[int]] = {}
-    for key, row in read_versions(table, cells=cells, deadline_s=SCAN_DEADLINE_S).items():
+    for key, row in read_versions(table, cells=cells).items():
         stamps = sorted({stamp for stamp, _ in row.get(LINEAGE_FAMILY, {}).get(b"run", [])})
         if stamps:
             out[key] = stamps
@@ -138,7 +135,7 @@ def versions_in_ranges(
         start_micros=None if after is None else _micros(after) + MS,
         values=[r.encode() for r in run_ids],
     )
-    found = read_versions(table, ranges=ranges, cells=cells, deadline_s=SCAN_DEADLINE_S)
+    found = read_versions(table, ranges=ranges, cells=cells)
     out: dict[bytes, dict[str, list[int]]] = {}
     for key, row in found.items():
         per_run: dict[str, set[int]] = {}

@@ -7,13 +7,17 @@ timestamp range, exact values, newest N per column, keys only). One engine serve
 them all, so one deadline, one retry rule and one classification of failures apply to
 the lookup, the graph's parents, the ledger, QC and rollback alike:
 
-- **Deadline**: a read call ends within ``deadline_s`` (:data:`READ_DEADLINE_S`, 60 s;
-  10,000 rows take ~0.5 s on the emulator), retries included. A stream that hangs
-  becomes DEADLINE_EXCEEDED, a transient error its caller owns (the lookup answers
-  503, a task is retried), instead of a request that never ends.
+- **Deadline**: a read fails when ``deadline_s`` (:data:`READ_DEADLINE_S`, 60 s;
+  10,000 rows take ~0.5 s on the emulator) passes without progress, retries included.
+  A stream that hangs becomes DEADLINE_EXCEEDED, a transient error its caller owns
+  (the lookup answers 503, a task is retried), instead of a request that never ends.
+  A stream that keeps delivering is never failed for its length: each attempt lasts
+  at most ``deadline_s`` and is resumed after its last row, so a scan of 100 M rows
+  (rollback, QC) runs as long as it needs with the same 60 s rule.
 - **Retry**: a stream that fails with a transient code (:data:`TRANSIENT_CODES`) is
-  resumed after the last row it delivered, with backoff (:class:`Backoff`), until the
-  deadline; rows already read are kept, never read twice.
+  resumed after the last row it delivered (or the last key the server reports having
+  scanned past), at once when it had made progress, else with backoff
+  (:class:`Backoff`) until the deadline; rows already read are kept, never read twice.
 - **Failure**: what no retry can change (a missing table: NOT_FOUND; PERMISSION_DENIED;
   INVALID_ARGUMENT) is raised as the ``google.api_core`` exception of its code
   (``NotFound``...), permanent by :func:`l2cache.domain.failures.classify` and what the
@@ -34,7 +38,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -241,7 +245,8 @@ def prefix_range(prefix: bytes) -> KeyRange:
 class RowReader:
     """Reads of one table: every Bigtable read in l2cache is one of these methods.
 
-    ``deadline_s`` bounds each call, retries included. The reader holds no state
+    ``deadline_s`` bounds the time a call goes without progress (see the module
+    docstring), retries included. The reader holds no state
     between calls, so threads may share it (the lookup reads batches concurrently).
     """
 
@@ -299,7 +304,7 @@ class RowReader:
         given reads the whole table, an empty list reads nothing. ``limit``: at most
         that many rows (0 = all)."""
         out: dict[bytes, RowCells] = {}
-        self._read(keys, ranges, prefix, cells, limit, _parse_newest, out)
+        self._read(keys, ranges, prefix, cells, limit, False, out)
         return out
 
     def versions(
@@ -314,7 +319,7 @@ class RowReader:
         """As :meth:`rows`, with every cell version the filter keeps and its timestamp
         (microseconds), newest first: what rollback selects its deletions by."""
         out: dict[bytes, RowVersions] = {}
-        self._read(keys, ranges, prefix, cells, limit, _parse_versions, out)
+        self._read(keys, ranges, prefix, cells, limit, True, out)
         return out
 
     def _read(
@@ -324,7 +329,7 @@ class RowReader:
         prefix: bytes | None,
         cells: CellFilter,
         limit: int,
-        parse: Callable[[Iterable[Message], dict[bytes, _Rows], list[bytes]], None],
+        versions: bool,
         out: dict[bytes, _Rows],
     ) -> None:
         """Build one request, stream it, and resume it after the last delivered row on
@@ -348,20 +353,26 @@ class RowReader:
             request.filter.CopyFrom(filt)
         backoff = Backoff(self.deadline_s)
         while True:
-            progress: list[bytes] = []  # keys of the rows delivered by this attempt
+            progress = _Progress()
             try:
                 with gc_deferred():  # ~3 containers per cell, none in a cycle
-                    parse(self._call(request, timeout=backoff.remaining()), out, progress)
+                    stream = self._call(request, timeout=backoff.remaining())
+                    _parse(stream, out, progress, versions)
                 return
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code in TRANSIENT_CODES and progress.last_key is not None:
+                    # it was moving: resume after its last row at once, with a full
+                    # deadline again (the deadline bounds time without progress)
+                    backoff = Backoff(self.deadline_s)
+                    if not _resume_after(request, progress.last_key, progress.rows):
+                        return  # everything asked for was delivered before the failure
+                    continue
                 if code not in TRANSIENT_CODES or not backoff.wait():
                     failure = read_failure(exc)
                     if failure is exc:
                         raise
                     raise failure from exc
-                if progress and not _resume_after(request, progress[-1], len(progress)):
-                    return  # everything asked for was delivered before the failure
 
 
 def _resume_after(request: Message, last_key: bytes, delivered: int) -> bool:
@@ -395,40 +406,39 @@ def _resume_after(request: Message, last_key: bytes, delivered: int) -> bool:
     return True
 
 
-def _parse_newest(
-    responses: Iterable[Message], out: dict[bytes, RowCells], progress: list[bytes]
-) -> None:
-    """Cell chunks -> newest value per column (the first cell of a column is newest)."""
-    row: RowCells = {}
-    key = family = qualifier = None
-    parts: list[bytes] = []
-    for response in responses:
-        for chunk in response.chunks:
-            if chunk.reset_row:
-                row, parts = {}, []
-                continue
-            if chunk.row_key:
-                key = chunk.row_key
-            if chunk.HasField("family_name"):
-                family = chunk.family_name.value
-            if chunk.HasField("qualifier"):
-                qualifier = chunk.qualifier.value
-            parts.append(chunk.value)
-            if chunk.value_size == 0:  # the cell is complete
-                value = parts[0] if len(parts) == 1 else b"".join(parts)
-                parts = []
-                row.setdefault(family, {}).setdefault(qualifier, value)
-            if chunk.commit_row:
-                out[key] = row
-                progress.append(key)
-                row = {}
+class _Progress:
+    """How far one attempt got: the last key it delivered or the server scanned past,
+    and how many rows it delivered (for ``rows_limit``). Kept as two numbers, not a
+    list of keys, so a scan of 100 M rows holds no second copy of its keys."""
+
+    __slots__ = ("last_key", "rows")
+
+    def __init__(self) -> None:
+        self.last_key: bytes | None = None
+        self.rows = 0
+
+    def row(self, key: bytes) -> None:
+        self.last_key = key
+        self.rows += 1
+
+    def scanned(self, key: bytes) -> None:
+        """The server scanned up to ``key`` (``last_scanned_row_key``): rows a filter
+        dropped count as progress, so a filtered scan over a long stretch with no match
+        resumes past it instead of starting over."""
+        if self.last_key is None or key > self.last_key:
+            self.last_key = key
 
 
-def _parse_versions(
-    responses: Iterable[Message], out: dict[bytes, RowVersions], progress: list[bytes]
+def _parse(
+    responses: Iterable[Message],
+    out: dict[bytes, _Rows],
+    progress: _Progress,
+    versions: bool,
 ) -> None:
-    """Cell chunks -> every cell with its timestamp, newest first per column."""
-    row: RowVersions = {}
+    """Cell chunks -> rows: the newest value per column (the first cell of a column is
+    the newest), or with ``versions`` every cell as ``(timestamp micros, value)``,
+    newest first."""
+    row: dict = {}
     key = family = qualifier = None
     stamp = 0
     parts: list[bytes] = []
@@ -446,14 +456,20 @@ def _parse_versions(
             if not parts:  # a cell's first chunk carries its timestamp
                 stamp = chunk.timestamp_micros
             parts.append(chunk.value)
-            if chunk.value_size == 0:
+            if chunk.value_size == 0:  # the cell is complete
                 value = parts[0] if len(parts) == 1 else b"".join(parts)
                 parts = []
-                row.setdefault(family, {}).setdefault(qualifier, []).append((stamp, value))
+                columns = row.setdefault(family, {})
+                if versions:
+                    columns.setdefault(qualifier, []).append((stamp, value))
+                else:
+                    columns.setdefault(qualifier, value)
             if chunk.commit_row:
                 out[key] = row
-                progress.append(key)
+                progress.row(key)
                 row = {}
+        if response.last_scanned_row_key:
+            progress.scanned(response.last_scanned_row_key)
 
 
 # -- shorthands for reads that need no reader of their own ---------------------------
