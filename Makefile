@@ -22,7 +22,7 @@ emulators-check:
 
 test: venv emulators-check
 	bash scripts/ensure_chromium.sh
-	$(VENV)/bin/ruff check shared ops tools functions infra tests bench
+	$(VENV)/bin/ruff check conftest.py shared ops tools functions infra tests bench
 	$(VENV)/bin/pytest -q
 
 demo: venv emulators-check
@@ -52,12 +52,12 @@ prices: venv
 	$(VENV)/bin/l2cache prices refresh --out ops/l2cache_ops/prices.yaml
 
 lint: venv
-	$(VENV)/bin/ruff check shared ops tools functions infra tests bench
-	$(VENV)/bin/ruff format --check shared ops tools functions infra tests bench
+	$(VENV)/bin/ruff check conftest.py shared ops tools functions infra tests bench
+	$(VENV)/bin/ruff format --check conftest.py shared ops tools functions infra tests bench
 
 format: venv
-	$(VENV)/bin/ruff format shared ops tools functions infra tests bench
-	$(VENV)/bin/ruff check --fix shared ops tools functions infra tests bench
+	$(VENV)/bin/ruff format conftest.py shared ops tools functions infra tests bench
+	$(VENV)/bin/ruff check --fix conftest.py shared ops tools functions infra tests bench
 
 deploy: venv
 	@command -v pulumi >/dev/null || { echo "deploy needs the pulumi CLI: https://www.pulumi.com/docs/install/" >&2; exit 1; }

@@ -9,7 +9,6 @@ segmentation is read. Paths that reach Bigtable use the real Bigtable emulator
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -103,26 +102,14 @@ def config_path(fn_map, use_map) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bigtable(tmp_path_factory):
-    """The real Bigtable emulator with the runs table and ``ds``'s (empty) cache table;
-    yields an admin instance handle. The environment is restored afterwards."""
+def bigtable(bigtable_emulator):
+    """The session's real Bigtable emulator with the runs table and ``ds``'s (empty)
+    cache table; yields an admin instance handle."""
     from l2cache.gcp.bigtable import bigtable_instance
     from l2cache.store.cache import create_cache_table
     from l2cache.store.ledger import create_runs_table
-    from l2cache_tools.local.emulators import start_bigtable_emulator
 
-    emu = start_bigtable_emulator(log_dir=tmp_path_factory.mktemp("fn-bigtable"))
-    saved = {k: os.environ.get(k) for k in emu.env}
-    os.environ.update(emu.env)
-    try:
-        instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
-        create_runs_table(instance)
-        create_cache_table(instance, CACHE_TABLE)
-        yield instance
-    finally:
-        emu.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
+    create_runs_table(instance)
+    create_cache_table(instance, CACHE_TABLE)
+    return instance
