@@ -7,7 +7,6 @@ table, a stream that hangs), so the errors are the gRPC stack's own.
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
@@ -300,31 +299,3 @@ def test_other_codes_are_not_retried_and_stay_transient(fake):
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert classify(err.value) == TRANSIENT
     assert len(server.requests) == 1
-
-
-def test_one_deadline_bounds_a_hung_stream_retries_included():
-    """A server that takes ReadRows and never answers: the call ends at its deadline."""
-    release = threading.Event()
-
-    def hang(request, context):
-        release.wait(30)
-        return iter(())
-
-    handler = grpc.method_handlers_generic_handler(
-        "google.bigtable.v2.Bigtable", {"ReadRows": grpc.unary_stream_rpc_method_handler(hang)}
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        reader = RowReader("projects/p/instances/i/tables/t", channel, deadline_s=0.5)
-        t = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
-            reader.rows(prefix=b"r")
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - t < 3  # one deadline, not one per attempt
-        assert classify(err.value) == TRANSIENT
-    finally:
-        release.set()
-        server.stop(0)

@@ -99,6 +99,12 @@ def test_a_read_stream_that_hangs_ends_at_its_deadline():
         with pytest.raises(grpc.RpcError) as err:
             reader.keys_in_range(b"1", b"2")
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:  # the general read, same one deadline
+            reader.rows(prefix=b"r")
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t < 3  # one deadline, not one per attempt
+        assert classify(err.value) == TRANSIENT
     finally:
         release.set()
         server.stop(0)
