@@ -24,6 +24,15 @@ LOOKUP = "serviceAccount:" + EMAIL.format("l2cache-lookup")
 TASKS = "serviceAccount:" + EMAIL.format("l2cache-tasks-invoker")
 PUSH = "serviceAccount:" + EMAIL.format("l2cache-pubsub-push")
 PUBSUB_AGENT = "serviceAccount:service-123456789@gcp-sa-pubsub.iam.gserviceaccount.com"
+# the log-based metrics, in the order Monitoring declares them
+LOG_METRICS = (
+    "l2cache_chunks",
+    "l2cache_chunk_seconds",
+    "l2cache_chunk_attempts",
+    "l2cache_edit_latency",
+    "l2cache_events",
+    "l2cache_lookups",
+)
 
 
 @pytest.fixture(scope="module")
@@ -297,15 +306,7 @@ CHILDREN = {
         "worker-enqueues",
         "worker-acts-as-tasks-invoker",
     },
-    "l2cache:index:Monitoring": {
-        "l2cache_chunks",
-        "l2cache_chunk_seconds",
-        "l2cache_chunk_attempts",
-        "l2cache_edit_latency",
-        "l2cache_events",
-        "l2cache_lookups",
-        "dashboard",
-    },
+    "l2cache:index:Monitoring": {*LOG_METRICS, "dashboard"},
 }
 
 
@@ -412,14 +413,7 @@ def test_components_register_their_outputs(built):
         },
         "l2cache:index:Monitoring": {
             "dashboard": "dashboard_id",
-            "log_metrics": [
-                "l2cache_chunks",
-                "l2cache_chunk_seconds",
-                "l2cache_chunk_attempts",
-                "l2cache_edit_latency",
-                "l2cache_events",
-                "l2cache_lookups",
-            ],
+            "log_metrics": list(LOG_METRICS),
         },
     }
     # the typed attributes resolve to the same values the components register
