@@ -235,8 +235,8 @@ def slo_tiles(t: SloTargets) -> list[JsonObject]:
                     f"- QC pass: {'required' if t.qc_pass else 'no target'}\n"
                     f"- cost envelope: {_target(t.max_usd_per_mm3, 'USD per mm^3')}\n\n"
                     f"Prices (l2cache_ops.cost): ${PRICES.gib_second}/GiB-s, "
-                    f"${PRICES.vcpu_second}/vCPU-s, ${PRICES.bigtable_row}/row written, "
-                    f"${PRICES.task}/task."
+                    f"${PRICES.vcpu_second}/vCPU-s, ${PRICES.bigtable_node_hour}/Bigtable node-hour, "
+                    f"${PRICES.storage_gib_month}/GiB-month stored, ${PRICES.task}/task."
                 ),
             },
         },

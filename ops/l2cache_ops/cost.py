@@ -225,13 +225,6 @@ class Prices:
         return self.row_bytes / GIB * self.storage_gib_month * self.storage_months
 
     @property
-    def bigtable_row(self) -> float:
-        """Kept for callers of the old per-row price (infra/monitoring.py's panel text):
-        now :attr:`row_storage`, the storage of one row written, derived from the
-        GiB-month list price, not a list price itself; node-hours are charged per run."""
-        return self.row_storage
-
-    @property
     def node_second(self) -> float:
         """USD per second of the instance's Bigtable nodes."""
         return self.bigtable_nodes * self.bigtable_node_hour / 3600.0

@@ -347,7 +347,8 @@ def render(data: DashboardData) -> str:
 <h1>l2cache dashboard: {_e(data.dataset)}</h1>
 <div class="sub">generated {_e(data.generated_at)} from the runs ledger; {len(data.runs)} runs;
 {_e(edits)}; prices: worker {p.worker_gib:g} GiB x {p.worker_vcpu:g} vCPU,
-${p.gib_second}/GiB-s, ${p.vcpu_second}/vCPU-s, ${p.bigtable_row}/row, ${p.task}/task</div>
+${p.gib_second}/GiB-s, ${p.vcpu_second}/vCPU-s, ${p.bigtable_node_hour}/node-hour,
+${p.storage_gib_month}/GiB-month, ${p.task}/task</div>
 <div class="grid">
 <div class="card" id="slo"><h2>SLO status</h2>{slo_table(data.runs)}</div>
 <div class="card" id="release"><h2>Current release and lineage</h2>
