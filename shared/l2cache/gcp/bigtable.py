@@ -453,7 +453,7 @@ def _parse(
                 family = chunk.family_name.value
             if chunk.HasField("qualifier"):
                 qualifier = chunk.qualifier.value
-            if not parts:  # a cell's first chunk carries its timestamp
+            if versions and not parts:  # a cell's first chunk carries its timestamp
                 stamp = chunk.timestamp_micros
             parts.append(chunk.value)
             if chunk.value_size == 0:  # the cell is complete
