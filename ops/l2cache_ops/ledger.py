@@ -67,7 +67,14 @@ def chunk_rows(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
         for k, v in cells.items():
             if k == "attempts":
                 entry[k] = struct.unpack(">q", v)[0]
-            elif k in ("status", "finished_at", "started_at", "first_failed_at", "queued_at"):
+            elif k in (
+                "status",
+                "state",
+                "finished_at",
+                "started_at",
+                "first_failed_at",
+                "queued_at",
+            ):
                 entry[k] = v.decode()
             else:
                 entry[k] = json.loads(v)

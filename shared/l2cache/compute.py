@@ -161,7 +161,7 @@ def compute_chunk(
     it raises is classified exactly as a direct read's failure would be.
     """
     cid = chunk_id(ctx, coords)
-    attempt = ctx.ledger.chunk_started(run.run_id, cid, coords)
+    attempt = ctx.ledger.chunk_started(run, cid, coords)
     t0 = time.perf_counter()
     try:
         run.check_revision()
@@ -174,14 +174,14 @@ def compute_chunk(
             reason = describe(exc) if permanent else gave_up(task_attempt or attempt, exc)
             counts = getattr(exc, "counts", {})  # unmapped / stray / missing supervoxels
             ctx.ledger.chunk_finished(
-                run.run_id, cid, coords, "failed", error=reason, permanent=permanent, **counts
+                run, cid, coords, "failed", error=reason, permanent=permanent, **counts
             )
             return {"chunk": list(coords), "status": "failed", "error": reason, "attempt": attempt}
-        ctx.ledger.chunk_finished(run.run_id, cid, coords, "retrying", error=describe(exc))
+        ctx.ledger.chunk_finished(run, cid, coords, "retrying", error=describe(exc))
         raise
     duration = time.perf_counter() - t0
     ctx.ledger.chunk_finished(
-        run.run_id,
+        run,
         cid,
         coords,
         "done",

@@ -149,6 +149,12 @@ class Row:
             delete.time_range.end_timestamp_micros = end_micros
         return self
 
+    def delete_row(self) -> Row:
+        """Delete the whole row (every family, every version): what clears a chunk's
+        in-flight and failure marks once it is done."""
+        self._entry.mutations.add().delete_from_row.SetInParent()
+        return self
+
     def encode(self) -> bytes:
         """The row's ``MutateRowsRequest.entries`` field bytes."""
         return self._request.SerializeToString()

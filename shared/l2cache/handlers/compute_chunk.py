@@ -170,7 +170,7 @@ def handle_task(
         ids = [chunk_id(ctx, c) for c in items]
         done = ctx.ledger.done_among(run.run_id, ids)
         todo = [(cid, c) for cid, c in zip(ids, items, strict=True) if cid not in done]
-        ctx.ledger.chunks_queued(run.run_id, todo, attempt)
+        ctx.ledger.chunks_queued(run, todo, attempt)
         results = [
             {"chunk": c, "status": "skipped"}
             for cid, c in zip(ids, items, strict=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -34,8 +34,11 @@ from google.cloud.bigtable import column_family
 
 from l2cache.domain.failures import RevisionMismatch
 from l2cache.domain.lineage import Lineage, code_revision, params_hash, utc_now
+from l2cache.domain.regions import region_from_bbox
+from l2cache.domain.statgrid import StatGrid
 from l2cache.gcp.bigtable import CellFilter, RowCells, read_row, read_rows
 from l2cache.gcp.bigtable_write import Row, check_and_mutate, increment, write_rows
+from l2cache.store import runstate
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.instance import Instance
@@ -68,6 +71,14 @@ class RunRecord:
     created_at: str = field(default_factory=lambda: utc_now().isoformat())
     # When set, only workers running exactly this revision may write for the run.
     pinned_revision: str | None = None
+    # The boxes the run's counters are kept per (l2cache.domain.statgrid); None for runs
+    # recorded before counters had a grid.
+    grid: dict[str, list[int]] | None = None
+
+    @property
+    def stat_grid(self) -> StatGrid | None:
+        """The run's counter grid (None: counters sharded by chunk id, no map)."""
+        return StatGrid.from_json(self.grid)
 
     def lineage(self, input_checksum: str = "", cell_timestamp: datetime | None = None) -> Lineage:
         """Lineage of cells computed *here*: the code revision is this process's own
@@ -119,6 +130,12 @@ def new_run(
         "voxel_offset": list(dataset.voxel_offset),
     }
     g = dataset.graph
+    if region is not None:
+        grid = StatGrid.for_region(region).to_json()
+    elif dataset.volume_size is not None:  # an edit stream: the map covers the volume
+        grid = StatGrid.for_region(region_from_bbox(dataset, None)).to_json()
+    else:
+        grid = None
     return RunRecord(
         run_id=f"{kind.split('_')[0]}-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
         kind=kind,
@@ -134,6 +151,7 @@ def new_run(
         n_chunks=n_chunks,
         trigger=trigger,
         pinned_revision=pinned_revision,
+        grid=grid,
     )
 
 
@@ -163,6 +181,15 @@ def prefix_rows(table: Table | str, prefix: bytes) -> dict[bytes, RowCells]:
 def row_cells(row: RowCells, family: str) -> dict[str, bytes]:
     """One family's newest cells of a row read by :func:`prefix_rows`, by column name."""
     return {k.decode(): v for k, v in row.get(family, {}).items()}
+
+
+def _run_id(run: RunRecord | str) -> str:
+    return run if isinstance(run, str) else run.run_id
+
+
+def _grid(run: RunRecord | str) -> StatGrid | None:
+    """A run's counter grid; a bare run id (older callers, tests) counts ungridded."""
+    return None if isinstance(run, str) else run.stat_grid
 
 
 class RunLedger:
@@ -198,44 +225,66 @@ class RunLedger:
     def _chunk_key(self, run_id: str, chunk_id: int) -> bytes:
         return b"chunk:%s:%020d" % (run_id.encode(), chunk_id)
 
-    def chunk_started(self, run_id: str, chunk_id: int, coords: Sequence[int] | None = None) -> int:
+    def chunk_started(
+        self, run: RunRecord | str, chunk_id: int, coords: Sequence[int] | None = None
+    ) -> int:
         """Count one more attempt and mark the chunk running; returns the attempt number.
 
         The increment is a read-modify-write (it raises on failure); ``started_at`` lets
-        status tell an attempt in flight from one whose worker died without a word.
+        status tell an attempt in flight from one whose worker died without a word. The
+        ``live:`` row is what status reads instead of the chunk row, and the attempt
+        is added to the run's counters (every attempt is a dispatch to pay for).
         """
+        run_id = _run_id(run)
         key = self._chunk_key(run_id, chunk_id)
         attempt = increment(self.table, key, LEDGER_FAMILY, b"attempts", what="ledger")
+        now = utc_now().isoformat()
         mark = Row(key)
         mark.set_cell(LEDGER_FAMILY, b"status", b"running")
-        mark.set_cell(LEDGER_FAMILY, b"started_at", utc_now().isoformat().encode())
+        mark.set_cell(LEDGER_FAMILY, b"started_at", now.encode())
         if coords is not None:
             mark.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
         self._unless_done(mark)
+        if coords is not None:
+            write_rows(
+                self.table,
+                [runstate.live_row(run_id, chunk_id, "running", coords, now, attempt)],
+                "ledger",
+            )
+            cell = runstate.cell_of(_grid(run), coords, chunk_id)
+            runstate.add_counts(self.table, runstate.stat_key(run_id, cell), {b"attempts": 1})
         return attempt
 
-    def _unless_done(self, row: Row) -> None:
+    def _unless_done(self, row: Row) -> bool:
         """Write ``row`` only while the chunk is not done (one CheckAndMutateRow): a late
         or duplicate attempt never turns a done chunk back into running, retrying or
-        failed."""
-        check_and_mutate(self.table, row, UNLESS_DONE, what="ledger")
+        failed. Returns whether it wrote."""
+        return not check_and_mutate(self.table, row, UNLESS_DONE, what="ledger")
 
     def chunks_queued(
-        self, run_id: str, chunks: Iterable[tuple[int, Sequence[int]]], task_attempt: int
+        self, run: RunRecord | str, chunks: Iterable[tuple[int, Sequence[int]]], task_attempt: int
     ) -> None:
         """Mark every not-done chunk of a leaf task as queued by this task attempt.
 
         A worker that dies on the batch's first chunk never reaches the others; with
-        this mark they carry the task's attempt and time, so status can presume them
-        failed after the last attempt instead of leaving them pending forever.
+        this mark (and their ``live:`` rows) they carry the task's attempt and time, so
+        status can presume them failed after the last attempt instead of leaving them
+        pending forever.
         """
-        now = utc_now().isoformat().encode()
+        run_id = _run_id(run)
+        now = utc_now().isoformat()
+        live = []
         for chunk_id, coords in chunks:
             row = Row(self._chunk_key(run_id, chunk_id))
-            row.set_cell(LEDGER_FAMILY, b"queued_at", now)
+            row.set_cell(LEDGER_FAMILY, b"queued_at", now.encode())
             row.set_cell(LEDGER_FAMILY, b"task_attempt", json.dumps(task_attempt).encode())
             row.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
-            self._unless_done(row)
+            if self._unless_done(row):
+                live.append(
+                    runstate.live_row(run_id, chunk_id, "queued", coords, now, task_attempt)
+                )
+        if live:
+            write_rows(self.table, live, "ledger")
 
     def task_rejected(self, run_id: str, reason: str) -> None:
         """A task of this run that could not even be read (its region is unknown): the
@@ -247,27 +296,87 @@ class RunLedger:
         write_rows(self.table, [row], "ledger")
 
     def chunk_finished(
-        self, run_id: str, chunk_id: int, coords: Sequence[int], status: str, **fields: Any
-    ) -> None:
-        """Record an attempt's outcome. ``done`` is written unconditionally; any other
-        outcome only while the chunk is not done (a duplicate delivery's late failure
-        must not hide data that another delivery already wrote)."""
+        self,
+        run: RunRecord | str,
+        chunk_id: int,
+        coords: Sequence[int],
+        status: str,
+        qc_bins: Mapping[bytes, int] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Record an attempt's outcome; returns whether the chunk changed state.
+
+        The chunk's state moves by one conditioned write (:func:`runstate.transition`):
+        a done chunk never goes back (a duplicate delivery's late failure must not hide
+        data that another delivery already wrote), and a second done rewrites nothing.
+        Only the delivery that moved the state moves the run's counters (``stat:`` box
+        row, ``hist:`` minute row, the QC histogram bins ``qc_bins`` of a done chunk)
+        and its ``fail:`` row; every delivery clears its ``live:`` mark.
+        """
+        run_id = _run_id(run)
         key = self._chunk_key(run_id, chunk_id)
+        now = utc_now()
         cells = {
             b"status": status.encode(),
             b"coords": json.dumps([int(c) for c in coords]).encode(),
-            b"finished_at": utc_now().isoformat().encode(),
+            b"finished_at": now.isoformat().encode(),
             **{k.encode(): json.dumps(v).encode() for k, v in fields.items()},
         }
-        row = Row(key)
-        for col, value in cells.items():
-            row.set_cell(LEDGER_FAMILY, col, value)
-        if status == "done":
-            write_rows(self.table, [row], "ledger")
-        else:
-            self._unless_done(row)
+        new = runstate.STATE_OF[status]
+        old = runstate.transition(self.table, key, new, cells)
+        if old is False:
+            write_rows(
+                self.table, [Row(runstate.live_key(run_id, chunk_id)).delete_row()], "ledger"
+            )
+            return False
         if status != "done":
             self._first_failure(run_id, chunk_id)
+        self._count(run, chunk_id, coords, old, new, now, qc_bins, fields)
+        marks = [Row(runstate.live_key(run_id, chunk_id)).delete_row()]
+        if status == "done":
+            if old is not None:
+                marks.append(Row(runstate.fail_key(run_id, chunk_id)).delete_row())
+        else:
+            marks.append(
+                runstate.failure_row(run_id, chunk_id, status, coords, now.isoformat(), fields)
+            )
+        write_rows(self.table, marks, "ledger")
+        return True
+
+    def _count(
+        self,
+        run: RunRecord | str,
+        chunk_id: int,
+        coords: Sequence[int],
+        old: bytes | None,
+        new: bytes,
+        now: datetime,
+        qc_bins: Mapping[bytes, int] | None,
+        fields: Mapping[str, Any],
+    ) -> None:
+        """Move the run's counters for one transition of one chunk."""
+        run_id = _run_id(run)
+        cell = runstate.cell_of(_grid(run), coords, chunk_id)
+        box = runstate.state_deltas(old, new)
+        minute: dict[bytes, int] = {}
+        if new == b"d":
+            work = {
+                b"l2": int(fields.get("l2_count", 0) or 0),
+                b"compute_ms": round(float(fields.get("duration_s", 0) or 0) * 1000),
+                b"voxels": int(fields.get("voxels", 0) or 0),
+            }
+            box.update(work)
+            minute.update(work)
+            minute[b"done"] = 1
+        else:
+            minute[b"failed" if new == b"f" else b"retried"] = 1
+        runstate.add_counts(self.table, runstate.stat_key(run_id, cell), box)
+        shard = chunk_id % runstate.HIST_SHARDS
+        hist = runstate.hist_key(run_id, runstate.minute_of(now), shard)
+        runstate.add_counts(self.table, hist, minute)
+        if new == b"d" and qc_bins:
+            qc = runstate.qc_key(run_id, chunk_id % runstate.QC_SHARDS)
+            runstate.add_counts(self.table, qc, qc_bins, "qc")
 
     def _first_failure(self, run_id: str, chunk_id: int) -> None:
         """Stamp ``first_failed_at`` once (check-and-mutate: only when absent), so the
