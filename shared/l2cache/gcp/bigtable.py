@@ -64,9 +64,16 @@ _READ_ROWS = "/google.bigtable.v2.Bigtable/ReadRows"
 _ReadRowsRequest = bt_types.ReadRowsRequest.pb()
 _ReadRowsResponse = bt_types.ReadRowsResponse.pb()
 _RowFilter = data_types.RowFilter.pb()
+# No message size limit in either direction (-1), as the client library's own channels:
+# gRPC's default 4 MiB receive limit failed the local stack from ~70k chunks ("Received
+# message larger than max (6027702 vs. 4194304)"); Bigtable bounds a row (256 MiB) itself.
+UNLIMITED_MESSAGES = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+)
 _CHANNEL_OPTIONS = [
     (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    *UNLIMITED_MESSAGES,
 ]
 READ_DEADLINE_S = 60.0
 # Codes a repeat may cure (a server restarting, a stream cut, a lost race): what the
@@ -88,7 +95,44 @@ def bigtable_instance(project: str, instance: str, admin: bool = False) -> Insta
     """A ``google.cloud.bigtable`` Instance handle: table admin, and the table names
     (``table.name``) the read and write paths take."""
     client = bigtable.Client(project=project, admin=admin)
+    if os.environ.get(EMULATOR_ENV):
+        _unlimit_emulator_data_channel(client)
     return client.instance(instance)
+
+
+def _unlimit_emulator_data_channel(client: bigtable.Client) -> None:
+    """Give the client's data channel to the emulator no message size limit.
+
+    Against Bigtable the client library's channels have none, but for the emulator its
+    data client (``google-cloud-bigtable`` 2.x) opens ``grpc.insecure_channel(host)``
+    without options, i.e. gRPC's 4 MiB receive limit: a 6 MiB row read back through
+    ``Table.read_row`` failed with RESOURCE_EXHAUSTED. The client's lazily built data
+    client is built here instead, with the channel replaced while the transport is
+    being made (its stubs bind the channel they see then); admin channels already carry
+    the library's unlimited options. Checked by tests/test_emulator_channels.py.
+    """
+    import copy
+
+    from google.cloud.bigtable.data import BigtableDataClient
+
+    class _EmulatorDataClient(BigtableDataClient):
+        def _build_grpc_channel(self, *args: object, **kwargs: object) -> grpc.Channel:
+            swappable = super()._build_grpc_channel(*args, **kwargs)
+            host = os.environ[EMULATOR_ENV]
+            unlimited = grpc.insecure_channel(host, options=UNLIMITED_MESSAGES)
+            swappable.swap_channel(unlimited).close()
+            return swappable
+
+    # As bigtable.Client._veneer_data_client builds it, but with the channel above.
+    info = copy.copy(client._client_info)  # noqa: SLF001
+    info.client_library_version = f"{bigtable.__version__}-data-shim"
+    client._table_data_client = _EmulatorDataClient(  # noqa: SLF001
+        project=client.project,
+        credentials=client._credentials,  # noqa: SLF001
+        client_options=client._client_options,  # noqa: SLF001
+        _client_info=info,
+        _disable_background_refresh=True,
+    )
 
 
 _channel_lock = threading.Lock()

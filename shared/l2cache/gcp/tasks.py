@@ -32,7 +32,10 @@ def tasks_client() -> tasks_v2.CloudTasksClient:
     """The local emulator's client when ``L2CACHE_TASKS_EMULATOR_HOST`` is set, else the API's."""
     host = os.environ.get(EMULATOR_ENV)
     if host:
-        channel = grpc.insecure_channel(host)
+        # No message size limit, as the API client's own channel (gRPC's default 4 MiB
+        # receive limit fails a ListTasks of a large run on the emulator).
+        unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        channel = grpc.insecure_channel(host, options=unlimited)
         return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
     return tasks_v2.CloudTasksClient()
 
