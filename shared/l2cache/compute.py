@@ -33,6 +33,7 @@ from l2cache.domain.failures import (
     gave_up,
 )
 from l2cache.engine.chunk_labels import ChunkLabels, labels_from_supervoxels
+from l2cache.engine.chunk_qc import chunk_qc
 from l2cache.engine.features import compute_features
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.inputs.graph import GraphReader, make_graph_reader
@@ -167,6 +168,8 @@ def compute_chunk(
         run.check_revision()
         chunk = load() if load is not None else load_chunk_l2(ctx, coords, run.snapshot)
         feats = compute_features(chunk.dense, ctx.dataset.resolution)
+        # QC statistics while the features are in hand: QC then merges them, never re-reads
+        qc = chunk_qc(feats, ctx.dataset, graph_l2=int(chunk.l2_ids.size))
         written = ctx.store.write_features(feats, run.lineage(chunk.checksum))
     except Exception as exc:
         permanent = classify(exc) == PERMANENT
@@ -194,6 +197,8 @@ def compute_chunk(
         stray_ids=0,
         missing_sv=0,
         code_revision=run.lineage().code_revision,
+        qc=qc.summary,
+        qc_bins=qc.bins,
     )
     return {"chunk": list(coords), "status": "done", "l2_count": written, "attempt": attempt}
 
