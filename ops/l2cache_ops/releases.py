@@ -85,30 +85,6 @@ def covers(release: dict[str, Any], coords: Sequence[int]) -> bool:
     return not any(_in_box(coords, rb["region"]) for rb in release["rollbacks"])
 
 
-def baseline_for_chunks(
-    ledger: RunLedger, dataset: str, chunk_ids: list[int]
-) -> dict[int, dict[str, Any]]:
-    """Chunk id -> {release, nodes, covered_voxels} of the release currently covering it,
-    from that release's own QC report (chunks no release covers are left out)."""
-    wanted = set(chunk_ids)
-    out: dict[int, dict[str, Any]] = {}
-    for release in reversed(release_history(ledger, dataset)):
-        if not wanted or release["rolled_back"]:
-            continue
-        report = load_report(ledger, release["run_id"])
-        table = (report or {}).get("chunks") or {}
-        for i, cid in enumerate(table.get("chunk_id", [])):
-            cid = int(cid)
-            if cid in wanted and covers(release, table["coords"][i]):
-                out[cid] = {
-                    "release": release["release"],
-                    "nodes": table["rows"][i],
-                    "covered_voxels": table["covered_voxels"][i],
-                }
-                wanted.discard(cid)
-    return out
-
-
 def promote(ledger: RunLedger, dataset: str, run_id: str) -> dict[str, Any]:
     """Make a QC-passed run the dataset's current release; refuses with the reason otherwise."""
     run = ledger.get_run(run_id)

@@ -1,8 +1,9 @@
 """QC per run and releases with region rollback, on the real Bigtable emulator.
 
 Real pinky40 crop built as a PCG dataset (8 chunks), runs computed in process with
-``compute_chunk`` (the worker's own code), QC reading the cache and graph tables by
-key range, releases in the runs table, the CLI through ``l2cache_tools.cli.main``.
+``compute_chunk`` (the worker's own code, which records each chunk's QC statistics), QC
+merging them (and, with ``verify``, re-reading the cache and graph tables by key range),
+releases in the runs table, the CLI through ``l2cache_tools.cli.main``.
 The tests build on each other in order: release 1, release 2, bad runs, a region
 rollback, then an edit whose node-count change QC catches.
 """
@@ -112,8 +113,8 @@ def raw(ctx, nodes) -> dict:
     return ctx.store.read_raw(nodes)
 
 
-def qc(env, run_id):
-    report = run_qc(env["ctx"], run_id, env["thresholds"])
+def qc(env, run_id, **kwargs):
+    report = run_qc(env["ctx"], run_id, env["thresholds"], **kwargs)
     save_report(env["ctx"].ledger, report)
     return report
 
@@ -155,7 +156,17 @@ def test_a_clean_run_passes_qc_with_full_coverage_and_distributions(env, tmp_pat
     size = report["features"]["size_nm3"]
     assert size["count"] == total and size["min"] <= size["quantiles"]["p50"] <= size["max"]
     assert sum(size["histogram"]["counts"]) == total
-    assert sum(report["chunks"]["rows"]) == total
+    # whole-run QC merged the workers' counters: it read the 16 shard rows, no chunk row
+    assert report["scope"]["kind"] == "run" and report["features_source"] == "run counters"
+    assert report["reads"]["chunk_rows"] == 0 and report["reads"]["counter_rows"] <= 16 + 512
+    # the same figures from the chunk rows (region QC of the whole box) and re-read (--verify)
+    by_rows = run_qc(ctx, run.run_id, env["thresholds"], region=[0, 0, 0, 2, 2, 2])
+    verified = run_qc(ctx, run.run_id, env["thresholds"], verify=True)
+    for other in (by_rows, verified):
+        assert other["passed"] and other["coverage"]["rows_written"] == total
+        assert other["features"] == report["features"]
+    assert verified["coverage"]["source"].startswith("verify")
+    assert verified["reads"]["cache_rows"] == total and verified["reads"]["recorded_mismatch"] == 0
     # the stored report is the one written to JSON
     assert load_report(ctx.ledger, run.run_id) == report
     assert load_report(ctx.ledger, "no-such-run") is None
@@ -180,7 +191,11 @@ def test_promote_records_lineage_and_the_next_run_is_diffed_against_it(env, caps
     assert report["passed"], report["reasons"]
     diff = report["diff"]
     assert diff["releases"] == [1] and diff["chunks_compared"] == 8
-    assert diff["node_count_change"]["max"] == 0 and diff["covered_voxels_change"]["max"] == 0
+    assert (
+        diff["node_count_change"]["max_abs"] == 0 and diff["covered_voxels_change"]["max_abs"] == 0
+    )
+    # the diff read both runs' chunk rows by key, and only those a release covers
+    assert report["reads"]["chunk_rows"] == report["reads"]["baseline_rows"] == 8
     assert promote(ctx.ledger, DS, b.run_id)["release"] == 2
     assert [r["release"] for r in release_history(ctx.ledger, DS)] == [1, 2]
     capsys.readouterr()
@@ -202,9 +217,12 @@ def test_tampered_or_failed_runs_fail_qc_and_cannot_be_promoted(env, capsys):
         row.delete_cells("lineage", [b"run"], time_range=_window(start))
         rows.append(row)
     write_rows(ctx.store.table, rows, "test")
-    report = qc(env, c.run_id)
+    # the workers' figures cannot see rows lost after they were written: --verify does
+    assert run_qc(ctx, c.run_id, env["thresholds"])["passed"]
+    report = qc(env, c.run_id, verify=True)
     assert not report["passed"]
     assert report["coverage"]["missing"] == 3
+    assert report["reads"]["recorded_mismatch"] == 1  # chunk (0,0,0): 3 rows fewer than recorded
     assert any(r.startswith("coverage ") and "3 of" in r for r in report["reasons"])
     assert set(report["coverage"]["missing_examples"]) == {str(v) for v in lost.tolist()}
     # D: one chunk failed (the ledger's permanent failure), its ids never written
@@ -214,6 +232,9 @@ def test_tampered_or_failed_runs_fail_qc_and_cannot_be_promoted(env, capsys):
     )
     report = qc(env, d.run_id)
     assert not report["passed"]
+    assert any("1 of 8 chunks not done ([1, 0, 1] failed)" in r for r in report["reasons"])
+    assert report["coverage"]["chunks_done"] == 7
+    report = qc(env, d.run_id, verify=True)  # the failed chunk's L2 ids, from the graph
     assert any("1 of 8 chunks not done ([1, 0, 1] failed)" in r for r in report["reasons"])
     assert any(r.startswith("coverage ") for r in report["reasons"])
     assert report["coverage"]["missing"] == chunk_nodes(ctx, [1, 0, 1], d).size
@@ -282,6 +303,11 @@ def test_a_diff_above_threshold_fails_qc(env):
     (reason,) = report["reasons"]
     assert reason.startswith("1 of 8 chunks changed node count by more than 1%")
     assert "chunk [0, 0, 1]" in reason
+    # a merge leaves fewer nodes: the change reads as a drop
+    worst = report["diff"]["node_count_change"]["worst"]
+    old_n, new_n = worst["nodes"]
+    assert new_n < old_n and worst["node_count_change"] < 0
+    assert f"{old_n} -> {new_n}, -" in reason and "+" not in reason.split("->")[-1]
     # the rolled-back chunk is compared with release 1, the others with release 2
     assert report["diff"]["releases"] == [1, 2]
     with pytest.raises(ReleaseRefused, match="failed QC"):

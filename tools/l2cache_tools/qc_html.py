@@ -17,20 +17,8 @@ from l2cache_ops.qc import BY_SERIES
 
 
 def qc_figures(report: dict[str, Any]) -> list[tuple[str, go.Figure]]:
-    """(title, figure): per-feature histograms, per-chunk coverage, the diff if any."""
+    """(title, figure): per-feature histograms, then the diff's largest changes if any."""
     figs: list[tuple[str, go.Figure]] = []
-    chunks = report.get("chunks") or {}
-    if chunks.get("chunk_id"):
-        labels = [",".join(map(str, c)) for c in chunks["coords"]]
-        fig = go.Figure()
-        fig.add_bar(name="graph L2 ids", x=labels, y=chunks["expected"], opacity=0.5)
-        fig.add_bar(name="rows written", x=labels, y=chunks["rows"], opacity=0.8)
-        fig.add_scatter(name="missing", x=labels, y=chunks["missing"], mode="markers")
-        fig.update_layout(barmode="overlay", xaxis_title="chunk (x,y,z)", yaxis_title="L2 ids")
-        figs.append(("Coverage per chunk", fig))
-        fig = go.Figure(go.Histogram(x=chunks["covered_voxels"], nbinsx=40))
-        fig.update_layout(xaxis_title="covered voxels per chunk", yaxis_title="chunks")
-        figs.append(("Covered voxels per chunk", fig))
     for name, summary in (report.get("features") or {}).items():
         hist = summary.get("histogram") or {}
         edges, counts = hist.get("edges") or [], hist.get("counts") or []
@@ -50,18 +38,22 @@ def qc_figures(report: dict[str, Any]) -> list[tuple[str, go.Figure]]:
         )
         figs.append((f"Distribution: {name}", fig))
     diff = report.get("diff")
-    if diff and diff.get("per_chunk"):
-        rows = diff["per_chunk"]
+    if diff and diff.get("worst"):
+        rows = diff["worst"]  # the largest changes only: the report keeps no per-chunk table
         labels = [",".join(map(str, r["chunk"])) for r in rows]
         fig = go.Figure()
-        fig.add_bar(name="node count", x=labels, y=[100 * r["node_count_change"] for r in rows])
-        fig.add_bar(
-            name="covered voxels", x=labels, y=[100 * r["covered_voxels_change"] for r in rows]
-        )
+        for key, name in (
+            ("node_count_change", "node count"),
+            ("covered_voxels_change", "covered voxels"),
+        ):
+            values = [None if r.get(key) is None else 100 * r[key] for r in rows]
+            fig.add_bar(name=name, x=labels, y=values)
         th = report["thresholds"]
-        fig.add_hline(y=100 * th["max_node_count_change"], line_dash="dash")
-        fig.update_layout(xaxis_title="chunk (x,y,z)", yaxis_title="change vs release (%)")
-        figs.append((f"Diff against release(s) {diff['releases']}", fig))
+        for sign in (1, -1):  # a drop is a negative change, as bad as a gain
+            fig.add_hline(y=sign * 100 * th["max_node_count_change"], line_dash="dash")
+        fig.update_layout(xaxis_title="chunk (x,y,z)", yaxis_title="signed change vs release (%)")
+        title = f"Diff against release(s) {diff['releases']}: the {len(rows)} largest changes"
+        figs.append((title, fig))
     return figs
 
 
@@ -70,6 +62,23 @@ def _table(rows: list[tuple[str, object]]) -> str:
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
     return f"<table>{body}</table>"
+
+
+def _scope(report: dict[str, Any]) -> str:
+    """What the report covers: the whole run or a box of its chunks."""
+    scope = report.get("scope") or {"kind": "run"}
+    if scope["kind"] == "run":
+        return "the whole run"
+    return f"region {scope['region']} ({scope['chunks']} chunks)"
+
+
+def _examples(items: list[dict[str, Any]] | None) -> str:
+    """A few example chunks, one per line of text."""
+    if not items:
+        return "-"
+    return "; ".join(
+        " ".join(f"{k}={v}" for k, v in item.items() if v is not None) for item in items
+    )
 
 
 def render_report_html(report: dict[str, Any]) -> str:
@@ -82,22 +91,24 @@ def render_report_html(report: dict[str, Any]) -> str:
             ("run", report["run_id"]),
             ("dataset", report["dataset"]),
             ("kind / region (chunks)", f"{report['kind']} {report['region']}"),
+            ("checked", _scope(report)),
             ("checked at", report["created_at"]),
             ("coverage", f"{cov['ratio']} ({cov['matched']}/{cov['expected_l2_ids']} L2 ids)"),
+            ("coverage from", cov.get("source", "")),
             ("chunks done", f"{cov['chunks_done']}/{cov['chunks']}"),
+            ("chunks not done (examples)", _examples(cov.get("chunks_not_done"))),
+            ("chunks with gaps (examples)", _examples(cov.get("chunks_with_gaps"))),
             ("extra / malformed rows", f"{cov['extra']} / {cov['malformed']}"),
+            ("features from", report.get("features_source", "")),
+            ("rows read", report.get("reads", {})),
             ("thresholds", report["thresholds"]),
             *((f"lineage: {k}", v) for k, v in report["lineage"].items()),
         ]
     )
-    parts = [
-        fig.to_html(full_html=False, include_plotlyjs=False, default_width="100%")
-        for _, fig in qc_figures(report)
-    ]
-    titles = [t for t, _ in qc_figures(report)]
     sections = "".join(
-        f"<section><h2>{html.escape(t)}</h2>{p}</section>"
-        for t, p in zip(titles, parts, strict=True)
+        f"<section><h2>{html.escape(title)}</h2>"
+        f"{fig.to_html(full_html=False, include_plotlyjs=False, default_width='100%')}</section>"
+        for title, fig in qc_figures(report)
     )
     colour = "#1a7f37" if report["passed"] else "#cf222e"
     return f"""<!doctype html>
