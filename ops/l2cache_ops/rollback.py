@@ -4,48 +4,334 @@ Selection is by lineage, for every kind of run: each cell a run writes is writte
 the same mutation as a ``lineage:run`` cell naming the run, at the same timestamp.
 Bulk and region runs write all their cells at the run's one timestamp; stream runs
 (edits, missing ids) write each message's cells at that message's publish time, so one
-row can hold several of a stream run's versions. Rollback reads every version of
-``lineage:run`` equal to the run id (a server-side value filter), and deletes, in each
-such row, the feature and lineage cells at exactly those timestamps. Versions written
-by other runs are untouched, and the cache table's GC keeps the last N versions, so
-the previous values become current again.
+row can hold several of a stream run's versions. Versions written by other runs are
+untouched, and the cache table's GC keeps the last N versions, so the previous values
+become current again.
 
-The scans go through the one read path (:func:`l2cache.gcp.bigtable.read_versions`,
-every version with its timestamp) and the deletions through the one write path
-(:func:`l2cache.gcp.bigtable_write.write_rows`, every row's status checked).
+**Proportional to what the run touched** (:func:`rollback_run_touched`): the run's
+ledger names every chunk it may have written (``chunk:<run>:<chunk>`` rows with an
+attempt or done, for bulk and region runs; ``evchunk:<run>:<event>:<chunk>`` rows for
+stream runs). They are read page by page (:func:`touched_chunk_pages`, bounded memory),
+turned into the cache's per-chunk key ranges, and only the run's own versions in those
+ranges are read (server-side filter) and deleted, a batch of chunks at a time
+(:func:`l2cache.handlers.rollback_task.rollback_chunks`). A run that wrote nothing
+costs one empty ledger read. Above :data:`FAN_OUT_CHUNKS` chunks the work goes through
+the queue as ``rollback`` tasks (deterministic names: a repeat is dropped as a
+duplicate) that the compute function runs. Every rollback, dry or not, is returned as a
+:class:`RunRollback`; a real one is recorded as ``rollback:<dataset>:<at ms>:<run>`` in
+the runs table (:func:`rollback_history`).
+
+The whole-table lineage scan (:func:`rollback_run`, :func:`run_versions`) stays as the
+exhaustive fallback (``runs rollback --full-scan``): it finds a version even where the
+ledger has no row (a write whose ledger record was lost), at O(table) cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import json
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from l2cache.domain.attributes import ATTRIBUTES, FEATURE_FAMILY, LINEAGE_FAMILY
-from l2cache.domain.ids import SpatialBits, get_layer
-from l2cache.gcp.bigtable import CellFilter, KeyRange, read_versions
+from l2cache.domain.attributes import LINEAGE_FAMILY
+from l2cache.domain.ids import SpatialBits
+from l2cache.domain.lineage import utc_now
+from l2cache.gcp.bigtable import CellFilter, KeyRange, RowCells, RowReader, prefix_range
 from l2cache.gcp.bigtable_write import Row, write_rows
+from l2cache.handlers.rollback_task import (
+    BATCH_CHUNKS,
+    CELLS_PER_VERSION,
+    MAX_TASK_CHUNKS,
+    MS,
+    ChunkRollback,
+    chunk_key_ranges,
+    delete_version,
+    enqueue_rollback,
+    own_timestamp_ms,
+    record_key,
+    rollback_chunks,
+)
+from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, RunRecord, row_cells
+from l2cache_ops.ledger import put_record, records
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.table import Table
 
-    from l2cache.store.ledger import RunRecord
+    from l2cache.config import TasksConfig
 
-FEATURE_COLUMNS = [a.key for a in ATTRIBUTES]
-LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]
-MS = 1000  # Bigtable cell timestamps are whole milliseconds, in microseconds
+__all__ = [
+    "FAN_OUT_CHUNKS",
+    "ChunkRollback",
+    "RunRollback",
+    "chunk_key_ranges",
+    "rollback_history",
+    "rollback_run",
+    "rollback_run_touched",
+    "touched_chunk_pages",
+]
+
+PAGE_ROWS = 1_000  # ledger rows per read: bounded memory whatever the run's size
+FAN_OUT_CHUNKS = 2_000  # above this many chunks a rollback is enqueued, not run here
+TASK_CHUNKS = 200  # chunks per rollback task (<= MAX_TASK_CHUNKS)
+STREAM_KINDS = ("edit_stream", "missing_ids")
+# (run id, chunk ids, record key) -> the task's name, or None when it was already queued
+Enqueue = Callable[[str, list[int], str | None], object]
+
+
+# -- what the run touched: the ledger, page by page ----------------------------------
+
+
+@dataclass
+class ReadCount:
+    """Ledger reads a rollback made: requests and rows returned (the O(1) check)."""
+
+    requests: int = 0
+    rows: int = 0
+
+
+def prefix_pages(
+    table: Table | str,
+    prefix: bytes,
+    cells: CellFilter,
+    page_rows: int = PAGE_ROWS,
+    count: ReadCount | None = None,
+    reader: RowReader | None = None,
+) -> Iterator[dict[bytes, RowCells]]:
+    """The rows under ``prefix`` that ``cells`` keeps, ``page_rows`` at a time, in key
+    order: each page is one read starting after the previous page's last key, so a
+    prefix of millions of rows is walked in bounded memory."""
+    reader = reader or RowReader(table)
+    start, end = prefix_range(prefix)
+    while True:
+        page = reader.rows(ranges=[(start, end)], cells=cells, limit=page_rows)
+        if count is not None:
+            count.requests += 1
+            count.rows += len(page)
+        if page:
+            yield page
+        if len(page) < page_rows:
+            return
+        start = max(page) + b"\x00"  # the smallest key after the last one read
+
+
+@dataclass(frozen=True)
+class TouchedChunk:
+    """A chunk the run may have written: its L2 chunk id, ledger status and the rows
+    the ledger says it wrote (``l2_count`` / ``written``; 0 when not recorded)."""
+
+    chunk_id: int
+    status: str
+    rows: int
+
+
+_CHUNK_CELLS = CellFilter(columns={LEDGER_FAMILY: [b"status", b"attempts", b"l2_count"]})
+_EVCHUNK_CELLS = CellFilter(columns={LEDGER_FAMILY: [b"status", b"written"]})
+
+
+def touched_chunk_pages(
+    ledger: RunLedger,
+    run: RunRecord,
+    page_rows: int = PAGE_ROWS,
+    count: ReadCount | None = None,
+) -> Iterator[list[TouchedChunk]]:
+    """Pages of the chunks ``run`` may have written, from its ledger only.
+
+    Bulk and region runs: ``chunk:`` rows with an attempt or done (a queued chunk that
+    never started wrote nothing; a failed one may have written part). Stream runs:
+    ``evchunk:`` rows, done or failed; a chunk several events wrote appears once per
+    event (deleting twice is harmless: the second read finds nothing).
+    """
+    stream = run.kind in STREAM_KINDS
+    prefix = f"{'evchunk' if stream else 'chunk'}:{run.run_id}:".encode()
+    cells = _EVCHUNK_CELLS if stream else _CHUNK_CELLS
+    for page in prefix_pages(ledger.table, prefix, cells, page_rows, count):
+        out = []
+        for key, row in page.items():
+            c = row_cells(row, LEDGER_FAMILY)
+            status = c.get("status", b"").decode()
+            if not stream and not status and "attempts" not in c:
+                continue  # a chunk row without a start: nothing written
+            n = c.get("written" if stream else "l2_count")
+            out.append(TouchedChunk(int(key.rsplit(b":", 1)[1]), status or "running", _json_int(n)))
+        if out:
+            yield out
+
+
+def _json_int(value: bytes | None) -> int:
+    try:
+        return int(json.loads(value)) if value else 0
+    except (ValueError, TypeError):
+        return 0
+
+
+# -- the proportional rollback -------------------------------------------------------
+
+
+@dataclass
+class RunRollback:
+    """What a rollback of one run did (or, dry, would do)."""
+
+    run_id: str
+    kind: str
+    dataset: str
+    dry_run: bool
+    mode: str = "inline"  # inline | queued | estimate (dry run above the threshold)
+    at: str = ""
+    chunks: int = 0  # touched chunks the ledger names (stream runs: per event)
+    by_status: dict[str, int] = field(default_factory=dict)
+    ledger_requests: int = 0
+    ledger_rows: int = 0
+    estimated_versions: int = 0  # from the ledger (l2_count / written): one per row
+    deleted: ChunkRollback = field(default_factory=ChunkRollback)  # exact, inline only
+    tasks: int = 0  # rollback tasks enqueued (dry run: that would be)
+    tasks_new: int = 0  # of those, not already in the queue
+    seconds: float = 0.0
+    record: str | None = None  # the operator record's key (real rollbacks)
+
+    @property
+    def versions(self) -> int:
+        """Versions deleted (inline) or, fanned out or estimated, the ledger's estimate."""
+        return self.deleted.versions_deleted if self.mode == "inline" else self.estimated_versions
+
+    @property
+    def cells(self) -> int:
+        """Cells those versions hold: feature and lineage columns each."""
+        return self.versions * CELLS_PER_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The operator record and the CLI's ``--json``: every field plus cells."""
+        return {**asdict(self), "versions": self.versions, "cells": self.cells}
+
+
+def rollback_run_touched(
+    cache_table: Table | str,
+    ledger: RunLedger,
+    run: RunRecord,
+    spatial_bits: SpatialBits,
+    *,
+    dry_run: bool = False,
+    enqueue: Enqueue | None = None,
+    fan_out_chunks: int = FAN_OUT_CHUNKS,
+    task_chunks: int = TASK_CHUNKS,
+    batch_chunks: int = BATCH_CHUNKS,
+    page_rows: int = PAGE_ROWS,
+) -> RunRollback:
+    """Roll back ``run`` reading and deleting only in the chunks its ledger names.
+
+    Up to ``fan_out_chunks`` chunks (or with no ``enqueue``) the deletion runs here,
+    ``batch_chunks`` at a time; beyond, with ``enqueue``, tasks of ``task_chunks`` chunks
+    are enqueued as the ledger streams (the compute function runs them). ``dry_run``
+    writes nothing: up to the threshold it reads the ranges and counts exactly what
+    would go; beyond, it reports the ledger's estimate and the tasks it would enqueue.
+    A real rollback is recorded in the runs table (:func:`rollback_history`).
+    """
+    if not 0 < task_chunks <= MAX_TASK_CHUNKS:
+        raise ValueError(f"task_chunks must be 1..{MAX_TASK_CHUNKS}")
+    t0 = time.perf_counter()
+    now = utc_now()
+    at_ms = int(now.timestamp() * 1000)
+    out = RunRollback(run.run_id, run.kind, run.dataset, dry_run, at=now.isoformat())
+    key = None if dry_run else record_key(run.dataset, at_ms, run.run_id)
+    stamp = own_timestamp_ms(run)
+    stamps = None if stamp is None else [stamp]
+    reader = RowReader(cache_table)
+    count = ReadCount()
+    pending: list[int] = []
+    mode: str | None = None  # decided once the ledger shows more than the threshold
+
+    def inline(chunk_ids: list[int]) -> None:
+        out.deleted.add(
+            rollback_chunks(
+                cache_table,
+                [run.run_id],
+                chunk_ids,
+                spatial_bits,
+                stamps,
+                dry_run,
+                batch_chunks,
+                reader,
+            )
+        )
+
+    def queue(chunk_ids: list[int]) -> None:
+        out.tasks += 1
+        if not dry_run and enqueue is not None and enqueue(run.run_id, chunk_ids, key):
+            out.tasks_new += 1
+
+    for page in touched_chunk_pages(ledger, run, page_rows, count):
+        for ch in page:
+            out.chunks += 1
+            out.by_status[ch.status] = out.by_status.get(ch.status, 0) + 1
+            out.estimated_versions += ch.rows
+        pending.extend(ch.chunk_id for ch in page)
+        if mode is None and len(pending) > fan_out_chunks:
+            # large: through the queue; dry without a queue, the ledger's estimate only
+            mode = "queued" if enqueue is not None else "estimate" if dry_run else "inline"
+        if mode == "inline":
+            inline(pending)
+            pending = []
+        elif mode == "queued":
+            while len(pending) >= task_chunks:
+                queue(pending[:task_chunks])
+                pending = pending[task_chunks:]
+        elif mode == "estimate":
+            pending = []
+    if mode == "queued":
+        for start in range(0, len(pending), task_chunks):
+            queue(pending[start : start + task_chunks])
+    elif mode is None and pending:
+        inline(pending)
+    out.mode = mode or "inline"
+    out.ledger_requests, out.ledger_rows = count.requests, count.rows
+    out.seconds = round(time.perf_counter() - t0, 4)
+    if key is not None:
+        out.record = key
+        put_record(ledger, key, {"meta": json.dumps(out.to_json(), sort_keys=True).encode()})
+    return out
+
+
+def queue_enqueuer(tasks: TasksConfig, dataset: str) -> Enqueue:
+    """Enqueue rollback tasks of ``dataset`` on the map's queue (one client, reused)."""
+    from l2cache.gcp.tasks import tasks_client
+
+    client = tasks_client()
+
+    def enqueue(run_id: str, chunk_ids: list[int], record: str | None) -> str | None:
+        return enqueue_rollback(client, tasks, dataset, run_id, chunk_ids, record)
+
+    return enqueue
+
+
+def rollback_history(ledger: RunLedger, dataset: str) -> list[dict[str, Any]]:
+    """Every recorded rollback of ``dataset``, oldest first, with the fanned-out tasks'
+    progress (``tasks_done``, ``versions_done``: counted by the tasks as they finish)."""
+    out = []
+    for _, cells in records(ledger, f"rollback:{dataset}:"):
+        if "meta" not in cells:
+            continue  # a task's counters arrived before the record: not listed yet
+        entry = json.loads(cells["meta"])
+        for column in ("tasks_done", "versions_deleted", "rows_touched"):
+            if column in cells:
+                done = struct.unpack(">q", cells[column])[0]
+                entry["tasks_done" if column == "tasks_done" else f"queued_{column}"] = done
+        out.append(entry)
+    return out
+
+
+# -- the exhaustive fallback: every row of the table -----------------------------------
 
 
 def run_versions(table: Table | str, run_id: str) -> dict[bytes, list[int]]:
-    """Row key -> timestamps (microseconds) of every version whose ``lineage:run`` is ``run_id``."""
+    """Row key -> timestamps (microseconds) of every version whose ``lineage:run`` is
+    ``run_id``, over the **whole table** (O(table): the fallback and the tests' oracle)."""
     cells = CellFilter(
         columns={LINEAGE_FAMILY: [b"run"]}, values=[run_id.encode()], strip_values=True
     )
     out: dict[bytes, list[int]] = {}
-    for key, row in read_versions(table, cells=cells).items():
+    for key, row in RowReader(table).versions(cells=cells).items():
         stamps = sorted({stamp for stamp, _ in row.get(LINEAGE_FAMILY, {}).get(b"run", [])})
         if stamps:
             out[key] = stamps
@@ -53,59 +339,26 @@ def run_versions(table: Table | str, run_id: str) -> dict[bytes, list[int]]:
 
 
 def rollback_run(table: Table | str, run: RunRecord) -> int:
-    """Delete every cell version the run wrote; returns the number of rows touched."""
-    versions = run_versions(table, run.run_id)
+    """Delete every cell version the run wrote, found by a scan of the whole table;
+    returns the number of rows touched. O(table): ``runs rollback --full-scan`` only."""
     rows = []
-    for key, stamps in versions.items():
+    for key, stamps in run_versions(table, run.run_id).items():
         row = Row(key)
         for micros in stamps:
-            _delete_version(row, micros)
+            delete_version(row, micros)
         rows.append(row)
     write_rows(table, rows, "rollback")
     return len(rows)
-
-
-def _delete_version(row: Row, micros: int) -> None:
-    """Delete the feature and lineage cells of the version at ``micros``."""
-    row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, micros, micros + MS)
-    row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, micros, micros + MS)
 
 
 def _micros(ts: datetime) -> int:
     """A cell timestamp (whole milliseconds, in microseconds); naive means UTC."""
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
-    return int(round(ts.timestamp() * 1000)) * 1000
+    return int(round(ts.timestamp() * 1000)) * MS
 
 
-# -- region-scoped rollback ------------------------------------------------------------
-# The L2 ids of one atomic chunk share its chunk id in their high bits, so their
-# ``%020d`` row keys are one contiguous range: [chunk_id, chunk_id + 2**segment_bits).
-# A region's rollback reads exactly those ranges (one per chunk, adjacent ones merged),
-# never the whole table: a region of a few chunks in a table of billions of rows costs
-# what the region holds.
-
-
-def chunk_key_ranges(
-    chunk_ids: np.ndarray | Sequence[int], spatial_bits: SpatialBits
-) -> list[KeyRange]:
-    """``[start, end)`` row-key ranges of the ids in ``chunk_ids`` (chunk ids of one layer:
-    layer 2 for cache rows, layer 1 for a graph's supervoxels), adjacent chunks merged."""
-    ids = np.unique(np.asarray(chunk_ids, dtype=np.uint64))
-    if ids.size == 0:
-        return []
-    layers = np.unique(get_layer(ids))
-    if layers.size != 1:
-        raise ValueError("chunk key ranges need chunk ids of one layer")
-    seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(layers)[0])
-    span = 1 << seg_bits
-    ranges: list[list[int]] = []
-    for cid in ids.tolist():
-        if ranges and ranges[-1][1] == cid:
-            ranges[-1][1] = cid + span
-        else:
-            ranges.append([cid, cid + span])
-    return [(b"%020d" % lo, b"%020d" % hi) for lo, hi in ranges]
+# -- several runs in given key ranges (release rollback) --------------------------------
 
 
 @dataclass
@@ -135,7 +388,7 @@ def versions_in_ranges(
         start_micros=None if after is None else _micros(after) + MS,
         values=[r.encode() for r in run_ids],
     )
-    found = read_versions(table, ranges=ranges, cells=cells)
+    found = RowReader(table).versions(ranges=ranges, cells=cells)
     out: dict[bytes, dict[str, list[int]]] = {}
     for key, row in found.items():
         per_run: dict[str, set[int]] = {}
@@ -151,9 +404,10 @@ def rollback_runs_in_ranges(
     run_ids: Iterable[str],
     ranges: list[KeyRange],
     after: datetime | None = None,
+    dry_run: bool = False,
 ) -> RangeRollback:
     """Delete, within ``ranges`` only, every cell version written by one of ``run_ids``
-    (selected by ``lineage:run``, as :func:`rollback_run`), newer than ``after``."""
+    (selected by ``lineage:run``), newer than ``after``; ``dry_run`` counts only."""
     versions, scanned = versions_in_ranges(table, run_ids, ranges, after)
     rows, per_run, deleted = [], {}, 0
     for key, by_run in versions.items():
@@ -161,8 +415,9 @@ def rollback_runs_in_ranges(
         for run, stamps in by_run.items():
             per_run[run] = per_run.get(run, 0) + len(stamps)
             for micros in stamps:
-                _delete_version(row, micros)
+                delete_version(row, micros)
                 deleted += 1
         rows.append(row)
-    write_rows(table, rows, "rollback")
+    if not dry_run:
+        write_rows(table, rows, "rollback")
     return RangeRollback(len(ranges), scanned, len(rows), deleted, per_run)
