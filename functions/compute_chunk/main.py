@@ -10,10 +10,11 @@ import json
 import flask
 import functions_framework
 
-from l2cache.config import load_config
+from l2cache.config import ReloadingMap
 from l2cache.gcp.pubsub import dead_letter_publisher
 from l2cache.handlers.compute_chunk import handle_task
 
+_map = ReloadingMap()  # a dataset added to the map is known without a restart
 _state: dict = {}
 
 
@@ -21,9 +22,10 @@ _state: dict = {}
 def compute_chunk(request: flask.Request) -> tuple[str, int, dict[str, str]]:
     """One Cloud Tasks delivery: the task's JSON summary with the status the failure
     contract gives it (2xx done or permanent, 503 retry)."""
-    if "config" not in _state:
-        _state["config"] = load_config()
-        _state["dead_letter"] = dead_letter_publisher(_state["config"])
+    config = _map.get()
+    if _state.get("config") is not config:
+        _state["config"] = config
+        _state["dead_letter"] = dead_letter_publisher(config)
     status, summary = handle_task(
         _state["config"], request.get_data(), request.headers, dead_letter=_state["dead_letter"]
     )

@@ -10,10 +10,11 @@ import logging
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from l2cache.config import load_config
+from l2cache.config import ReloadingMap
 from l2cache.gcp.pubsub import dead_letter_publisher
 from l2cache.handlers.on_edit import DeadLetter, handle_message, unwrap_cloud_event
 
+_map = ReloadingMap()  # a dataset added to the map is known without a restart
 _state: dict = {}
 
 
@@ -27,8 +28,11 @@ def _dead_letter() -> DeadLetter | None:
 def on_edit(cloud_event: CloudEvent) -> None:
     """One Pub/Sub delivery: returns to acknowledge (done, ignored or dead-lettered),
     raises to have it redelivered (a transient failure)."""
-    if "config" not in _state:
-        _state["config"] = load_config()
+    config = _map.get()
+    if _state.get("config") is not config:
+        if "config" in _state:  # the map changed: its dead-letter topic may have
+            _state.pop("dead_letter", None)
+        _state["config"] = config
     message = unwrap_cloud_event(cloud_event.data, cloud_event.get("id"), cloud_event.get("time"))
     # a transient failure raises: functions-framework answers 500 and Pub/Sub redelivers
     result = handle_message(

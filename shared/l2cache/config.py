@@ -1,7 +1,8 @@
 """The dataset map: which datasets exist and where their data, graph and cache live.
 
 One YAML file (path in ``L2CACHE_CONFIG``) read once at start-up and passed down
-explicitly; nothing deeper in the code reads the environment for it. Geometry a
+explicitly (the functions' entry points hold it in a :class:`ReloadingMap`, read again
+when the file changes); nothing deeper in the code reads the environment for it. Geometry a
 dataset entry leaves out (resolution, voxel offset, chunk size, spatial bits) is read
 from the segmentation's own ``info`` through CloudVolume, so a CAVE operator only has
 to name the paths. Example::
@@ -26,7 +27,9 @@ to name the paths. Example::
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,8 @@ from typing import Any
 import yaml
 
 from l2cache.domain.ids import SpatialBits
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "L2CACHE_CONFIG"
 # Worst case (every node has PCA) is ~392 bytes of JSON per id (measured in
@@ -201,6 +206,48 @@ def load_config(path: str | Path | None = None) -> L2CacheConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"dataset map {path} is not valid YAML: {exc}") from None
     return parse_config(raw, source=str(path))
+
+
+class ReloadingMap:
+    """The dataset map of a long-running process, read again when its file changes.
+
+    A function instance reads the map on its first request; a dataset added to the map
+    afterwards (``local up`` then ``dataset add``) was rejected as unknown until the
+    process restarted, and its run stayed pending. :meth:`get` costs one ``stat`` per
+    call and re-reads the map when the file's mtime, size or inode changed. A map that
+    no longer parses (an edit half written) keeps the last good one, logged, and is
+    tried again on the next call; the first read raises as :func:`load_config` does. In
+    the cloud the map is part of the deployed archive and never changes.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._config: L2CacheConfig | None = None
+
+    def get(self) -> L2CacheConfig:
+        """The current map (the same object until the file changes)."""
+        path = Path(self._path or os.environ.get(CONFIG_ENV) or "")
+        try:
+            st = path.stat()
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None  # load_config says why, unless a good map is already held
+        with self._lock:
+            if self._config is not None and (stamp is None or stamp == self._stamp):
+                return self._config
+            try:
+                config = load_config(self._path)
+            except ConfigError as exc:
+                if self._config is None:
+                    raise
+                log.error("keeping the previous dataset map: %s", exc)
+                return self._config
+            if self._config is not None:
+                log.info("dataset map %s changed: read again", path)
+            self._config, self._stamp = config, stamp
+            return config
 
 
 def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:

@@ -44,9 +44,10 @@ from l2cache.domain.failures import (
     is_last_attempt,
 )
 from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
+from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.tasks import enqueue_region, tasks_client
 from l2cache.inputs.volume import in_volume
-from l2cache.store.ledger import RunRecord
+from l2cache.store.ledger import RunLedger, RunRecord
 from l2cache.support import logs
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def _task_run(config: L2CacheConfig, task: dict[str, Any]) -> tuple[DatasetConte
     try:
         ctx = dataset_context(config, task["dataset"])
     except UnknownDatasetError as exc:
+        _record_unknown_dataset(config, task["run_id"], f"task rejected: {exc}")
         raise BadTask(str(exc)) from None
     if ctx.dataset.existing_cache_table:
         raise BadTask(
@@ -215,6 +217,24 @@ def _task_run(config: L2CacheConfig, task: dict[str, Any]) -> tuple[DatasetConte
     except KeyError as exc:
         raise BadTask(str(exc.args[0]) if exc.args else "unknown run") from None
     return ctx, run
+
+
+def _record_unknown_dataset(config: L2CacheConfig, run_id: str, reason: str) -> None:
+    """Record a task whose dataset the map does not have against its run, best effort.
+
+    The runs table is the map's, not the dataset's, so the run (created by an operator
+    whose map has the dataset) can still be told: status then reports it broken with
+    the reason instead of pending forever. No such run, or the table unreachable: the
+    log is the record (the task is rejected either way; no retry can add the dataset,
+    and the entry points already re-read a map that changed).
+    """
+    try:
+        instance = bigtable_instance(config.bigtable.project, config.bigtable.instance)
+        ledger = RunLedger(instance.table(config.runs_table_id))
+        ledger.get_run(run_id)
+        ledger.task_rejected(run_id, reason)
+    except Exception as exc:  # noqa: BLE001 - best effort, said in the log
+        log.warning("run %r: could not record %r: %s", run_id, reason, describe(exc))
 
 
 def _check_task(ctx: DatasetContext, run: RunRecord, task: dict[str, Any]) -> None:

@@ -13,18 +13,23 @@ import threading
 import flask
 from flask_cors import cross_origin
 
+from l2cache.config import ReloadingMap
 from l2cache.serving.api import ApiError, BodyReader, LookupService, error_response
 from l2cache.serving.cave_auth import CaveAuth
 
 _DRAIN_CHUNK = 64 * 2**10
 _lock = threading.Lock()
 _built: dict[str, object] = {}
+_map = ReloadingMap()
 
 
 def _components() -> tuple[LookupService, object | None]:
-    """The service and its authorizer, built once per instance on first use."""
+    """The service and its authorizer, built on first use and again when the dataset
+    map's file changed (a dataset added to a running local stack is served)."""
+    config = _map.get()
     with _lock:
-        if "service" not in _built:
+        if "service" not in _built or _built.get("map") is not config:
+            _built["map"] = config
             service = LookupService.from_env()
             authorizer = None
             if service.config.auth is not None:
