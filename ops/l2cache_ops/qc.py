@@ -25,27 +25,22 @@ of the done chunks that have a row of the run); the per-chunk diff of node count
 covered voxels against the covering release, with the thresholds of the dataset map's
 ``qc:`` section. Changes are signed: a chunk that lost every node reads -100 %.
 
-The report is a bounded summary (counts, distributions, verdicts, at most
-:data:`MAX_EXAMPLES` examples of each kind, the :data:`WORST` largest changes); per-chunk
-figures stay in the chunk rows (:mod:`l2cache_ops.qc_reports`).
+The report is a bounded summary (counts, distributions, verdicts, a few examples of each
+kind, the largest changes: :mod:`l2cache_ops.qc_summary`); per-chunk figures stay in the
+chunk rows (:mod:`l2cache_ops.qc_reports`). The deep check is :mod:`l2cache_ops.qc_verify`.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
-import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from l2cache.compute import DatasetContext, load_chunk_l2
+from l2cache.compute import DatasetContext
 from l2cache.config import DatasetConfig
-from l2cache.domain import ids as idlib
-from l2cache.domain.attributes import BY_NAME, FEATURE_FAMILY, LINEAGE_FAMILY
 from l2cache.domain.ids import SpatialBits
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.regions import region_size
@@ -55,24 +50,28 @@ from l2cache.engine.chunk_qc import (
     LOG_BINS,
     QUANTILES,
     SERIES,
-    TOTAL_BINS,
     Series,
-    all_edges,
-    bin_counts,
     decode_bins,
     parse_counters,
     round5,
-    series_counts,
     series_edges,
-    series_values,
-    sum_value,
 )
 from l2cache.gcp.bigtable import CellFilter, read_rows
-from l2cache.inputs.graph import GRAPH_FAMILY, PARENTS
 from l2cache.store.ledger import LEDGER_FAMILY, RunRecord
 from l2cache_ops.qc_reports import BATCH_KINDS, chunk_ids_of
+from l2cache_ops.qc_summary import (
+    MAX_EXAMPLES,
+    Coverage,
+    Diff,
+    Distribution,
+    QcThresholds,
+    add_dense,
+    chunk_figures,
+    distributions,
+    signed_change,
+)
+from l2cache_ops.qc_verify import Verifier, decode_feature_rows, graph_l2_ids, run_rows
 from l2cache_ops.releases import covers, release_history, release_state
-from l2cache_ops.rollback import chunk_key_ranges
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.table import Table
@@ -92,304 +91,13 @@ __all__ = [
     "run_qc",
     "run_rows",
     "series_edges",
+    "signed_change",
 ]
 
 PAGE = 1000  # chunk rows per keyed read (region QC and the diff)
-READ_CHUNKS = 64  # chunks per key-range read of --verify (one RowSet, one range per chunk)
 VERIFY_MAX_CHUNKS = 10_000  # --verify re-reads the graph and the cache: a region, never a run
-MAX_EXAMPLES = 10
-WORST = 50  # largest per-chunk changes kept in the report (the HTML page plots them)
 QC_SHARD_PREFIX = "qchist:"
 CHUNK_COLUMNS = [b"status", b"coords", b"l2_count", b"qc", b"error"]
-
-
-@dataclass(frozen=True)
-class QcThresholds:
-    """When a run fails QC. Changes are relative (0.05 = 5%) per chunk, against the
-    release currently covering that chunk, in either direction; coverage is the fraction
-    of the graph's L2 ids of the run's done chunks that have a row of the run."""
-
-    max_node_count_change: float = 0.05
-    max_covered_voxels_change: float = 0.05
-    min_coverage: float = 1.0
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], base: QcThresholds | None = None) -> QcThresholds:
-        """Thresholds from a ``qc:`` section, key by key over ``base``."""
-        values = asdict(base or cls())
-        for key, value in (raw or {}).items():
-            if key not in values:
-                raise ValueError(f"unknown key {key!r} (known: {', '.join(values)})")
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{key} must be a non-negative number, got {value!r}")
-            values[key] = float(value)
-        if values["min_coverage"] > 1:
-            raise ValueError("min_coverage is a fraction, at most 1.0")
-        return cls(**values)
-
-
-# -- distributions ------------------------------------------------------------------------
-class Distribution:
-    """A mergeable summary of one series: fixed-bin counts and the exact count and sum.
-
-    Min and max are the bounds of the first and last occupied bins (a counter cannot
-    merge a max; geometric bins are 3-7 % wide), and quantiles are read off the bins.
-    """
-
-    def __init__(self, edges: np.ndarray) -> None:
-        self.edges = edges
-        self.counts = np.zeros(edges.size - 1, dtype=np.int64)
-        self.total = 0.0
-
-    @property
-    def n(self) -> int:
-        """Values counted (every finite value falls in exactly one bin)."""
-        return int(self.counts.sum())
-
-    def add(self, values: np.ndarray) -> None:
-        """Count raw ``values`` in (``--verify``'s re-read rows). Non-finite ones are
-        dropped: a malformed row is reported as malformed, and a node too small for PCA
-        has NaN there."""
-        values = values[np.isfinite(values)]
-        self.counts += bin_counts(values, self.edges)
-        self.total += float(values.sum())
-
-    def add_counts(self, counts: np.ndarray, total: float) -> None:
-        """Merge counts and a sum already binned (a chunk's or a counter shard's)."""
-        self.counts += counts
-        self.total += total
-
-    def bounds(self) -> tuple[float, float] | None:
-        """(lower edge of the first occupied bin, upper edge of the last), None if empty."""
-        nz = np.flatnonzero(self.counts)
-        if nz.size == 0:
-            return None
-        return float(self.edges[nz[0]]), float(self.edges[nz[-1] + 1])
-
-    def quantiles(self, qs: Sequence[float] = QUANTILES) -> dict[str, float]:
-        """Quantiles read off the histogram (linear within a bin)."""
-        n = self.n
-        if n == 0:
-            return {}
-        cum = np.cumsum(self.counts)
-        lo, hi = self.bounds() or (0.0, 0.0)
-        out = {}
-        for q in qs:
-            target = q * n
-            i = min(int(np.searchsorted(cum, target, side="left")), self.counts.size - 1)
-            before = cum[i - 1] if i else 0
-            frac = (target - before) / self.counts[i] if self.counts[i] else 0.0
-            value = self.edges[i] + frac * (self.edges[i + 1] - self.edges[i])
-            out[f"p{round(q * 100):02d}"] = round5(min(max(float(value), lo), hi))
-        return out
-
-    def summary(self, unit: str = "") -> dict[str, Any]:
-        """The report's JSON of the series: exact count and mean, min/max as bin bounds,
-        quantiles, and only the occupied span of the histogram (a report stays small
-        however many bins)."""
-        n = self.n
-        nz = np.flatnonzero(self.counts)
-        first, last = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
-        bounds = self.bounds()
-        return {
-            "unit": unit,
-            "count": n,
-            "min": round5(bounds[0]) if bounds else None,
-            "max": round5(bounds[1]) if bounds else None,
-            "min_max": "bin bounds",
-            "mean": round5(self.total / n) if n else None,
-            "quantiles": self.quantiles(),
-            "histogram": {
-                "edges": [round5(e) for e in self.edges[first : last + 1].tolist()],
-                "counts": self.counts[first:last].tolist(),
-            },
-        }
-
-
-def distributions(dataset: DatasetConfig) -> dict[str, Distribution]:
-    """An empty distribution per series with the dataset's fixed edges."""
-    edges = all_edges(dataset)
-    return {s.name: Distribution(edges[s.name]) for s in SERIES}
-
-
-def add_dense(
-    dists: Mapping[str, Distribution],
-    dense: np.ndarray,
-    sums: Mapping[str, int],
-    dataset: DatasetConfig,
-) -> None:
-    """Merge dense bins and integer sums (a chunk's, or the run's counters) into ``dists``."""
-    for s in SERIES:
-        dists[s.name].add_counts(
-            series_counts(dense, s), sum_value(s, sums.get(s.name, 0), dataset)
-        )
-
-
-# -- the report's accumulators -----------------------------------------------------------
-@dataclass
-class Coverage:
-    """Coverage of the done chunks: the graph's L2 ids against the rows written."""
-
-    source: str
-    chunks: int = 0  # chunks in scope
-    done: int = 0
-    done_without_stats: int = 0  # done before workers recorded QC statistics
-    expected: int = 0
-    rows: int = 0
-    missing: int = 0
-    extra: int = 0
-    malformed: int = 0
-    covered_voxels: int = 0
-    pca_empty: int = 0
-    not_done: list[dict[str, Any]] = field(default_factory=list)
-    not_done_by_status: dict[str, int] = field(default_factory=dict)
-    missing_examples: list[str] = field(default_factory=list)
-    extra_examples: list[str] = field(default_factory=list)
-    chunk_examples: list[dict[str, Any]] = field(default_factory=list)  # chunks with gaps
-
-    def not_done_chunk(self, coords: Sequence[int], status: str, error: Any = None) -> None:
-        """Count a chunk that is not done; keep it as an example while there is room."""
-        self.not_done_by_status[status] = self.not_done_by_status.get(status, 0) + 1
-        if len(self.not_done) < MAX_EXAMPLES:
-            self.not_done.append({"chunk": list(coords), "status": status, "error": error})
-
-    def report(self) -> dict[str, Any]:
-        """The report's ``coverage`` section (the keys releases and the dashboard read)."""
-        matched = self.expected - self.missing
-        return {
-            "source": self.source,
-            "ratio": round5(1.0 if self.expected == 0 else matched / self.expected),
-            "expected_l2_ids": self.expected,
-            "rows_written": self.rows,
-            "matched": matched,
-            "missing": self.missing,
-            "extra": self.extra,
-            "malformed": self.malformed,
-            "covered_voxels": self.covered_voxels,
-            "chunks": self.chunks,
-            "chunks_done": self.done,
-            "chunks_done_without_stats": self.done_without_stats,
-            "chunks_not_done_count": self.chunks - self.done,
-            "chunks_not_done_by_status": self.not_done_by_status,
-            "chunks_not_done": self.not_done,
-            "missing_examples": self.missing_examples,
-            "extra_examples": self.extra_examples,
-            "chunks_with_gaps": self.chunk_examples,
-        }
-
-
-def signed_change(old: float, new: float) -> float:
-    """Relative change, signed: 10 -> 0 is -1.0 (-100 %), 10 -> 11 is +0.1. From 0 to
-    n it is +n (a count, not a fraction: there is no ratio, and JSON has no inf)."""
-    if old:
-        return (new - old) / old
-    return float(new)
-
-
-@dataclass
-class _Metric:
-    """Streaming figures of one per-chunk change: count, signed min/max/mean, over the
-    threshold (by magnitude), all in constant memory."""
-
-    limit: float
-    count: int = 0
-    total: float = 0.0
-    lo: float = math.inf
-    hi: float = -math.inf
-    over: int = 0
-    grown: int = 0
-    shrunk: int = 0
-    worst: dict[str, Any] | None = None  # the chunk with the largest change by magnitude
-
-    def add(self, change: float, row: dict[str, Any]) -> None:
-        """Count one chunk's change (``row``: the chunk's diff entry, kept if the worst)."""
-        self.count += 1
-        self.total += change
-        self.lo, self.hi = min(self.lo, change), max(self.hi, change)
-        if abs(change) > self.limit:
-            self.over += 1
-        self.grown += change > 0
-        self.shrunk += change < 0
-        if self.worst is None or abs(change) > abs(self.worst["change"]):
-            self.worst = {"change": change, "row": row}
-
-    def report(self) -> dict[str, Any]:
-        """The metric's figures for the report (signed min/max/mean; the worst chunk)."""
-        if not self.count:
-            return {"count": 0}
-        return {
-            "count": self.count,
-            "worst": self.worst["row"] if self.worst else None,
-            "min": round5(self.lo),
-            "max": round5(self.hi),
-            "max_abs": round5(max(abs(self.lo), abs(self.hi))),
-            "mean": round5(self.total / self.count),
-            "over_threshold": self.over,
-            "grown": self.grown,
-            "shrunk": self.shrunk,
-        }
-
-
-class Diff:
-    """The per-chunk diff against the covering release, in bounded memory: streaming
-    figures per metric and a heap of the :data:`WORST` largest changes."""
-
-    def __init__(self, th: QcThresholds) -> None:
-        self.metrics = {
-            "node_count_change": _Metric(th.max_node_count_change),
-            "covered_voxels_change": _Metric(th.max_covered_voxels_change),
-        }
-        self.releases: set[int] = set()
-        self.compared = 0
-        self.baseline_missing = 0  # covered by a release whose run has no done row there
-        self._worst: list[tuple[float, int, dict[str, Any]]] = []
-        self._seq = 0
-
-    def add(self, cid: int, coords: Sequence[int], release: int, old: dict, new: dict) -> None:
-        """Compare one chunk: ``old``/``new`` hold ``nodes`` and ``covered_voxels`` (None
-        when that run recorded no covered voxels: compared on nodes only)."""
-        self.compared += 1
-        self.releases.add(release)
-        row: dict[str, Any] = {
-            "chunk": [int(c) for c in coords],
-            "chunk_id": str(cid),
-            "release": release,
-            "nodes": [old["nodes"], new["nodes"]],
-            "covered_voxels": [old.get("covered_voxels"), new.get("covered_voxels")],
-        }
-        worst = 0.0
-        for key, (a, b) in (
-            ("node_count_change", row["nodes"]),
-            ("covered_voxels_change", row["covered_voxels"]),
-        ):
-            if a is None or b is None:
-                row[key] = None
-                continue
-            change = signed_change(a, b)
-            row[key] = round5(change)
-            self.metrics[key].add(change, row)
-            worst = max(worst, abs(change) / max(self.metrics[key].limit, 1e-12))
-        self._seq += 1
-        item = (worst, -self._seq, row)
-        if len(self._worst) < WORST:
-            heapq.heappush(self._worst, item)
-        elif item[:2] > self._worst[0][:2]:
-            heapq.heapreplace(self._worst, item)
-
-    def report(self) -> dict[str, Any] | None:
-        """The report's ``diff`` section; None when no chunk had a release to compare with."""
-        if not self.compared and not self.baseline_missing:
-            return None
-        worst = [r for _, _, r in sorted(self._worst, key=lambda t: (-t[0], -t[1]))]
-        return {
-            "releases": sorted(self.releases),
-            "chunks_compared": self.compared,
-            "chunks_without_baseline_row": self.baseline_missing,
-            **{k: m.report() for k, m in self.metrics.items()},
-            "chunks_over_node_count": self.metrics["node_count_change"].over,
-            "chunks_over_covered_voxels": self.metrics["covered_voxels_change"].over,
-            "worst": worst,
-        }
 
 
 # -- reading the runs table --------------------------------------------------------------
@@ -520,17 +228,6 @@ class Baselines:
         return out
 
 
-def _figures(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Node count and covered voxels of a done chunk row (None if not done)."""
-    if not row or row.get("status") != "done":
-        return None
-    qc = row.get("qc") if isinstance(row.get("qc"), dict) else None
-    nodes = row.get("l2_count", qc.get("nodes") if qc else None)
-    if nodes is None:
-        return None
-    return {"nodes": int(nodes), "covered_voxels": qc.get("covered_voxels") if qc else None}
-
-
 # -- the checks --------------------------------------------------------------------------
 def _check_run(ctx: DatasetContext, run_id: str) -> RunRecord:
     run = ctx.ledger.get_run(run_id)
@@ -643,7 +340,7 @@ def region_qc(
     baselines = Baselines(table, ds.name, release_history(ctx.ledger, ds.name))
     diff = Diff(thresholds)
     check_diff = baselines.any_overlap(box)
-    checker = _Verifier(ctx, run) if verify else None
+    checker = Verifier(ctx, run) if verify else None
     reads = {"chunk_rows": 0, "baseline_rows": 0}
     for coords, cids in box_pages(box, bits):
         rows = read_chunk_rows(table, run.run_id, cids.tolist())
@@ -661,10 +358,10 @@ def region_qc(
                 cov.done_without_stats += 1
             elif checker is None:
                 _add_chunk(cov, dists, qc, c, ds)
-            mine = _figures(row)
+            mine = chunk_figures(row)
             if cid in base and mine is not None:
                 release, old_row = base[cid]
-                old = _figures(old_row)
+                old = chunk_figures(old_row)
                 if old is None:
                     diff.baseline_missing += 1
                 else:
@@ -722,9 +419,9 @@ def _diff_box(
         for c, cid in zip(coords.tolist(), cids.tolist(), strict=True):
             if cid not in base:
                 continue
-            mine = _figures(rows.get(cid))
+            mine = chunk_figures(rows.get(cid))
             release, old_row = base[cid]
-            old = _figures(old_row)
+            old = chunk_figures(old_row)
             if mine is None:
                 continue  # not done: reported as such by the coverage check
             if old is None:
@@ -829,176 +526,3 @@ def _reasons(coverage: dict[str, Any], diff: dict[str, Any] | None, th: QcThresh
                 f"{w[field_][0]} -> {w[field_][1]}, {_pct(w[key])})"
             )
     return reasons
-
-
-# -- --verify: the graph and the cache re-read --------------------------------------------
-class _Verifier:
-    """The deep check of a bounded box: the graph's L2 ids against the cache rows the run
-    wrote, per chunk, and the rows against what the worker recorded."""
-
-    def __init__(self, ctx: DatasetContext, run: RunRecord) -> None:
-        self.ctx, self.run = ctx, run
-        self.edges = all_edges(ctx.dataset)
-        self.reads = {"cache_rows": 0, "graph_chunks": 0, "recorded_mismatch": 0}
-
-    def check(
-        self,
-        coords: np.ndarray,
-        cids: np.ndarray,
-        ledger_rows: Mapping[int, Mapping[str, Any]],
-        cov: Coverage,
-        dists: Mapping[str, Distribution],
-    ) -> None:
-        ds = self.ctx.dataset
-        for start in range(0, cids.size, READ_CHUNKS):
-            part_ids = cids[start : start + READ_CHUNKS]
-            part_coords = coords[start : start + READ_CHUNKS]
-            expected = graph_l2_ids(self.ctx, part_coords, self.run.snapshot)
-            written = run_rows(self.ctx.store.table, self.run, part_ids, ds.spatial_bits)
-            self.reads["graph_chunks"] += int(part_ids.size)
-            for cid, c in zip(part_ids.tolist(), part_coords.tolist(), strict=True):
-                rows = written.get(cid, {})
-                self.reads["cache_rows"] += len(rows)
-                want = expected.get(cid, np.zeros(0, np.uint64))
-                have = np.fromiter(rows, dtype=np.uint64, count=len(rows))
-                row = ledger_rows.get(cid) or {}
-                done = row.get("status") == "done"
-                # a chunk not done was already counted; its graph ids are still missing
-                missing, extra = np.setdiff1d(want, have), np.setdiff1d(have, want)
-                cov.expected += int(want.size)
-                cov.rows += int(have.size)
-                cov.missing += int(missing.size)
-                cov.extra += int(extra.size)
-                room = MAX_EXAMPLES - len(cov.missing_examples)
-                cov.missing_examples += [str(v) for v in missing[: max(room, 0)].tolist()]
-                room = MAX_EXAMPLES - len(cov.extra_examples)
-                cov.extra_examples += [str(v) for v in extra[: max(room, 0)].tolist()]
-                feats, bad = decode_feature_rows(list(rows.values()), ds)
-                cov.malformed += int(bad.sum())
-                values = series_values(feats, ds)
-                cov.pca_empty += int(np.isnan(values["pca_val_0"]).sum())
-                cov.covered_voxels += int(np.asarray(feats["size_nm3"], dtype=np.int64).sum())
-                for name, dist in dists.items():
-                    dist.add(values[name])
-                recorded = _figures(row) if done else None
-                if recorded is not None and recorded["nodes"] != int(have.size):
-                    self.reads["recorded_mismatch"] += 1
-                    if len(cov.chunk_examples) < MAX_EXAMPLES:
-                        cov.chunk_examples.append(
-                            {"chunk": c, "recorded_rows": recorded["nodes"], "rows": int(have.size),
-                             "graph_l2": int(want.size)}
-                        )  # fmt: skip
-
-
-def decode_feature_rows(
-    cells: list[dict[bytes, bytes]], dataset: DatasetConfig
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The rows' stored features as the engine's arrays (the dict ``compute_features``
-    returns, without ``l2id``), and a mask of malformed rows (left out of the arrays).
-
-    ``cells`` holds each row's family-``0`` cells. A row missing a fixed-size attribute,
-    or with a cell of the wrong length, is malformed; an empty PCA cell is a node too
-    small for PCA (NaN, as the engine has it).
-    """
-    n = len(cells)
-    bad = np.zeros(n, dtype=bool)
-    raw: dict[str, np.ndarray] = {}
-    for name, attr in BY_NAME.items():
-        blobs = [c.get(attr.key) for c in cells]
-        lengths = np.array([-1 if b is None else len(b) for b in blobs], dtype=np.int64)
-        ok = lengths == attr.nbytes
-        empty = (lengths == 0) if attr.may_be_empty else np.zeros(n, bool)
-        bad |= ~(ok | empty)
-        width = max(1, attr.nbytes // attr.dtype.itemsize)
-        flat = np.full((n, width), np.nan)
-        idx = np.flatnonzero(ok)
-        if idx.size:
-            joined = b"".join(blobs[i] for i in idx.tolist())
-            flat[idx] = np.frombuffer(joined, dtype=attr.dtype).reshape(idx.size, -1)
-        raw[name] = flat.reshape((n, *attr.shape))
-    good = ~bad
-    return {k: v[good] for k, v in raw.items()}, bad
-
-
-def graph_l2_ids(
-    ctx: DatasetContext, coords: np.ndarray, timestamp: datetime
-) -> dict[int, np.ndarray]:
-    """Layer-2 chunk id -> the L2 ids the graph has in that chunk at ``timestamp``.
-
-    PCG's Bigtable: one read of the chunks' supervoxel key ranges (layer-1 ids of a
-    chunk are contiguous too), newest ``parents`` cell at or before ``timestamp``; the
-    distinct parents are the chunk's L2 ids. A graphene server has no such query, so
-    each chunk is read and relabelled as the worker does (``load_chunk_l2``).
-    """
-    bits = ctx.dataset.spatial_bits
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 3)
-    l2_cids = chunk_ids_of(coords, bits).tolist()
-    g = ctx.dataset.graph
-    if g.kind != "bigtable":
-        return {
-            cid: load_chunk_l2(ctx, c.tolist(), timestamp).l2_ids
-            for cid, c in zip(l2_cids, coords, strict=True)
-        }
-    table = f"projects/{g.project}/instances/{g.instance}/tables/{g.table_id}"
-    cells = CellFilter(
-        columns={GRAPH_FAMILY: [PARENTS]},
-        end_micros=(_ms(timestamp) + 1) * 1000,  # the newest parent at or before it
-        per_column=1,
-    )
-    ranges = chunk_key_ranges(chunk_ids_of(coords, bits, layer=1), bits)
-    svs, parents = [], []
-    for key, row in read_rows(table, ranges=ranges, cells=cells).items():
-        parent = row.get(GRAPH_FAMILY, {}).get(PARENTS)
-        if parent is not None:
-            svs.append(int(key))
-            parents.append(parent)
-    out = {cid: np.zeros(0, dtype=np.uint64) for cid in l2_cids}
-    if not svs:
-        return out
-    parent_ids = np.frombuffer(b"".join(parents), dtype="<u8").astype(np.uint64)
-    sv_chunk = chunk_ids_of(idlib.get_chunk_coords(np.asarray(svs, np.uint64), bits), bits)
-    keep = parent_ids != 0
-    for cid in np.unique(sv_chunk[keep]).tolist():
-        if cid in out:
-            out[cid] = np.unique(parent_ids[keep & (sv_chunk == cid)])
-    return out
-
-
-def run_rows(
-    table: Table | str, run: RunRecord, chunk_ids: np.ndarray, spatial_bits: SpatialBits
-) -> dict[int, dict[int, dict[bytes, bytes]]]:
-    """Layer-2 chunk id -> {l2 id: family-0 cells} of the rows ``run`` wrote there.
-
-    One read of the chunks' key ranges, cells at exactly the run's timestamp (a bulk
-    or region run writes every cell at it); a row is the run's when its
-    ``lineage:run`` at that version names the run.
-    """
-    start = run.cell_timestamp_ms * 1000
-    cells = CellFilter(start_micros=start, end_micros=start + 1000, per_column=1)
-    ranges = chunk_key_ranges(chunk_ids, spatial_bits)
-    out: dict[int, dict[int, dict[bytes, bytes]]] = {
-        int(c): {} for c in np.asarray(chunk_ids).tolist()
-    }
-    mine = run.run_id.encode()
-    keys, rows = [], []
-    for key, row in read_rows(table, ranges=ranges, cells=cells).items():
-        if row.get(LINEAGE_FAMILY, {}).get(b"run") != mine:
-            continue
-        keys.append(int(key))
-        rows.append(dict(row.get(FEATURE_FAMILY, {})))
-    if keys:
-        cids = idlib.get_chunk_id(np.asarray(keys, dtype=np.uint64), spatial_bits).tolist()
-        for key, cid, cells in zip(keys, cids, rows, strict=True):
-            out.setdefault(cid, {})[key] = cells
-    return out
-
-
-def _ms(ts: datetime) -> int:
-    """Milliseconds since the epoch (Bigtable's cell granularity); naive means UTC."""
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return int(ts.timestamp() * 1000)
-
-
-# the bin layout is the engine's: a report names it so a reader can tell
-BIN_LAYOUT = {"log_bins": LOG_BINS, "linear_bins": LINEAR_BINS, "total": TOTAL_BINS}
