@@ -11,27 +11,33 @@ and missing-id runs are kept: they are new L2 ids the previous release never had
 
 Rows of the runs table: ``release:<dataset>:<%010d seq>`` (one per release, JSON in
 ``meta``: release number, run, region, promoted_at, QC verdict, lineage, rollbacks) and
-``release:<dataset>`` (the atomic release counter). A rollback scans only the key
-ranges of the region's chunks (:func:`l2cache_ops.rollback.chunk_key_ranges`), never the
-whole table, and records what it read and how long it took.
+``release:<dataset>`` (the atomic release counter). A rollback walks the region's
+chunks one at a time and reads, a bounded batch at a time, only the key ranges of the
+chunks some later bulk or region run's region holds
+(:func:`l2cache.handlers.rollback_task.rollback_chunks`), never the whole table; above
+:data:`l2cache_ops.rollback.FAN_OUT_CHUNKS` chunks it enqueues ``rollback`` tasks (one
+run each, at that run's own timestamp) instead. It records on the release what it read,
+deleted or enqueued and how long it took; ``dry_run`` writes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterator, Sequence
+from itertools import product
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from l2cache.domain.ids import SpatialBits, chunk_id_from_coords
 from l2cache.domain.lineage import utc_now
-from l2cache.domain.regions import region_chunks, region_from_bbox
+from l2cache.domain.regions import region_from_bbox, region_size
+from l2cache.handlers.rollback_task import BATCH_CHUNKS, ChunkRollback, record_key, rollback_chunks
 from l2cache.store.ledger import RunLedger
 from l2cache_ops.ledger import list_runs, next_sequence, put_record, records
-from l2cache_ops.qc_reports import BATCH_KINDS, chunk_ids_of, load_report
-from l2cache_ops.rollback import chunk_key_ranges, rollback_runs_in_ranges
+from l2cache_ops.qc_reports import BATCH_KINDS, load_report
+from l2cache_ops.rollback import FAN_OUT_CHUNKS, TASK_CHUNKS, Enqueue
 
 if TYPE_CHECKING:  # annotations only: l2cache.compute loads the feature engine (numba)
     from l2cache.compute import DatasetContext
@@ -142,15 +148,41 @@ def _intersect(a: Sequence[int], b: Sequence[int]) -> list[int] | None:
     return None if any(h <= low for low, h in zip(lo, hi, strict=True)) else [*lo, *hi]
 
 
+def chunk_id_of(coords: Sequence[int], bits: SpatialBits) -> int:
+    """The layer-2 chunk id of chunk ``coords`` (the cache's key range of that chunk)."""
+    return int(chunk_id_from_coords(2, np.asarray([coords]), bits)[0])
+
+
+def _box_chunks(box: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+    """The chunks of ``box``, one at a time (a whole release may hold millions)."""
+    x0, y0, z0, x1, y1, z1 = box
+    return product(range(x0, x1), range(y0, y1), range(z0, z1))
+
+
 def rollback_release(
-    ctx: DatasetContext, bbox_voxels: Sequence[int] | None = None
+    ctx: DatasetContext,
+    bbox_voxels: Sequence[int] | None = None,
+    *,
+    dry_run: bool = False,
+    enqueue: Enqueue | None = None,
+    fan_out_chunks: int = FAN_OUT_CHUNKS,
+    task_chunks: int = TASK_CHUNKS,
+    batch_chunks: int = BATCH_CHUNKS,
 ) -> dict[str, Any]:
     """Roll the current release back in a region (voxel box; default its whole region).
 
     Per chunk, the cut-off is the cell timestamp of the previous release covering the
     chunk (none: the rolled-back release's own timestamp, inclusive); every version
-    newer than it written by a bulk or region run of the dataset is deleted, within
-    the chunk's key range only. Returns what was read, deleted and how long it took.
+    newer than it written by a bulk or region run of the dataset whose region holds
+    the chunk is deleted, within the chunk's key range only. Chunks are walked one at
+    a time and read and deleted ``batch_chunks`` at a time (chunks with the same runs
+    to undo share a read), so memory is bounded whatever the region's size; above
+    ``fan_out_chunks`` chunks, with ``enqueue``, one ``rollback`` task per run and
+    ``task_chunks`` chunks is enqueued instead (each deletes only that run's versions
+    at its own timestamp). ``dry_run`` writes nothing: up to the threshold it counts
+    exactly, beyond it reports the chunks and runs (and tasks) only. Returns what was
+    read, deleted (or would be) and how long it took; a real rollback is recorded on
+    the release.
     """
     ledger, ds, table = ctx.ledger, ctx.dataset, ctx.store.table
     history = release_history(ledger, ds.name)
@@ -170,44 +202,92 @@ def rollback_release(
             f"region (chunks {current['region']})"
         )
     t0 = time.perf_counter()
+    now = utc_now()
+    at_ms = int(now.timestamp() * 1000)
     earlier = list(reversed(live[:-1]))  # newest first
     own_ms = current["lineage"]["cell_timestamp_ms"]
-    groups: dict[int, list[list[int]]] = {}
+    # every bulk or region run of the dataset; per chunk, those newer than its cut-off
+    runs = [r for r in list_runs(ledger) if r.dataset == ds.name and r.kind in BATCH_KINDS]
+    stamp_of = {r.run_id: r.cell_timestamp_ms for r in runs}
+    n_chunks = region_size(box)
+    if n_chunks > fan_out_chunks:
+        mode = "queued" if enqueue is not None else "estimate" if dry_run else "inline"
+    else:
+        mode = "inline"
+    size = task_chunks if mode == "queued" else batch_chunks
+    bits = ds.spatial_bits
+    totals = ChunkRollback()
+    tasks: dict[str, int] = {}  # run id -> tasks (queued, or that would be)
     restored: set[int] = set()  # the earlier releases whose values show again
-    for coords in region_chunks(box):
+    chunks_to_undo = 0
+    groups: dict[tuple[str, ...], list[int]] = {}  # runs to undo -> chunk ids waiting
+
+    def flush(run_ids: tuple[str, ...], chunk_ids: list[int]) -> None:
+        if mode == "inline":
+            stamps = [stamp_of[r] for r in run_ids]
+            totals.add(
+                rollback_chunks(table, run_ids, chunk_ids, bits, stamps, dry_run, batch_chunks)
+            )
+        elif mode == "queued":
+            for run_id in run_ids:
+                tasks[run_id] = tasks.get(run_id, 0) + 1
+                if not dry_run and enqueue is not None:
+                    enqueue(run_id, chunk_ids, record_key(ds.name, at_ms, run_id))
+        else:
+            for run_id in run_ids:
+                tasks[run_id] = tasks.get(run_id, 0)
+
+    for coords in _box_chunks(box):
         # a chunk rolled back before is done again: runs since may have written it
         prev = next((r for r in earlier if covers(r, coords)), None)
         cutoff = prev["lineage"]["cell_timestamp_ms"] if prev else own_ms - 1
         if prev:
             restored.add(prev["release"])
-        groups.setdefault(cutoff, []).append(coords)
-    runs = [r for r in list_runs(ledger) if r.dataset == ds.name and r.kind in BATCH_KINDS]
-    totals = {"ranges": 0, "rows_scanned": 0, "rows_touched": 0, "versions_deleted": 0}
-    per_run: dict[str, int] = {}
-    for cutoff, coords in groups.items():
-        run_ids = [r.run_id for r in runs if r.cell_timestamp_ms > cutoff]
-        ranges = chunk_key_ranges(
-            chunk_ids_of(np.asarray(coords), ds.spatial_bits), ds.spatial_bits
+        undo = tuple(
+            r.run_id
+            for r in runs
+            if r.cell_timestamp_ms > cutoff and (r.region is None or _in_box(coords, r.region))
         )
-        after = datetime.fromtimestamp(cutoff / 1000, tz=UTC)
-        done = rollback_runs_in_ranges(table, run_ids, ranges, after=after)
-        for key in totals:
-            totals[key] += getattr(done, key)
-        for run_id, n in done.runs.items():
-            per_run[run_id] = per_run.get(run_id, 0) + n
+        if not undo:
+            continue
+        chunks_to_undo += 1
+        waiting = groups.setdefault(undo, [])
+        waiting.append(chunk_id_of(coords, bits))
+        if len(waiting) >= size:
+            flush(undo, waiting)
+            groups[undo] = []
+    for undo, waiting in groups.items():
+        if waiting:
+            flush(undo, waiting)
     seconds = time.perf_counter() - t0
+    per_run = totals.runs if mode == "inline" else {r: 0 for r in tasks}
     event = {
-        "at": utc_now().isoformat(),
+        "at": now.isoformat(),
         "region": box,
         "whole": whole,
-        "chunks": sum(len(c) for c in groups.values()),
-        **totals,
+        "chunks": n_chunks,
+        "chunks_to_undo": chunks_to_undo,
+        "mode": mode,
+        "tasks": sum(tasks.values()),
+        "ranges": totals.ranges,
+        "rows_scanned": totals.rows_scanned,
+        "rows_touched": totals.rows_touched,
+        "versions_deleted": totals.versions_deleted,
         "runs": per_run,
         "seconds": round(seconds, 4),
     }
+    out = {"release": current["release"], "restored": sorted(restored), "dry_run": dry_run}
+    if dry_run:
+        return {**out, **event}
     current["rollbacks"].append(event)
     if whole:
         current["rolled_back"] = True
         current["rolled_back_at"] = event["at"]
     _write(ledger, current)
-    return {"release": current["release"], "restored": sorted(restored), **event}
+    for run_id, n in tasks.items():  # the fanned-out tasks count their progress here
+        record = {"release": current["release"], "run_id": run_id, "mode": mode, "tasks": n}
+        record.update(at=event["at"], dataset=ds.name, dry_run=False)
+        put_record(
+            ledger, record_key(ds.name, at_ms, run_id), {"meta": json.dumps(record).encode()}
+        )
+    return {**out, **event}

@@ -266,7 +266,17 @@ def test_region_rollback_restores_the_previous_release_in_that_region_only(env, 
     lo = off + cs * np.asarray(REGION_CHUNK)
     region = ",".join(str(int(v)) for v in [*lo, *(lo + cs)])
     capsys.readouterr()
-    assert main(["release", "rollback", DS, "--region", region, "--config", env["path"]]) == 0
+    args = ["release", "rollback", DS, "--region", region, "--config", env["path"]]
+    # without a terminal and without --yes: refused, nothing changed
+    assert main(args) == 2
+    assert "pass --yes" in capsys.readouterr().err
+    # a dry run prints exactly what would go and writes nothing
+    assert main([*args, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert dry.startswith("dry run: release 2 rolled back in chunks [1, 1, 1, 2, 2, 2]")
+    assert f"would delete {3 * inside.size} versions in {inside.size} rows" in dry
+    assert raw(ctx, inside) == before_inside and not current_release(ctx.ledger, DS)["rollbacks"]
+    assert main([*args, "--yes"]) == 0
     out = capsys.readouterr().out
     assert "release 2 rolled back in chunks [1, 1, 1, 2, 2, 2]" in out and "release(s): 1" in out
     after_inside = raw(ctx, inside)

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -102,7 +102,7 @@ def own_timestamp_ms(run: RunRecord) -> int | None:
 
 
 def version_filter(run_ids: Sequence[str], stamps_ms: Sequence[int] | None = None) -> CellFilter:
-    """The ``lineage:run`` versions naming one of ``run_ids`` (values stripped), within
+    """The ``lineage:run`` versions naming one of ``run_ids`` (the value tells which), within
     ``[min(stamps_ms), max(stamps_ms)]`` when given: what a rollback deletes."""
     window: dict[str, int] = {}
     if stamps_ms:
@@ -123,11 +123,16 @@ class ChunkRollback:
     rows_scanned: int = 0  # rows returned: only rows holding a selected version
     rows_touched: int = 0  # rows mutated (dry run: that would be)
     versions_deleted: int = 0  # (row, timestamp) versions removed (dry run: that would be)
+    runs: dict[str, int] = field(default_factory=dict)  # run id -> its versions deleted
 
     def add(self, other: ChunkRollback) -> None:
         """Fold another batch's counts in."""
         for key, value in asdict(other).items():
-            setattr(self, key, getattr(self, key) + value)
+            if key == "runs":
+                for run_id, n in value.items():
+                    self.runs[run_id] = self.runs.get(run_id, 0) + n
+            else:
+                setattr(self, key, getattr(self, key) + value)
 
 
 def rollback_chunks(
@@ -156,16 +161,21 @@ def rollback_chunks(
         found = reader.versions(ranges=ranges, cells=cells)
         rows = []
         for key, families in found.items():
-            stamps = {s for s, _ in families.get(LINEAGE_FAMILY, {}).get(b"run", [])}
-            if stamps_us is not None:
-                stamps &= stamps_us
-            if not stamps:
+            versions = {
+                (s, v)
+                for s, v in families.get(LINEAGE_FAMILY, {}).get(b"run", [])
+                if stamps_us is None or s in stamps_us
+            }
+            if not versions:
                 continue
             row = Row(key)
-            for micros in sorted(stamps):
+            for micros in sorted({s for s, _ in versions}):
                 delete_version(row, micros)
             rows.append(row)
-            done.versions_deleted += len(stamps)
+            done.versions_deleted += len(versions)
+            for _, run_id in versions:
+                name = run_id.decode()
+                done.runs[name] = done.runs.get(name, 0) + 1
         if rows and not dry_run:
             write_rows(table, rows, "rollback")
         done.chunks += len(batch)

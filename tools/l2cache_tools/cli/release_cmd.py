@@ -2,13 +2,22 @@
 
 A promotion the release contract forbids (no QC report, QC failed, QC diffed against
 an older release state, run already released) prints one ``error:`` line and exits 2.
+``release rollback`` takes ``--dry-run`` and asks for confirmation on a terminal; without
+one it refuses (exit 2) unless ``--yes`` (:mod:`.rollback_cmd`).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+from l2cache_ops.rollback import FAN_OUT_CHUNKS
 
 from .common import add_config_arg, config_from
+from .rollback_cmd import add_confirm_args, confirm
+
+if TYPE_CHECKING:  # annotations only
+    from l2cache.compute import DatasetContext
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,6 +41,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rollback.add_argument("dataset")
     rollback.add_argument(
         "--region", metavar="x0,y0,z0,x1,y1,z1", help="voxel box (default: the whole release)"
+    )
+    add_confirm_args(rollback, "the rollback")
+    rollback.add_argument(
+        "--fan-out",
+        type=int,
+        default=FAN_OUT_CHUNKS,
+        metavar="N",
+        help=f"above N chunks, enqueue rollback tasks (default {FAN_OUT_CHUNKS}); "
+        "without a tasks section it all runs here",
     )
     rollback.set_defaults(func=run)
 
@@ -71,7 +89,7 @@ def print_release(r: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     """All three subcommands: each needs the dataset's ledger, opened once here."""
     from l2cache.compute import dataset_context
-    from l2cache_ops.releases import current_release, promote, release_history, rollback_release
+    from l2cache_ops.releases import current_release, promote, release_history
 
     ctx = dataset_context(config_from(args), args.dataset)
     if args.release_command == "promote":
@@ -87,12 +105,55 @@ def run(args: argparse.Namespace) -> int:
         cur = current_release(ctx.ledger, args.dataset)
         print(f"current release: {cur['release'] if cur else 'none'}")
         return 0
-    done = rollback_release(ctx, _region(args.region))
+    return _rollback(args, ctx)
+
+
+def describe_rollback(done: dict) -> str:
+    """One line: what a release rollback did, or (dry) would do."""
     restored = ", ".join(map(str, done["restored"])) or "none (values before the release)"
-    print(
-        f"release {done['release']} rolled back in chunks {done['region']}: "
-        f"{done['versions_deleted']} versions deleted in {done['rows_touched']} rows "
-        f"({done['rows_scanned']} rows scanned in {done['ranges']} key ranges, "
-        f"{done['chunks']} chunks) in {done['seconds']:.3f}s; restored release(s): {restored}"
+    runs = ", ".join(sorted(done["runs"])) or "none"
+    if done["mode"] == "inline":
+        verb = "would delete" if done["dry_run"] else "deleted"
+        what = (
+            f"{verb} {done['versions_deleted']} versions in {done['rows_touched']} rows "
+            f"({done['rows_scanned']} rows scanned in {done['ranges']} key ranges)"
+        )
+    elif done["mode"] == "queued":
+        verb = "would enqueue" if done["dry_run"] else "enqueued"
+        what = f"{verb} {done['tasks']} rollback tasks (the compute function runs them)"
+    else:
+        what = "too many chunks to count in a dry run"
+    head = "dry run: release" if done["dry_run"] else "release"
+    return (
+        f"{head} {done['release']} rolled back in chunks {done['region']}: {what}; "
+        f"{done['chunks_to_undo']} of {done['chunks']} chunks hold later batch runs "
+        f"({runs}) in {done['seconds']:.3f}s; restored release(s): {restored}"
     )
+
+
+def _rollback(args: argparse.Namespace, ctx: DatasetContext) -> int:
+    """``release rollback``: dry run, confirmation (``--yes`` without a terminal), then
+    the rollback, through the queue when the region is large."""
+    import sys
+
+    from l2cache_ops.releases import rollback_release
+    from l2cache_ops.rollback import queue_enqueuer
+
+    cfg = config_from(args)
+    enqueue = queue_enqueuer(cfg.tasks, args.dataset) if cfg.tasks is not None else None
+    region = _region(args.region)
+
+    def go(dry_run: bool) -> dict:
+        return rollback_release(
+            ctx, region, dry_run=dry_run, enqueue=enqueue, fan_out_chunks=args.fan_out
+        )
+
+    if args.dry_run or (not args.yes and sys.stdin.isatty()):
+        print(describe_rollback(go(dry_run=True)))
+        if args.dry_run:
+            return 0
+    refused = confirm(args, f"roll back the current release of {args.dataset}")
+    if refused is not None:
+        return refused
+    print(describe_rollback(go(dry_run=False)))
     return 0
