@@ -46,6 +46,7 @@ from l2cache.domain.failures import (
 from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.tasks import enqueue_region, tasks_client
+from l2cache.handlers.rollback_task import handle_rollback_task
 from l2cache.inputs.volume import in_volume
 from l2cache.store.ledger import RunLedger, RunRecord
 from l2cache.support import logs
@@ -139,6 +140,8 @@ def handle_task(
     try:
         task = _parse_json(body)
         ctx, run = _task_run(config, task)
+        if task.get("kind") == "rollback":  # handles its own failures
+            return handle_rollback_task(ctx, run, task, last)
         task = parse_task(body) if task.get("kind") != "ids" else _parse_ids_task(task)
         _check_task(ctx, run, task)
     except PermanentError as exc:

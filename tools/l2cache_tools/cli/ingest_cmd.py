@@ -22,6 +22,7 @@ from l2cache_ops.slo import SloResult
 from l2cache_ops.status import RunStatus
 
 from .common import add_config_arg, config_from, print_status
+from .rollback_cmd import add_rollback_args
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -82,6 +83,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         q.add_argument("dataset")
         if name != "list":
             q.add_argument("run")
+        if name == "rollback":
+            add_rollback_args(q)
         q.set_defaults(func=runs_command if name != "inspect" else inspect)
     for name, what in (
         ("pause", "stop dispatching tasks (attempts in flight finish)"),
@@ -524,7 +527,7 @@ def reconcile(args: argparse.Namespace) -> int:
 def runs_command(args: argparse.Namespace) -> int:
     """``runs list|show|rollback``: the ledger's record of each run, and undoing what
     one wrote (each row back to its previous version)."""
-    from l2cache_ops.rollback import rollback_run
+    from .rollback_cmd import runs_rollback
 
     _, ctx = _ctx(args)
     if args.runs_command == "list":
@@ -541,6 +544,4 @@ def runs_command(args: argparse.Namespace) -> int:
         for k, v in asdict(run).items():
             print(f"{k:20} {v}")
         return 0
-    n = rollback_run(ctx.store.table, run)
-    print(f"rolled back run {run.run_id}: {n} rows restored to their previous version")
-    return 0
+    return runs_rollback(args, config_from(args), ctx, run)
