@@ -1,4 +1,6 @@
-"""Rollback of every run kind, selected by lineage; then Bigtable lost mid-ingest.
+"""Rollback of every run kind, selected by lineage in the chunks the run's ledger names;
+the CLI's confirmation, dry run and fan-out through the queue (tasks run by the compute
+function); then Bigtable lost mid-ingest.
 
 The last test restarts the Bigtable emulator (memory only: every table is gone), so it
 runs last in this module, on this module's own stack.
@@ -20,7 +22,7 @@ from l2cache.handlers.on_edit import handle_message, stream_run
 from l2cache.store.ledger import new_run
 from l2cache_ops.ingest import start_ingest
 from l2cache_ops.ledger import chunk_rows
-from l2cache_ops.rollback import rollback_run, run_versions
+from l2cache_ops.rollback import rollback_history, rollback_run_touched, run_versions
 from l2cache_tools.dataset.edits import apply_merge, pick_merge
 from l2cache_tools.local.emulators import start_bigtable_emulator
 from l2cache_tools.local.stack import LocalStack
@@ -47,6 +49,13 @@ def bulk(ctx, kind="bulk_ingest", chunks=CHUNKS, region=(0, 0, 0, 2, 2, 2)):
     for c in chunks:
         assert compute_chunk(ctx, run, c)["status"] == "done"
     return run
+
+
+def rollback(ctx, run):
+    """The proportional rollback (the ledger's chunks only); returns rows touched."""
+    return rollback_run_touched(
+        ctx.store.table, ctx.ledger, run, ctx.dataset.spatial_bits
+    ).deleted.rows_touched
 
 
 def nodes_of(ctx, chunk, run) -> np.ndarray:
@@ -79,12 +88,12 @@ def test_rollback_of_bulk_and_region_runs_restores_the_previous_values(env):
         region.run_id.encode(),
     }
     for run in (region, second):
-        touched = rollback_run(ctx.store.table, run)
+        touched = rollback(ctx, run)
         assert touched and not run_versions(ctx.store.table, run.run_id)
     after = newest(ctx, nodes)
     assert after == before  # the first run's bytes and lineage, exactly
     # rolling back the only run leaves no value at all: nothing stale survives
-    rollback_run(ctx.store.table, first)
+    rollback(ctx, first)
     assert newest(ctx, nodes) == {} or all(not r.get("0") for r in newest(ctx, nodes).values())
     bulk(ctx)  # leave the table populated for the next tests
 
@@ -104,7 +113,7 @@ def test_rollback_of_an_edit_stream_removes_every_version_it_wrote(env):
     run = ctx.ledger.get_run(stream_run("edit_stream", ctx.dataset).run_id)
     versions = run_versions(ctx.store.table, run.run_id)
     assert len(versions[b"%020d" % new]) == 2  # two messages, two versions of one row
-    assert rollback_run(ctx.store.table, run) == 2
+    assert rollback(ctx, run) == 2
     assert not run_versions(ctx.store.table, run.run_id)
     assert not newest(ctx, [new]).get(new, {}).get("0")  # only the stream ever wrote it
     assert newest(ctx, [existing]) == before  # the bulk value is current again
@@ -118,8 +127,58 @@ def test_rollback_of_a_missing_ids_run_restores_the_bulk_values(env):
     assert result["status"] == "ok" and result["written"] == 3
     run = ctx.ledger.get_run(stream_run("missing_ids", ctx.dataset).run_id)
     assert {r["lineage"][b"run"] for r in newest(ctx, nodes).values()} == {run.run_id.encode()}
-    assert rollback_run(ctx.store.table, run) == 3
+    assert rollback(ctx, run) == 3
     assert newest(ctx, nodes) == before
+
+
+def test_runs_rollback_confirms_dry_runs_and_fans_out_through_the_queue(env, capsys):
+    """Without a terminal the CLI refuses unless --yes; --dry-run changes nothing; above
+    --fan-out chunks the rollback is enqueued and the compute function's tasks finish it."""
+    from l2cache.handlers.compute_chunk import handle_task
+    from l2cache_tools.cli import main
+
+    ctx = env["ctx"]
+    nodes = np.concatenate(
+        [nodes_of(ctx, c, stream_run("edit_stream", ctx.dataset)) for c in CHUNKS]
+    )
+    before = newest(ctx, nodes)
+    run = bulk(ctx)
+    args = ["runs", "rollback", DS, run.run_id, "--config", str(env["stack"].config_path)]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "refusing without a terminal" in capsys.readouterr().err
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"dry run: run {run.run_id} (bulk_ingest): 8 touched chunks")
+    assert f"would delete {nodes.size} versions" in out
+    assert main([*args, "--dry-run", "--fan-out", "2"]) == 0
+    assert "would enqueue 1 rollback tasks" in capsys.readouterr().out
+    assert len(run_versions(ctx.store.table, run.run_id)) == nodes.size  # all still there
+    assert main([*args, "--yes", "--fan-out", "2"]) == 0
+    assert "enqueued 1 rollback tasks (1 new" in capsys.readouterr().out
+    wait_for(lambda: not run_versions(ctx.store.table, run.run_id), 60, "the rollback tasks")
+    assert newest(ctx, nodes) == before  # the previous run's values, exactly
+    record = wait_for(
+        lambda: [
+            r
+            for r in rollback_history(ctx.ledger, DS)
+            if r["run_id"] == run.run_id and r.get("tasks_done")
+        ],
+        30,
+        "the task's progress in the record",
+    )[-1]
+    assert record["mode"] == "queued" and record["queued_versions_deleted"] == nodes.size
+    # a malformed rollback task is answered 200 and rejected, and never marks the run broken
+    body = b'{"kind": "rollback", "dataset": "%s", "run_id": "%s", "chunks": [1]}' % (
+        DS.encode(),
+        run.run_id.encode(),
+    )
+    status, answer = handle_task(env["config"], body)
+    assert status == 200 and answer["status"] == "rejected"
+    from l2cache_ops.ledger import rejected_tasks
+
+    assert not rejected_tasks(ctx.ledger, run.run_id)
+    bulk(ctx)  # leave the table populated
 
 
 def test_bigtable_lost_mid_ingest_reports_the_run_broken_never_done(env, capsys):
