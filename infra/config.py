@@ -8,6 +8,7 @@ a malformed edits topic path) before any resource is declared.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Any
 import pulumi
 import sizing
 import yaml
+
+from l2cache.config import ConfigError as MapError
+from l2cache.config import dispatch_settings
 
 TOPIC_PATH = re.compile(r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[A-Za-z][\w.~+%-]{2,254}$")
 LB_SCHEMES = ("EXTERNAL_MANAGED", "EXTERNAL")
@@ -69,6 +73,11 @@ class StackConfig:
     url_map: str | None = None  # the operator's existing URL map (for the printed commands)
     lookup_ingress: str | None = None  # None: derived (ALLOW_INTERNAL_AND_GCLB behind an LB)
     chunks_per_task: int = sizing.DEFAULT_CHUNKS_PER_TASK
+    # the largest run the queue is sized for (l2cache:datasetChunks, else the map's
+    # largest dataset with volume_size and chunk_size, else minnie65's 11.6 M chunks)
+    dataset_chunks: int = sizing.MINNIE65_CHUNKS
+    # None: derived, what the workers' capacity leaves beside the bulk queue (at least 1)
+    edits_queue_max_concurrent: int | None = None
 
     @property
     def bigtable_project(self) -> str:
@@ -107,6 +116,36 @@ class StackConfig:
         return float((self.datasets.get("tasks") or {}).get("attempt_deadline_s", 1800))
 
     @property
+    def edits_queue_name(self) -> str:
+        """The edits queue the dataset map names (``tasks.edits_queue``, default
+        ``<queue>-edits``, as l2cache.config derives it)."""
+        tk = self.datasets.get("tasks") or {}
+        return tk.get("edits_queue") or f"{tk.get('queue', 'l2cache-compute')}-edits"
+
+    @property
+    def edits_max_concurrent(self) -> int:
+        """The edits queue's concurrency: ``l2cache:editsQueueMaxConcurrent``, else the
+        workers' capacity the bulk queue leaves free (at least 1)."""
+        if self.edits_queue_max_concurrent is not None:
+            return self.edits_queue_max_concurrent
+        capacity = self.worker_max_instances * sizing.WORKER_REQUESTS_PER_INSTANCE
+        return max(1, capacity - self.queue_max_concurrent)
+
+    def dispatch_plan(self) -> sizing.DispatchPlan:
+        """The bulk queue's derived settings and projection for ``dataset_chunks``
+        (:func:`l2cache_ops.sizing.plan_dispatch`, with the map's fan-out and ramp)."""
+        fan_out, ramp = map_dispatch(self.datasets)
+        return sizing.plan_dispatch(
+            self.dataset_chunks,
+            self.worker_max_instances,
+            sizing.WORKER_REQUESTS_PER_INSTANCE,
+            chunk_s=sizing.chunk_seconds(self.chunk_size),
+            fan_out=fan_out,
+            ramp=ramp,
+            batch=self.chunks_per_task,
+        )
+
+    @property
     def map_read_ahead(self) -> bool:
         """The dataset map's ``tasks.read_ahead``: workers then hold one more chunk's read."""
         return bool((self.datasets.get("tasks") or {}).get("read_ahead", False))
@@ -124,6 +163,28 @@ class StackConfig:
         return bool(ds.get("existing_cache_table")) or (
             ds["cache_table_id"] in self.existing_cache_tables
         )
+
+
+def map_dispatch(datasets: Mapping[str, Any]) -> tuple[int, Any]:
+    """The dataset map's ``tasks.fan_out`` and ``tasks.ramp`` (checked as the functions
+    check them), the span tree and leaf schedule the queue is sized for."""
+    try:
+        return dispatch_settings(datasets.get("tasks") or {})
+    except MapError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def map_dataset_chunks(datasets: Mapping[str, Any]) -> int | None:
+    """Chunks of the map's largest dataset that states ``volume_size`` and
+    ``chunk_size`` (the others' geometry is in their segmentation info, not read here)."""
+    sizes = [
+        math.prod(
+            -(-int(v) // int(c)) for v, c in zip(d["volume_size"], d["chunk_size"], strict=True)
+        )
+        for d in (datasets.get("datasets") or {}).values()
+        if isinstance(d, Mapping) and d.get("volume_size") and d.get("chunk_size")
+    ]
+    return max(sizes) if sizes else None
 
 
 def map_auth_section(datasets: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -175,7 +236,9 @@ def validate(cfg: StackConfig) -> None:
     the key to change; run by ``load`` and again by ``program.build`` (a StackConfig made
     by hand is checked too)."""
     try:
-        sizing.check_queue_concurrency(cfg.queue_max_concurrent, cfg.worker_max_instances)
+        sizing.check_queue_concurrency(
+            cfg.queue_max_concurrent, cfg.worker_max_instances, cfg.edits_queue_max_concurrent
+        )
         sizing.worker_memory_mib(cfg.chunk_size, cfg.map_read_ahead)
         sizing.worker_timeout_s(cfg.chunk_size, cfg.chunks_per_task)
     except sizing.SizingError as exc:
@@ -231,6 +294,21 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
         datasets_file = (Path(__file__).parent / datasets_file).resolve()
     datasets = yaml.safe_load(datasets_file.read_text())
     map_attempts = int((datasets.get("tasks") or {}).get("max_attempts", 10))
+    workers = cfg.get_int("workerMaxInstances") or sizing.DEFAULT_WORKER_MAX_INSTANCES
+    chunks_per_task = cfg.get_int("maxChunksPerTask") or sizing.DEFAULT_CHUNKS_PER_TASK
+    dataset_chunks = (
+        cfg.get_int("datasetChunks") or map_dataset_chunks(datasets) or sizing.MINNIE65_CHUNKS
+    )
+    fan_out, ramp = map_dispatch(datasets)
+    # the derived queue settings (docs/design.md, "Dispatch"): explicit keys win
+    plan = sizing.plan_dispatch(
+        dataset_chunks,
+        workers,
+        sizing.WORKER_REQUESTS_PER_INSTANCE,
+        fan_out=fan_out,
+        ramp=ramp,
+        batch=chunks_per_task,
+    )
     out = StackConfig(
         project=gcp.require("project"),
         region=gcp.get("region") or "us-east1",
@@ -243,14 +321,12 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
         chunk_size=tuple(cfg.get_object("chunkSize") or (256, 256, 512)),
         lookup_invokers=list(cfg.get_object("lookupInvokers") or []),
         lookup_max_instances=cfg.get_int("lookupMaxInstances") or 20,
-        worker_max_instances=cfg.get_int("workerMaxInstances")
-        or sizing.DEFAULT_WORKER_MAX_INSTANCES,
+        worker_max_instances=workers,
         queue_max_attempts=cfg.get_int("queueMaxAttempts") or map_attempts,
         queue_min_backoff_s=cfg.get_int("queueMinBackoffSeconds") or 5,
         queue_max_backoff_s=cfg.get_int("queueMaxBackoffSeconds") or 300,
-        queue_max_concurrent=cfg.get_int("queueMaxConcurrent")
-        or sizing.DEFAULT_QUEUE_MAX_CONCURRENT,
-        queue_max_per_second=cfg.get_float("queueMaxPerSecond") or 20.0,
+        queue_max_concurrent=cfg.get_int("queueMaxConcurrent") or plan.max_concurrent_dispatches,
+        queue_max_per_second=cfg.get_float("queueMaxPerSecond") or plan.max_dispatches_per_second,
         graph_instances=list(cfg.get_object("graphInstances") or []),
         segmentation_buckets=list(cfg.get_object("segmentationBuckets") or []),
         cave_auth=parse_cave_auth(cfg.get("caveAuth"), datasets),
@@ -263,7 +339,9 @@ def load(cfg: pulumi.Config | None = None, gcp: pulumi.Config | None = None) -> 
         lookup_domain=cfg.get("lookupDomain") or None,
         url_map=cfg.get("urlMap") or None,
         lookup_ingress=cfg.get("lookupIngress") or None,
-        chunks_per_task=cfg.get_int("maxChunksPerTask") or sizing.DEFAULT_CHUNKS_PER_TASK,
+        chunks_per_task=chunks_per_task,
+        dataset_chunks=dataset_chunks,
+        edits_queue_max_concurrent=cfg.get_int("editsQueueMaxConcurrent"),
     )
     validate(out)
     return out

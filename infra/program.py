@@ -83,6 +83,7 @@ def export(d: Deployment) -> None:
     pulumi.export("missing_ids_topic", d.messaging.missing.id)
     pulumi.export("dead_letter_topic", d.messaging.dead_letter.id)
     pulumi.export("queue", d.workers.queue_id)
+    pulumi.export("edits_queue", d.workers.edits_queue_id)
     pulumi.export("bigtable_instance", d.storage.instance_name)
     pulumi.export("cache_tables", d.storage.cache_table_names)
     pulumi.export("existing_cache_tables", d.storage.existing_tables)

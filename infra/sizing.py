@@ -22,14 +22,19 @@ from collections.abc import Sequence
 # -- memory and CPU: the one definition, shared with the cost figures -----------------
 from l2cache_ops.sizing import (  # noqa: F401  (re-exported: infra reads sizing.<name>)
     BYTES_PER_VOXEL,
+    CLOUD_TASKS_MAX_DISPATCHES_PER_S,
     CPU_FOR_MEMORY,
     INTERPRETER_MIB,
     MAX_MEMORY_MIB,
     MEMORY_HEADROOM,
     MEMORY_STEP_MIB,
+    MINNIE65_CHUNKS,
     READ_AHEAD_BYTES_PER_VOXEL,
+    DispatchPlan,
     SizingError,
     cpu_for_memory,
+    plan_dispatch,
+    queue_concurrency,
     worker_memory_mib,
 )
 
@@ -48,7 +53,10 @@ DEFAULT_CHUNKS_PER_TASK = 4  # = l2cache.domain.regions.DEFAULT_BATCH, the CLI's
 # -- concurrency ----------------------------------------------------------------------
 WORKER_REQUESTS_PER_INSTANCE = 1  # memory is sized for exactly one chunk at a time
 DEFAULT_WORKER_MAX_INSTANCES = 50
-DEFAULT_QUEUE_MAX_CONCURRENT = DEFAULT_WORKER_MAX_INSTANCES * WORKER_REQUESTS_PER_INSTANCE
+# the bulk queue's share; the edits queue keeps the rest (l2cache_ops.sizing.queue_concurrency)
+DEFAULT_QUEUE_MAX_CONCURRENT = queue_concurrency(
+    DEFAULT_WORKER_MAX_INSTANCES, WORKER_REQUESTS_PER_INSTANCE
+)[0]
 
 
 def chunk_seconds(chunk_size: Sequence[int]) -> float:
@@ -82,10 +90,22 @@ def on_edit_timeout_s(
     return min(worker_timeout_s(chunk_size, chunks_per_task), PUSH_ACK_DEADLINE_S)
 
 
-def check_queue_concurrency(max_concurrent: int, worker_max_instances: int) -> None:
+def check_queue_concurrency(
+    max_concurrent: int, worker_max_instances: int, edits_max_concurrent: int | None = None
+) -> None:
     """Dispatches beyond the instances that can take them only queue up inside Cloud Run
-    (and time out or 429); refuse the configuration instead of deploying it."""
+    (and time out or 429); refuse the configuration instead of deploying it. With an
+    explicit ``edits_max_concurrent`` both queues together must fit: the edits queue's
+    share is what keeps an edit from waiting behind a bulk ingest."""
     capacity = worker_max_instances * WORKER_REQUESTS_PER_INSTANCE
+    if edits_max_concurrent is not None and max_concurrent + edits_max_concurrent > capacity:
+        raise SizingError(
+            f"l2cache:queueMaxConcurrent={max_concurrent} + "
+            f"l2cache:editsQueueMaxConcurrent={edits_max_concurrent} exceeds what "
+            f"compute_chunk can run at once: l2cache:workerMaxInstances={worker_max_instances}"
+            f" x {WORKER_REQUESTS_PER_INSTANCE} = {capacity}; an edit would wait for a free "
+            "worker behind the bulk queue"
+        )
     if max_concurrent > capacity:
         raise SizingError(
             f"l2cache:queueMaxConcurrent={max_concurrent} exceeds what compute_chunk can run "

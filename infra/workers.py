@@ -32,11 +32,13 @@ class Workers(pulumi.ComponentResource):
     compute_chunk: gcp.cloudfunctionsv2.Function
     on_edit: gcp.cloudfunctionsv2.Function
     queue: gcp.cloudtasks.Queue
+    edits_queue: gcp.cloudtasks.Queue  # multi-chunk edits, never behind a bulk run
     invokers: list[gcp.cloudrunv2.ServiceIamMember]
     grants: list[pulumi.CustomResource]
     compute_chunk_url: pulumi.Output[str]  # the dataset map's tasks.compute_url
     on_edit_url: pulumi.Output[str]  # the push endpoint
     queue_id: pulumi.Output[str]
+    edits_queue_id: pulumi.Output[str]
 
     def __init__(
         self,
@@ -79,6 +81,7 @@ class Workers(pulumi.ComponentResource):
             child_opts(self),
         )
         self.queue = tasks.queue(cfg, child_opts(self))
+        self.edits_queue = tasks.edits_queue(cfg, child_opts(self))
         self.invokers = [
             functions.invoker(
                 "compute_chunk",
@@ -95,11 +98,13 @@ class Workers(pulumi.ComponentResource):
         self.compute_chunk_url = self.compute_chunk.url
         self.on_edit_url = self.on_edit.url
         self.queue_id = self.queue.id
+        self.edits_queue_id = self.edits_queue.id
         self.register_outputs(
             {
                 "compute_chunk_url": self.compute_chunk_url,
                 "on_edit_url": self.on_edit_url,
                 "queue": self.queue_id,
+                "edits_queue": self.edits_queue_id,
             }
         )
 
@@ -166,6 +171,18 @@ class Workers(pulumi.ComponentResource):
             gcp.cloudtasks.QueueIamMember(
                 "worker-enqueues",
                 name=self.queue.name,
+                location=cfg.region,
+                project=cfg.project,
+                role="roles/cloudtasks.enqueuer",
+                member=worker,
+                opts=child_opts(self),
+            )
+        )
+        # multi-chunk edits: on_edit (the worker account) enqueues them on the edits queue
+        out.append(
+            gcp.cloudtasks.QueueIamMember(
+                "worker-enqueues-edits",
+                name=self.edits_queue.name,
                 location=cfg.region,
                 project=cfg.project,
                 role="roles/cloudtasks.enqueuer",

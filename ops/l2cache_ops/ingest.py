@@ -1,7 +1,10 @@
 """Start or resume a bulk ingest or a region reprocess: record the run, enqueue its root task.
 
-The split fan-out itself (:func:`l2cache.domain.regions.plan_task`) runs in the
-compute_chunk workers; this is the operator's side, which never runs in the cloud.
+The root task is one span over all the run's positions ``[0, n_chunks)`` of its keyed
+chunk order; the fan-out itself (:func:`l2cache.domain.spans.plan_span`) runs in the
+compute_chunk workers, which schedule the leaves by the warm-up ramp counted from the
+run's start (a resume ramps again from its own start: ``t0_ms``). This is the operator's
+side, which never runs in the cloud.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from l2cache.compute import dataset_context
 from l2cache.config import L2CacheConfig
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.regions import DEFAULT_BATCH, region_from_bbox, region_size
-from l2cache.gcp.tasks import enqueue_region, tasks_client
+from l2cache.gcp.tasks import enqueue_span, tasks_client
 from l2cache.store.ledger import RunRecord, new_run
 
 
@@ -25,10 +28,10 @@ def start_ingest(
     trigger: str = "cli",
     pinned_revision: str | None = None,
 ) -> RunRecord:
-    """Record a run (or reopen one to resume) and enqueue its root split task.
+    """Record a run (or reopen one to resume) and enqueue its root span task.
 
     A new run's tasks are generation 0; a resume gets a fresh generation (task names
-    stay unique per (run, region, generation), see :func:`l2cache.gcp.tasks.task_id`).
+    stay unique per (run, span, generation), see :func:`l2cache.gcp.tasks.span_task_id`).
     """
     if config.tasks is None:
         raise ValueError("the dataset map has no 'tasks' section: nowhere to enqueue")
@@ -43,7 +46,11 @@ def start_ingest(
         )
     if resume_run:
         run = ctx.ledger.get_run(resume_run)
-        generation = "resume" + utc_now().strftime("%Y%m%dT%H%M%S%f")
+        if run.region is None or run.n_chunks != region_size(run.region):
+            raise ValueError(f"run {run.run_id} is a {run.kind} run: nothing to resume by chunk")
+        now = utc_now()
+        generation = "resume" + now.strftime("%Y%m%dT%H%M%S%f")
+        t0_ms = int(now.timestamp() * 1000)
     else:
         region = region_from_bbox(ctx.dataset, bbox_voxels)
         kind = "region_reprocess" if bbox_voxels is not None else "bulk_ingest"
@@ -52,7 +59,16 @@ def start_ingest(
         )
         ctx.ledger.create_run(run)
         generation = 0
-    enqueue_region(
-        tasks_client(), config.tasks, dataset_name, run.run_id, run.region, batch, generation
+        t0_ms = None  # the workers ramp from the run record's created_at
+    enqueue_span(
+        tasks_client(),
+        config.tasks,
+        dataset_name,
+        run.run_id,
+        0,
+        run.n_chunks,
+        batch,
+        generation,
+        t0_ms=t0_ms,
     )
     return run

@@ -11,7 +11,10 @@ to name the paths. Example::
     pubsub: {project: my-project, missing_ids_topic: l2cache-missing-ids,
              edits_topic: pcg-edits, dead_letter_topic: l2cache-dead-letter}
     tasks: {project: my-project, location: us-east1, queue: l2cache-compute,
-            compute_url: https://.../compute_chunk}
+            compute_url: https://.../compute_chunk,
+            edits_queue: l2cache-compute-edits,  # optional: the default is <queue>-edits
+            fan_out: 16,                         # optional: span tasks per split
+            ramp: {start_per_s: 5, growth: 1.5, step_s: 300, max_per_s: 500}}  # optional
     max_ids_per_request: 75000
     auth: {url: global.example.org/auth, service_namespace: pychunkedgraph}   # optional: CAVE auth
     virtual_tables: {minnie65_public_v117: minnie65_public}                  # optional aliases
@@ -38,6 +41,7 @@ from typing import Any
 import yaml
 
 from l2cache.domain.ids import SpatialBits
+from l2cache.domain.spans import DEFAULT_FAN_OUT, Ramp
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +148,18 @@ class TasksConfig:
     # read the next chunk of a batch while this one computes (pipeline.compute_chunks):
     # worth it only with a second vCPU, and it needs memory for one more read in flight
     read_ahead: bool = False
+    # multi-chunk edits go on their own queue (None: "<queue>-edits"), so an edit never
+    # waits behind the millions of tasks of a bulk ingest (docs/design.md, "Dispatch")
+    edits_queue: str | None = None
+    # a span task wider than its batch enqueues at most this many child spans
+    fan_out: int = DEFAULT_FAN_OUT
+    # leaf span tasks are scheduled by this warm-up ramp from the run's start
+    ramp: Ramp = field(default_factory=Ramp)
+
+    @property
+    def edits_queue_name(self) -> str:
+        """The queue on_edit enqueues multi-chunk edits on."""
+        return self.edits_queue or f"{self.queue}-edits"
 
 
 @dataclass(frozen=True)
@@ -280,6 +296,9 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
             max_attempts=_positive_int(tk, "max_attempts", 10, source),
             attempt_deadline_s=float(_positive_int(tk, "attempt_deadline_s", 1800, source)),
             read_ahead=_flag(tk, "read_ahead", source),
+            edits_queue=_optional_str(tk, "edits_queue", source),
+            fan_out=_fan_out(tk, source),
+            ramp=_ramp(tk, source),
         )
         if tk
         else None
@@ -366,6 +385,49 @@ def _positive_int(section: Mapping, key: str, default: int, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{where}: '{key}' must be a positive integer, got {value!r}")
     return value
+
+
+def _optional_str(section: Mapping, key: str, where: str) -> str | None:
+    value = section.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{where}: '{key}' must be a non-empty string when given")
+    return value
+
+
+def dispatch_settings(tasks: Mapping, where: str = "dataset map") -> tuple[int, Ramp]:
+    """The map's ``tasks.fan_out`` and ``tasks.ramp``, checked, from the raw ``tasks``
+    section: for infra, which sizes the queue from them without resolving datasets."""
+    return _fan_out(tasks, where), _ramp(tasks, where)
+
+
+def _fan_out(tasks: Mapping, where: str) -> int:
+    """``tasks.fan_out``: at least 2 (a split must split), at most 1000 (one task's
+    enqueues stay well inside its timeout)."""
+    value = _positive_int(tasks, "fan_out", DEFAULT_FAN_OUT, where)
+    if not 2 <= value <= 1000:
+        raise ConfigError(f"{where}: 'tasks.fan_out' must be in 2..1000, got {value}")
+    return value
+
+
+def _ramp(tasks: Mapping, where: str) -> Ramp:
+    """``tasks.ramp``: ``start_per_s`` (0 = no ramp), ``growth`` (> 1), ``step_s`` and
+    ``max_per_s`` (> 0); each optional (:class:`l2cache.domain.spans.Ramp`'s defaults)."""
+    section = config_section(tasks, "ramp", f"{where}: tasks")
+    unknown = set(section) - {"start_per_s", "growth", "step_s", "max_per_s"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown tasks.ramp keys {sorted(unknown)}")
+    base = Ramp()
+    values = {}
+    for key in ("start_per_s", "growth", "step_s", "max_per_s"):
+        v = section.get(key, getattr(base, key))
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{where}: tasks.ramp.{key} must be a number, got {v!r}")
+        values[key] = float(v)
+    if values["start_per_s"] < 0 or values["growth"] <= 1:
+        raise ConfigError(f"{where}: tasks.ramp needs start_per_s >= 0 and growth > 1")
+    if values["step_s"] <= 0 or values["max_per_s"] <= 0:
+        raise ConfigError(f"{where}: tasks.ramp needs step_s > 0 and max_per_s > 0")
+    return Ramp(**values)
 
 
 def _str(section: Mapping, key: str, where: str) -> str:

@@ -70,6 +70,9 @@ def test_more_dispatches_than_worker_instances_is_refused(cfg):
     msg = refused(cfg, queue_max_concurrent=81, worker_max_instances=80)
     assert "queueMaxConcurrent=81" in msg and "workerMaxInstances=80" in msg
     config.validate(dataclasses.replace(cfg, queue_max_concurrent=80, worker_max_instances=80))
+    msg = refused(cfg, queue_max_concurrent=75, edits_queue_max_concurrent=6)
+    assert "editsQueueMaxConcurrent=6" in msg and "workerMaxInstances=80" in msg
+    config.validate(dataclasses.replace(cfg, queue_max_concurrent=75, edits_queue_max_concurrent=5))
 
 
 def test_edits_topic_must_be_a_full_path(cfg):
@@ -161,7 +164,18 @@ def test_load_reads_the_new_keys(stack_settings):
 def test_load_defaults_are_deployable_and_refuses_oversubscription(stack_settings):
     stack_settings()
     got = config.load()
-    assert got.queue_max_concurrent == got.worker_max_instances == 50
+    # derived (l2cache_ops.sizing): 10 % of the 50 instances kept for the edits queue,
+    # the bulk queue's rate from the map's largest dataset (512 chunks: the 20/s floor)
+    assert (got.worker_max_instances, got.queue_max_concurrent, got.edits_max_concurrent) == (
+        50,
+        45,
+        5,
+    )
+    assert got.queue_max_per_second == 20.0 and got.dataset_chunks == 512
+    stack_settings(**{"l2cache:datasetChunks": "11600000"})  # minnie65: Cloud Tasks' cap
+    got = config.load()
+    assert got.queue_max_per_second == 500.0 and got.dataset_chunks == 11_600_000
+    assert got.dispatch_plan().dispatch_s <= 3 * 3600
     assert not got.cave_auth and not got.routed and got.ingress == "ALLOW_ALL"
     assert got.pcg_edits_topic is None  # the map's bare "pcg-edits" names no project
     stack_settings(**{"l2cache:queueMaxConcurrent": "100"})

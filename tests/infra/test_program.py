@@ -99,6 +99,7 @@ def test_iam_is_exactly_the_least_privilege_set(built):
                     WORKER,
                 ),
                 ("QueueIamMember", "worker-enqueues", "roles/cloudtasks.enqueuer", WORKER),
+                ("QueueIamMember", "worker-enqueues-edits", "roles/cloudtasks.enqueuer", WORKER),
                 (
                     "IAMMember",
                     "worker-acts-as-tasks-invoker",
@@ -130,16 +131,26 @@ def test_iam_is_exactly_the_least_privilege_set(built):
 @pulumi.runtime.test
 def test_queue_retry_and_rate_settings(built):
     def verify():
-        (queue,) = of_type("gcp:cloudtasks/queue:Queue")
-        assert queue.inputs["retryConfig"] == {
-            "maxAttempts": 7,
-            "minBackoff": "5s",
-            "maxBackoff": "300s",
-            "maxDoublings": 5,
-        }
-        assert queue.inputs["rateLimits"] == {
+        queues = {q.name: q for q in of_type("gcp:cloudtasks/queue:Queue")}
+        assert set(queues) == {"compute-queue", "edits-queue"}
+        for queue in queues.values():
+            assert queue.inputs["retryConfig"] == {
+                "maxAttempts": 7,
+                "minBackoff": "5s",
+                "maxBackoff": "300s",
+                "maxDoublings": 5,
+            }
+        assert queues["compute-queue"].inputs["name"] == "l2cache-compute"
+        assert queues["compute-queue"].inputs["rateLimits"] == {
             "maxConcurrentDispatches": 80,
             "maxDispatchesPerSecond": 40.0,
+        }
+        # the edits queue: the map's default name; all 80 instances go to the bulk queue
+        # here (queueMaxConcurrent=80), so edits get the floor of 1 at Cloud Tasks' rate
+        assert queues["edits-queue"].inputs["name"] == "l2cache-compute-edits"
+        assert queues["edits-queue"].inputs["rateLimits"] == {
+            "maxConcurrentDispatches": 1,
+            "maxDispatchesPerSecond": 500.0,
         }
 
     return check(built, verify)
@@ -295,6 +306,7 @@ CHILDREN = {
         "fn-compute_chunk",
         "fn-on_edit",
         "compute-queue",
+        "edits-queue",
         "invoke-compute_chunk",
         "invoke-on_edit",
         "worker-writes-minnie",
@@ -304,6 +316,7 @@ CHILDREN = {
         "worker-reads-graph-0",
         "worker-reads-segmentation-0",
         "worker-enqueues",
+        "worker-enqueues-edits",
         "worker-acts-as-tasks-invoker",
     },
     "l2cache:index:Monitoring": {*LOG_METRICS, "dashboard"},
@@ -323,7 +336,12 @@ def test_each_component_parents_exactly_its_resources(built):
         "l2cache:index:Storage": [res.storage.runs, res.storage.bucket, res.storage.instance],
         "l2cache:index:Messaging": [res.messaging.dead_letter, *res.messaging.grants],
         "l2cache:index:Lookup": [res.lookup.function, *res.lookup.invokers, *res.lookup.grants],
-        "l2cache:index:Workers": [res.workers.queue, res.workers.on_edit, *res.workers.grants],
+        "l2cache:index:Workers": [
+            res.workers.queue,
+            res.workers.edits_queue,
+            res.workers.on_edit,
+            *res.workers.grants,
+        ],
         "l2cache:index:Monitoring": [res.monitoring.dashboard, *res.monitoring.metrics.values()],
     }
     urns = {typ: pulumi.Output.all(*(r.urn for r in rs)) for typ, rs in owned.items()}
@@ -410,6 +428,7 @@ def test_components_register_their_outputs(built):
             "compute_chunk_url": "https://l2cache-compute-chunk-xyz.a.run.app",
             "on_edit_url": "https://l2cache-on-edit-xyz.a.run.app",
             "queue": "compute-queue_id",
+            "edits_queue": "edits-queue_id",
         },
         "l2cache:index:Monitoring": {
             "dashboard": "dashboard_id",
@@ -463,6 +482,7 @@ def test_stack_exports_are_the_component_outputs(built):
             "missing_ids_topic": "projects/proj/topics/l2cache-missing-ids",
             "dead_letter_topic": "projects/proj/topics/l2cache-dead-letter",
             "queue": "compute-queue_id",
+            "edits_queue": "edits-queue_id",
             "bigtable_instance": "l2cache",
             "cache_tables": {"minnie": "l2cache_minnie_v1", "pinky": "l2cache_pinky_v1"},
             "existing_cache_tables": {},

@@ -10,6 +10,17 @@ under a deterministic name (a retried split re-enqueues the same names and Cloud
 drops the duplicates); a smaller one is computed here, skipping chunks the run already
 finished (resume and duplicate delivery cost nothing and count once).
 
+Bulk and region runs start with a *span* task over positions of the run's scattered
+chunk order (:mod:`l2cache.domain.spans`)::
+
+    {"kind": "span", "dataset": "...", "run_id": "...", "start": 0, "stop": 11600000,
+     "batch": 4, "generation": 0, "t0_ms": 1700000000000}
+
+A span wider than ``batch`` enqueues up to ``tasks.fan_out`` child spans (leaves
+scheduled by the warm-up ramp from ``t0_ms``, default the run's start); a leaf computes
+the chunks at its positions exactly as a region leaf does. Region tasks remain for
+reconcile, ``--sample`` and runs started before spans.
+
 The HTTP status follows the failure contract (:mod:`l2cache.domain.failures`), because Cloud
 Tasks retries every non-2xx answer: 200 for success and for permanent failures
 (recorded: in the ledger when the run exists, in the log otherwise), 503 for transient
@@ -22,6 +33,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -43,9 +56,11 @@ from l2cache.domain.failures import (
     gave_up,
     is_last_attempt,
 )
+from l2cache.domain.permutation import permutation_key
 from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
+from l2cache.domain.spans import plan_span, ramp_offset_s, span_chunks
 from l2cache.gcp.bigtable import bigtable_instance
-from l2cache.gcp.tasks import enqueue_region, tasks_client
+from l2cache.gcp.tasks import enqueue_region, enqueue_span, tasks_client
 from l2cache.handlers.rollback_task import handle_rollback_task
 from l2cache.inputs.volume import in_volume
 from l2cache.store.ledger import RunLedger, RunRecord
@@ -57,6 +72,9 @@ RETRY_COUNT_HEADER = "X-CloudTasks-TaskRetryCount"
 MAX_AT_MS = 2**45  # ~3084 AD in milliseconds: beyond it, not a publish time
 DeadLetter = Callable[[bytes, dict[str, str]], object]  # (data, attributes); result unused
 Enqueue = Callable[[list[int]], object]  # enqueue the task of one region; result unused
+# enqueue one child span (start, stop, schedule time or None); result unused
+SpanEnqueue = Callable[[int, int, "datetime | None"], object]
+SPAN_ENQUEUE_THREADS = 8  # a split's create_task calls in parallel (fan_out may be 16+)
 
 
 class BadTask(BadRequest):
@@ -73,6 +91,8 @@ def parse_task(body: bytes) -> dict[str, Any]:
     task = _parse_json(body)
     if task.get("kind") == "ids":
         return _parse_ids_task(task)
+    if task.get("kind") == "span":
+        return _parse_span_task(task)
     for key in ("dataset", "run_id", "region"):
         if key not in task:
             raise BadTask(f"task body lacks {key!r}")
@@ -111,6 +131,28 @@ def _parse_ids_task(task: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
+def _parse_span_task(task: dict[str, Any]) -> dict[str, Any]:
+    """A span task: positions ``[start, stop)`` of a run's scattered chunk order
+    (checked against the run's size in :func:`_check_task`)."""
+    for key in ("dataset", "run_id", "start", "stop", "batch"):
+        if key not in task:
+            raise BadTask(f"span task lacks {key!r}")
+    if not isinstance(task["dataset"], str) or not isinstance(task["run_id"], str):
+        raise BadTask("dataset and run_id must be strings")
+    ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not (ok_int(task["start"]) and ok_int(task["stop"]) and 0 <= task["start"] < task["stop"]):
+        raise BadTask("span needs integers 0 <= start < stop")
+    if not ok_int(task["batch"]) or task["batch"] < 1:
+        raise BadTask("batch must be a positive integer")
+    generation = task.get("generation", 0)
+    if isinstance(generation, bool) or not isinstance(generation, int | str):
+        raise BadTask("generation must be an integer or a string")
+    task["generation"] = generation
+    if "t0_ms" in task and (not ok_int(task["t0_ms"]) or not 0 < task["t0_ms"] < MAX_AT_MS):
+        raise BadTask("t0_ms must be a time in milliseconds since the epoch")
+    return task
+
+
 def attempt_number(headers: Mapping[str, str] | None) -> int:
     """1-based attempt of this delivery, from Cloud Tasks' retry-count header."""
     try:
@@ -125,6 +167,7 @@ def handle_task(
     headers: Mapping[str, str] | None = None,
     enqueue: Enqueue | None = None,
     dead_letter: DeadLetter | None = None,
+    enqueue_child_span: SpanEnqueue | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Run one task; returns (HTTP status, JSON summary).
 
@@ -160,6 +203,8 @@ def handle_task(
 
     if task.get("kind") == "ids":
         return _ids_task(ctx, run, task, attempt, last, dead_letter)
+    if task.get("kind") == "span":
+        return _span_task(config, ctx, run, task, attempt, last, enqueue_child_span)
     kind, items = plan_task(task["region"], task["batch"])
     if kind == "split" and enqueue is None and config.tasks is None:
         # no queue to put the parts on: no retry can change that (the map is wrong)
@@ -171,24 +216,146 @@ def handle_task(
             for sub in items:
                 enqueue(sub)
             return 200, {"split": len(items)}
-        ids = [chunk_id(ctx, c) for c in items]
-        done = ctx.ledger.done_among(run.run_id, ids)
-        todo = [(cid, c) for cid, c in zip(ids, items, strict=True) if cid not in done]
-        ctx.ledger.chunks_queued(run, todo, attempt)
-        results = [
-            {"chunk": c, "status": "skipped"}
-            for cid, c in zip(ids, items, strict=True)
-            if cid in done
-        ]
-        coords = [c for _, c in todo]
-        read_ahead = bool(config.tasks and config.tasks.read_ahead)
-        results += compute_chunks(ctx, run, coords, last, attempt, read_ahead=read_ahead)
-        return 200, {"chunks": results}
+        return 200, {"chunks": _compute_leaf(config, ctx, run, items, attempt, last)}
     except Exception as exc:  # transient: Bigtable/storage hiccup, enqueue failure, ...
         if last:
             return _give_up_region(ctx, run, task["region"], gave_up(attempt, exc), attempt)
         log.exception("task failed; Cloud Tasks will retry")
         return 503, {"error": describe(exc)}
+
+
+def _compute_leaf(
+    config: L2CacheConfig,
+    ctx: DatasetContext,
+    run: RunRecord,
+    items: list[list[int]],
+    attempt: int,
+    last: bool,
+) -> list[dict[str, Any]]:
+    """A leaf task's chunks (region or span): skip the done ones (resume reads only these
+    rows), mark the rest queued by this attempt, compute them; the per-chunk results."""
+    ids = [chunk_id(ctx, c) for c in items]
+    done = ctx.ledger.done_among(run.run_id, ids)
+    todo = [(cid, c) for cid, c in zip(ids, items, strict=True) if cid not in done]
+    ctx.ledger.chunks_queued(run, todo, attempt)
+    results = [
+        {"chunk": c, "status": "skipped"} for cid, c in zip(ids, items, strict=True) if cid in done
+    ]
+    coords = [c for _, c in todo]
+    read_ahead = bool(config.tasks and config.tasks.read_ahead)
+    results += compute_chunks(ctx, run, coords, last, attempt, read_ahead=read_ahead)
+    return results
+
+
+def _span_task(
+    config: L2CacheConfig,
+    ctx: DatasetContext,
+    run: RunRecord,
+    task: dict[str, Any],
+    attempt: int,
+    last: bool,
+    enqueue_child: SpanEnqueue | None,
+) -> tuple[int, dict[str, Any]]:
+    """Split a span into child spans (leaves scheduled by the ramp) or compute its chunks.
+
+    A split's children are named per (run, start, stop, generation): a retried split
+    re-enqueues the same names and the queue drops the duplicates. On the last attempt
+    a leaf records its chunks failed (status counts them, the run can end); a split
+    records the run broken with the span that was lost (``reconcile`` or ``--resume``
+    re-covers it), since its range may hold millions of chunks.
+    """
+    start, stop, batch = task["start"], task["stop"], task["batch"]
+    fan_out = config.tasks.fan_out if config.tasks else 2
+    kind, children = plan_span(start, stop, batch, fan_out)
+    if kind == "split" and enqueue_child is None and config.tasks is None:
+        reason = BadTask("the dataset map has no 'tasks' section: a split cannot enqueue its parts")
+        return _reject(ctx, run, task, reason, attempt)
+    try:
+        if kind == "split":
+            enqueue_child = enqueue_child or _span_enqueuer(config, task)
+            times = _leaf_times(config, run, task, children)
+            with ThreadPoolExecutor(min(SPAN_ENQUEUE_THREADS, len(children))) as pool:
+                list(pool.map(enqueue_child, *zip(*children, strict=True), times))
+            return 200, {"split": len(children)}
+        items = span_chunks(run.region or [], permutation_key(run.run_id), start, stop)
+        return 200, {"chunks": _compute_leaf(config, ctx, run, items, attempt, last)}
+    except Exception as exc:  # transient: Bigtable/storage hiccup, enqueue failure, ...
+        if not last:
+            log.exception("span task failed; Cloud Tasks will retry")
+            return 503, {"error": describe(exc)}
+        return _give_up_span(ctx, run, task, kind, gave_up(attempt, exc), attempt)
+
+
+def _leaf_times(
+    config: L2CacheConfig, run: RunRecord, task: dict[str, Any], children: list[tuple[int, int]]
+) -> list[datetime | None]:
+    """Each child's schedule time: the ramp's offset of its leaf index from the run's
+    start (``t0_ms``, else the run record's ``created_at``) for a leaf, None (due now)
+    for a split, and None for all when the map's ramp is off."""
+    ramp = config.tasks.ramp if config.tasks else None
+    if ramp is None or not ramp.enabled:
+        return [None] * len(children)
+    batch = task["batch"]
+    if "t0_ms" in task:
+        t0 = datetime.fromtimestamp(task["t0_ms"] / 1000, tz=UTC)
+    else:
+        t0 = datetime.fromisoformat(run.created_at)
+        t0 = t0 if t0.tzinfo else t0.replace(tzinfo=UTC)
+    offsets = ramp_offset_s(np.array([a // batch for a, _ in children]), ramp).tolist()
+    return [
+        t0 + timedelta(seconds=off) if b - a <= batch else None
+        for (a, b), off in zip(children, offsets, strict=True)
+    ]
+
+
+def _give_up_span(
+    ctx: DatasetContext,
+    run: RunRecord,
+    task: dict[str, Any],
+    kind: str,
+    reason: str,
+    attempt: int,
+) -> tuple[int, dict[str, Any]]:
+    """The last attempt of a span failed: record it (see :func:`_span_task`), then 200;
+    503 when even that record cannot be written, so the span is delivered again."""
+    start, stop = task["start"], task["stop"]
+    log.error("span [%d, %d) of run %s: %s", start, stop, run.run_id, reason)
+    try:
+        if kind == "compute":
+            for c in span_chunks(run.region or [], permutation_key(run.run_id), start, stop):
+                cid = chunk_id(ctx, c)
+                ctx.ledger.chunk_finished(run, cid, c, "failed", error=reason, attempts=attempt)
+        else:
+            ctx.ledger.task_rejected(run.run_id, f"span [{start}, {stop}) was lost: {reason}")
+    except Exception:
+        log.exception("could not record that the span task gave up")
+        return 503, {"status": "error", "error": reason}
+    return 200, {"status": "failed", "error": reason}
+
+
+def _span_enqueuer(config: L2CacheConfig, task: dict[str, Any]) -> SpanEnqueue:
+    """Enqueue a split's child spans as tasks of the same run, batch, generation and
+    ramp start, under scattered deterministic names (:func:`l2cache.gcp.tasks.span_task_id`)."""
+    tasks = config.tasks
+    if tasks is None:  # _span_task rejects a split on such a map before it gets here
+        raise ValueError("the dataset map has no 'tasks' section")
+    client = tasks_client()
+
+    def enqueue(start: int, stop: int, when: datetime | None) -> str | None:
+        return enqueue_span(
+            client,
+            tasks,
+            task["dataset"],
+            task["run_id"],
+            start,
+            stop,
+            task["batch"],
+            task["generation"],
+            task.get("t0_ms"),
+            when,
+        )
+
+    return enqueue
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
@@ -254,6 +421,14 @@ def _check_task(ctx: DatasetContext, run: RunRecord, task: dict[str, Any]) -> No
         own = idlib.get_chunk_coords(ids, bits)
         if ((own != np.asarray(chunk)).any(1) & (idlib.get_layer(ids) == 2)).any():
             raise BadTask("ids task names layer-2 ids of another chunk")
+        return
+    if task.get("kind") == "span":
+        if run.region is None or region_size(run.region) != run.n_chunks:
+            raise BadTask(f"run {run.run_id} has no chunk region a span can index")
+        if task["stop"] > run.n_chunks:
+            raise BadTask(
+                f"span [{task['start']}, {task['stop']}) exceeds the run's {run.n_chunks} chunks"
+            )
         return
     region = task["region"]
     if any(v > limit for v in region):

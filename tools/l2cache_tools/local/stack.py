@@ -34,6 +34,11 @@ PROJECT = "l2cache-local"
 INSTANCE = "l2cache"
 LOCATION = "us-east1"
 QUEUE = "l2cache-compute"
+EDITS_QUEUE = "l2cache-compute-edits"  # multi-chunk edits: never behind a bulk run
+EDITS_WORKERS = 1  # compute_chunk processes kept for the edits queue alone
+# the warm-up ramp of leaf span tasks, faster than the cloud's (5/s, x1.5 per 5 min) so a
+# local run is not slowed: every leaf of a small run is due within a second
+LOCAL_RAMP = {"start_per_s": 50, "growth": 1.5, "step_s": 60, "max_per_s": 500}
 EDITS_TOPIC = "pcg-edits"
 MISSING_TOPIC = "l2cache-missing-ids"
 DEAD_LETTER_TOPIC = "l2cache-dead-letter"
@@ -105,6 +110,8 @@ class LocalStack:
                 "project": PROJECT,
                 "location": LOCATION,
                 "queue": QUEUE,
+                "edits_queue": EDITS_QUEUE,
+                "ramp": dict(LOCAL_RAMP),
                 "compute_url": compute_url,
                 "max_attempts": self.max_attempts,
                 "attempt_deadline_s": self.attempt_deadline_s,
@@ -163,7 +170,10 @@ class LocalStack:
         self.processes.append(
             start_function(
                 "compute_chunk",
-                env_for("compute_chunk", {"WORKERS": str(self.compute_workers), "THREADS": "1"}),
+                env_for(
+                    "compute_chunk",
+                    {"WORKERS": str(self.compute_workers + EDITS_WORKERS), "THREADS": "1"},
+                ),
                 port=compute_port,
                 log_dir=logs,
                 runtime=runtimes.get("compute_chunk"),
@@ -229,14 +239,22 @@ class LocalStack:
         from l2cache.gcp.tasks import ensure_queue, tasks_client
 
         cfg = load_config(self.config_path)
-        ensure_queue(
-            tasks_client(),
-            cfg.tasks,
-            max_attempts=self.max_attempts,
-            min_backoff_s=0.2,
-            max_backoff_s=5,
-            max_concurrent=self.compute_workers,
-        )
+        client = tasks_client()
+        # the bulk queue may occupy compute_workers processes, the edits queue the one
+        # more process started for it: an edit never waits for a bulk task to finish
+        for queue, concurrent in (
+            (cfg.tasks.queue, self.compute_workers),
+            (cfg.tasks.edits_queue_name, EDITS_WORKERS),
+        ):
+            ensure_queue(
+                client,
+                cfg.tasks,
+                max_attempts=self.max_attempts,
+                min_backoff_s=0.2,
+                max_backoff_s=5,
+                max_concurrent=concurrent,
+                queue=queue,
+            )
 
     def write_state(self) -> None:
         """Record the endpoints and process ids, so ``l2cache local down`` can stop a
