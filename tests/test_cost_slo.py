@@ -14,10 +14,11 @@ from types import SimpleNamespace
 import pytest
 
 from l2cache.config import ConfigError, parse_config
+from l2cache.store.runstate import latency_bin
 from l2cache_ops import cost
 from l2cache_ops.settings import check_sections, slo_targets
 from l2cache_ops.sizing import cpu_for_memory, worker_memory_mib
-from l2cache_ops.slo import MET, MISSED, NO_DATA, SloTargets, edit_latencies, evaluate
+from l2cache_ops.slo import MET, MISSED, NO_DATA, SloTargets, bin_quantile, evaluate
 from l2cache_tools.cli.ingest_cmd import scattered_chunks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,8 +285,9 @@ def test_bad_slo_targets_are_config_errors(slo, words):
         check_sections(parse_config({**BASE, "slo": slo}))
 
 
-def _status(done, failed, rate):
-    return SimpleNamespace(done=done, failed=failed, rate_per_s=rate, retrying=0)
+def _status(done, failed, rate, totals=None):
+    counts = SimpleNamespace(totals=totals or {})
+    return SimpleNamespace(done=done, failed=failed, rate_per_s=rate, retrying=0, counts=counts)
 
 
 def test_verdicts_met_missed_and_no_data():
@@ -299,30 +301,15 @@ def test_verdicts_met_missed_and_no_data():
         qc_pass=True,
         max_usd_per_mm3=10,
     )
-    rows = [
-        {"status": "done", "attempts": 1},
-        {
-            "status": "done",
-            "attempts": 2,
-            "first_failed_at": "2026-01-01T00:00:00+00:00",
-            "finished_at": "2026-01-01T00:00:30+00:00",
-        },
-        {"status": "failed", "attempts": 3, "first_failed_at": "2026-01-01T00:00:00+00:00"},
-    ]
-    events = [
-        {
-            "kind": "edit",
-            "status": "ok",
-            "published_at": "2026-01-01T00:00:00+00:00",
-            "recorded_at": f"2026-01-01T00:00:0{s}+00:00",
-        }
-        for s in (0, 1, 3)
-    ] + [{"kind": "missing", "status": "ok", "published_at": "x", "recorded_at": "y"}]
+    # 3 chunks started, 2 needed a second attempt, 1 recovered after 30 s, 1 still failed
+    totals = {"started": 3, "retried": 2, "recovered": 1, f"rec.{latency_bin(30)}": 1}
+    # edit latencies 0, 1 and 3 s: bins of 0.5 s, 1 s and 3 s
+    lat = {latency_bin(0): 1, latency_bin(1): 1, latency_bin(3): 1}
     rc = cost.RunCost(usd=5.0, chunks=2, compute_s=1, l2_rows=1, mm3=1.0)
     got = {
         r.name: r
         for r in evaluate(
-            t, _status(2, 1, 0.05), rows, rc, {"passed": False, "reasons": ["coverage 50%"]}, events
+            t, _status(2, 1, 0.05, totals), rc, {"passed": False, "reasons": ["coverage 50%"]}, lat
         )
     }
     assert got["throughput"].value == pytest.approx(180) and got["throughput"].verdict == MET
@@ -331,20 +318,26 @@ def test_verdicts_met_missed_and_no_data():
     assert got["time to recover a failed chunk"].verdict == MISSED  # one still failed
     assert got["edit-to-available p50"].value == pytest.approx(1.0)
     assert got["edit-to-available p50"].verdict == MET
-    assert got["edit-to-available p95"].verdict == MISSED  # 2.8 s > 2 s
+    assert got["edit-to-available p95"].value == pytest.approx(3.0)  # the 3 s bin's edge
+    assert got["edit-to-available p95"].verdict == MISSED
     assert got["QC pass"].verdict == MISSED and "coverage 50%" in got["QC pass"].detail
     assert got["cost envelope"].verdict == MET
 
-    none = {
-        r.name: r for r in evaluate(t, _status(0, 0, 0), [], cost.RunCost(0, 0, 0, 0, 0), None, [])
-    }
+    recovered = evaluate(t, _status(3, 0, 0.05, totals), rc, None, {})
+    rec = {r.name: r for r in recovered}["time to recover a failed chunk"]
+    assert rec.value == pytest.approx(30) and rec.verdict == MET  # the 30 s bin's edge
+
+    none = {r.name: r for r in evaluate(t, _status(0, 0, 0), cost.RunCost(0, 0, 0, 0, 0), None, {})}
     assert all(r.verdict == NO_DATA for r in none.values())
     assert none["QC pass"].detail == "no QC yet"
 
 
-def test_edit_latency_uses_inline_edits_only():
-    ev = [{"kind": "edit", "status": "fanned_out", "published_at": "a", "recorded_at": "b"}]
-    assert edit_latencies(ev) == []
+def test_latency_quantiles_read_the_upper_bin_edge():
+    assert bin_quantile({}, 0.5) is None
+    bins = {latency_bin(0.2): 98, latency_bin(100): 2}
+    assert bin_quantile(bins, 0.5) == 0.5
+    assert bin_quantile(bins, 0.99) == 120
+    assert bin_quantile({latency_bin(10_000): 1}, 0.5) == float("inf")  # the open last bin
 
 
 def test_sample_is_scattered_deterministic_and_distinct():

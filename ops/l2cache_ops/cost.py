@@ -370,11 +370,30 @@ def run_cost(
     attempts held the instance too), and the mm^3 the done chunks cover."""
     rows = list(rows)
     done = [r for r in rows if r.get("status") == "done"]
-    voxels = sum(int(r.get("voxels", 0) or 0) for r in done)
-    compute_s = sum(float(r.get("duration_s", 0) or 0) for r in done)
-    l2_rows = sum(int(r.get("l2_count", 0) or 0) for r in done)
-    attempts = sum(int(r.get("attempts", 1) or 1) for r in done)
-    busy = busy_seconds(rows)
+    totals = {
+        "done": len(done),
+        "voxels": sum(int(r.get("voxels", 0) or 0) for r in done),
+        "compute_ms": sum(float(r.get("duration_s", 0) or 0) for r in done) * 1000,
+        "l2": sum(int(r.get("l2_count", 0) or 0) for r in done),
+        "attempts": sum(int(r.get("attempts", 1) or 1) for r in done),
+    }
+    return cost_from_counts(totals, busy_seconds(rows), voxel_volume_nm3, p)
+
+
+def cost_from_counts(
+    totals: Mapping[str, float], busy_s: float, voxel_volume_nm3: float, p: Prices = PRICES
+) -> RunCost:
+    """Cost of a run from its counters (``done``, ``voxels``, ``compute_ms``, ``l2``,
+    ``attempts``: :mod:`l2cache.store.runstate`) and its busy seconds: what ``status``
+    and the dashboard print, with the same prices and parts as :func:`run_cost`.
+
+    Attempts are every dispatch the run paid for, failed ones included.
+    """
+    compute_s = float(totals.get("compute_ms", 0)) / 1000.0
+    l2_rows = int(totals.get("l2", 0))
+    attempts = int(totals.get("attempts", 0))
+    voxels = int(totals.get("voxels", 0))
+    busy = busy_s
     parts = {
         "compute_usd": compute_s * p.worker_second,
         "dispatch_usd": attempts * p.dispatch,
@@ -383,7 +402,7 @@ def run_cost(
     }
     return RunCost(
         usd=sum(parts.values()),
-        chunks=len(done),
+        chunks=int(totals.get("done", 0)),
         compute_s=compute_s,
         l2_rows=l2_rows,
         mm3=voxels * voxel_volume_nm3 / NM3_PER_MM3,

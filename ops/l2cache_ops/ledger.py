@@ -13,7 +13,7 @@ import json
 import struct
 from typing import Any
 
-from l2cache.gcp.bigtable import read_row
+from l2cache.gcp.bigtable import RowCells, read_row, read_rows
 from l2cache.gcp.bigtable_write import Row, increment, write_rows
 from l2cache.store.ledger import (
     LEDGER_FAMILY,
@@ -23,6 +23,8 @@ from l2cache.store.ledger import (
     prefix_rows,
     row_cells,
 )
+
+TEXT_COLUMNS = ("status", "state", "finished_at", "started_at", "first_failed_at", "queued_at")
 
 
 def list_runs(ledger: RunLedger) -> list[RunRecord]:
@@ -60,27 +62,36 @@ def chunk_rows(ledger: RunLedger, run_id: str) -> list[dict[str, Any]]:
     """Every chunk row of the run, decoded (``chunk_id`` added, ``attempts`` the counter's
     integer, times and status as text, the rest JSON); a row with no status yet is
     ``running``. The whole-run scan status, QC and reconcile are built on."""
-    out = []
-    for key, r in prefix_rows(ledger.table, f"chunk:{run_id}:".encode()).items():
-        cells = row_cells(r, LEDGER_FAMILY)
-        entry: dict[str, Any] = {"chunk_id": int(key.rsplit(b":", 1)[1])}
-        for k, v in cells.items():
-            if k == "attempts":
-                entry[k] = struct.unpack(">q", v)[0]
-            elif k in (
-                "status",
-                "state",
-                "finished_at",
-                "started_at",
-                "first_failed_at",
-                "queued_at",
-            ):
-                entry[k] = v.decode()
-            else:
-                entry[k] = json.loads(v)
-        entry.setdefault("status", "running")
-        out.append(entry)
-    return out
+    return [
+        _decode_chunk(int(key.rsplit(b":", 1)[1]), r)
+        for key, r in prefix_rows(ledger.table, f"chunk:{run_id}:".encode()).items()
+    ]
+
+
+def _decode_chunk(chunk_id: int, r: RowCells) -> dict[str, Any]:
+    """One chunk row decoded: counters as integers, times and states as text, the rest
+    JSON; a row with no status yet is ``running``."""
+    entry: dict[str, Any] = {"chunk_id": chunk_id}
+    for k, v in row_cells(r, LEDGER_FAMILY).items():
+        if k == "attempts":
+            entry[k] = struct.unpack(">q", v)[0]
+        elif k in TEXT_COLUMNS:
+            entry[k] = v.decode()
+        else:
+            entry[k] = json.loads(v)
+    entry.setdefault("status", "running")
+    return entry
+
+
+def chunk_rows_of(ledger: RunLedger, run_id: str, chunk_ids: list[int]) -> list[dict[str, Any]]:
+    """The chunk rows of ``chunk_ids`` only, decoded as :func:`chunk_rows` does; a chunk
+    with no row yet is ``pending``. O(len(chunk_ids)) by key, never a scan."""
+    keys = [b"chunk:%s:%020d" % (run_id.encode(), cid) for cid in chunk_ids]
+    found = read_rows(ledger.table, keys=keys)
+    return [
+        _decode_chunk(cid, found[k]) if k in found else {"chunk_id": cid, "status": "pending"}
+        for cid, k in zip(chunk_ids, keys, strict=True)
+    ]
 
 
 def done_chunks(ledger: RunLedger, run_id: str) -> set[int]:

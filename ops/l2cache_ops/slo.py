@@ -2,34 +2,34 @@
 
 Targets come from the dataset map's optional ``slo:`` section (top level, overridden
 key by key by a dataset's own ``slo:``); a target left out is not checked. Every
-measurement is read from the runs ledger, never from a separate metrics store, so
+measurement is read from the run's counters in the runs table (kept by the workers as
+chunks finish: :mod:`l2cache.store.runstate`), never from a separate metrics store, so
 ``l2cache status``, the HTML dashboard and a test see the same numbers:
 
 | SLO | target key | measured as |
 | --- | --- | --- |
-| throughput | ``throughput_chunks_per_h`` (min) | done chunks / hours from run start to last finish |
+| throughput | ``throughput_chunks_per_h`` (min) | done chunks per hour over the last minutes (the run's average once it is quiet) |
 | failure rate | ``max_failure_rate`` | failed / (done + failed) chunks |
 | retry rate | ``max_retry_rate`` | chunks that needed more than one attempt / chunks started |
-| time to recover | ``max_recover_s`` | done - first failure of chunks that failed and then finished (a chunk still failed is unrecovered: missed) |
-| edit-to-available | ``edit_p50_s``, ``edit_p95_s`` | event recorded (``recorded_at``) - PCG's publish time, edit events computed inline |
+| time to recover | ``max_recover_s`` | done - first failure of chunks that failed and then finished, binned (upper edge of the worst bin; a chunk still failed is unrecovered: missed) |
+| edit-to-available | ``edit_p50_s``, ``edit_p95_s`` | event recorded - PCG's publish time, edit events computed inline, read off the latency bins (upper bin edge) |
 | QC | ``qc_pass: true`` | the run's QC report passed (``l2cache_ops.qc``) |
 | cost envelope | ``max_usd_per_mm3`` | run cost / mm^3 of its done chunks (``l2cache_ops.cost``) |
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from datetime import datetime
 from typing import Any
-
-import numpy as np
 
 from l2cache.config import DatasetConfig
 from l2cache.store.ledger import RunLedger
+from l2cache.store.runstate import LATENCY_EDGES_S
 from l2cache_ops.cost import RunCost
-from l2cache_ops.ledger import events, list_runs
+from l2cache_ops.ledger import list_runs
 from l2cache_ops.qc_reports import load_report
+from l2cache_ops.runstate import read_counts
 from l2cache_ops.status import RunStatus
 
 MET, MISSED, NO_DATA = "met", "missed", "no data"
@@ -91,67 +91,66 @@ def _verdict(
     return MET if ok else MISSED
 
 
-def _ts(text: str) -> datetime:
-    return datetime.fromisoformat(text)
+def bin_quantile(bins: Mapping[int, int], q: float) -> float | None:
+    """The ``q`` quantile of a latency histogram (``lat.<bin>`` counters), read as the
+    upper edge of the bin it falls in: an upper bound within one bin's width (the
+    edges: :data:`l2cache.store.runstate.LATENCY_EDGES_S`); the open last bin reads as
+    infinite. None without data."""
+    total = sum(bins.values())
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for i in sorted(bins):
+        seen += bins[i]
+        if seen >= rank:
+            return LATENCY_EDGES_S[i] if i < len(LATENCY_EDGES_S) else float("inf")
+    return float("inf")
 
 
-def recovery_seconds(rows: Iterable[Mapping[str, Any]]) -> tuple[list[float], int]:
-    """Seconds from first failure to done of every recovered chunk, and how many chunks
-    failed and are still failed (unrecovered)."""
-    recovered, unrecovered = [], 0
-    for r in rows:
-        first = r.get("first_failed_at")
-        if not first:
-            continue
-        if r.get("status") == "done" and r.get("finished_at"):
-            recovered.append((_ts(r["finished_at"]) - _ts(first)).total_seconds())
-        elif r.get("status") == "failed":
-            unrecovered += 1
-    return recovered, unrecovered
-
-
-def edit_latencies(events: Iterable[Mapping[str, Any]]) -> list[float]:
-    """Publish -> recorded seconds of edit events whose values were written inline."""
-    out = []
-    for e in events:
-        if e.get("kind") != "edit" or e.get("status") not in ("ok", "partial"):
-            continue
-        if e.get("recorded_at") and e.get("published_at"):
-            out.append((_ts(e["recorded_at"]) - _ts(e["published_at"])).total_seconds())
+def prefixed_bins(totals: Mapping[str, int], prefix: str) -> dict[int, int]:
+    """``{bin: count}`` of the counters named ``<prefix>.<bin>``."""
+    out: dict[int, int] = {}
+    for name, value in totals.items():
+        head, _, index = name.partition(".")
+        if head == prefix and index.isdigit() and value:
+            out[int(index)] = out.get(int(index), 0) + value
     return out
 
 
-def stream_events(ledger: RunLedger, dataset: str) -> list[dict]:
-    """Every event of the dataset's edit-stream runs (all code revisions)."""
-    out: list[dict] = []
+def stream_latency_bins(ledger: RunLedger, dataset: str) -> dict[int, int]:
+    """The dataset's edit-to-available latency histogram, over all its edit-stream runs
+    (every code revision): their counters, never their event rows."""
+    bins: dict[int, int] = {}
     for run in list_runs(ledger):
         if run.dataset == dataset and run.kind == "edit_stream":
-            out.extend(events(ledger, run.run_id))
-    return out
+            for i, n in prefixed_bins(read_counts(ledger, run.run_id).totals, "lat").items():
+                bins[i] = bins.get(i, 0) + n
+    return bins
 
 
 def evaluate(
     targets: SloTargets,
     status: RunStatus,
-    rows: list[Mapping[str, Any]],
     run_cost: RunCost,
     qc_report: Mapping[str, Any] | None,
-    events: list[Mapping[str, Any]],
+    latency_bins: Mapping[int, int],
 ) -> list[SloResult]:
-    """Every objective of ``targets`` measured on a run (its RunStatus, ledger chunk
-    rows and RunCost) and the dataset's edit events."""
+    """Every objective of ``targets`` measured on a run (its RunStatus with its counters,
+    RunCost and QC report) and the dataset's edit latency histogram."""
+    totals = status.counts.totals if status.counts is not None else {}
     finished = status.done + status.failed
-    started = [r for r in rows if int(r.get("attempts", 0) or 0) > 0]
-    retried = [r for r in started if int(r.get("attempts", 0)) > 1]
-    recovered, unrecovered = recovery_seconds(rows)
-    lat = edit_latencies(events)
-    p50 = float(np.percentile(lat, 50)) if lat else None
-    p95 = float(np.percentile(lat, 95)) if lat else None
+    started, retried = int(totals.get("started", 0)), int(totals.get("retried", 0))
+    recovered = int(totals.get("recovered", 0))
+    n_lat = sum(latency_bins.values())
+    p50 = bin_quantile(latency_bins, 0.5)
+    p95 = bin_quantile(latency_bins, 0.95)
     throughput = status.rate_per_s * 3600 if status.done else None
     fail_rate = status.failed / finished if finished else None
-    retry_rate = len(retried) / len(started) if started else None
+    retry_rate = retried / started if started else None
     # a chunk still failed has not recovered (missed); no failure at all: nothing to time
-    recover = float("inf") if unrecovered else (max(recovered) if recovered else None)
+    worst = bin_quantile(prefixed_bins(totals, "rec"), 1.0)
+    recover = float("inf") if status.failed else worst
+    unrecovered = status.failed
     qc_passed = None if qc_report is None else bool(qc_report.get("passed"))
     per_mm3 = run_cost.per_mm3
     t = targets
@@ -182,7 +181,7 @@ def evaluate(
             t.max_retry_rate,
             retry_rate,
             _verdict(retry_rate, t.max_retry_rate),
-            f"{len(retried)} of {len(started)} chunks retried",
+            f"{retried} of {started} chunks retried",
         ),
         SloResult(
             "time to recover a failed chunk",
@@ -190,7 +189,7 @@ def evaluate(
             t.max_recover_s,
             recover,
             _verdict(recover, t.max_recover_s),
-            f"{len(recovered)} recovered, {unrecovered} still failed",
+            f"{recovered} recovered, {unrecovered} still failed",
         ),
         SloResult(
             "edit-to-available p50",
@@ -198,7 +197,7 @@ def evaluate(
             t.edit_p50_s,
             p50,
             _verdict(p50, t.edit_p50_s),
-            f"{len(lat)} edits",
+            f"{n_lat} edits",
         ),
         SloResult(
             "edit-to-available p95",
@@ -206,7 +205,7 @@ def evaluate(
             t.edit_p95_s,
             p95,
             _verdict(p95, t.edit_p95_s),
-            f"{len(lat)} edits",
+            f"{n_lat} edits",
         ),
         SloResult(
             "QC pass",
@@ -234,16 +233,15 @@ def run_slos(
     run_id: str,
     status: RunStatus,
 ) -> list[SloResult]:
-    """Evaluate ``targets`` for one run of ``dataset_cfg``: the status's own rows and cost
-    (so the cost SLO judges the figure ``status`` prints, not a second computation),
-    the run's stored QC report and the dataset's stream events."""
+    """Evaluate ``targets`` for one run of ``dataset_cfg``: the status's own counters and
+    cost (so the cost SLO judges the figure ``status`` prints, not a second
+    computation), the run's stored QC report and the dataset's edit latency counters."""
     return evaluate(
         targets,
         status,
-        status.rows,
         status.cost,
         load_report(ledger, run_id, with_chunks=False),
-        stream_events(ledger, dataset_cfg.name),
+        stream_latency_bins(ledger, dataset_cfg.name),
     )
 
 

@@ -1,4 +1,4 @@
-"""Run status from the ledger: progress, rate, ETA, failures and cost.
+"""Run status from the run's incrementally kept state: progress, rate, ETA, failures, cost.
 
 Cost is computed by :mod:`l2cache_ops.cost` (the one place with unit prices) from the
 ledger's measured compute seconds, attempts and row counts, per chunk, per run and per
@@ -11,11 +11,27 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
+
+from l2cache.domain import ids as idlib
+from l2cache.domain.ids import SpatialBits
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.regions import region_chunks
-from l2cache.store.ledger import RunLedger
-from l2cache_ops.cost import PRICES, Prices, RunCost, run_cost
-from l2cache_ops.ledger import chunk_rows, failed_tasks, rejected_tasks
+from l2cache.gcp.bigtable import CellFilter, read_rows
+from l2cache.store import runstate
+from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, RunRecord
+from l2cache_ops.cost import PRICES, Prices, RunCost, cost_from_counts
+from l2cache_ops.ledger import failed_tasks, rejected_tasks
+from l2cache_ops.runstate import (
+    RunCounts,
+    busy_seconds,
+    failures_page,
+    live_chunks,
+    read_counts,
+    recent_rate,
+)
+
+SHOW_FAILURES = 20
 
 
 @dataclass
@@ -39,7 +55,8 @@ class RunStatus:
     failures: list[dict]
     broken: str | None = None  # why the run cannot finish as planned (a task was unreadable)
     cost: RunCost | None = None  # per chunk / per mm^3 breakdown of cost_usd
-    rows: list[dict] = field(default_factory=list, repr=False)  # the ledger rows read
+    counts: RunCounts | None = field(default=None, repr=False)  # the box counters read
+    run: RunRecord | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -83,82 +100,157 @@ def run_status(
     max_attempts: int | None = None,
     attempt_deadline_s: float | None = None,
     prices: Prices = PRICES,
+    show_failures: int = SHOW_FAILURES,
+    bits: SpatialBits | None = None,
 ) -> RunStatus:
-    """The run's status from its ledger rows.
+    """The run's status from its incrementally kept state, never its whole ledger.
+
+    Reads the run's box counters (``stat:``, a few hundred rows at most), the chunks in
+    flight (``live:``, bounded by the queue's concurrency), the first ``show_failures``
+    failures, the minute rows of the last minutes (rate) and the records of split tasks
+    that gave up or were rejected: O(1) in the run's size, O(failures shown).
 
     An attempt silent for longer than ``attempt_deadline_s`` (its worker was killed or
     timed out and never answered) is presumed lost: retrying if attempts remain, failed
     ("gave up after N attempts") once ``max_attempts`` were made, so a run always ends.
-    Chunks of a split task that gave up, never started, count as failed.
+    Chunks of a split task that gave up, never started, count as failed (``bits``, the
+    dataset's id layout, names their ledger rows; without it every chunk of such a
+    region counts failed).
     """
     now = now or utc_now()
     run = ledger.get_run(run_id)
-    rows = chunk_rows(ledger, run_id)
-    for r in rows:
-        presume_lost(r, now, max_attempts, attempt_deadline_s)
-    done = [r for r in rows if r["status"] == "done"]
-    failed = [r for r in rows if r["status"] == "failed"]
-    retrying = [r for r in rows if r["status"] == "retrying"]
-    running = [r for r in rows if r["status"] in ("running", "queued")]
-    total = max(run.n_chunks, len(rows))
-    unstarted_failed = []
-    known = {tuple(r["coords"]) for r in rows if "coords" in r}
-    for task in failed_tasks(ledger, run_id):
-        for c in region_chunks(task["region"]):
-            if tuple(c) not in known:
-                known.add(tuple(c))
-                unstarted_failed.append(
-                    {"coords": c, "error": task.get("error"), "attempts": task.get("attempts")}
-                )
-    n_failed = len(failed) + len(unstarted_failed)
-    compute_s = sum(float(r.get("duration_s", 0)) for r in done)
-    l2_rows = sum(int(r.get("l2_count", 0)) for r in done)
-    finish_times = [datetime.fromisoformat(r["finished_at"]) for r in done if "finished_at" in r]
-    start = datetime.fromisoformat(run.created_at)
-    elapsed = ((max(finish_times) if finish_times else start) - start).total_seconds()
-    rate = len(done) / elapsed if elapsed > 0 else 0.0
-    remaining = max(total - len(done) - n_failed, 0)
+    counts = read_counts(ledger, run_id)
+    done, failed, retrying = counts["done"], counts["failed"], counts["retrying"]
+    running = 0
+    lost: list[dict] = []
+    for row in live_chunks(ledger, run_id):
+        state = row.pop("state")
+        awaiting = row.get("status") == "retrying"  # a retry the queue still owes
+        if state == "d" or (awaiting and state != "r"):
+            continue  # a mark its chunk's later outcome could not clear: counted there
+        presume_lost(row, now, max_attempts, attempt_deadline_s)
+        if awaiting:  # counted retrying by its state; failed once presumed given up
+            if row["status"] == "failed":
+                retrying, failed = retrying - 1, failed + 1
+                lost.append(row)
+            continue
+        # queued or running: its state (if any) counted it failed or retrying; move it
+        if state == "f":
+            failed -= 1
+        elif state == "r":
+            retrying -= 1
+        if row["status"] == "failed":
+            failed += 1
+            lost.append(row)
+        elif row["status"] == "retrying":
+            retrying += 1
+            lost.append(row)
+        else:
+            running += 1
+    unstarted_failed = _unstarted_of_failed_tasks(ledger, run_id, bits)
+    failed += len(unstarted_failed)
+    total = max(run.n_chunks, done + failed + retrying + running)
+    rate, _ = recent_rate(ledger, run, now)
+    remaining = max(total - done - failed, 0)
     eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
     rejected = rejected_tasks(ledger, run_id)
     res = run.params.get("resolution") or [1, 1, 1]
-    cost = run_cost(rows, float(math.prod(res)), prices)
+    cost = cost_from_counts(
+        counts.totals, busy_seconds(ledger, run_id), float(math.prod(res)), prices
+    )
+    shown, _ = failures_page(ledger, run_id, limit=show_failures)
+    presumed = {r["chunk_id"] for r in lost}
+    shown = [r for r in shown if r["chunk_id"] not in presumed]  # its newer verdict is above
+    failures = [
+        {
+            "chunk": r.get("coords"),
+            "status": r["status"],
+            "error": r.get("error"),
+            "attempts": r.get("attempts", r.get("task_attempt")),
+            "kind": kind,
+        }
+        for kind, part in (("lost", lost), ("chunk", shown), ("task", unstarted_failed))
+        for r in part
+    ][:show_failures]
     return RunStatus(
         run_id,
         total,
-        len(done),
-        n_failed,
-        len(retrying),
-        len(running),
-        max(remaining - len(retrying) - len(running), 0),
-        l2_rows,
-        compute_s,
+        done,
+        failed,
+        retrying,
+        running,
+        max(remaining - retrying - running, 0),
+        counts["l2"],
+        counts["compute_ms"] / 1000.0,
         rate,
         eta,
         cost.usd,
-        [
-            {
-                "chunk": r.get("coords"),
-                "status": r["status"],
-                "error": r.get("error"),
-                "attempts": r.get("attempts"),
-            }
-            for r in failed + retrying
-            if r.get("error")
-        ]
-        + [
-            {
-                "chunk": u["coords"],
-                "status": "failed",
-                "error": u["error"],
-                "attempts": u["attempts"],
-            }
-            for u in unstarted_failed
-        ],
+        failures,
         broken=(
             f"{len(rejected)} task(s) of the run were rejected unread: {rejected[0]}"
             if rejected
             else None
         ),
         cost=cost,
-        rows=rows,
+        counts=counts,
+        run=run,
     )
+
+
+def lost_chunks(
+    ledger: RunLedger,
+    run_id: str,
+    max_attempts: int | None = None,
+    attempt_deadline_s: float | None = None,
+    now: datetime | None = None,
+) -> list[tuple[int, ...]]:
+    """Coordinates of every chunk whose attempt or awaited retry went silent past the
+    deadline (what reconcile re-queues besides the ``fail:`` rows); O(chunks in flight)."""
+    now = now or utc_now()
+    out = []
+    for row in live_chunks(ledger, run_id):
+        if row.pop("state") == "d":
+            continue
+        before = row.get("error")
+        presume_lost(row, now, max_attempts, attempt_deadline_s or None)
+        if row.get("error") != before and row.get("coords"):
+            out.append(tuple(row["coords"]))
+    return out
+
+
+def _unstarted_of_failed_tasks(
+    ledger: RunLedger, run_id: str, bits: SpatialBits | None
+) -> list[dict]:
+    """Chunks of split tasks that gave up and never got a state of their own: failed.
+
+    Reads each gave-up region's chunk states by key, so it costs O(the failed regions),
+    nothing when no split task gave up.
+    """
+    out: list[dict] = []
+    seen: set[tuple[int, ...]] = set()
+    for task in failed_tasks(ledger, run_id):
+        chunks = [tuple(c) for c in region_chunks(task["region"]) if tuple(c) not in seen]
+        seen.update(chunks)
+        for i in range(0, len(chunks), 10_000):
+            part = chunks[i : i + 10_000]
+            if bits is None:
+                keys, have = [b""] * len(part), {}
+            else:
+                ids = idlib.chunk_id_from_coords(2, np.asarray(part, dtype=np.int64), bits)
+                keys = [b"chunk:%s:%020d" % (run_id.encode(), int(cid)) for cid in ids]
+            have = (
+                {}
+                if bits is None
+                else read_rows(
+                    ledger.table,
+                    keys=keys,
+                    cells=CellFilter(columns={LEDGER_FAMILY: [runstate.STATE]}, per_column=1),
+                )
+            )
+            out += [
+                {"coords": list(c), "error": task.get("error"), "attempts": task.get("attempts"),
+                 "status": "failed"}
+                for c, k in zip(part, keys, strict=True)
+                if k not in have
+            ]  # fmt: skip
+    return out

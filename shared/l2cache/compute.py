@@ -177,10 +177,19 @@ def compute_chunk(
             reason = describe(exc) if permanent else gave_up(task_attempt or attempt, exc)
             counts = getattr(exc, "counts", {})  # unmapped / stray / missing supervoxels
             ctx.ledger.chunk_finished(
-                run, cid, coords, "failed", error=reason, permanent=permanent, **counts
+                run,
+                cid,
+                coords,
+                "failed",
+                attempt=attempt,
+                error=reason,
+                permanent=permanent,
+                **counts,
             )
             return {"chunk": list(coords), "status": "failed", "error": reason, "attempt": attempt}
-        ctx.ledger.chunk_finished(run, cid, coords, "retrying", error=describe(exc))
+        ctx.ledger.chunk_finished(
+            run, cid, coords, "retrying", attempt=attempt, error=describe(exc)
+        )
         raise
     duration = time.perf_counter() - t0
     ctx.ledger.chunk_finished(

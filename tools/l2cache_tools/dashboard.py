@@ -1,38 +1,44 @@
-"""One self-contained HTML page per dataset: throughput, failures, QC, cost, SLOs, release.
+"""One self-contained HTML page per dataset: SLOs, throughput, failures, where chunks
+fail, edits, QC, cost, lineage and rollbacks.
 
-Everything is read from the runs ledger (the same reads ``l2cache status`` makes), so
-the page and the CLI never disagree. Plots are plotly figures with plotly.js inlined
-once (``include_plotlyjs=True`` on the first): the file opens offline, from disk, with
-no request to any server. QC reports and releases come from ``l2cache_ops.qc`` and
-``l2cache_ops.releases`` when those modules exist; a run without QC shows "no QC yet", a
-dataset without a release "no release yet".
+Everything is read from the run's incrementally kept state (the reads ``l2cache
+status`` makes: box counters, minute rows, chunks in flight, a page of failures), so
+the page and the CLI never disagree and the page costs the same at 10 thousand chunks
+as at 10 million: O(runs shown x (boxes + minutes)), never a ledger scan. Plots are
+plotly figures with plotly.js inlined once (``include_plotlyjs=True`` on the first):
+the file opens offline, from disk, with no request to any server; every series is
+per minute or per box, so the page stays a few hundred KB above plotly.js whatever
+the run's size.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from l2cache.compute import dataset_context
 from l2cache.config import L2CacheConfig
 from l2cache.domain.lineage import utc_now
 from l2cache.store.ledger import RunRecord
 from l2cache_ops.cost import Prices, map_read_ahead, run_prices, worker_prices
-from l2cache_ops.ledger import list_runs
+from l2cache_ops.ledger import list_runs, records
 from l2cache_ops.qc_reports import load_report
 from l2cache_ops.releases import current_release, release_history
+from l2cache_ops.runstate import minutes, read_counts
 from l2cache_ops.settings import slo_targets
 from l2cache_ops.slo import (
     SloResult,
-    edit_latencies,
+    bin_quantile,
     evaluate,
     format_target,
     format_value,
-    stream_events,
+    prefixed_bins,
+    stream_latency_bins,
 )
 from l2cache_ops.status import RunStatus, run_status
 
@@ -40,67 +46,109 @@ if TYPE_CHECKING:  # plotly (~0.1 s) loads only when a figure is made; collect()
     import plotly.graph_objects as go
 
 STREAM_KINDS = ("edit_stream", "missing_ids")
+MAX_RUNS = 12  # runs drawn: every unfinished one, then the most recent finished ones
 
 
 @dataclass
 class RunView:
     """One run as the page shows it: what every figure and table needs of the run,
-    read from the ledger once so the parts of the page agree."""
+    read once so the parts of the page agree."""
 
     run: RunRecord
     status: RunStatus
-    qc: dict[str, Any] | None  # the stored QC report, without its per-chunk figures
+    qc: dict[str, Any] | None  # the stored QC report summary
     slos: list[SloResult] = field(default_factory=list)
+    minutes: dict[int, dict[str, int]] = field(default_factory=dict)  # per-minute counters
+
+
+@dataclass
+class StreamView:
+    """An edit-stream (or missing-id) run: its event counters and per-minute latency."""
+
+    run: RunRecord
+    totals: dict[str, int]
+    minutes: dict[int, dict[str, int]]
 
 
 @dataclass
 class DashboardData:
-    """Everything the page shows, collected before any HTML is made, so the ledger
-    reads (:func:`collect`) and the rendering (:func:`render`) are apart."""
+    """Everything the page shows, collected before any HTML is made, so the reads
+    (:func:`collect`) and the rendering (:func:`render`) are apart."""
 
     dataset: str
     generated_at: str
     runs: list[RunView]
     release: dict[str, Any] | None
     history: list[dict[str, Any]]
-    edit_latencies: list[float]
+    latency_bins: dict[int, int]
     prices: Prices  # the dataset's worker as deployed now (each run is priced as its own)
+    streams: list[StreamView] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    grid_shape: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
-def collect(cfg: L2CacheConfig, dataset: str) -> DashboardData:
-    """Every run of ``dataset`` with its status, cost, QC and SLOs; the current release."""
+def collect(cfg: L2CacheConfig, dataset: str, max_runs: int = MAX_RUNS) -> DashboardData:
+    """The dataset's unfinished runs and most recent finished ones (``max_runs`` in
+    all) with status, cost, QC, SLOs and per-minute counters; its streams; the current
+    release, its history and the recorded rollbacks."""
     ctx = dataset_context(cfg, dataset)
     prices = worker_prices(ctx.dataset.chunk_size, map_read_ahead(cfg))
     targets = slo_targets(cfg, dataset)
-    events = stream_events(ctx.ledger, dataset)
+    latency = stream_latency_bins(ctx.ledger, dataset)
     extra = {}
     if cfg.tasks is not None:
         extra = {
             "max_attempts": cfg.tasks.max_attempts,
             "attempt_deadline_s": cfg.tasks.attempt_deadline_s,
         }
-    views = []
     runs = sorted(
         (r for r in list_runs(ctx.ledger) if r.dataset == dataset), key=lambda r: r.created_at
     )
+    views, streams = [], []
     for run in runs:
         if run.kind in STREAM_KINDS:
+            streams.append(
+                StreamView(
+                    run,
+                    read_counts(ctx.ledger, run.run_id).totals,
+                    minutes(ctx.ledger, run.run_id),
+                )
+            )
             continue
-        st = run_status(ctx.ledger, run.run_id, prices=run_prices(run, cfg), **extra)
-        qc = load_report(ctx.ledger, run.run_id, with_chunks=False)
-        slos = evaluate(targets, st, st.rows, st.cost, qc, events)
-        views.append(RunView(run, st, qc, slos))
-    release = current_release(ctx.ledger, dataset)
-    history = release_history(ctx.ledger, dataset)
+        st = run_status(
+            ctx.ledger,
+            run.run_id,
+            prices=run_prices(run, cfg),
+            bits=ctx.dataset.spatial_bits,
+            **extra,
+        )
+        views.append(RunView(run, st, None))
+    active = [v for v in views if not v.status.finished]
+    recent = [v for v in views if v.status.finished][-max(max_runs - len(active), 0) :]
+    shown = sorted([*active, *recent], key=lambda v: v.run.created_at)[-max_runs:]
+    for v in shown:
+        v.qc = load_report(ctx.ledger, v.run.run_id, with_chunks=False)
+        v.slos = evaluate(targets, v.status, v.status.cost, v.qc, latency)
+        v.minutes = minutes(ctx.ledger, v.run.run_id)
+    rollbacks = [
+        {"key": key, **{k: v.decode(errors="replace") for k, v in cols.items()}}
+        for key, cols in records(ctx.ledger, "rollback:")
+    ][-50:]
     return DashboardData(
         dataset,
         utc_now().isoformat(timespec="seconds"),
-        views,
-        release,
-        history,
-        edit_latencies(events),
+        shown,
+        current_release(ctx.ledger, dataset),
+        release_history(ctx.ledger, dataset),
+        latency,
         prices,
+        streams,
+        rollbacks,
     )
+
+
+def _when(minute: int) -> datetime:
+    return datetime.fromtimestamp(minute * 60, tz=UTC)
 
 
 # -- figures ---------------------------------------------------------------------------
@@ -117,50 +165,101 @@ def _layout(fig: go.Figure, title: str, ytitle: str = "") -> go.Figure:
 
 
 def throughput_figure(views: list[RunView]) -> go.Figure:
-    """Chunks done over time, one line per run (cumulative, by finish time)."""
+    """Chunks done per hour, per minute of each run: a rate, not a running total."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for v in views:
-        times = sorted(
-            datetime.fromisoformat(r["finished_at"])
-            for r in v.status.rows
-            if r.get("status") == "done" and r.get("finished_at")
-        )
-        if times:
+        ms = [m for m, c in v.minutes.items() if c.get("done")]
+        if ms:
             fig.add_trace(
                 go.Scatter(
-                    x=times,
-                    y=list(range(1, len(times) + 1)),
+                    x=[_when(m) for m in ms],
+                    y=[v.minutes[m]["done"] * 60 for m in ms],
                     mode="lines+markers",
                     name=v.run.run_id,
-                    line={"shape": "hv"},
                 )
             )
-    return _layout(fig, "Throughput: chunks done over time", "chunks done")
+    return _layout(fig, "Throughput: chunks done per hour", "chunks / h")
 
 
 def failures_figure(views: list[RunView]) -> go.Figure:
-    """Per run: done, failed, retried (needed more than one attempt), still retrying."""
+    """Failed and retried attempts per minute of every run, on a log scale: a handful of
+    failures stays visible next to a million done chunks."""
     import plotly.graph_objects as go
 
-    names = [v.run.run_id for v in views]
+    fig = go.Figure()
+    styles = {"failed": ("#c62828", "solid"), "retried": ("#ef6c00", "dot")}
+    for v in views:
+        for what, (color, dash) in styles.items():
+            ms = [m for m, c in v.minutes.items() if c.get(what)]
+            if ms:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[_when(m) for m in ms],
+                        y=[v.minutes[m][what] for m in ms],
+                        mode="markers+lines",
+                        name=f"{what} {v.run.run_id}",
+                        line={"color": color, "dash": dash},
+                    )
+                )
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Failures and retries per minute", "chunks / minute (log)")
 
-    def count(v: RunView, pred: Callable[[Mapping[str, Any]], bool]) -> int:
-        return sum(1 for r in v.status.rows if pred(r))
 
-    series = {
-        "done": [v.status.done for v in views],
-        "failed": [v.status.failed for v in views],
-        "retried": [count(v, lambda r: int(r.get("attempts", 0) or 0) > 1) for v in views],
-        "retrying": [v.status.retrying for v in views],
-    }
-    colors = {"done": "#2e7d32", "failed": "#c62828", "retried": "#ef6c00", "retrying": "#f9a825"}
-    fig = go.Figure(
-        [go.Bar(name=k, x=names, y=vals, marker_color=colors[k]) for k, vals in series.items()]
+def map_figure(view: RunView | None) -> go.Figure:
+    """Where in the volume chunks fail: the run's counter boxes projected on x-y (summed
+    over z), coloured by failed + retrying chunks, hover: done / failed / retrying."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    grid = view.run.stat_grid if view is not None else None
+    if view is None or grid is None or view.status.counts is None:
+        return _layout(fig, "Where chunks fail: no gridded run yet", "")
+    gx, gy, gz = grid.shape
+    done = np.zeros((gy, gx), dtype=np.int64)
+    bad = np.zeros((gy, gx), dtype=np.int64)
+    for cell, c in view.status.counts.cells.items():
+        ix, rest = divmod(cell, gy * gz)
+        iy = rest // gz
+        if ix < gx and iy < gy:
+            done[iy, ix] += c.get("done", 0)
+            bad[iy, ix] += c.get("failed", 0) + c.get("retrying", 0)
+    text = [[f"done {d:,}<br>failed+retrying {b:,}" for d, b in zip(dr, br, strict=True)]
+            for dr, br in zip(done, bad, strict=True)]  # fmt: skip
+    fig.add_trace(
+        go.Heatmap(
+            z=bad,
+            x=[grid.origin[0] + i * grid.cell[0] for i in range(gx)],
+            y=[grid.origin[1] + i * grid.cell[1] for i in range(gy)],
+            text=text,
+            hoverinfo="text",
+            colorscale="Reds",
+            colorbar={"title": "failing"},
+        )
     )
-    fig.update_layout(barmode="group")
-    return _layout(fig, "Failures and retries per run", "chunks")
+    fig.update_xaxes(title="chunk x")
+    fig.update_yaxes(title="chunk y", scaleanchor="x")
+    return _layout(fig, f"Where chunks fail: {view.run.run_id} (x-y, summed over z)", "")
+
+
+def edits_figure(streams: list[StreamView]) -> go.Figure:
+    """Edit-to-available latency per minute (p50 and p95 read off the minute's bins)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for sv in streams:
+        ms = sorted(m for m, c in sv.minutes.items() if prefixed_bins(c, "lat"))
+        for q in (0.5, 0.95):
+            fig.add_trace(
+                go.Scatter(
+                    x=[_when(m) for m in ms],
+                    y=[bin_quantile(prefixed_bins(sv.minutes[m], "lat"), q) for m in ms],
+                    mode="lines+markers",
+                    name=f"p{round(q * 100)} {sv.run.run_id}",
+                )
+            )
+    return _layout(fig, "Edit latency over time (upper bin edge)", "seconds")
 
 
 def cost_figure(views: list[RunView]) -> go.Figure:
@@ -240,21 +339,42 @@ def _e(value: object) -> str:
 
 
 def slo_table(views: list[RunView]) -> str:
-    """The SLO verdicts of the latest run, the one an operator is watching; the other
-    runs' progress and cost are in the runs table."""
+    """Every SLO of every run shown (unfinished runs first), one row per run, a
+    verdict-coloured cell per SLO: no run's missed objective hides behind another's."""
     if not views:
         return '<p class="none">no run yet</p>'
-    latest = views[-1]
+    ordered = sorted(views, key=lambda v: (v.status.finished, v.run.created_at))
+    names = [r.name for r in ordered[0].slos]
+    head = "".join(f"<th>{_e(n)}</th>" for n in names)
+    rows = []
+    for v in ordered:
+        cells = "".join(
+            f'<td title="{_e(r.detail)} (target {_e(format_target(r))})" '
+            f'style="color:{VERDICT_COLORS.get(r.verdict, "#555")}">'
+            f"{_e(format_value(r))}<br><b>{_e(r.verdict)}</b></td>"
+            for r in v.slos
+        )
+        state = "finished" if v.status.finished else "running"
+        rows.append(f"<tr><td>{_e(v.run.run_id)}<br><i>{state}</i></td>{cells}</tr>")
+    return f"<table><tr><th>run</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def stream_table(streams: list[StreamView]) -> str:
+    """Events of each stream run by outcome: dead-lettered and failed ones are what an
+    operator replays."""
+    if not streams:
+        return '<p class="none">no edit stream yet</p>'
+    kinds = ("ok", "partial", "fanned_out", "dead_lettered", "failed")
     rows = "".join(
-        f"<tr><td>{_e(r.name)}</td><td>{_e(format_value(r))}</td><td>{_e(format_target(r))}</td>"
-        f'<td class="v" style="color:{VERDICT_COLORS.get(r.verdict, "#555")}">'
-        f"{_e(r.verdict)}</td><td>{_e(r.detail)}</td></tr>"
-        for r in latest.slos
+        f"<tr><td>{_e(sv.run.run_id)}</td><td>{sv.totals.get('events', 0):,}</td>"
+        + "".join(f"<td>{sv.totals.get('events.' + k, 0):,}</td>" for k in kinds)
+        + "</tr>"
+        for sv in streams
     )
     return (
-        f"<p>run <b>{_e(latest.run.run_id)}</b> ({_e(latest.run.kind)})</p>"
-        "<table><tr><th>SLO</th><th>measured</th><th>target</th><th>verdict</th>"
-        f"<th>detail</th></tr>{rows}</table>"
+        "<table><tr><th>stream run</th><th>events</th>"
+        + "".join(f"<th>{k}</th>" for k in kinds)
+        + f"</tr>{rows}</table>"
     )
 
 
@@ -285,41 +405,84 @@ def qc_table(views: list[RunView]) -> str:
     )
 
 
-LINEAGE_KEYS = ("release", "run_id", "promoted_at", "qc_passed")
+RELEASE_KEYS = ("release", "run_id", "promoted_at", "qc_passed")
+LINEAGE_KEYS = ("code_revision", "params_hash", "segmentation", "graph", "snapshot_timestamp")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, dict | list):
+        value = (
+            ", ".join(f"{k}={v}" for k, v in value.items())
+            if isinstance(value, dict)
+            else ", ".join(map(str, value))
+        )
+    return _e(value)
 
 
 def release_block(release: dict[str, Any] | None, history: list[dict[str, Any]]) -> str:
-    """The release served now with its lineage, and the history of releases a rollback
-    goes back through."""
+    """The release served now and the history a rollback goes back through, as tables."""
     if release is None:
         return '<p class="none">no release yet</p>'
-    cur = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in release.items())
+    cur = "".join(f"<tr><th>{_e(k)}</th><td>{_cell(v)}</td></tr>" for k, v in release.items())
     hist = "".join(
-        "<tr>" + "".join(f"<td>{_e(h.get(k, '-'))}</td>" for k in LINEAGE_KEYS) + "</tr>"
+        "<tr>" + "".join(f"<td>{_cell(h.get(k, '-'))}</td>" for k in RELEASE_KEYS) + "</tr>"
         for h in history
     )
     return (
         f"<h3>current</h3><table>{cur}</table><h3>history</h3><table><tr>"
-        + "".join(f"<th>{k}</th>" for k in LINEAGE_KEYS)
+        + "".join(f"<th>{k}</th>" for k in RELEASE_KEYS)
         + f"</tr>{hist}</table>"
     )
 
 
+def lineage_table(views: list[RunView]) -> str:
+    """What computed each run: code, parameters, inputs and graph time."""
+    rows = "".join(
+        f"<tr><td>{_e(v.run.run_id)}</td>"
+        + "".join(f"<td>{_cell(getattr(v.run, k))}</td>" for k in LINEAGE_KEYS)
+        + "</tr>"
+        for v in views
+    )
+    return (
+        "<table><tr><th>run</th>"
+        + "".join(f"<th>{k}</th>" for k in LINEAGE_KEYS)
+        + f"</tr>{rows}</table>"
+    )
+
+
+def rollback_table(rollbacks: list[dict[str, Any]]) -> str:
+    """The recorded rollbacks (runs and releases), newest last."""
+    if not rollbacks:
+        return '<p class="none">no rollback recorded</p>'
+    keys = sorted({k for r in rollbacks for k in r} - {"key"})
+    rows = "".join(
+        f"<tr><td>{_e(r['key'])}</td>"
+        + "".join(f"<td>{_e(r.get(k, '-'))}</td>" for k in keys)
+        + "</tr>"
+        for r in rollbacks
+    )
+    return (
+        f"<table><tr><th>record</th>{''.join(f'<th>{_e(k)}</th>' for k in keys)}</tr>{rows}</table>"
+    )
+
+
 def runs_table(data: DashboardData) -> str:
-    """Every run with its progress, cost and code and params hashes, to tell apart runs
-    of the same region by what computed them."""
+    """Every run shown with its progress, what is in flight and still waiting in the
+    queue, cost and code and params hashes."""
     rows = []
     for v in data.runs:
         st, c = v.status, v.status.cost
         per = "-" if c is None or c.per_mm3 is None else f"${c.per_mm3:,.2f}"
         rows.append(
             f"<tr><td>{_e(v.run.run_id)}</td><td>{_e(v.run.kind)}</td>"
-            f"<td>{st.done}/{st.total}</td><td>{st.failed}</td><td>{st.retrying}</td>"
+            f"<td>{st.done:,}/{st.total:,}</td><td>{st.failed:,}</td><td>{st.retrying:,}</td>"
+            f"<td>{st.running:,}</td><td>{st.pending:,}</td>"
             f"<td>{st.rate_per_s * 3600:,.0f}</td><td>${st.cost_usd:.6f}</td><td>{per}</td>"
             f"<td>{_e(v.run.code_revision[:12])}</td><td>{_e(v.run.params_hash[:12])}</td></tr>"
         )
     return (
         "<table><tr><th>run</th><th>kind</th><th>done</th><th>failed</th><th>retrying</th>"
+        "<th>in flight</th><th>waiting (queue)</th>"
         "<th>chunks/h</th><th>cost</th><th>$/mm^3</th><th>code</th><th>params</th></tr>"
         + "".join(rows)
         + "</table>"
@@ -327,10 +490,18 @@ def runs_table(data: DashboardData) -> str:
 
 
 def render(data: DashboardData) -> str:
-    """The page: one inlined copy of plotly.js, four figures, the SLO, QC, release tables."""
+    """The page: one inlined copy of plotly.js, the figures, the SLO, QC, release,
+    lineage, stream and rollback tables."""
+    worst = max(
+        (v for v in data.runs if v.run.stat_grid is not None),
+        key=lambda v: (v.status.failed + v.status.retrying, v.run.created_at),
+        default=None,
+    )
     figs = [
         throughput_figure(data.runs),
         failures_figure(data.runs),
+        map_figure(worst),
+        edits_figure(data.streams),
         qc_figure(data.runs),
         cost_figure(data.runs),
     ]
@@ -338,27 +509,32 @@ def render(data: DashboardData) -> str:
         f.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
         for i, f in enumerate(figs)
     ]
-    lat = data.edit_latencies
-    edits = f"{len(lat)} edits, edit-to-available max {max(lat):.2f}s" if lat else "no edit yet"
+    n_lat = sum(data.latency_bins.values())
+    p95 = bin_quantile(data.latency_bins, 0.95)
+    edits = f"{n_lat:,} edits, edit-to-available p95 <= {p95:g}s" if n_lat else "no edit yet"
     p = data.prices
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>l2cache: {_e(data.dataset)}</title>
 <style>{CSS}</style></head><body>
 <h1>l2cache dashboard: {_e(data.dataset)}</h1>
-<div class="sub">generated {_e(data.generated_at)} from the runs ledger; {len(data.runs)} runs;
-{_e(edits)}; prices: worker {p.worker_gib:g} GiB x {p.worker_vcpu:g} vCPU,
-${p.gib_second}/GiB-s, ${p.vcpu_second}/vCPU-s, ${p.bigtable_node_hour}/node-hour,
-${p.storage_gib_month}/GiB-month, ${p.task}/task</div>
-<div class="grid">
+<div class="sub">generated {_e(data.generated_at)} from the runs table's counters;
+{len(data.runs)} runs shown; {_e(edits)}; prices: worker {p.worker_gib:g} GiB x
+{p.worker_vcpu:g} vCPU, ${p.gib_second}/GiB-s, ${p.vcpu_second}/vCPU-s,
+${p.bigtable_node_hour}/node-hour, ${p.storage_gib_month}/GiB-month, ${p.task}/task</div>
 <div class="card" id="slo"><h2>SLO status</h2>{slo_table(data.runs)}</div>
-<div class="card" id="release"><h2>Current release and lineage</h2>
-{release_block(data.release, data.history)}</div>
+<div class="grid" style="margin-top:16px">
 <div class="card">{divs[0]}</div>
 <div class="card">{divs[1]}</div>
-<div class="card" id="qc"><h2>QC</h2>{qc_table(data.runs)}{divs[2]}</div>
-<div class="card">{divs[3]}</div>
+<div class="card" id="map">{divs[2]}</div>
+<div class="card" id="edits"><h2>Edits</h2>{stream_table(data.streams)}{divs[3]}</div>
+<div class="card" id="qc"><h2>QC</h2>{qc_table(data.runs)}{divs[4]}</div>
+<div class="card">{divs[5]}</div>
+<div class="card" id="release"><h2>Current release and lineage</h2>
+{release_block(data.release, data.history)}</div>
+<div class="card" id="rollbacks"><h2>Rollbacks</h2>{rollback_table(data.rollbacks)}</div>
 </div>
-<div class="card" id="runs" style="margin-top:16px"><h2>Runs</h2>{runs_table(data)}</div>
+<div class="card" id="runs" style="margin-top:16px"><h2>Runs</h2>{runs_table(data)}
+<h3>Lineage</h3>{lineage_table(data.runs)}</div>
 </body></html>
 """
 

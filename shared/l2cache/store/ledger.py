@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -252,7 +253,8 @@ class RunLedger:
                 "ledger",
             )
             cell = runstate.cell_of(_grid(run), coords, chunk_id)
-            runstate.add_counts(self.table, runstate.stat_key(run_id, cell), {b"attempts": 1})
+            started = {b"attempts": 1, b"started": attempt == 1, b"retried": attempt == 2}
+            runstate.add_counts(self.table, runstate.stat_key(run_id, cell), started)
         return attempt
 
     def _unless_done(self, row: Row) -> bool:
@@ -302,6 +304,7 @@ class RunLedger:
         coords: Sequence[int],
         status: str,
         qc_bins: Mapping[bytes, int] | None = None,
+        attempt: int | None = None,
         **fields: Any,
     ) -> bool:
         """Record an attempt's outcome; returns whether the chunk changed state.
@@ -311,7 +314,9 @@ class RunLedger:
         data that another delivery already wrote), and a second done rewrites nothing.
         Only the delivery that moved the state moves the run's counters (``stat:`` box
         row, ``hist:`` minute row, the QC histogram bins ``qc_bins`` of a done chunk)
-        and its ``fail:`` row; every delivery clears its ``live:`` mark.
+        and its ``fail:`` row. A retrying chunk keeps a ``live:`` mark (it awaits its
+        next attempt: status presumes it failed if none comes); done and failed clear it.
+        ``attempt`` is the attempt that reports (for the failure's record).
         """
         run_id = _run_id(run)
         key = self._chunk_key(run_id, chunk_id)
@@ -332,14 +337,17 @@ class RunLedger:
         if status != "done":
             self._first_failure(run_id, chunk_id)
         self._count(run, chunk_id, coords, old, new, now, qc_bins, fields)
-        marks = [Row(runstate.live_key(run_id, chunk_id)).delete_row()]
+        at = now.isoformat()
+        if status == "retrying":
+            marks = [runstate.live_row(run_id, chunk_id, "retrying", coords, at, attempt or 0)]
+        else:
+            marks = [Row(runstate.live_key(run_id, chunk_id)).delete_row()]
         if status == "done":
             if old is not None:
                 marks.append(Row(runstate.fail_key(run_id, chunk_id)).delete_row())
         else:
-            marks.append(
-                runstate.failure_row(run_id, chunk_id, status, coords, now.isoformat(), fields)
-            )
+            record = {**fields, "attempts": attempt} if attempt else fields
+            marks.append(runstate.failure_row(run_id, chunk_id, status, coords, at, record))
         write_rows(self.table, marks, "ledger")
         return True
 
@@ -370,6 +378,11 @@ class RunLedger:
             minute[b"done"] = 1
         else:
             minute[b"failed" if new == b"f" else b"retried"] = 1
+        if new == b"d" and old is not None:  # recovered: how long it took, binned
+            box[b"recovered"] = 1
+            box[
+                b"rec.%d" % runstate.latency_bin(self._since_first_failure(run_id, chunk_id, now))
+            ] = 1
         runstate.add_counts(self.table, runstate.stat_key(run_id, cell), box)
         shard = chunk_id % runstate.HIST_SHARDS
         hist = runstate.hist_key(run_id, runstate.minute_of(now), shard)
@@ -377,6 +390,18 @@ class RunLedger:
         if new == b"d" and qc_bins:
             qc = runstate.qc_key(run_id, chunk_id % runstate.QC_SHARDS)
             runstate.add_counts(self.table, qc, qc_bins, "qc")
+
+    def _since_first_failure(self, run_id: str, chunk_id: int, now: datetime) -> float:
+        """Seconds since the chunk first failed (0 when no failure was stamped)."""
+        row = read_row(
+            self.table,
+            self._chunk_key(run_id, chunk_id),
+            CellFilter(columns={LEDGER_FAMILY: [b"first_failed_at"]}, per_column=1),
+        )
+        stamp = (row or {}).get(LEDGER_FAMILY, {}).get(b"first_failed_at")
+        if not stamp:
+            return 0.0
+        return max((now - datetime.fromisoformat(stamp.decode())).total_seconds(), 0.0)
 
     def _first_failure(self, run_id: str, chunk_id: int) -> None:
         """Stamp ``first_failed_at`` once (check-and-mutate: only when absent), so the
@@ -419,6 +444,31 @@ class RunLedger:
         for key, value in fields.items():
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
         write_rows(self.table, [row], "event")
+        self._count_event(run_id, event_key, fields)
+
+    def _count_event(self, run_id: str, event_key: str, fields: Mapping[str, Any]) -> None:
+        """Count an event once (its first record marks ``counted`` by a conditioned
+        write) into the run's counters, with its edit-to-available latency bin when its
+        values were written: the stream SLO and the dashboard read these, never the
+        event rows."""
+        mark = Row(self._event_key(run_id, event_key))
+        mark.set_cell(LEDGER_FAMILY, b"counted", b"1")
+        predicate = CellFilter(columns={LEDGER_FAMILY: [b"counted"]})
+        if check_and_mutate(self.table, mark, predicate, what="event"):
+            return  # an earlier record of this event was counted
+        amounts = {b"events": 1, b"events." + str(fields.get("status", "")).encode(): 1}
+        published, recorded = fields.get("published_at"), fields.get("recorded_at")
+        if fields.get("kind") == "edit" and fields.get("status") in ("ok", "partial"):
+            if published and recorded:
+                seconds = (
+                    datetime.fromisoformat(recorded) - datetime.fromisoformat(published)
+                ).total_seconds()
+                amounts[b"lat.%d" % runstate.latency_bin(seconds)] = 1
+        cell = zlib.crc32(event_key.encode()) % runstate.UNGRIDDED_CELLS
+        runstate.add_counts(self.table, runstate.stat_key(run_id, cell), amounts)
+        minute = runstate.minute_of(utc_now())
+        hist = runstate.hist_key(run_id, minute, cell % runstate.HIST_SHARDS)
+        runstate.add_counts(self.table, hist, amounts)
 
     def event_delivered(self, run_id: str, event_key: str) -> int:
         """Count one more delivery of an event; returns the delivery number (1-based)."""

@@ -52,6 +52,11 @@ STATE = b"state"
 STATE_COUNTER = {b"r": b"retrying", b"f": b"failed", b"d": b"done"}
 STATE_OF = {"retrying": b"r", "failed": b"f", "done": b"d"}
 TRANSITION_TRIES = 8
+# The box counters a chunk's ledger row determines (what ``runs recount`` rebuilds);
+# the event counters (``events``, ``lat.<bin>``) come from event rows and are not.
+COUNTED = (
+    "done", "failed", "retrying", "l2", "compute_ms", "voxels", "attempts", "started", "retried",
+)  # fmt: skip
 # Edit latency bins (seconds, upper edges): the stream SLO's percentiles are read off
 # these; the last bin is open-ended.
 LATENCY_EDGES_S = (
