@@ -24,6 +24,9 @@ The run's report is stored in the runs table (row qc:<run>), where `release prom
 and the dashboard read it; a region's report is stored apart (qcregion:<run>:<box>) and
 never lets a run be promoted. Changes against the release are signed: -100.0% is a
 chunk that lost every node.
+
+exit status: 0 passed, 1 failed (reasons printed), 2 user error (unknown dataset or
+run, a run kind QC does not check, a bad or non-overlapping region)
 """
 
 
