@@ -28,16 +28,34 @@ COMMAND_MODULES: tuple[str, ...] = (
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line, built from ``COMMAND_MODULES`` so a new command needs no
     edit here beyond its name (and ``--help`` lists every command)."""
-    parser = argparse.ArgumentParser(
+    from .argformats import Parser
+
+    parser = Parser(
         prog="l2cache", description="Per-L2-node feature cache for PyChunkedGraph datasets."
     )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of unexpected errors"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    # every sub-parser is a Parser too: defaults and formats in each command's --help
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"l2cache_tools.cli.{name}").register(sub)
+    _describe_shared_positionals(parser)
     return parser
+
+
+def _describe_shared_positionals(parser: argparse.ArgumentParser) -> None:
+    """The ``dataset`` and ``run`` positionals most commands take, described once: each
+    command that leaves them without help gets the same words and format."""
+    from .argformats import DATASET_HELP, RUN_HELP
+
+    words = {"dataset": DATASET_HELP, "run": RUN_HELP}
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for child in action.choices.values():
+                _describe_shared_positionals(child)
+        elif not action.option_strings and action.help is None and action.dest in words:
+            action.help = words[action.dest]
 
 
 def main(argv: list[str] | None = None) -> int:

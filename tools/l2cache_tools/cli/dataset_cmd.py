@@ -24,14 +24,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("volume", help=".ckl/.ckl.gz (crackle) or .npz with 'labels'")
     b.add_argument("--name", required=True, help="dataset (PCG graph table) name")
     b.add_argument("--out", required=True, help="directory for the precomputed volume")
-    b.add_argument("--resolution", default="16,16,40")
-    b.add_argument("--chunk-size", default="128,128,128")
+    b.add_argument("--resolution", default="16,16,40", metavar="X,Y,Z", help="nm per voxel")
+    b.add_argument(
+        "--chunk-size", default="128,128,128", metavar="X,Y,Z", help="voxels per atomic chunk"
+    )
     b.set_defaults(func=build)
     e = s.add_parser("edit", help="apply a merge or split and publish it like PCG")
     add_config_arg(e)
-    e.add_argument("kind", choices=["merge", "split"])
-    e.add_argument("--dataset", required=True)
-    e.add_argument("--chunk", default="0,0,0", help="chunk to edit in (auto-picked nodes)")
+    e.add_argument("kind", choices=["merge", "split"], help="the edit to apply")
+    e.add_argument("--dataset", required=True, help="dataset name in the map")
+    e.add_argument(
+        "--chunk",
+        default="0,0,0",
+        metavar="X,Y,Z",
+        help="chunk coordinates to edit in (its nodes are picked automatically)",
+    )
     e.set_defaults(func=edit)
 
 

@@ -32,8 +32,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     data, without a cloud project."""
     p = sub.add_parser("demo", help="local stack end to end on the vendored real data")
     p.add_argument("--dir", default="var/demo", help="working directory (recreated)")
-    p.add_argument("--chunk-size", default="128,128,128")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--chunk-size", default="128,128,128", metavar="X,Y,Z", help="voxels per atomic chunk"
+    )
+    p.add_argument("--workers", type=int, default=2, help="compute_chunk worker processes")
     p.set_defaults(func=run)
 
 

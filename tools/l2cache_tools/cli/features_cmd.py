@@ -16,6 +16,8 @@ import numpy as np
 
 from l2cache.engine.features import compute_features
 
+from .argformats import BBOX_HELP, BOX_FORMAT, box, positive_int
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``features``: the engine alone on one volume, no Bigtable or queue, for
@@ -26,25 +28,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=__doc__,
     )
     p.add_argument("path", help=".npz (array 'labels'), .ckl/.ckl.gz, or a CloudVolume URL")
-    p.add_argument("--resolution", type=_floats3, help="nm per voxel X,Y,Z (default: from file)")
-    p.add_argument("--bbox", type=_bbox, help="x0,y0,z0,x1,y1,z1 voxel box to read (default all)")
+    p.add_argument(
+        "--resolution",
+        type=_floats3,
+        metavar="X,Y,Z",
+        help="nm per voxel, 3 positive numbers (default: from the file or the volume's info)",
+    )
+    p.add_argument(
+        "--bbox", type=box, metavar=BOX_FORMAT, help=f"{BBOX_HELP} (default: the whole volume)"
+    )
     p.add_argument("--mip", type=int, default=0, help="CloudVolume mip level")
-    p.add_argument("--top", type=int, default=15, help="rows to show (largest nodes first)")
+    p.add_argument(
+        "--top", type=positive_int, default=15, help="rows to show (largest nodes first)"
+    )
     p.set_defaults(func=run)
 
 
 def _floats3(text: str) -> tuple[float, float, float]:
-    parts = [float(v) for v in text.split(",")]
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) != 3 or min(parts) <= 0:
         raise argparse.ArgumentTypeError("expected three positive numbers X,Y,Z")
     return parts[0], parts[1], parts[2]
-
-
-def _bbox(text: str) -> tuple[int, ...]:
-    parts = [int(v) for v in text.split(",")]
-    if len(parts) != 6 or any(parts[i] >= parts[i + 3] for i in range(3)):
-        raise argparse.ArgumentTypeError("expected x0,y0,z0,x1,y1,z1 with x0<x1 etc.")
-    return tuple(parts)
 
 
 def load_volume(
@@ -63,8 +70,8 @@ def load_volume(
         from cloudvolume import CloudVolume
 
         cv = CloudVolume(path, mip=mip, fill_missing=True, progress=False)
-        box = bbox or (*cv.bounds.minpt, *cv.bounds.maxpt)
-        labels = np.asarray(cv[box[0] : box[3], box[1] : box[4], box[2] : box[5]])[..., 0]
+        b = bbox or (*cv.bounds.minpt, *cv.bounds.maxpt)
+        labels = np.asarray(cv[b[0] : b[3], b[1] : b[4], b[2] : b[5]])[..., 0]
         return labels, tuple(float(v) for v in cv.resolution)
     if bbox is not None:
         labels = labels[bbox[0] : bbox[3], bbox[1] : bbox[4], bbox[2] : bbox[5]]

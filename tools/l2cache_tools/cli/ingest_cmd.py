@@ -21,8 +21,11 @@ from l2cache_ops.settings import slo_targets
 from l2cache_ops.slo import SloResult
 from l2cache_ops.status import RunStatus
 
+from .argformats import BBOX_HELP, BOX_FORMAT, box, positive_float, positive_int
 from .common import add_config_arg, config_from, print_status
 from .rollback_cmd import add_rollback_args
+from .runref import no_such_run
+from .sampling import sample_run, wait_for_sample, widen_sample
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,8 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ingest", help="start (or resume) a bulk ingest run through Cloud Tasks")
     add_config_arg(p)
     p.add_argument("dataset")
-    p.add_argument("--bbox", help="voxel box x0,y0,z0,x1,y1,z1 (default: whole dataset)")
-    p.add_argument("--batch", type=int, default=4, help="chunks per leaf task")
+    p.add_argument("--bbox", type=box, metavar=BOX_FORMAT, help=f"{BBOX_HELP} (default: all)")
+    p.add_argument("--batch", type=positive_int, default=4, help="chunks per leaf task")
     p.add_argument("--resume", metavar="RUN", help="re-enqueue a run; done chunks are skipped")
     p.add_argument("--watch", action="store_true", help="show progress until the run ends")
     p.add_argument(
@@ -56,8 +59,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--yes", action="store_true", help="after --sample, go on with the full run")
     p.add_argument(
-        "--sample-timeout", type=float, default=3600.0, help="seconds to wait for the sample"
+        "--sample-timeout",
+        type=positive_float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long to wait for the sampled chunks",
     )
+
     p.set_defaults(func=ingest)
 
     s = sub.add_parser("status", help="progress, rate, ETA, failures and cost of a run")
@@ -77,8 +85,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "runs", help="list, show, inspect or roll back runs; pause, resume or scale the queue"
     )
     rs = runs.add_subparsers(dest="runs_command", required=True)
-    for name in ("list", "show", "rollback", "inspect"):
-        q = rs.add_parser(name)
+    for name, what in (
+        ("list", "the dataset's runs with their progress"),
+        ("show", "a run's record: kind, region, parameters, code revision"),
+        ("rollback", "undo what a run wrote (each row back to its previous version)"),
+        ("inspect", "a run's failed, retrying and running chunks, a page at a time"),
+    ):
+        q = rs.add_parser(name, help=what)
         add_config_arg(q)
         q.add_argument("dataset")
         if name != "list":
@@ -95,7 +108,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         add_config_arg(q)
         q.add_argument("dataset")
         if name == "scale":
-            q.add_argument("--concurrency", type=int, required=True, metavar="N")
+            q.add_argument(
+                "--concurrency",
+                type=positive_int,
+                required=True,
+                metavar="N",
+                help="tasks dispatched at once (the queue's max concurrent dispatches)",
+            )
         q.set_defaults(func=queue_command)
 
 
@@ -147,7 +166,9 @@ def run_prices_of(ledger: RunLedger, run_id: str, cfg: L2CacheConfig | None = No
 
     try:
         run = ledger.get_run(run_id)
-    except (KeyError, NotFound) as exc:
+    except KeyError:  # no record with this id: mistyped, not broken
+        raise no_such_run(ledger, run_id) from None
+    except NotFound as exc:  # the runs table itself is gone
         raise _broken(run_id, exc) from None
     return run_prices(run, cfg)
 
@@ -213,9 +234,11 @@ def ingest(args: argparse.Namespace) -> int:
     from l2cache_ops.ingest import start_ingest
 
     cfg = config_from(args)
-    bbox = [int(v) for v in args.bbox.split(",")] if args.bbox else None
+    bbox = args.bbox  # checked by argformats.box: six integers, a non-empty box
     if args.sample is not None:
         return sample_then_ingest(args, cfg, bbox)
+    if args.resume:  # a stopped sample continues over its whole region
+        widen_sample(_ctx(args)[1].ledger, args.resume)
     run = start_ingest(
         cfg, args.dataset, bbox, args.batch, args.resume, pinned_revision=args.pin_revision
     )
@@ -365,30 +388,24 @@ def sample_then_ingest(
     ctx = dataset_context(cfg, args.dataset)
     region = region_from_bbox(ctx.dataset, bbox)
     kind = "region_reprocess" if bbox is not None else "bulk_ingest"
+    picks = scattered_chunks(region, args.sample)
     run = new_run(
         kind, ctx.dataset, region, region_size(region), "cli", pinned_revision=args.pin_revision
     )
+    run = sample_run(run, len(picks))  # finished once they are (sampling.py)
     ctx.ledger.create_run(run)
-    picks = scattered_chunks(region, args.sample)
     client = tasks_client()
     for c in picks:
         enqueue_region(
             client, cfg.tasks, args.dataset, run.run_id, [*c, *(v + 1 for v in c)], 1, "sample"
         )
-    print(f"run {run.run_id}: sampling {len(picks)} of {run.n_chunks} chunks first: {picks}")
-    wanted = {chunk_id(ctx, c) for c in picks}
-    deadline = time.monotonic() + args.sample_timeout
+    print(
+        f"run {run.run_id}: sampling {len(picks)} of {region_size(region)} chunks first: {picks}",
+        flush=True,
+    )
     prices = run_prices(run, cfg)  # as `status` and `--watch` price this run
-    while True:
-        st = current_status(ctx.ledger, run.run_id, cfg, prices)
-        rows = [r for r in st.rows if r["chunk_id"] in wanted]
-        if sum(r["status"] in ("done", "failed") for r in rows) >= len(wanted):
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"sample of run {run.run_id} not finished after {args.sample_timeout:.0f}s"
-            )
-        time.sleep(0.3)
+    ids = [chunk_id(ctx, c) for c in picks]
+    rows = wait_for_sample(ctx.ledger, run.run_id, ids, args.sample_timeout)
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed:
         print(f"  sampled chunk {r.get('coords')} failed: {r.get('error')}")
@@ -396,7 +413,7 @@ def sample_then_ingest(
     instances = args.max_instances or queue_concurrency(cfg)
     proj = project(
         sample,
-        run.n_chunks,
+        region_size(region),
         math.prod(ctx.dataset.chunk_size),
         ctx.dataset.voxel_volume_nm3,
         instances,
@@ -418,10 +435,12 @@ def sample_then_ingest(
         return 1
     if not args.yes:
         print(
-            f"stopped after the sample; continue with: l2cache ingest {args.dataset} "
-            f"--resume {run.run_id}   (or run --sample with --yes)"
+            f"stopped after the sample (run {run.run_id} is its {len(picks)} chunks, "
+            f"finished); continue over the whole region with: l2cache ingest "
+            f"{args.dataset} --resume {run.run_id}   (or run --sample with --yes)"
         )
         return 0
+    widen_sample(ctx.ledger, run.run_id)  # the sample's run now covers the region
     start_ingest(cfg, args.dataset, batch=args.batch, resume_run=run.run_id)
     print(f"run {run.run_id}: the remaining chunks are enqueued (sampled ones are done)")
     if args.watch:

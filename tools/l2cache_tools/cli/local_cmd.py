@@ -14,12 +14,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a shell session so commands can be tried against it by hand."""
     p = sub.add_parser("local", help="start/stop the local stack (emulators + functions)")
     s = p.add_subparsers(dest="local_command", required=True)
-    up = s.add_parser("up")
-    up.add_argument("--dir", default=DEFAULT_DIR)
-    up.add_argument("--workers", type=int, default=2)
+    up = s.add_parser(
+        "up", help="start the emulators and functions in the background; print the endpoints"
+    )
+    up.add_argument(
+        "--dir", default=DEFAULT_DIR, help="the stack's state: map, logs, emulator data"
+    )
+    up.add_argument("--workers", type=int, default=2, help="compute_chunk worker processes")
     up.set_defaults(func=run_up)
-    down = s.add_parser("down")
-    down.add_argument("--dir", default=DEFAULT_DIR)
+    down = s.add_parser("down", help="stop what `local up` started in --dir")
+    down.add_argument("--dir", default=DEFAULT_DIR, help="the directory `local up` used")
     down.set_defaults(func=run_down)
 
 
