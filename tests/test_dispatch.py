@@ -192,3 +192,12 @@ def test_a_span_body_lacking_a_key_is_a_bad_task():
         with pytest.raises(BadTask):
             parse_task(json.dumps(body).encode())
     assert parse_task(json.dumps(SPAN).encode())["generation"] == 0
+
+
+@pytest.mark.parametrize("n", [3, 257, 65_537, 11_600_000])
+def test_the_few_positions_path_gives_the_vectorized_bits(n):
+    keys = permutation_key("bulk-scalar")
+    pos = np.unique(np.linspace(0, n - 1, 500).astype(np.int64))
+    whole = permute(pos, n, keys)  # > 64 positions: numpy
+    pieces = np.concatenate([permute(pos[i : i + 4], n, keys) for i in range(0, len(pos), 4)])
+    assert np.array_equal(whole, pieces)

@@ -26,6 +26,8 @@ ROUNDS = 4
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 MAX_N = 1 << 62  # the Feistel domain (2h bits) must fit uint64 with room for the shifts
+SCALAR_MAX = 64  # up to this many positions (a leaf's batch) plain ints beat numpy's calls
+_U64 = (1 << 64) - 1
 
 
 def permutation_key(run_id: str, rounds: int = ROUNDS) -> tuple[int, ...]:
@@ -50,6 +52,19 @@ def _round(r: np.ndarray, key: np.uint64, mask: np.uint64) -> np.ndarray:
     return z & mask
 
 
+def _feistel_int(x: int, keys: tuple[int, ...], half: int) -> int:
+    """:func:`_feistel` of one value in Python ints (the same bits: uint64 wraps are
+    masks here), for a leaf's few positions where numpy's per-call cost dominates."""
+    mask = (1 << half) - 1
+    left, right = x >> half, x & mask
+    for k in keys:
+        z = right ^ k
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+        left, right = right, left ^ ((z ^ (z >> 31)) & mask)
+    return (left << half) | right
+
+
 def _feistel(x: np.ndarray, keys: tuple[int, ...], half: int) -> np.ndarray:
     h = np.uint64(half)
     mask = np.uint64((1 << half) - 1)
@@ -72,6 +87,14 @@ def permute(positions: np.ndarray | list[int], n: int, keys: tuple[int, ...]) ->
     if n == 1:
         return np.zeros(p.shape, dtype=np.int64)
     half = _half_bits(n)
+    if p.size <= SCALAR_MAX:
+        out_int = []
+        for v in p.ravel().tolist():
+            v = _feistel_int(v, keys, half)
+            while v >= n:  # cycle-walking
+                v = _feistel_int(v, keys, half)
+            out_int.append(v)
+        return np.array(out_int, dtype=np.int64).reshape(p.shape)
     limit = np.uint64(n)
     out = _feistel(p.astype(np.uint64).ravel(), keys, half)
     walk = np.flatnonzero(out >= limit)
