@@ -319,3 +319,37 @@ def test_the_task_deletes_only_versions_at_the_runs_own_timestamp(env):
         )
         for r in read_versions(env.cache, cells=cells).values()
     )
+
+
+@pytest.mark.parametrize(
+    "yes, tty, answer, expected",
+    [
+        (True, False, None, None),  # --yes: no question, whatever the terminal
+        (False, False, None, 2),  # no terminal, no --yes: refused, never waits
+        (False, True, "y", None),
+        (False, True, "yes", None),
+        (False, True, "n", 1),
+        (False, True, "", 1),  # the default is no
+        (False, True, EOFError, 1),
+    ],
+)
+def test_destructive_commands_confirm_on_a_terminal_and_refuse_without_one(
+    monkeypatch, capsys, yes, tty, answer, expected
+):
+    from l2cache_tools.cli import rollback_cmd
+
+    asked = []
+
+    def fake_input(prompt):
+        asked.append(prompt)
+        if answer is EOFError:
+            raise EOFError
+        return answer
+
+    monkeypatch.setattr(rollback_cmd.sys.stdin, "isatty", lambda: tty, raising=False)
+    monkeypatch.setattr("builtins.input", fake_input)
+    args = SimpleNamespace(yes=yes)
+    assert rollback_cmd.confirm(args, "roll back run r of d") == expected
+    assert bool(asked) == (tty and not yes)
+    if expected == 2:
+        assert "pass --yes" in capsys.readouterr().err
