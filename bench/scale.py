@@ -13,7 +13,7 @@ synthetic rows are what workers write.
 
 Each command runs in a fresh process (``python bench/scale.py --one ...``), as an
 operator's CLI call would, and reports its wall time (the command only, imports
-excluded) and the process's peak RSS. Commands: ``status``, ``runs inspect`` (first
+excluded: the process's wall time is reported beside it) and the process's peak RSS. Commands: ``status``, ``runs inspect`` (first
 page), ``dashboard`` (and its page size), ``runs list``, ``reconcile`` (the run's
 failed, retrying and lost chunks enqueued to a paused queue of the local Cloud Tasks
 emulator), QC of a 1,000-chunk region, and ``runs rollback`` of a run that wrote
@@ -28,6 +28,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import resource
 import struct
 import subprocess
@@ -125,10 +126,12 @@ def synthesize(cfg_path: Path, n: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     fate = rng.choice(5, size=len(ids), p=[0.97, 0.01, 0.005, 0.005, 0.01])
     finish = start + timedelta(seconds=1) + (np.arange(len(ids)) * (RUN_HOURS * 3600 / len(ids))) * timedelta(seconds=1)  # fmt: skip
+    templates = qc_templates(ctx.dataset)
+    qc_json = [json.dumps(t.summary).encode() for t in templates]
+    qc_shards: dict[int, dict[bytes, int]] = defaultdict(lambda: defaultdict(int))
     boxes: dict[int, dict[bytes, int]] = defaultdict(lambda: defaultdict(int))
     minutes: dict[tuple[int, int], dict[bytes, int]] = defaultdict(lambda: defaultdict(int))
     rows: list = []
-    key_of = runstate.fail_key
 
     def flush(force: bool = False) -> None:
         if rows and (force or len(rows) >= WRITE_BATCH):
@@ -150,7 +153,12 @@ def synthesize(cfg_path: Path, n: int, seed: int = 0) -> str:
         box[b"started"] += 1
         box[b"retried"] += attempts > 1
         if f == 0:
-            l2, ms = int(rng.integers(200, 2000)), int(rng.integers(800, 3000))
+            qc = templates[i % len(templates)]
+            l2, ms = int(qc.summary["nodes"]), int(rng.integers(800, 3000))
+            row.set_cell(FAMILY, b"qc", qc_json[i % len(templates)])
+            shard = qc_shards[runstate.shard_of(cid, runstate.QC_SHARDS)]
+            for k, v in qc.bins.items():
+                shard[k] += v
             row.set_cell(FAMILY, runstate.STATE, b"d")
             row.set_cell(FAMILY, b"status", b"done")
             row.set_cell(FAMILY, b"finished_at", at.encode())
@@ -179,21 +187,38 @@ def synthesize(cfg_path: Path, n: int, seed: int = 0) -> str:
         rows.append(row)
         flush()
     flush(force=True)
-    del key_of
-    counters = []
-    for cell, amounts in boxes.items():
-        r = Row(runstate.stat_key(run.run_id, cell))
-        for k, v in amounts.items():
-            r.set_cell(FAMILY, k, struct.pack(">q", v))
-        counters.append(r)
-    for (m, shard), amounts in minutes.items():
-        r = Row(runstate.hist_key(run.run_id, m, shard))
-        for k, v in amounts.items():
-            r.set_cell(FAMILY, k, struct.pack(">q", v))
-        counters.append(r)
-    for i in range(0, len(counters), WRITE_BATCH):
-        write_rows(ctx.ledger.table, counters[i : i + WRITE_BATCH], "bench")
+    counts = {runstate.stat_key(run.run_id, cell): a for cell, a in boxes.items()}
+    counts |= {runstate.hist_key(run.run_id, m, sh): a for (m, sh), a in minutes.items()}
+    counts |= {runstate.qc_key(run.run_id, sh): a for sh, a in qc_shards.items()}
+    counters = [r for key, a in counts.items() if (r := runstate.counts_row(key, a))]
+    for i in range(0, len(counters), 500):
+        write_rows(ctx.ledger.table, counters[i : i + 500], "bench")
     return run.run_id
+
+
+def qc_templates(dataset: object, n: int = 8, seed: int = 1) -> list:
+    """A few chunks' QC statistics (``l2cache.engine.chunk_qc``) of plausible random
+    features; each synthetic done chunk carries one, as a worker would record it."""
+    from l2cache.engine.chunk_qc import chunk_qc
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(200, 2000))
+        pca = rng.normal(size=(k, 3, 3)).astype("<f2")
+        feats = {
+            "l2id": np.arange(1, k + 1, dtype=np.uint64),
+            "size_nm3": rng.lognormal(8, 2, k).clip(1, 2**25).astype("<u4"),
+            "area_nm2": rng.lognormal(12, 2, k).clip(0, 2**32 - 1).astype("<u4"),
+            "max_dt_nm": rng.lognormal(5, 1, k).clip(0, 65535).astype("<u2"),
+            "mean_dt_nm": rng.lognormal(4, 1, k).astype("<f2"),
+            "rep_coord_nm": rng.integers(0, 256, size=(k, 3)).astype("<u2"),
+            "chunk_intersect_count": rng.integers(0, 300, size=(k, 2, 3)).astype("<u2"),
+            "pca": pca,
+            "pca_val": rng.lognormal(5, 1, size=(k, 3)).astype("<f4"),
+        }
+        out.append(chunk_qc(feats, dataset, graph_l2=k))
+    return out
 
 
 def cache_rows(cfg_path: Path, n_rows: int) -> None:
@@ -219,7 +244,10 @@ def cache_rows(cfg_path: Path, n_rows: int) -> None:
 # -- one measured command (child process) --------------------------------------------------
 def one(command: str, cfg: str, run_id: str, extra: list[str]) -> dict:
     """Run one CLI command in this process; wall time of the call and peak RSS."""
+    from l2cache_tools.cli import build_parser
     from l2cache_tools.cli import main as cli
+
+    build_parser()  # the CLI's imports (Bigtable client, numpy...): timed apart, per process
 
     argv = {
         "status": ["status", DATASET, run_id],
@@ -228,19 +256,35 @@ def one(command: str, cfg: str, run_id: str, extra: list[str]) -> dict:
         "dashboard": ["dashboard", DATASET, "--out", extra[0] if extra else "dash.html"],
         "reconcile": ["reconcile", DATASET, run_id],
         "rollback": ["runs", "rollback", DATASET, run_id, "--yes"],
-        "qc": ["qc", DATASET, run_id, "--bbox", *extra],
+        "qc": ["qc", DATASET, run_id, "--region", *extra],
     }[command]
     out = io.StringIO()
+    profile = None
+    if os.environ.get("BENCH_PROFILE"):  # where a command's time goes, on stderr
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
     t = time.perf_counter()
     with contextlib.redirect_stdout(out):
         code = cli([*argv, "--config", cfg])
     seconds = time.perf_counter() - t
+    if profile is not None:
+        import pstats
+
+        profile.disable()
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "rss_mib": rss, "code": code, "lines": out.getvalue().count("\n")}
+    text = out.getvalue()
+    result = {"seconds": seconds, "rss_mib": rss, "code": code, "lines": text.count("\n")}
+    if command == "reconcile":
+        result["enqueued"] = sum(int(w) for w in re.findall(r"re-queued (\d+)", text))
+    return result
 
 
 def measure(command: str, cfg: Path, run_id: str, extra: list[str] | None = None) -> dict:
     """:func:`one` in a fresh interpreter, as the operator's shell would run it."""
+    t = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--one", command, str(cfg), run_id, *(extra or [])],
         capture_output=True,
@@ -250,7 +294,11 @@ def measure(command: str, cfg: Path, run_id: str, extra: list[str] | None = None
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{command} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    if os.environ.get("BENCH_PROFILE"):
+        print(proc.stderr[-6000:], file=sys.stderr)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - t  # what the operator waits, imports included
+    return result
 
 
 def main() -> int:
@@ -307,9 +355,14 @@ def run(sizes: list[int]) -> int:
                 res["dashboard"]["bytes"] = page.stat().st_size
                 res["reconcile"] = measure("reconcile", cfg, run_id)
                 res["rollback (empty run)"] = measure("rollback", cfg, empty)
+                res["QC of 1,000-chunk region"] = measure("qc", cfg, run_id, ["0,0,0,10,10,10"])
                 for name, r in res.items():
                     extra = f" page {r['bytes'] / 1e6:.2f} MB" if "bytes" in r else ""
-                    print(f"  {name:22} {r['seconds']:7.2f} s {r['rss_mib']:7.0f} MiB{extra}")
+                    extra += f" {r['enqueued']:,} chunks enqueued" if "enqueued" in r else ""
+                    print(
+                        f"  {name:26} {r['seconds']:7.2f} s {r['rss_mib']:7.0f} MiB "
+                        f"(process {r['process_s']:.1f} s){extra}"
+                    )
             _table(results, sizes)
         finally:
             tasks.terminate()
@@ -353,6 +406,7 @@ def _table(results: dict[int, dict[str, dict]], sizes: list[int]) -> None:
         for n in sizes:
             r = results[n][name]
             extra = f", {r['bytes'] / 1e6:.2f} MB" if "bytes" in r else ""
+            extra += f", {r['enqueued']:,} chunks" if "enqueued" in r else ""
             cells.append(f"{r['seconds']:.2f} s / {r['rss_mib']:.0f} MiB{extra}")
         first, last = results[sizes[0]][name]["seconds"], results[sizes[-1]][name]["seconds"]
         print(f"| {name} | " + " | ".join(cells) + f" | x{last / first:.1f} |")

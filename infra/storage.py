@@ -16,6 +16,9 @@ from config import StackConfig
 
 CACHE_FAMILIES = ("0", "lineage")
 RUNS_FAMILIES = ("run", "ledger")  # l2cache.store.ledger: RUN_FAMILY, LEDGER_FAMILY
+# l2cache.store.ledger.SUM_FAMILY: the run's counters, an int64 sum aggregate family, so
+# every worker's AddToCell merges into one cell (l2cache.store.runstate)
+RUNS_SUM_FAMILY = "sum"
 
 
 class Storage(pulumi.ComponentResource):
@@ -95,7 +98,10 @@ class Storage(pulumi.ComponentResource):
             name=cfg.datasets.get("runs_table_id", "l2cache_runs"),
             instance_name=self.instance_name,
             project=cfg.bigtable_project,
-            column_families=[{"family": f} for f in RUNS_FAMILIES],
+            column_families=[
+                *({"family": f} for f in RUNS_FAMILIES),
+                {"family": RUNS_SUM_FAMILY, "type": "intsum"},
+            ],
             deletion_protection="PROTECTED" if protect else "UNPROTECTED",
             opts=child_opts(self),
         )

@@ -57,6 +57,7 @@ from l2cache.engine.chunk_qc import (
     series_edges,
 )
 from l2cache.gcp.bigtable import CellFilter, read_rows
+from l2cache.store import runstate
 from l2cache.store.ledger import LEDGER_FAMILY, RunRecord
 from l2cache_ops.qc_reports import BATCH_KINDS, chunk_ids_of
 from l2cache_ops.qc_summary import (
@@ -106,7 +107,7 @@ def read_counters(table: Table | str, run_id: str) -> tuple[dict[bytes, int], in
     rows = read_rows(table, prefix=f"{QC_SHARD_PREFIX}{run_id}:".encode())
     out: dict[bytes, int] = {}
     for row in rows.values():
-        for col, value in row.get(LEDGER_FAMILY, {}).items():
+        for col, value in row.get(runstate.SUM_FAMILY, {}).items():
             out[col] = out.get(col, 0) + int.from_bytes(value, "big", signed=True)
     return out, len(rows)
 
@@ -118,12 +119,12 @@ def done_count(table: Table | str, run_id: str) -> tuple[int | None, int]:
     rows = read_rows(
         table,
         prefix=f"stat:{run_id}:".encode(),
-        cells=CellFilter(columns={LEDGER_FAMILY: [b"done"]}, per_column=1),
+        cells=CellFilter(columns={runstate.SUM_FAMILY: [b"done"]}, per_column=1),
     )
     if not rows:
         return None, 0
     total = sum(
-        int.from_bytes(r.get(LEDGER_FAMILY, {}).get(b"done", b"\0"), "big", signed=True)
+        int.from_bytes(r.get(runstate.SUM_FAMILY, {}).get(b"done", b"\0"), "big", signed=True)
         for r in rows.values()
     )
     return total, len(rows)

@@ -24,7 +24,10 @@ PAGE = 1000
 
 
 def _ints(row: RowCells) -> dict[str, int]:
-    return {k.decode(): struct.unpack(">q", v)[0] for k, v in row.get(LEDGER_FAMILY, {}).items()}
+    """The counters of a row: the sum family's int64 cells (big-endian)."""
+    return {
+        k.decode(): struct.unpack(">q", v)[0] for k, v in row.get(runstate.SUM_FAMILY, {}).items()
+    }
 
 
 def _fields(row: RowCells) -> dict[str, object]:

@@ -22,7 +22,7 @@ from l2cache.domain.regions import region_chunks
 from l2cache.engine.chunk_qc import chunk_qc, merge_counters
 from l2cache.engine.features import empty_features
 from l2cache.gcp.bigtable import bigtable_instance, read_row
-from l2cache.gcp.bigtable_write import Row, increment_many, write_rows
+from l2cache.gcp.bigtable_write import Row, write_rows
 from l2cache.store import runstate
 from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, create_runs_table, new_run
 from l2cache_ops.qc import PAGE, QcThresholds, region_qc, run_qc
@@ -97,8 +97,7 @@ def write_chunks(ledger: RunLedger, run, chunks: dict[tuple, object], failed=())
     for start in range(0, len(rows), 500):
         write_rows(ledger.table, rows[start : start + 500], "test")
     for shard, parts in shards.items():
-        increment_many(ledger.table, runstate.qc_key(run.run_id, shard), LEDGER_FAMILY,
-                       merge_counters(parts))  # fmt: skip
+        runstate.add_counts(ledger.table, runstate.qc_key(run.run_id, shard), merge_counters(parts))
 
 
 SPATIAL = dataset("x").spatial_bits
@@ -198,7 +197,7 @@ def test_a_report_has_no_per_chunk_table_however_many_chunks(env):
     run = new_run("bulk_ingest", env["ds"], [0, 0, 0, 64, 64, 16], 65536)
     ctx.ledger.create_run(run)
     total = {k: v * 25_000 for k, v in merge_counters(t.bins for t in env["templates"]).items()}
-    increment_many(ctx.ledger.table, runstate.qc_key(run.run_id, 0), LEDGER_FAMILY, total)
+    runstate.add_counts(ctx.ledger.table, runstate.qc_key(run.run_id, 0), total)
     report = run_qc(ctx, run.run_id)
     assert report["coverage"]["chunks_done"] == 200_000  # (more than the box: synthetic)
     size = len(json.dumps(report))

@@ -149,6 +149,21 @@ class Row:
             delete.time_range.end_timestamp_micros = end_micros
         return self
 
+    def add_to_cell(self, family: str, qualifier: bytes, amount: int) -> Row:
+        """Add ``amount`` to the int64 sum cell of an aggregate family (AddToCell).
+
+        All adds go to timestamp 0, so the server merges them into one cell instead of
+        stacking a version per add (a read-modify-write counter leaves one version per
+        increment until compaction). Not idempotent: the row is sent once, never retried.
+        """
+        self.idempotent = False
+        add = self._entry.mutations.add().add_to_cell
+        add.family_name = family
+        add.column_qualifier.raw_value = qualifier
+        add.timestamp.raw_timestamp_micros = 0
+        add.input.int_value = amount
+        return self
+
     def delete_row(self) -> Row:
         """Delete the whole row (every family, every version): what clears a chunk's
         in-flight and failure marks once it is done."""

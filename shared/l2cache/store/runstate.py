@@ -5,7 +5,9 @@ run stands. So every state change of a chunk also moves a few counters, and the 
 an operator has to look at one by one (failing, retrying, in flight) live in key ranges
 of their own. Status, the dashboard and ``runs inspect`` read those and nothing else.
 
-Row keys in the runs table (family ``ledger``):
+Row keys in the runs table (counters in the ``sum`` family: int64 sum aggregates that
+a worker adds to with one blind AddToCell, merged by the server into one cell; the
+other rows in ``ledger``):
 
 - ``stat:<run>:<cell %04d>``: 64-bit counters of one box of the run's
   :class:`~l2cache.domain.statgrid.StatGrid` (``done``, ``failed``, ``retrying``,
@@ -23,7 +25,8 @@ Row keys in the runs table (family ``ledger``):
   reports. O(chunks in flight), bounded by the queue's concurrency; a row that stays
   silent past the attempt deadline is an attempt whose worker died.
 
-Exactness: a chunk's state (``state`` cell of its ``chunk:`` row: none, ``r``etrying,
+Counters are sharded by a hash of the chunk id (never ``chunk_id % n``: a chunk id's
+low bits are the segment part, always zero). Exactness: a chunk's state (``state`` cell of its ``chunk:`` row: none, ``r``etrying,
 ``f``ailed, ``d``one) changes by one CheckAndMutateRow conditioned on the state read just
 before, so of two concurrent deliveries exactly one moves the counters. The counters are
 added after that transition; a worker killed between the two leaves a counter one
@@ -33,18 +36,20 @@ short, which ``runs recount`` (a streaming recount of the ledger) repairs.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from l2cache.domain.statgrid import StatGrid
 from l2cache.gcp.bigtable import CellFilter, read_row
-from l2cache.gcp.bigtable_write import Row, WriteError, check_and_mutate, increment_many
+from l2cache.gcp.bigtable_write import Row, WriteError, check_and_mutate, write_rows
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.table import Table
 
 FAMILY = "ledger"  # the runs table's ledger family (store.ledger.LEDGER_FAMILY)
+SUM_FAMILY = "sum"  # its int64 sum aggregate family (store.ledger.SUM_FAMILY): counters
 HIST_SHARDS = 8
 QC_SHARDS = 16
 UNGRIDDED_CELLS = 16  # counter rows of a run recorded without a grid (older runs, tests)
@@ -106,7 +111,7 @@ def cell_of(grid: StatGrid | None, coords: Sequence[int], chunk_id: int) -> int:
     """The counter row a chunk counts into: its box of the run's grid, or (a run with
     no grid) a shard of its id, which spreads the writes but maps nothing."""
     if grid is None:
-        return chunk_id % UNGRIDDED_CELLS
+        return shard_of(chunk_id, UNGRIDDED_CELLS)
     return grid.cell_of(coords)
 
 
@@ -165,13 +170,37 @@ def state_deltas(old: bytes | None, new: bytes) -> dict[bytes, int]:
     return deltas
 
 
+def shard_of(chunk_id: int, n: int) -> int:
+    """A shard in ``[0, n)`` for a chunk: hashed, because a chunk id's low bits (the
+    segment part) are all zero, so ``chunk_id % n`` would put every chunk in shard 0."""
+    return zlib.crc32(chunk_id.to_bytes(8, "big")) % n
+
+
+def counts_row(key: bytes, amounts: Mapping[bytes, int]) -> Row | None:
+    """A row adding ``amounts`` to the counters at ``key`` (None when all are zero)."""
+    row = Row(key)
+    for qualifier, amount in sorted(amounts.items()):
+        if amount:
+            row.add_to_cell(SUM_FAMILY, qualifier, int(amount))
+    return row if row.mutations else None
+
+
 def add_counts(
     table: Table | str, key: bytes, amounts: Mapping[bytes, int], what: str = "ledger"
 ) -> None:
     """Add to the counters of one row (zero amounts are left out)."""
-    amounts = {k: int(v) for k, v in amounts.items() if v}
-    if amounts:
-        increment_many(table, key, FAMILY, amounts, what=what)
+    add_many(table, {key: amounts}, what)
+
+
+def add_many(
+    table: Table | str, counts: Mapping[bytes, Mapping[bytes, int]], what: str = "ledger"
+) -> None:
+    """Add to the counters of several rows in one MutateRows request: blind AddToCell
+    writes into the sum family (no read, no version per add), each row's status
+    checked, sent once (an add repeated would count twice)."""
+    rows = [r for key, amounts in counts.items() if (r := counts_row(key, amounts)) is not None]
+    if rows:
+        write_rows(table, rows, what)
 
 
 def failure_row(

@@ -41,18 +41,24 @@ def print_features(rows: dict[int, dict], title: str = "") -> None:
         )
 
 
-def print_status(status: RunStatus) -> None:
-    """One line of progress and cost, then why the run is broken and each failed or
-    retrying chunk: the same words for ``status``, ``ingest --watch`` and the demo."""
+def print_status(status: RunStatus, cost: bool = True, failures: bool = True) -> None:
+    """One line of progress (and cost, unless the caller prints the breakdown), then
+    why the run is broken and the first failed or retrying chunks: the same words for
+    ``status``, ``ingest --watch`` and the demo."""
     eta = f"{status.eta_s:.0f}s" if status.eta_s is not None else "-"
     print(
         f"run {status.run_id}: {status.done}/{status.total} done, {status.failed} failed, "
         f"{status.retrying} retrying, {status.running} running, {status.pending} pending; "
         f"{status.rate_per_s:.2f} chunks/s, "
-        f"ETA {eta}; {status.l2_rows} L2 rows; compute {status.compute_s:.1f}s; "
-        f"est. cost ${status.cost_usd:.6f}"
+        f"ETA {eta}; {status.l2_rows} L2 rows; compute {status.compute_s:.1f}s"
+        + (f"; cost ${status.cost_usd:.6f}" if cost else "")
     )
     if status.broken:
         print(f"  BROKEN: {status.broken}")
+    if not failures:
+        return
+    shown = len(status.failures)
+    if shown < status.failed + status.retrying:
+        print(f"  first {shown} of {status.failed + status.retrying} (all: runs inspect)")
     for f in status.failures:
         print(f"  chunk {f['chunk']} {f['status']}: {f['error']} (attempts {f['attempts']})")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
-from l2cache_tools.dataset import BuildResult
+if TYPE_CHECKING:  # the builder (numba, cc3d) loads only when a dataset is built
+    from l2cache_tools.dataset import BuildResult
 
 from .common import add_config_arg, config_from
 

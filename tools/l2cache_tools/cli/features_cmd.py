@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from l2cache.engine.features import compute_features
-
 from .argformats import BBOX_HELP, BOX_FORMAT, box, positive_int
 
 
@@ -94,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     timings: dict[str, float] = {}
     t1 = time.perf_counter()
+    from l2cache.engine.features import compute_features  # numba: only when computing
+
     feats = compute_features(labels, res, timings=timings)
     t_engine = time.perf_counter() - t1
     print_summary(feats, labels.shape, res, args.top)

@@ -9,6 +9,7 @@ on the Cloud Tasks queue; ``runs inspect`` lists a run's failed and retrying chu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 
@@ -16,7 +17,7 @@ from l2cache.compute import DatasetContext
 from l2cache.config import L2CacheConfig
 from l2cache.store.ledger import RunLedger
 from l2cache_ops.cost import Prices, RunCost
-from l2cache_ops.ledger import done_chunks, list_runs
+from l2cache_ops.ledger import list_runs
 from l2cache_ops.settings import slo_targets
 from l2cache_ops.slo import SloResult
 from l2cache_ops.status import RunStatus
@@ -65,7 +66,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="how long to wait for the sampled chunks",
     )
-
     p.set_defaults(func=ingest)
 
     s = sub.add_parser("status", help="progress, rate, ETA, failures and cost of a run")
@@ -79,6 +79,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_arg(r)
     r.add_argument("dataset")
     r.add_argument("run")
+    r.add_argument(
+        "--batch", type=int, default=4, help="chunks per task when the region is re-enqueued"
+    )
     r.set_defaults(func=reconcile)
 
     runs = sub.add_parser(
@@ -90,6 +93,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("show", "a run's record: kind, region, parameters, code revision"),
         ("rollback", "undo what a run wrote (each row back to its previous version)"),
         ("inspect", "a run's failed, retrying and running chunks, a page at a time"),
+        ("recount", "rebuild a run's counters from its ledger rows (streams the run)"),
     ):
         q = rs.add_parser(name, help=what)
         add_config_arg(q)
@@ -98,6 +102,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             q.add_argument("run")
         if name == "rollback":
             add_rollback_args(q)
+        if name == "inspect":
+            q.add_argument(
+                "--page-size", type=int, default=50, help="failed or retrying chunks per page"
+            )
+            q.add_argument(
+                "--after", type=int, metavar="CHUNK_ID", help="continue after this chunk id"
+            )
         q.set_defaults(func=runs_command if name != "inspect" else inspect)
     for name, what in (
         ("pause", "stop dispatching tasks (attempts in flight finish)"),
@@ -151,8 +162,14 @@ def current_status(
 
     if prices is None:
         prices = run_prices_of(ledger, run_id, cfg)
+    bits = None
+    if cfg is not None:
+        with contextlib.suppress(KeyError, LookupError):
+            bits = cfg.dataset(ledger.get_run(run_id).dataset).spatial_bits
     try:
-        return run_status(ledger, run_id, **_status_args(cfg) if cfg else {}, prices=prices)
+        return run_status(
+            ledger, run_id, **_status_args(cfg) if cfg else {}, prices=prices, bits=bits
+        )
     except (KeyError, NotFound) as exc:
         raise _broken(run_id, exc) from None
 
@@ -261,7 +278,7 @@ def status(args: argparse.Namespace) -> int:
     if args.watch:
         watch(ctx.ledger, args.run, cfg=cfg)
     st = current_status(ctx.ledger, args.run, cfg, prices)
-    print_status(st)
+    print_status(st, cost=False)  # the breakdown below is the one cost figure
     print_cost(st.cost)
     print_slos(run_slos(ctx.ledger, ctx.dataset, slo_targets(cfg, args.dataset), args.run, st))
     return 0 if st.failed == 0 and not st.broken else 1
@@ -486,42 +503,57 @@ def queue_command(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    """Failed, retrying and running chunks of a run with their errors and attempts."""
+    """``runs inspect``: the run's status line, then one page of its failed and retrying
+    chunks (chunk-id order) with their errors and attempts; the first page also lists
+    the chunks in flight. Reads O(page), whatever the run's size; ``--after`` continues."""
+    from l2cache_ops.runstate import failures_page, live_chunks
+
     cfg, ctx = _ctx(args)
     st = current_status(ctx.ledger, args.run, cfg)
-    print_status(st)
-    order = {"failed": 0, "retrying": 1, "running": 2}
-    rows = sorted(
-        (r for r in st.rows if r["status"] in order),
-        key=lambda r: (order[r["status"]], r.get("coords") or []),
-    )
-    for r in rows:
-        kind = "permanent" if r.get("permanent") else "transient" if r.get("error") else ""
-        since = r.get("first_failed_at") or r.get("started_at") or ""
+    print_status(st, failures=False)
+    if args.after is None:
+        for r in live_chunks(ctx.ledger, args.run)[: args.page_size]:
+            if r.get("state") != "d":
+                since = r.get("started_at") or r.get("queued_at") or ""
+                print(f"  {r.get('status', 'running'):9} chunk {r.get('coords')} since={since}")
+        for f in st.failures:  # presumed lost, or chunks of split tasks that gave up
+            if f["kind"] == "lost":
+                print(f"  {f['status']:9} chunk {f['chunk']} lost error={f['error']}")
+            elif f["kind"] == "task":
+                print(
+                    f"  {'failed':9} chunk {f['chunk']} never started "
+                    f"attempts={f['attempts']} error={f['error']}"
+                )
+    page, after = failures_page(ctx.ledger, args.run, args.after, args.page_size)
+    for r in page:
+        kind = "permanent" if r.get("permanent") else "transient"
         print(
             f"  {r['status']:9} chunk {r.get('coords')} {kind} attempts={r.get('attempts')} "
-            f"since={since} error={r.get('error') or '-'}"
+            f"at={r.get('at')} error={r.get('error') or '-'}"
         )
-    known = {tuple(r.get("coords") or ()) for r in rows}
-    for f in st.failures:  # chunks of split tasks that gave up before starting them
-        if tuple(f["chunk"] or ()) not in known:
-            print(
-                f"  {'failed':9} chunk {f['chunk']} never started attempts={f['attempts']} "
-                f"error={f['error']}"
-            )
-    if not rows and not st.failures:
-        print("  no failed, retrying or running chunk")
+    if after is not None:
+        print(f"  more: l2cache runs inspect {args.dataset} {args.run} --after {after}")
+    elif not page and not st.failed and not st.retrying:
+        print("  no failed or retrying chunk")
     return 0 if st.failed == 0 else 1
 
 
 def reconcile(args: argparse.Namespace) -> int:
-    """``reconcile``: re-queue every chunk the ledger does not have as done, one task
-    each under a fresh generation (names the queue has not seen), for a run whose tasks
-    were lost or gave up."""
-    from l2cache.compute import chunk_id
+    """``reconcile``: re-queue what a run has not done, under a fresh generation (names
+    the queue has not seen), for a run whose tasks were lost or gave up.
+
+    Proportional to what is missing, never to the run: the failed and retrying chunks
+    (its ``fail:`` rows) and the attempts presumed lost are re-queued in tasks of
+    ``--batch`` chunks, enqueued concurrently. Chunks no task ever reached (a split that
+    gave up, a lost task) have no row at all; when the counters say some remain, the
+    run's region is re-enqueued too, and the workers skip every done chunk by key.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from l2cache.domain.lineage import utc_now
-    from l2cache.domain.regions import region_chunks
     from l2cache.gcp.tasks import enqueue_region, tasks_client
+    from l2cache_ops.runstate import iter_failures
+    from l2cache_ops.status import lost_chunks
 
     cfg, ctx = _ctx(args)
     if cfg.tasks is None:
@@ -532,14 +564,30 @@ def reconcile(args: argparse.Namespace) -> int:
             f"run {run.run_id} is a {run.kind} run (messages, no region): reconcile applies "
             "to bulk and region runs"
         )
-    done = done_chunks(ctx.ledger, run.run_id)
-    gaps = [c for c in region_chunks(run.region) if chunk_id(ctx, c) not in done]
+    st = current_status(ctx.ledger, run.run_id, cfg)
+    gaps = [tuple(r["coords"]) for r in iter_failures(ctx.ledger, run.run_id)]  # type: ignore[arg-type]
+    gaps += lost_chunks(ctx.ledger, run.run_id, **_status_args(cfg))
+    gaps = sorted(set(gaps))
+    unreached = st.pending if not st.running else 0
     client = tasks_client()
     generation = "reconcile" + utc_now().strftime("%Y%m%dT%H%M%S%f")
-    for c in gaps:
-        region = [*c, *(v + 1 for v in c)]
-        enqueue_region(client, cfg.tasks, args.dataset, run.run_id, region, 1, generation)
-    print(f"run {run.run_id}: re-queued {len(gaps)} chunks")
+
+    def enqueue(c: tuple[int, ...]) -> str | None:
+        return enqueue_region(
+            client, cfg.tasks, args.dataset, run.run_id, [*c, *(v + 1 for v in c)], 1, generation
+        )
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(enqueue, gaps))
+    print(f"run {run.run_id}: re-queued {len(gaps)} failed, retrying or lost chunks")
+    if unreached:
+        enqueue_region(
+            client, cfg.tasks, args.dataset, run.run_id, run.region, args.batch, generation
+        )
+        print(
+            f"  and the run's region for {unreached} chunks no task reached "
+            "(workers skip the done ones by key)"
+        )
     return 0
 
 
@@ -550,13 +598,33 @@ def runs_command(args: argparse.Namespace) -> int:
 
     _, ctx = _ctx(args)
     if args.runs_command == "list":
-        for run in list_runs(ctx.ledger):
+        from l2cache_ops.runstate import read_counts
+
+        runs = [r for r in list_runs(ctx.ledger) if r.dataset == args.dataset]
+        if not runs:
+            print(f"no runs of dataset {args.dataset}")
+        for run in runs:
+            c = read_counts(ctx.ledger, run.run_id)
+            progress = (
+                f"done={c['done']}/{run.n_chunks} failed={c['failed']}"
+                if run.region is not None
+                else f"events={c['events']}"
+            )
             print(
-                f"{run.run_id:40} {run.kind:18} {run.dataset:16} {run.created_at} "
-                f"chunks={run.n_chunks} params={run.params_hash} code={run.code_revision}"
+                f"{run.run_id:40} {run.kind:18} {run.created_at} {progress} "
+                f"params={run.params_hash} code={run.code_revision}"
             )
         return 0
     run = ctx.ledger.get_run(args.run)
+    if args.runs_command == "recount":
+        from l2cache_ops.runstate import recount
+
+        fixed = recount(ctx.ledger, run)
+        print(
+            f"run {run.run_id}: counters "
+            + (", ".join(f"{k} {v:+d}" for k, v in sorted(fixed.items())) or "were exact")
+        )
+        return 0
     if args.runs_command == "show":
         from dataclasses import asdict
 
