@@ -350,7 +350,7 @@ def run(sizes: list[int]) -> int:
                 res["status"] = measure("status", cfg, run_id)
                 res["inspect"] = measure("inspect", cfg, run_id)
                 res["list"] = measure("list", cfg, run_id)
-                page = tmp / f"dash_{n}.html"
+                page = ROOT / "build" / "bench" / f"dashboard_{n}.html"  # kept to look at
                 res["dashboard"] = measure("dashboard", cfg, run_id, [str(page)])
                 res["dashboard"]["bytes"] = page.stat().st_size
                 res["reconcile"] = measure("reconcile", cfg, run_id)

@@ -26,9 +26,10 @@ from l2cache.config import L2CacheConfig
 from l2cache.domain.lineage import utc_now
 from l2cache.store.ledger import RunRecord
 from l2cache_ops.cost import Prices, map_read_ahead, run_prices, worker_prices
-from l2cache_ops.ledger import list_runs, records
+from l2cache_ops.ledger import list_runs
 from l2cache_ops.qc_reports import load_report
 from l2cache_ops.releases import current_release, release_history
+from l2cache_ops.rollback import rollback_history
 from l2cache_ops.runstate import minutes, read_counts
 from l2cache_ops.settings import slo_targets
 from l2cache_ops.slo import (
@@ -130,10 +131,7 @@ def collect(cfg: L2CacheConfig, dataset: str, max_runs: int = MAX_RUNS) -> Dashb
         v.qc = load_report(ctx.ledger, v.run.run_id, with_chunks=False)
         v.slos = evaluate(targets, v.status, v.status.cost, v.qc, latency)
         v.minutes = minutes(ctx.ledger, v.run.run_id)
-    rollbacks = [
-        {"key": key, **{k: v.decode(errors="replace") for k, v in cols.items()}}
-        for key, cols in records(ctx.ledger, "rollback:")
-    ][-50:]
+    rollbacks = rollback_history(ctx.ledger, dataset)[-50:]
     return DashboardData(
         dataset,
         utc_now().isoformat(timespec="seconds"),
@@ -240,7 +238,11 @@ def map_figure(view: RunView | None) -> go.Figure:
     )
     fig.update_xaxes(title="chunk x")
     fig.update_yaxes(title="chunk y", scaleanchor="x")
-    return _layout(fig, f"Where chunks fail: {view.run.run_id} (x-y, summed over z)", "")
+    fig.add_annotation(
+        text=f"run {view.run.run_id}, boxes of {'x'.join(map(str, grid.cell))} chunks",
+        showarrow=False, x=0, y=1.08, xref="paper", yref="paper", xanchor="left",
+    )  # fmt: skip
+    return _layout(fig, "Where chunks fail (x-y, summed over z)", "")
 
 
 def edits_figure(streams: list[StreamView]) -> go.Figure:
@@ -259,7 +261,18 @@ def edits_figure(streams: list[StreamView]) -> go.Figure:
                     name=f"p{round(q * 100)} {sv.run.run_id}",
                 )
             )
+    if not fig.data:
+        _empty(fig, "no edit yet")
     return _layout(fig, "Edit latency over time (upper bin edge)", "seconds")
+
+
+def _empty(fig: go.Figure, text: str) -> None:
+    """A figure with nothing to draw says so, instead of bare axes."""
+    fig.add_annotation(
+        text=text, showarrow=False, font={"size": 18}, x=0.5, y=0.5, xref="paper", yref="paper"
+    )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
 
 
 def cost_figure(views: list[RunView]) -> go.Figure:
@@ -450,20 +463,20 @@ def lineage_table(views: list[RunView]) -> str:
     )
 
 
+ROLLBACK_KEYS = ("at", "run_id", "kind", "mode", "chunks", "versions", "cells", "tasks", "seconds")
+
+
 def rollback_table(rollbacks: list[dict[str, Any]]) -> str:
-    """The recorded rollbacks (runs and releases), newest last."""
+    """The recorded rollbacks of the dataset's runs, oldest first: when, which run, how
+    (inline or fanned out), what they removed."""
     if not rollbacks:
         return '<p class="none">no rollback recorded</p>'
-    keys = sorted({k for r in rollbacks for k in r} - {"key"})
     rows = "".join(
-        f"<tr><td>{_e(r['key'])}</td>"
-        + "".join(f"<td>{_e(r.get(k, '-'))}</td>" for k in keys)
-        + "</tr>"
+        "<tr>" + "".join(f"<td>{_cell(r.get(k, '-'))}</td>" for k in ROLLBACK_KEYS) + "</tr>"
         for r in rollbacks
     )
-    return (
-        f"<table><tr><th>record</th>{''.join(f'<th>{_e(k)}</th>' for k in keys)}</tr>{rows}</table>"
-    )
+    head = "".join(f"<th>{k}</th>" for k in ROLLBACK_KEYS)
+    return f"<table><tr>{head}</tr>{rows}</table>"
 
 
 def runs_table(data: DashboardData) -> str:
