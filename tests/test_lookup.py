@@ -22,6 +22,7 @@ from l2cache.domain.lineage import Lineage
 from l2cache.engine.features import compute_features
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.store.cache import CacheStore, create_cache_table
+from l2cache.store.missing_guard import create_guard_table
 from l2cache_tools.local.functions import start_function
 
 PROJECT = "lookup-test"
@@ -71,6 +72,7 @@ def stack(bigtable_emulator, pubsub_emulator, tmp_path_factory):
     feats = compute_features(l2_labels, RES)
     instance = bigtable_instance(PROJECT, "inst", admin=True)
     store = CacheStore(create_cache_table(instance, "cache_lookup"), dataset)
+    create_guard_table(instance, "l2cache_lookup_guard")
     store.write_features(
         feats, Lineage("run-lookup", cell_timestamp=datetime(2026, 1, 1, tzinfo=UTC))
     )

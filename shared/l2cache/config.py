@@ -16,6 +16,9 @@ to name the paths. Example::
             fan_out: 16,                         # optional: span tasks per split
             ramp: {start_per_s: 5, growth: 1.5, step_s: 300, max_per_s: 500}}  # optional
     max_ids_per_request: 75000
+    missing_ids: {max_chunks_per_request: 100, max_chunks_per_caller: 600,   # optional: the
+                  caller_window_s: 60, negative_ttl_s: 86400, pending_ttl_s: 900,
+                  guard_table_id: l2cache_lookup_guard}   # lookup's recompute budgets
     auth: {url: global.example.org/auth, service_namespace: pychunkedgraph}   # optional: CAVE auth
     virtual_tables: {minnie65_public_v117: minnie65_public}                  # optional aliases
     datasets:
@@ -176,6 +179,26 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class MissingIdPolicy:
+    """What one lookup may cost the recompute queue (docs/design.md, "Missing ids").
+
+    Work is counted in chunks: a missing-id recompute reads and computes a whole chunk
+    whatever number of its ids was asked for. Ids the graph says do not exist are
+    remembered for ``negative_ttl_s``; ids queued once are not queued again for
+    ``pending_ttl_s``; a request queues at most ``max_chunks_per_request`` chunks and a
+    caller at most ``max_chunks_per_caller`` per ``caller_window_s``. The marks and
+    counters live in ``guard_table_id``, shared by every lookup instance.
+    """
+
+    max_chunks_per_request: int = 100
+    max_chunks_per_caller: int = 600
+    caller_window_s: int = 60
+    negative_ttl_s: int = 86_400
+    pending_ttl_s: int = 900
+    guard_table_id: str = "l2cache_lookup_guard"
+
+
+@dataclass(frozen=True)
 class L2CacheConfig:
     """The whole map: shared services plus the datasets by name."""
 
@@ -189,6 +212,8 @@ class L2CacheConfig:
     auth: AuthConfig | None = None
     # Public alias -> real graph table id, as the existing service's VIRTUAL_TABLES.
     virtual_tables: dict[str, str] = field(default_factory=dict)
+    # The lookup's budgets of recompute work for missing ids (the map's ``missing_ids:``).
+    missing_ids: MissingIdPolicy = field(default_factory=MissingIdPolicy)
     # The parsed YAML document as read: the operations side reads its own sections
     # (``qc:``, ``slo:``, see l2cache_ops.settings) from it; the core never does.
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -323,6 +348,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
         source,
         auth=_auth(raw, source),
         virtual_tables=_virtual_tables(raw, datasets, source),
+        missing_ids=_missing_ids(raw, source),
         raw=raw,
     )
 
@@ -342,6 +368,23 @@ def _auth(raw: Mapping, source: str) -> AuthConfig | None:
     if sticky is not None and (not isinstance(sticky, str) or "://" in sticky):
         raise ConfigError(f"{where}: sticky_url is host/path without a scheme")
     return AuthConfig(url=url, service_namespace=namespace, sticky_url=sticky)
+
+
+def _missing_ids(raw: Mapping, source: str) -> MissingIdPolicy:
+    """``missing_ids:``: every key optional (:class:`MissingIdPolicy`'s defaults)."""
+    section = config_section(raw, "missing_ids", source)
+    where = f"{source}: missing_ids"
+    base = MissingIdPolicy()
+    unknown = set(section) - set(MissingIdPolicy.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    values: dict[str, Any] = {
+        key: _positive_int(section, key, getattr(base, key), where)
+        for key in MissingIdPolicy.__dataclass_fields__
+        if key != "guard_table_id"
+    }
+    table = _optional_str(section, "guard_table_id", where) or base.guard_table_id
+    return MissingIdPolicy(**values, guard_table_id=table)
 
 
 def _virtual_tables(raw: Mapping, datasets: Mapping, source: str) -> dict[str, str]:

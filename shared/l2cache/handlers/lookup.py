@@ -14,7 +14,7 @@ import flask
 from flask_cors import cross_origin
 
 from l2cache.config import ReloadingMap
-from l2cache.serving.api import ApiError, BodyReader, LookupService, error_response
+from l2cache.serving.api import ANONYMOUS, ApiError, BodyReader, LookupService, error_response
 from l2cache.serving.cave_auth import CaveAuth
 
 _DRAIN_CHUNK = 64 * 2**10
@@ -61,7 +61,37 @@ def _drain(request: flask.Request) -> None:
         pass
 
 
-@cross_origin(expose_headers=["WWW-Authenticate", "X-L2Cache-Missing-Ids", "X-L2Cache-Queue"])
+def caller_of(request: flask.Request) -> str:
+    """Who is asking, for the per-caller budget of recompute work.
+
+    The CAVE user once CAVE auth has passed (middle-auth-client's ``flask.g.auth_user``;
+    id 0 is its anonymous public reader); otherwise the client address the front end
+    reports (the last ``X-Forwarded-For`` hop, which the client cannot write; behind
+    the optional load balancer that is the balancer's, so such a deployment should use
+    CAVE auth), else the peer address.
+    """
+    user = flask.g.get("auth_user") if flask.has_app_context() else None
+    if isinstance(user, dict) and user.get("id"):
+        return f"user:{user['id']}"
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    address = hops[-1] if hops else request.remote_addr
+    return f"addr:{address}" if address else ANONYMOUS
+
+
+EXPOSED_HEADERS = [
+    "WWW-Authenticate",
+    "X-L2Cache-Missing-Ids",
+    "X-L2Cache-Queue",
+    "X-L2Cache-Queued-Ids",
+    "X-L2Cache-Unknown-Ids",
+    "X-L2Cache-Pending-Ids",
+    "X-L2Cache-Deferred-Ids",
+    "X-L2Cache-Queued-Chunks",
+]
+
+
+@cross_origin(expose_headers=EXPOSED_HEADERS)
 def handle(request: flask.Request) -> flask.Response:
     """The lookup function: one HTTP request in, the API's answer out (CORS by the
     decorator, CAVE auth when the map configures it)."""
@@ -77,6 +107,7 @@ def handle(request: flask.Request) -> flask.Response:
             request.headers,
             _read_body(request),
             authorizer,
+            lambda: caller_of(request),
         )
     _drain(request)
     return flask.Response(r.body, r.status, r.headers)

@@ -12,6 +12,11 @@ down) gets a 503 so clients retry. Request bodies are read and decompressed with
 bound derived from the id cap before memory is spent; responses are compressed
 (brotli or gzip) when the client accepts it, and one still over Cloud Run's 32 MiB
 limit is refused with a 413. Publishing missing ids waits at most ``PUBLISH_WAIT_S``.
+
+Missing ids are queued for recompute only within budgets (:mod:`l2cache.serving.missing`):
+ids the graph lacks are remembered and never queued, ids already queued are not queued
+again, and a request and a caller queue a bounded number of chunks; the body answers
+every missing id ``{}`` whatever was queued.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ import numpy as np
 import orjson
 
 from l2cache import __version__
-from l2cache.config import L2CacheConfig, UnknownDatasetError, load_config
+from l2cache.config import DatasetConfig, L2CacheConfig, UnknownDatasetError, load_config
 from l2cache.domain import ids as idlib
 from l2cache.domain.attributes import ATTRIBUTE_NAMES
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.pubsub import publish_missing_ids_async, publisher
+from l2cache.serving.missing import headers as missing_headers
+from l2cache.serving.missing import plan_missing
 from l2cache.store.cache import CacheStore
+from l2cache.store.missing_guard import MissingIdGuard
 from l2cache.support import logs
 from l2cache.support.gc_defer import gc_deferred
 
@@ -73,6 +81,9 @@ Authorizer = Callable[[str | None, str | None, str | None], "Response | None"]
 BodyReader = Callable[[int], bytes]
 # (ids, graph table id, cache table id) -> a future of the publish, or None.
 Publisher = Callable[[np.ndarray, str, str], "Future | None"]
+# Who is asking, for the per-caller budget (called once authorization has run).
+Caller = Callable[[], str]
+ANONYMOUS = "anonymous"
 
 
 class ApiError(Exception):
@@ -193,11 +204,13 @@ class LookupService:
         config: L2CacheConfig,
         store_factory: Callable[[str], CacheStore],
         publish_missing: Publisher | None = None,
+        guard: MissingIdGuard | None = None,
     ) -> None:
         self.config = config
         self._store_factory = store_factory
         self._stores: dict[str, CacheStore] = {}
         self._publish_missing = publish_missing
+        self._guard = guard
 
     @classmethod
     def from_env(cls) -> LookupService:
@@ -210,7 +223,7 @@ class LookupService:
             ds = config.dataset(name)
             return CacheStore(instance.table(ds.cache_table_id), ds)
 
-        publish = None
+        publish = guard = None
         if config.pubsub and config.pubsub.missing_ids_topic:
             client = publisher()
             topic = client.topic_path(config.pubsub.project, config.pubsub.missing_ids_topic)
@@ -218,7 +231,10 @@ class LookupService:
             def publish(l2ids: np.ndarray, table_id: str, l2_cache_id: str) -> Future:
                 return publish_missing_ids_async(client, topic, l2ids, table_id, l2_cache_id)
 
-        return cls(config, store_factory, publish)
+            policy = config.missing_ids
+            guard = MissingIdGuard(instance.table(policy.guard_table_id), policy)
+
+        return cls(config, store_factory, publish, guard)
 
     @property
     def body_limit(self) -> int:
@@ -239,13 +255,17 @@ class LookupService:
         headers: Mapping[str, str],
         body: bytes | BodyReader,
         authorize: Authorizer | None = None,
+        caller: Caller | None = None,
     ) -> Response:
-        """Answer one request. ``authorize`` enforces CAVE auth where upstream does."""
+        """Answer one request. ``authorize`` enforces CAVE auth where upstream does;
+        ``caller`` names who is asking (after authorization), for the per-caller budget."""
         reader = _bytes_body(body) if isinstance(body, bytes | bytearray) else body
         timings: dict[str, float] = {}
         try:
             with gc_deferred():  # decoding rows to API values allocates, in no cycle
-                response = self._route(method, path, query, headers, reader, authorize, timings)
+                response = self._route(
+                    method, path, query, headers, reader, authorize, timings, caller
+                )
         except ApiError as exc:
             response = error_response(exc.status, exc.message)
         except Exception as exc:  # server-side failure: 5xx so clients retry
@@ -269,6 +289,7 @@ class LookupService:
         reader: BodyReader,
         authorize: Authorizer | None,
         timings: dict[str, float],
+        caller: Caller | None = None,
     ) -> Response:
         path = path.rstrip("/") or "/"
         if method == "OPTIONS":  # CORS preflight (answered by the HTTP layer normally)
@@ -295,7 +316,7 @@ class LookupService:
                 refusal = authorize(table, "view", self._auth_dataset(table))
                 if refusal is not None:
                     return refusal
-            return self._attributes(table, query, headers, reader, timings)
+            return self._attributes(table, query, headers, reader, timings, caller)
         raise ApiError(404, f"no such endpoint: {method} {path[:200]}")
 
     @staticmethod
@@ -327,6 +348,7 @@ class LookupService:
         headers: Mapping[str, str],
         reader: BodyReader,
         timings: dict[str, float],
+        caller: Caller | None = None,
     ) -> Response:
         try:
             ds = self.config.resolve_table(table)
@@ -363,23 +385,36 @@ class LookupService:
         if ds.existing_cache_table:  # another service owns that table: nothing to queue
             update_cache = False
         if update_cache and missing.size and self._publish_missing is not None:
-            headers_out.update(self._queue_missing(missing, ds.name, ds.cache_table_id))
+            who = (caller() if caller is not None else None) or ANONYMOUS
+            headers_out.update(self._queue_missing(missing, ds, who))
         t0 = time.perf_counter()
         response = _json(200, result, headers_out)
         timings["encode"] = time.perf_counter() - t0
         return response
 
-    def _queue_missing(self, missing: np.ndarray, table_id: str, cache_id: str) -> dict:
-        """Hand missing ids to Pub/Sub, waiting at most ``PUBLISH_WAIT_S`` for the ack.
+    def _queue_missing(self, missing: np.ndarray, ds: DatasetConfig, caller: str) -> dict:
+        """Hand the missing ids worth queueing (:func:`plan_missing`) to Pub/Sub,
+        waiting at most ``PUBLISH_WAIT_S`` for the ack.
 
-        A lookup never fails or stalls because the recompute queue does: a publish still
-        pending after the wait completes (or logs its failure) in the background.
+        A lookup never fails or stalls because the recompute queue or its guard does:
+        a guard that cannot be read or written queues nothing ("failed"), and a publish
+        still pending after the wait completes (or logs its failure) in the background.
         """
+        failed = {"X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "failed"}
         try:
-            future = self._publish_missing(missing, table_id, cache_id)
+            plan = plan_missing(ds, missing, caller, self.config.missing_ids, self._guard)
         except Exception:
-            log.exception("could not queue %d missing ids", missing.size)
-            return {"X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "failed"}
+            log.exception("missing-id guard failed: queueing none of %d ids", missing.size)
+            return failed
+        accounted = missing_headers(plan)
+        if plan.publish.size == 0:
+            return {**accounted, "X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "none"}
+        queued = plan.publish
+        try:
+            future = self._publish_missing(queued, ds.name, ds.cache_table_id)
+        except Exception:
+            log.exception("could not queue %d missing ids", queued.size)
+            return {**accounted, **failed}
         state = "pending"
         if future is not None:
             try:
@@ -388,9 +423,9 @@ class LookupService:
             except TimeoutError:
                 state = "pending"
             except Exception:
-                log.exception("could not queue %d missing ids", missing.size)
-                return {"X-L2Cache-Queued-Ids": "0", "X-L2Cache-Queue": "failed"}
-        return {"X-L2Cache-Queued-Ids": str(missing.size), "X-L2Cache-Queue": state}
+                log.exception("could not queue %d missing ids", queued.size)
+                return {**accounted, **failed}
+        return {**accounted, "X-L2Cache-Queued-Ids": str(queued.size), "X-L2Cache-Queue": state}
 
     def _decompress(self, body: bytes, headers: Mapping[str, str]) -> bytes:
         encoding = (headers.get("Content-Encoding", "") or "").strip().lower()
