@@ -77,21 +77,19 @@ def test_unknown_run_and_existing_cache_table_are_rejected(main, bigtable):
     assert "existing cache table (their_cache)" in summary["error"]
 
 
-def test_transient_failure_is_503_until_the_last_attempt(load_main, bigtable, fn_map, use_map):
-    """The runs table cannot be read (here: it does not exist): transient, so 503 for a
-    retry, and 200 with the error on the queue's last attempt (retry count + 1 = max)."""
+def test_a_missing_runs_table_is_permanent_on_every_attempt(load_main, bigtable, fn_map, use_map):
+    """The runs table does not exist: NotFound is permanent (the failure contract), so
+    2xx ``rejected`` with the reason on every attempt, never a 503 retry loop (it was
+    503 until the queue's last attempt)."""
     fn_map["runs_table_id"] = "no_such_runs_table"
     use_map(fn_map)
     main = load_main("compute_chunk")
     last = fn_map["tasks"]["max_attempts"] - 1
-    for retry_count in (None, "0", str(last - 1)):
+    for retry_count in (None, "0", str(last - 1), str(last)):
         headers = {} if retry_count is None else {"X-CloudTasks-TaskRetryCount": retry_count}
         status, summary = call(main, task(), headers)
-        assert (status, summary["status"]) == (503, "error"), retry_count
+        assert (status, summary["status"]) == (200, "rejected"), retry_count
         assert "NotFound" in summary["error"]
-    status, summary = call(main, task(), {"X-CloudTasks-TaskRetryCount": str(last)})
-    assert (status, summary["status"]) == (200, "error")
-    assert "NotFound" in summary["error"]
 
 
 def test_a_split_on_a_map_without_a_queue_is_rejected_and_recorded(

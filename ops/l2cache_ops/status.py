@@ -7,7 +7,9 @@ mm^3 of the chunks done (voxel volume from the run's recorded resolution).
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,8 +18,8 @@ import numpy as np
 from l2cache.domain import ids as idlib
 from l2cache.domain.ids import SpatialBits
 from l2cache.domain.lineage import utc_now
-from l2cache.domain.regions import region_chunks
-from l2cache.gcp.bigtable import CellFilter, read_rows
+from l2cache.domain.regions import region_size
+from l2cache.gcp.bigtable import CellFilter, read_row, read_rows
 from l2cache.store import runstate
 from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, RunRecord
 from l2cache_ops.cost import PRICES, Prices, RunCost, cost_from_counts
@@ -32,6 +34,11 @@ from l2cache_ops.runstate import (
 )
 
 SHOW_FAILURES = 20
+# Chunks of split tasks that gave up whose states status reads one by one; beyond it a
+# gave-up region's chunks count failed without a read (pessimistic, never more than
+# the run has): status stays bounded whatever a task record says.
+MAX_EXPANDED = 100_000
+EXPAND_BATCH = 10_000
 
 
 @dataclass
@@ -53,7 +60,10 @@ class RunStatus:
     eta_s: float | None
     cost_usd: float
     failures: list[dict]
-    broken: str | None = None  # why the run cannot finish as planned (a task was unreadable)
+    broken: str | None = None  # why the run cannot finish as planned (work of it was lost)
+    refused: int = 0  # distinct task bodies refused for the run (forged, wrong, late)
+    refused_latest: str | None = None  # the latest refusal's reason
+    closed: dict | None = None  # the fence: a rollback closed the run (at, by, reason)
     cost: RunCost | None = None  # per chunk / per mm^3 breakdown of cost_usd
     counts: RunCounts | None = field(default=None, repr=False)  # the box counters read
     run: RunRecord | None = field(default=None, repr=False)
@@ -147,13 +157,15 @@ def run_status(
             lost.append(row)
         else:
             running += 1
-    unstarted_failed = _unstarted_of_failed_tasks(ledger, run_id, bits)
-    failed += len(unstarted_failed)
+    room = max(run.n_chunks - (done + failed + retrying + running), 0)
+    unstarted_failed, unread = _unstarted_of_failed_tasks(ledger, run, bits, room)
+    failed += len(unstarted_failed) + unread
     total = max(run.n_chunks, done + failed + retrying + running)
     rate, _ = recent_rate(ledger, run, now)
     remaining = max(total - done - failed, 0)
     eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
     rejected = rejected_tasks(ledger, run_id)
+    refused, refused_latest = refusals(ledger, run_id)
     res = run.params.get("resolution") or [1, 1, 1]
     cost = cost_from_counts(
         counts.totals, busy_seconds(ledger, run_id), float(math.prod(res)), prices
@@ -191,9 +203,26 @@ def run_status(
             if rejected
             else None
         ),
+        refused=refused,
+        refused_latest=refused_latest,
+        closed=run.closed,
         cost=cost,
         counts=counts,
         run=run,
+    )
+
+
+def refusals(ledger: RunLedger, run_id: str) -> tuple[int, str | None]:
+    """How many distinct task bodies were refused for the run, and the latest reason:
+    one row (``refusals:<run>``), whatever their number."""
+    row = read_row(ledger.table, f"refusals:{run_id}".encode())
+    if row is None:
+        return 0, None
+    count = row.get(runstate.SUM_FAMILY, {}).get(b"refused")
+    latest = row.get(LEDGER_FAMILY, {}).get(b"latest")
+    return (
+        struct.unpack(">q", count)[0] if count else 0,
+        json.loads(latest) if latest else None,
     )
 
 
@@ -219,38 +248,73 @@ def lost_chunks(
 
 
 def _unstarted_of_failed_tasks(
-    ledger: RunLedger, run_id: str, bits: SpatialBits | None
-) -> list[dict]:
+    ledger: RunLedger, run: RunRecord, bits: SpatialBits | None, room: int
+) -> tuple[list[dict], int]:
     """Chunks of split tasks that gave up and never got a state of their own: failed.
 
-    Reads each gave-up region's chunk states by key, so it costs O(the failed regions),
-    nothing when no split task gave up.
+    Returns (those read one by one, how many more count failed unread). Each gave-up
+    region is clipped to the run's region (a record naming chunks outside the run
+    counts none of them) and at most ``room`` chunks (what the run has left) count,
+    the first :data:`MAX_EXPANDED` read by key, the rest failed without a read: status
+    costs O(min(failed regions, MAX_EXPANDED)) and bounded memory whatever a task
+    record says, nothing when no split task gave up.
     """
     out: list[dict] = []
+    unread = 0
+    if run.region is None:
+        return out, unread
     seen: set[tuple[int, ...]] = set()
-    for task in failed_tasks(ledger, run_id):
-        chunks = [tuple(c) for c in region_chunks(task["region"]) if tuple(c) not in seen]
+    for task in failed_tasks(ledger, run.run_id):
+        region = _clip(task.get("region"), run.region)
+        if region is None or room <= 0:
+            continue
+        chunks = _chunks_of(region, min(room, MAX_EXPANDED - len(seen)), seen)
         seen.update(chunks)
-        for i in range(0, len(chunks), 10_000):
-            part = chunks[i : i + 10_000]
+        beyond = max(min(region_size(region), room) - len(chunks), 0)
+        if len(seen) >= MAX_EXPANDED:  # read no more; the rest count failed unread
+            unread += beyond
+            room -= beyond
+        for i in range(0, len(chunks), EXPAND_BATCH):
+            part = chunks[i : i + EXPAND_BATCH]
             if bits is None:
                 keys, have = [b""] * len(part), {}
             else:
                 ids = idlib.chunk_id_from_coords(2, np.asarray(part, dtype=np.int64), bits)
-                keys = [b"chunk:%s:%020d" % (run_id.encode(), int(cid)) for cid in ids]
-            have = (
-                {}
-                if bits is None
-                else read_rows(
+                keys = [b"chunk:%s:%020d" % (run.run_id.encode(), int(cid)) for cid in ids]
+                have = read_rows(
                     ledger.table,
                     keys=keys,
                     cells=CellFilter(columns={LEDGER_FAMILY: [runstate.STATE]}, per_column=1),
                 )
-            )
-            out += [
+            new = [
                 {"coords": list(c), "error": task.get("error"), "attempts": task.get("attempts"),
                  "status": "failed"}
                 for c, k in zip(part, keys, strict=True)
                 if k not in have
             ]  # fmt: skip
-    return out
+            out += new
+            room -= len(new)
+    return out, unread
+
+
+def _clip(region: object, run_region: list[int]) -> list[int] | None:
+    """``region`` intersected with the run's region; None when empty or not a region."""
+    if not (isinstance(region, list) and len(region) == 6):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in region):
+        return None
+    lo = [max(region[a], run_region[a]) for a in range(3)]
+    hi = [min(region[a + 3], run_region[a + 3]) for a in range(3)]
+    if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+        return None
+    return lo + hi
+
+
+def _chunks_of(region: list[int], limit: int, seen: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Up to ``limit`` chunks of ``region`` not in ``seen``, x-major, generated lazily
+    (never the whole region's list)."""
+    from itertools import islice, product
+
+    x0, y0, z0, x1, y1, z1 = region
+    every = product(range(x0, x1), range(y0, y1), range(z0, z1))
+    return list(islice((c for c in every if c not in seen), max(limit, 0)))

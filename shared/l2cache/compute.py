@@ -170,6 +170,7 @@ def compute_chunk(
         feats = compute_features(chunk.dense, ctx.dataset.resolution)
         # QC statistics while the features are in hand: QC then merges them, never re-reads
         qc = chunk_qc(feats, ctx.dataset, graph_l2=int(chunk.l2_ids.size))
+        ctx.ledger.check_open(run)  # the fence: after the live mark, before any cell
         written = ctx.store.write_features(feats, run.lineage(chunk.checksum))
     except Exception as exc:
         permanent = classify(exc) == PERMANENT
@@ -333,7 +334,12 @@ def compute_l2_ids(
         feats = compute_features(data.dense, ctx.dataset.resolution, only=members)
         absent = sorted(set(members.tolist()) - set(feats["l2id"].tolist()))
         not_found.extend(absent)
-        n = ctx.store.write_features(feats, run.lineage(data.checksum, cell_timestamp))
+        mark = ctx.ledger.writing_started(run.run_id, cid, event_key or "")
+        try:  # the fence, checked once the in-flight mark a rollback waits on is stored
+            ctx.ledger.check_open(run)
+            n = ctx.store.write_features(feats, run.lineage(data.checksum, cell_timestamp))
+        finally:
+            ctx.ledger.writing_ended(mark)
         written += n
         if event_key:
             ctx.ledger.event_chunk_done(

@@ -66,12 +66,18 @@ class RevisionMismatch(PermanentError):
     """A run pinned to one code revision, reached by a worker running another."""
 
 
+class RunClosed(PermanentError):
+    """A write for a run that was closed (fenced by ``runs rollback``): refused for good,
+    so a late worker never puts back cells the rollback removed."""
+
+
 def classify(exc: BaseException) -> str:
     """``"permanent"`` or ``"transient"`` for any exception.
 
     Besides :class:`PermanentError`, Google API answers that no retry can change are
-    permanent: a missing table (NOT_FOUND), a refused grant (PERMISSION_DENIED) and a
-    malformed request (INVALID_ARGUMENT), whether raised directly or as the cause of a
+    permanent: a missing table (NOT_FOUND: the cache, runs or graph table alike), a
+    refused grant (PERMISSION_DENIED) and a malformed request (INVALID_ARGUMENT), whether
+    raised directly, as the cause of another exception, or as every row code of a
     failed checked write.
     """
     if isinstance(exc, PermanentError):

@@ -21,6 +21,17 @@ scheduled by the warm-up ramp from ``t0_ms``, default the run's start); a leaf c
 the chunks at its positions exactly as a region leaf does. Region tasks remain for
 reconcile, ``--sample`` and runs started before spans.
 
+Every body is validated against its run before anything is recorded or written
+(:func:`_check_task`): the run's dataset, a task kind the run's kind has (region and
+span tasks for bulk and region runs, ids tasks for stream runs), a region inside the
+run's region, a span within its chunk count, an ids task's cell time within the run's
+window (not earlier than a message of the run could have been published, not later
+than now plus a small clock skew), and an open run (``runs rollback`` closes it first).
+A body that fails is *refused*: answered 200 (``rejected``) and counted once on its run
+(:meth:`~l2cache.store.ledger.RunLedger.task_refused`), never marking the run broken;
+only work of the run that was really lost (a split of its own region or span that
+gave up, a task of its own dataset that this deployment's map lacks) does that.
+
 The HTTP status follows the failure contract (:mod:`l2cache.domain.failures`), because Cloud
 Tasks retries every non-2xx answer: 200 for success and for permanent failures
 (recorded: in the ledger when the run exists, in the log otherwise), 503 for transient
@@ -49,13 +60,17 @@ from l2cache.compute import (
 from l2cache.config import L2CacheConfig, UnknownDatasetError
 from l2cache.domain import ids as idlib
 from l2cache.domain.failures import (
+    PERMANENT,
     BadRequest,
     PermanentError,
+    RunClosed,
+    classify,
     dead_letter_attributes,
     describe,
     gave_up,
     is_last_attempt,
 )
+from l2cache.domain.lineage import utc_now
 from l2cache.domain.permutation import permutation_key
 from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
 from l2cache.domain.spans import plan_span, ramp_offset_s, span_chunks
@@ -70,6 +85,15 @@ log = logging.getLogger(__name__)
 
 RETRY_COUNT_HEADER = "X-CloudTasks-TaskRetryCount"
 MAX_AT_MS = 2**45  # ~3084 AD in milliseconds: beyond it, not a publish time
+KINDS = (None, "region", "span", "ids", "rollback")  # a body's "kind" (None: region)
+STREAM_KINDS = ("edit_stream", "missing_ids")  # runs whose work comes as ids tasks
+CLOCK_SKEW_MS = 5 * 60 * 1000  # how far ahead of this worker's clock a cell time may be
+# How long before its stream run was recorded a message may have been published: Pub/Sub
+# keeps an unacknowledged message at most 31 days (topic retention), and a new stream
+# run is recorded on the first message it receives, possibly a backlog's oldest.
+MAX_MESSAGE_AGE_MS = 31 * 24 * 3600 * 1000
+MAX_KEY = 256  # characters of a run id or event key (parts of row keys)
+MAX_ERROR = 500  # characters of a refusal's reason answered and recorded
 DeadLetter = Callable[[bytes, dict[str, str]], object]  # (data, attributes); result unused
 Enqueue = Callable[[list[int]], object]  # enqueue the task of one region; result unused
 # enqueue one child span (start, stop, schedule time or None); result unused
@@ -118,6 +142,8 @@ def _parse_ids_task(task: dict[str, Any]) -> dict[str, Any]:
             raise BadTask(f"ids task lacks {key!r}")
     if not all(isinstance(task[k], str) for k in ("dataset", "run_id", "event_key")):
         raise BadTask("dataset, run_id and event_key must be strings")
+    if not 0 < len(task["event_key"]) <= MAX_KEY:
+        raise BadTask(f"event_key must be 1 to {MAX_KEY} characters (a row key part)")
     chunk, ids = task["chunk"], task["ids"]
     ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     if not (
@@ -182,23 +208,27 @@ def handle_task(
     task: dict[str, Any] | None = None
     try:
         task = _parse_json(body)
-        ctx, run = _task_run(config, task)
-        if task.get("kind") == "rollback":  # handles its own failures
-            return handle_rollback_task(ctx, run, task, last)
+        if task.get("kind") not in KINDS:
+            raise BadTask(f"unknown task kind {str(task.get('kind'))[:60]!r}")
+        ctx, run = _task_run(config, task, body)
+        if task.get("kind") == "rollback":  # handles its own failures; runs on a closed run
+            status, answer = handle_rollback_task(ctx, run, task, last)
+            if answer.get("status") == "rejected":
+                _record_refusal(ctx, run, f"task rejected: {answer.get('error')}", body)
+            return status, answer
+        if run.closed is not None and task.get("kind") != "ids":  # ids: dead-lettered below
+            raise BadTask(
+                f"run {run.run_id} was closed at {run.closed.get('at')} "
+                f"({run.closed.get('reason')}): late task refused"
+            )
         task = parse_task(body) if task.get("kind") != "ids" else _parse_ids_task(task)
         _check_task(ctx, run, task)
     except PermanentError as exc:
-        return _reject(ctx, run, task if isinstance(task, dict) else None, exc, attempt)
-    except Exception as exc:  # reading the runs table failed: transient
+        return _reject(ctx, run, body, exc)
+    except Exception as exc:  # reading the runs table failed
+        if classify(exc) == PERMANENT:  # NotFound (no runs table), permission: not retried
+            return _reject(ctx, run, body, exc)
         log.exception("task could not start")
-        if (
-            last
-            and run is not None  # read only after the task body and its context
-            and ctx is not None
-            and task is not None
-            and _is_region(region := task.get("region"))
-        ):
-            return _give_up_region(ctx, run, region, gave_up(attempt, exc), attempt)
         return (200 if last else 503), {"status": "error", "error": describe(exc)}
 
     if task.get("kind") == "ids":
@@ -209,7 +239,8 @@ def handle_task(
     if kind == "split" and enqueue is None and config.tasks is None:
         # no queue to put the parts on: no retry can change that (the map is wrong)
         reason = BadTask("the dataset map has no 'tasks' section: a split cannot enqueue its parts")
-        return _reject(ctx, run, task, reason, attempt)
+        status, answer = _give_up_region(ctx, run, task["region"], f"task rejected: {reason}", 1)
+        return status, {**answer, "status": "rejected", "error": str(reason)}
     try:
         if kind == "split":
             enqueue = enqueue or _enqueuer(config, task)
@@ -218,6 +249,8 @@ def handle_task(
             return 200, {"split": len(items)}
         return 200, {"chunks": _compute_leaf(config, ctx, run, items, attempt, last)}
     except Exception as exc:  # transient: Bigtable/storage hiccup, enqueue failure, ...
+        if classify(exc) == PERMANENT:  # a missing table: no retry can help
+            return _give_up_region(ctx, run, task["region"], describe(exc), attempt, final=True)
         if last:
             return _give_up_region(ctx, run, task["region"], gave_up(attempt, exc), attempt)
         log.exception("task failed; Cloud Tasks will retry")
@@ -269,7 +302,8 @@ def _span_task(
     kind, children = plan_span(start, stop, batch, fan_out)
     if kind == "split" and enqueue_child is None and config.tasks is None:
         reason = BadTask("the dataset map has no 'tasks' section: a split cannot enqueue its parts")
-        return _reject(ctx, run, task, reason, attempt)
+        status, answer = _give_up_span(ctx, run, task, kind, f"task rejected: {reason}", 1)
+        return status, {**answer, "status": "rejected", "error": str(reason)}
     try:
         if kind == "split":
             enqueue_child = enqueue_child or _span_enqueuer(config, task)
@@ -280,6 +314,8 @@ def _span_task(
         items = span_chunks(run.region or [], permutation_key(run.run_id), start, stop)
         return 200, {"chunks": _compute_leaf(config, ctx, run, items, attempt, last)}
     except Exception as exc:  # transient: Bigtable/storage hiccup, enqueue failure, ...
+        if classify(exc) == PERMANENT:  # a missing table: no retry can help
+            return _give_up_span(ctx, run, task, kind, describe(exc), attempt, final=True)
         if not last:
             log.exception("span task failed; Cloud Tasks will retry")
             return 503, {"error": describe(exc)}
@@ -315,9 +351,11 @@ def _give_up_span(
     kind: str,
     reason: str,
     attempt: int,
+    final: bool = False,
 ) -> tuple[int, dict[str, Any]]:
     """The last attempt of a span failed: record it (see :func:`_span_task`), then 200;
-    503 when even that record cannot be written, so the span is delivered again."""
+    503 when even that record cannot be written, so the span is delivered again
+    (200 all the same when the failure is ``final``: a missing table stays missing)."""
     start, stop = task["start"], task["stop"]
     log.error("span [%d, %d) of run %s: %s", start, stop, run.run_id, reason)
     try:
@@ -329,7 +367,7 @@ def _give_up_span(
             ctx.ledger.task_rejected(run.run_id, f"span [{start}, {stop}) was lost: {reason}")
     except Exception:
         log.exception("could not record that the span task gave up")
-        return 503, {"status": "error", "error": reason}
+        return (200 if final else 503), {"status": "error", "error": reason}
     return 200, {"status": "failed", "error": reason}
 
 
@@ -368,14 +406,18 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     return task
 
 
-def _task_run(config: L2CacheConfig, task: dict[str, Any]) -> tuple[DatasetContext, RunRecord]:
+def _task_run(
+    config: L2CacheConfig, task: dict[str, Any], body: bytes = b""
+) -> tuple[DatasetContext, RunRecord]:
     """The task's dataset context and run (both must exist: else permanent)."""
     if not isinstance(task.get("dataset"), str) or not isinstance(task.get("run_id"), str):
         raise BadTask("task body needs string 'dataset' and 'run_id'")
+    if not 0 < len(task["run_id"]) <= MAX_KEY:
+        raise BadTask(f"run_id must be 1 to {MAX_KEY} characters")
     try:
         ctx = dataset_context(config, task["dataset"])
     except UnknownDatasetError as exc:
-        _record_unknown_dataset(config, task["run_id"], f"task rejected: {exc}")
+        _record_unknown_dataset(config, task, f"task rejected: {exc}", body)
         raise BadTask(str(exc)) from None
     if ctx.dataset.existing_cache_table:
         raise BadTask(
@@ -389,78 +431,132 @@ def _task_run(config: L2CacheConfig, task: dict[str, Any]) -> tuple[DatasetConte
     return ctx, run
 
 
-def _record_unknown_dataset(config: L2CacheConfig, run_id: str, reason: str) -> None:
+def _record_unknown_dataset(
+    config: L2CacheConfig, task: dict[str, Any], reason: str, body: bytes
+) -> None:
     """Record a task whose dataset the map does not have against its run, best effort.
 
     The runs table is the map's, not the dataset's, so the run (created by an operator
-    whose map has the dataset) can still be told: status then reports it broken with
-    the reason instead of pending forever. No such run, or the table unreachable: the
-    log is the record (the task is rejected either way; no retry can add the dataset,
-    and the entry points already re-read a map that changed).
+    whose map has the dataset) can still be told: when the task names the run's own
+    dataset, the run's work is lost here and status reports it broken with the reason
+    instead of pending forever; a task naming another dataset than its run's is refused
+    (counted, the run untouched). No such run, or the table unreachable: the log is the
+    record (the task is rejected either way; no retry can add the dataset, and the
+    entry points already re-read a map that changed).
     """
+    run_id = task["run_id"]
     try:
         instance = bigtable_instance(config.bigtable.project, config.bigtable.instance)
         ledger = RunLedger(instance.table(config.runs_table_id))
-        ledger.get_run(run_id)
-        ledger.task_rejected(run_id, reason)
+        if ledger.get_run(run_id).dataset == task["dataset"]:
+            ledger.task_rejected(run_id, reason)
+        else:
+            ledger.task_refused(run_id, reason, body)
     except Exception as exc:  # noqa: BLE001 - best effort, said in the log
         log.warning("run %r: could not record %r: %s", run_id, reason, describe(exc))
 
 
-def _check_task(ctx: DatasetContext, run: RunRecord, task: dict[str, Any]) -> None:
-    """What must hold for a task of this run: its chunks inside the run and the ids' bits."""
+def _check_task(
+    ctx: DatasetContext, run: RunRecord, task: dict[str, Any], now_ms: int | None = None
+) -> None:
+    """What must hold for a task of this run before anything is recorded or written:
+    the run's dataset, a kind of task the run has, its chunks inside the run (region
+    inside the run's region, span within its chunk count, an ids task's chunk in the
+    volume and its ids of that chunk) and an ids task's cell time within the run's
+    window (``now_ms``: this worker's clock, for tests)."""
+    if task["dataset"] != run.dataset:
+        raise BadTask(
+            f"task names dataset {task['dataset']!r}; run {run.run_id} is of {run.dataset!r}"
+        )
+    stream = run.kind in STREAM_KINDS
+    if (task.get("kind") == "ids") != stream:
+        raise BadTask(
+            f"a {task.get('kind') or 'region'} task cannot belong to run {run.run_id} "
+            f"({run.kind}): ids tasks are for stream runs, region and span tasks for the rest"
+        )
     bits = ctx.dataset.spatial_bits
     limit = 1 << int(bits.bits_for(np.array([2]))[0])
+    now_ms = int(utc_now().timestamp() * 1000) if now_ms is None else now_ms
     if task.get("kind") == "ids":
         chunk = task["chunk"]
         if any(v >= limit for v in chunk) or not in_volume(ctx.dataset, chunk):
             raise BadTask(f"chunk {chunk} is outside the volume")
-        if not 0 < task["at_ms"] < MAX_AT_MS:
-            raise BadTask(f"at_ms {task['at_ms']} is not a plausible time in milliseconds")
+        lo = _created_ms(run) - MAX_MESSAGE_AGE_MS
+        hi = now_ms + CLOCK_SKEW_MS
+        if not lo <= task["at_ms"] <= hi:
+            raise BadTask(
+                f"at_ms {task['at_ms']} is outside the run's window [{lo}, {hi}] (published "
+                f"at most {MAX_MESSAGE_AGE_MS // 86_400_000} days before the run began, "
+                f"at most {CLOCK_SKEW_MS // 1000} s after now)"
+            )
         ids = np.array(task["ids"], dtype=np.uint64)
         own = idlib.get_chunk_coords(ids, bits)
         if ((own != np.asarray(chunk)).any(1) & (idlib.get_layer(ids) == 2)).any():
             raise BadTask("ids task names layer-2 ids of another chunk")
         return
+    if run.region is None:
+        raise BadTask(f"run {run.run_id} has no chunk region for a region or span task")
     if task.get("kind") == "span":
-        if run.region is None or region_size(run.region) != run.n_chunks:
+        if region_size(run.region) != run.n_chunks:
             raise BadTask(f"run {run.run_id} has no chunk region a span can index")
         if task["stop"] > run.n_chunks:
             raise BadTask(
                 f"span [{task['start']}, {task['stop']}) exceeds the run's {run.n_chunks} chunks"
             )
+        if "t0_ms" in task and not _created_ms(run) - CLOCK_SKEW_MS <= task["t0_ms"] <= (
+            now_ms + CLOCK_SKEW_MS
+        ):
+            raise BadTask(f"t0_ms {task['t0_ms']} is not between the run's start and now")
         return
     region = task["region"]
     if any(v > limit for v in region):
-        raise BadTask(f"region {region} does not fit the dataset's chunk coordinates")
-    if run.region is not None:
-        lo, hi = run.region[:3], run.region[3:]
-        if any(region[a] < lo[a] or region[a + 3] > hi[a] for a in range(3)):
-            raise BadTask(f"region {region} is not inside the run's region {run.region}")
+        raise BadTask(f"region {_short(region)} does not fit the dataset's chunk coordinates")
+    lo, hi = run.region[:3], run.region[3:]
+    if any(region[a] < lo[a] or region[a + 3] > hi[a] for a in range(3)):
+        raise BadTask(f"region {_short(region)} is not inside the run's region {run.region}")
+
+
+def _created_ms(run: RunRecord) -> int:
+    """When the run was recorded, in milliseconds since the epoch (naive means UTC)."""
+    created = datetime.fromisoformat(run.created_at)
+    created = created if created.tzinfo else created.replace(tzinfo=UTC)
+    return int(created.timestamp() * 1000)
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """A value for a reason, cut: a forged body's numbers may be thousands of digits."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _reject(
     ctx: DatasetContext | None,
     run: RunRecord | None,
-    task: dict[str, Any] | None,
+    body: bytes,
     exc: Exception,
-    attempt: int,
 ) -> tuple[int, dict[str, Any]]:
-    """A permanent task error: 2xx so Cloud Tasks stops, recorded where it can be.
+    """A task refused for good: 2xx so Cloud Tasks stops, recorded where it can be.
 
-    With a known run, the rejection is recorded against it (the region's chunks fail,
-    or, when the region itself is unreadable, the run is reported broken), so the run
-    still ends; without one, the log is the record.
+    With a known run the refusal is counted on it once per distinct body, with the
+    latest reason (:meth:`~l2cache.store.ledger.RunLedger.task_refused`): a forged or
+    wrong body names nothing the run can trust, so no chunk is failed and the run is
+    not broken by it. Without a run (or when even that record fails) the log is the
+    record.
     """
-    reason = f"task rejected: {exc}"
+    error = describe(exc)[:MAX_ERROR]
+    reason = f"task rejected: {error}"
     log.error("%s (permanent, not retried)", reason)
     if ctx is not None and run is not None:  # a run is only ever read with its context
-        region = (task or {}).get("region")
-        if _is_region(region):
-            ctx.ledger.task_gave_up(run.run_id, region, reason, attempt)
-        else:
-            ctx.ledger.task_rejected(run.run_id, reason)
-    return 200, {"status": "rejected", "error": str(exc)}
+        _record_refusal(ctx, run, reason, body)
+    return 200, {"status": "rejected", "error": error}
+
+
+def _record_refusal(ctx: DatasetContext, run: RunRecord, reason: str, body: bytes) -> None:
+    """Count a refused body on its run, best effort (the log is the record otherwise)."""
+    try:
+        ctx.ledger.task_refused(run.run_id, reason, body)
+    except Exception as exc:  # noqa: BLE001 - said in the log
+        log.warning("could not record the refusal: %s", describe(exc))
 
 
 def _region_shaped(region: object) -> TypeGuard[list[int]]:
@@ -473,25 +569,27 @@ def _region_shaped(region: object) -> TypeGuard[list[int]]:
     )
 
 
-def _is_region(region: object) -> TypeGuard[list[int]]:
-    """A region the ledger can record against (small enough for status to expand)."""
-    return _region_shaped(region) and max(region) < 2**31 and region_size(region) <= 2**31
-
-
 def _give_up_region(
-    ctx: DatasetContext, run: RunRecord, region: list[int], reason: str, attempt: int
+    ctx: DatasetContext,
+    run: RunRecord,
+    region: list[int],
+    reason: str,
+    attempt: int,
+    final: bool = False,
 ) -> tuple[int, dict[str, Any]]:
-    """Record that the task's region gave up (its chunks fail; the run can end), then 200.
+    """Record that the task's (validated: inside the run's) region gave up: its chunks
+    fail and the run can end; then 200.
 
     503 instead when even that record cannot be written, so the task is delivered again
-    rather than leaving the region neither done nor failed.
+    rather than leaving the region neither done nor failed; 200 all the same when the
+    failure is ``final`` (a missing table stays missing).
     """
     log.error("task for region %s of run %s: %s", region, run.run_id, reason)
     try:
         ctx.ledger.task_gave_up(run.run_id, region, reason, attempt)
     except Exception:
         log.exception("could not record that the task gave up")
-        return 503, {"status": "error", "error": reason}
+        return (200 if final else 503), {"status": "error", "error": reason}
     return 200, {"status": "failed", "error": reason}
 
 
@@ -517,18 +615,26 @@ def _ids_task(
     cid = chunk_id(ctx, task["chunk"])
     key = task["event_key"]
     try:
+        if run.closed is not None:  # fenced by a rollback: refused, the ids dead-lettered
+            raise RunClosed(f"run {run.run_id} was closed at {run.closed.get('at')}")
         result = compute_l2_ids(ctx, ids, at, run, cell_timestamp=at, event_key=key)
-    except Exception as exc:  # transient (permanent ones come back in result["failed"])
-        if not last:
+    except Exception as exc:  # bad input comes back in result["failed"]; a closed run,
+        permanent = classify(exc) == PERMANENT  # a missing table: permanent, here
+        if not permanent and not last:
             log.exception("ids task failed; Cloud Tasks will retry")
             return 503, {"error": describe(exc)}
-        result = {
-            "failed": [
-                {"chunk": task["chunk"], "ids": ids.tolist(), "error": gave_up(attempt, exc)}
-            ]
-        }
+        error = describe(exc) if permanent else gave_up(attempt, exc)
+        result = {"failed": [{"chunk": task["chunk"], "ids": ids.tolist(), "error": error}]}
     for failure in result["failed"]:
-        ctx.ledger.event_chunk_failed(run.run_id, key, cid, failure["error"], len(failure["ids"]))
+        try:
+            ctx.ledger.event_chunk_failed(
+                run.run_id, key, cid, failure["error"], len(failure["ids"])
+            )
+        except Exception as exc:
+            if classify(exc) != PERMANENT and not last:
+                log.exception("could not record the failed chunk; Cloud Tasks will retry")
+                return 503, {"error": describe(exc)}
+            log.warning("could not record the failed chunk: %s", describe(exc))
         if dead_letter is not None:
             dead_letter(
                 np.asarray(failure["ids"], dtype="<u8").tobytes(),

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.cloud.bigtable import column_family
 
-from l2cache.domain.failures import RevisionMismatch
+from l2cache.domain.failures import RevisionMismatch, RunClosed
 from l2cache.domain.lineage import Lineage, code_revision, params_hash, utc_now
 from l2cache.domain.regions import region_from_bbox
 from l2cache.domain.statgrid import StatGrid
@@ -76,6 +76,9 @@ class RunRecord:
     # The boxes the run's counters are kept per (l2cache.domain.statgrid); None for runs
     # recorded before counters had a grid.
     grid: dict[str, list[int]] | None = None
+    # The fence (``runs rollback`` closed the run: at, by, reason), read from the run
+    # row's own ``closed`` column, never from ``meta``: no rewrite of the record reopens it.
+    closed: dict[str, Any] | None = None
 
     @property
     def stat_grid(self) -> StatGrid | None:
@@ -198,6 +201,10 @@ def _add_sum_family(table: Table) -> None:
     )
 
 
+CLOSED = b"closed"  # run row column: the fence a rollback sets before deleting
+MAX_REASON = 500  # characters of a refused task's reason kept in the ledger
+SUCCESSORS = 64  # stream runs tried after a closed one (``<run>.2``, ``<run>.3``, ...)
+
 # Ledger marks that must never undo a done chunk, and the one that is stamped only once.
 UNLESS_DONE = CellFilter(columns={LEDGER_FAMILY: [b"status"]}, values=[b"done"])
 FIRST_FAILED = CellFilter(columns={LEDGER_FAMILY: [b"first_failed_at"]})
@@ -232,24 +239,117 @@ class RunLedger:
     def create_run(self, run: RunRecord) -> None:
         """Store the whole record as JSON in one cell, so every worker and operator
         reads the same definition of the run."""
+        meta = asdict(run)
+        meta.pop("closed")  # the fence is its own column (close_run), never the record's
         row = Row(f"run:{run.run_id}".encode())
-        row.set_cell(RUN_FAMILY, b"meta", json.dumps(asdict(run), sort_keys=True).encode())
+        row.set_cell(RUN_FAMILY, b"meta", json.dumps(meta, sort_keys=True).encode())
         write_rows(self.table, [row], "run")
 
     def get_run(self, run_id: str) -> RunRecord:
-        """The run's record; ``KeyError`` if it has none (``NotFound``: no runs table)."""
+        """The run's record with its fence, if closed; ``KeyError`` if it has none
+        (``NotFound``: no runs table, permanent)."""
         row = read_row(self.table, f"run:{run_id}".encode())
-        if row is None:
+        if row is None or "meta" not in row_cells(row, RUN_FAMILY):
             raise KeyError(f"no run {run_id!r}")
-        return RunRecord(**json.loads(row_cells(row, RUN_FAMILY)["meta"]))
+        cells = row_cells(row, RUN_FAMILY)
+        meta = json.loads(cells["meta"])
+        meta.pop("closed", None)
+        record = RunRecord(**meta)
+        if CLOSED.decode() in cells:
+            record.closed = json.loads(cells[CLOSED.decode()])
+        return record
 
     def ensure_run(self, run: RunRecord) -> RunRecord:
-        """The stored run with this id, creating it from ``run`` if absent."""
-        try:
-            return self.get_run(run.run_id)
-        except KeyError:
-            self.create_run(run)
-            return run
+        """The stored run with this id, creating it from ``run`` if absent.
+
+        A stream run is named per (dataset, kind, revision, params), so once a rollback
+        has closed it every later message would be refused: instead the next open
+        successor (``<run>.2``, ``<run>.3``, ...) takes the stream's new writes.
+        """
+        base = run.run_id
+        for n in range(1, SUCCESSORS + 1):
+            run.run_id = base if n == 1 else f"{base}.{n}"
+            try:
+                stored = self.get_run(run.run_id)
+            except KeyError:
+                self.create_run(run)
+                return run
+            if stored.closed is None or stored.kind not in ("edit_stream", "missing_ids"):
+                return stored
+        raise RunClosed(f"run {base} and its {SUCCESSORS - 1} successors are all closed")
+
+    # the fence -----------------------------------------------------------------------
+    def close_run(self, run_id: str, by: str, reason: str) -> dict[str, Any]:
+        """Close the run (the fence ``runs rollback`` sets first): every worker checks
+        it right before writing cells of the run (:meth:`check_open`) and refuses for
+        good once it is set. Stamped once (a second close keeps the first mark);
+        returns the mark in force."""
+        if self.get_run(run_id).closed is not None:
+            return self.get_run(run_id).closed or {}
+        mark = {"at": utc_now().isoformat(), "by": by, "reason": reason}
+        row = Row(f"run:{run_id}".encode())
+        row.set_cell(RUN_FAMILY, CLOSED, json.dumps(mark, sort_keys=True).encode())
+        check_and_mutate(self.table, row, CellFilter(columns={RUN_FAMILY: [CLOSED]}), what="run")
+        return self.get_run(run_id).closed or mark
+
+    def check_open(self, run: RunRecord | str) -> None:
+        """Raise :class:`RunClosed` (permanent) when the run has been closed: one read of
+        the run row's fence column, made after the writer's in-flight mark is stored
+        (``live:`` or ``writing:``) and before its cells are, so a rollback that waits
+        for those marks never misses a late write."""
+        run_id = _run_id(run)
+        row = read_row(
+            self.table, f"run:{run_id}".encode(), CellFilter(columns={RUN_FAMILY: [CLOSED]})
+        )
+        cell = (row or {}).get(RUN_FAMILY, {}).get(CLOSED)
+        if cell:
+            mark = json.loads(cell)
+            raise RunClosed(
+                f"run {run_id} was closed at {mark.get('at')} by {mark.get('by')} "
+                f"({mark.get('reason')}): late write refused"
+            )
+
+    def writing_started(self, run_id: str, chunk_id: int, event_key: str) -> bytes:
+        """Mark a stream write in flight (``writing:<run>:<chunk>:<event digest>``): a
+        stream chunk has no ``live:`` row, yet a rollback must wait for it. Returns the
+        key for :meth:`writing_ended`."""
+        digest = hashlib.sha256(event_key.encode()).hexdigest()[:16]
+        key = b"writing:%s:%020d:%s" % (run_id.encode(), chunk_id, digest.encode())
+        row = Row(key)
+        row.set_cell(LEDGER_FAMILY, b"at", utc_now().isoformat().encode())
+        write_rows(self.table, [row], "ledger")
+        return key
+
+    def writing_ended(self, key: bytes) -> None:
+        """Clear a stream write's in-flight mark (written or failed)."""
+        write_rows(self.table, [Row(key).delete_row()], "ledger")
+
+    # refused tasks -------------------------------------------------------------------
+    def task_refused(self, run_id: str, reason: str, body: bytes) -> bool:
+        """A task of this run refused before anything was written (forged or wrong body,
+        or a late task of a closed run): counted once per distinct body and kept as the
+        run's latest refusal, never as a mark that the run is broken. Returns whether
+        it was new (a repeat of the same body counts nothing).
+
+        Bounded: ``refused:<run>:<digest>`` (one small row per distinct body, written by
+        one check-and-mutate) and ``refusals:<run>`` (the count in the ``sum`` family
+        and the latest reason): status reads only the latter, O(1) however many came.
+        """
+        digest = hashlib.sha256(body).hexdigest()[:32]
+        at = utc_now().isoformat()
+        reason = reason[:MAX_REASON]
+        mark = Row(f"refused:{run_id}:{digest}".encode())
+        mark.set_cell(LEDGER_FAMILY, b"at", at.encode())
+        mark.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
+        seen = CellFilter(columns={LEDGER_FAMILY: [b"at"]})
+        if check_and_mutate(self.table, mark, seen, what="ledger"):
+            return False
+        latest = Row(f"refusals:{run_id}".encode())
+        latest.set_cell(LEDGER_FAMILY, b"latest", json.dumps(reason).encode())
+        latest.set_cell(LEDGER_FAMILY, b"at", at.encode())
+        write_rows(self.table, [latest], "ledger")
+        runstate.add_counts(self.table, f"refusals:{run_id}".encode(), {b"refused": 1})
+        return True
 
     # chunks ----------------------------------------------------------------------
     def _chunk_key(self, run_id: str, chunk_id: int) -> bytes:
@@ -318,8 +418,10 @@ class RunLedger:
             write_rows(self.table, live, "ledger")
 
     def task_rejected(self, run_id: str, reason: str) -> None:
-        """A task of this run that could not even be read (its region is unknown): the
-        run cannot be completed as planned, and status reports it broken."""
+        """Work of this run was lost where no chunk row can record it (a split span that
+        gave up, a task of the run's own dataset that this deployment's map lacks): the
+        run cannot be completed as planned, and status reports it broken. Forged or
+        wrong task bodies are :meth:`task_refused` instead: they never break a run."""
         digest = hashlib.sha256(reason.encode()).hexdigest()[:16]
         row = Row(f"rejected:{run_id}:{digest}".encode())
         row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())

@@ -55,6 +55,11 @@ def print_status(status: RunStatus, cost: bool = True, failures: bool = True) ->
     )
     if status.broken:
         print(f"  BROKEN: {status.broken}")
+    if status.closed:
+        print(f"  CLOSED at {status.closed.get('at')} by {status.closed.get('by')}: "
+              f"{status.closed.get('reason')} (late writes are refused)")  # fmt: skip
+    if status.refused:
+        print(f"  refused {status.refused} task(s); latest: {status.refused_latest}")
     if not failures:
         return
     shown = len(status.failures)

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
 
 from l2cache.compute import DatasetContext
 from l2cache.config import L2CacheConfig
@@ -207,6 +211,42 @@ def _words(exc: BaseException) -> str:
     return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc).splitlines()[0]
 
 
+T = TypeVar("T")
+WAIT_NOTICE_S = 3.0  # a status read slower than this is said to be waiting on Bigtable
+WAIT_EVERY_S = 5.0  # and said again this often while it waits
+
+
+def patiently(
+    read: Callable[[], T],
+    say: Callable[[str], object],
+    notice_after_s: float = WAIT_NOTICE_S,
+    every_s: float = WAIT_EVERY_S,
+) -> T:
+    """``read()``, saying "waiting on Bigtable for Ns" while it takes longer than
+    ``notice_after_s``: a watch must never sit silent while Bigtable hangs. The read
+    itself ends: every Bigtable read fails after its no-progress deadline
+    (:data:`l2cache.gcp.bigtable.READ_DEADLINE_S`), and its error is raised here."""
+    from l2cache.gcp.bigtable import READ_DEADLINE_S
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="l2cache-status-read")
+    try:
+        future = pool.submit(read)
+        start, notice = time.monotonic(), notice_after_s
+        while True:
+            try:
+                return future.result(timeout=max(start + notice - time.monotonic(), 0.01))
+            except FutureTimeout:
+                waited = time.monotonic() - start
+                if waited >= notice:
+                    say(
+                        f"waiting on Bigtable for {waited:.0f}s (a read gives up after "
+                        f"{READ_DEADLINE_S:.0f}s without progress)"
+                    )
+                    notice += every_s
+    finally:
+        pool.shutdown(wait=False)
+
+
 def watch(
     ledger: RunLedger,
     run_id: str,
@@ -219,17 +259,24 @@ def watch(
     It always returns: a run finishes when every chunk is done or failed, failed
     includes "gave up after N attempts" (recorded by the last attempt, or presumed
     after the attempt deadline), and a run whose ledger vanished raises RunBroken.
+    A status read slower than a few seconds says so ("waiting on Bigtable for Ns").
     """
     from tqdm import tqdm
 
-    prices = run_prices_of(ledger, run_id, cfg)  # once, not a ledger read per poll
-    st = current_status(ledger, run_id, cfg, prices)
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    prices = patiently(lambda: run_prices_of(ledger, run_id, cfg), say)  # once, not per poll
+    st = patiently(lambda: current_status(ledger, run_id, cfg, prices), say)
     start = time.monotonic()
     with tqdm(
         total=st.total, unit="chunk", desc=run_id, dynamic_ncols=True, mininterval=1.0
     ) as bar:
         while True:
-            st = current_status(ledger, run_id, cfg, prices)
+            st = patiently(
+                lambda: current_status(ledger, run_id, cfg, prices),
+                lambda text: bar.write(text, file=sys.stderr),
+            )
             bar.set_postfix(
                 failed=st.failed,
                 retrying=st.retrying,
