@@ -268,11 +268,16 @@ class LookupService:
                 )
         except ApiError as exc:
             response = error_response(exc.status, exc.message)
-        except Exception as exc:  # server-side failure: 5xx so clients retry
+        except Exception as exc:  # server-side failure: 5xx (503: clients retry)
+            from l2cache.domain.failures import PERMANENT, classify
+
             log.exception("lookup failed")
-            response = error_response(
-                503, f"the cache could not be read right now: {type(exc).__name__}"
-            )
+            if classify(exc) == PERMANENT:  # a missing table: no retry can help
+                response = error_response(500, f"the cache cannot be read: {exc}"[:500])
+            else:
+                response = error_response(
+                    503, f"the cache could not be read right now: {type(exc).__name__}"
+                )
         t0 = time.perf_counter()
         response = self._encode(response, headers)
         if timings:
