@@ -204,9 +204,15 @@ def handle_message(
         return {"status": "dead_lettered", "reason": str(exc)}
 
     kind = "edit_stream" if request.kind == "edit" else "missing_ids"
-    run = ctx.ledger.ensure_run(stream_run(kind, ctx.dataset))
     key = event_key(request, message_id)
-    attempt = ctx.ledger.event_delivered(run.run_id, key)
+    try:  # a closed stream run hands over to its successor (RunLedger.ensure_run)
+        run = ctx.ledger.ensure_run(stream_run(kind, ctx.dataset))
+        attempt = ctx.ledger.event_delivered(run.run_id, key)
+    except Exception as exc:  # no runs table (NotFound) is permanent: never redelivered
+        if classify(exc) != PERMANENT:
+            raise
+        to_dead_letter(describe(exc))
+        return {"status": "dead_lettered", "reason": describe(exc)}
     max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
 
     def record(**fields: Any) -> None:
