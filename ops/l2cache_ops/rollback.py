@@ -21,6 +21,17 @@ duplicate) that the compute function runs. Every rollback, dry or not, is return
 :class:`RunRollback`; a real one is recorded as ``rollback:<dataset>:<at ms>:<run>`` in
 the runs table (:func:`rollback_history`).
 
+**Fenced first** (:func:`fence_run`): a real rollback closes the run (the run row's
+``closed`` column: at, by, reason) before it reads anything, then waits until the run's
+in-flight writers have ended: ``live:`` rows (chunks queued or running) and
+``writing:`` rows (stream writes) gone, or silent past the attempt deadline (a worker
+that died). Every writer checks the fence after storing its in-flight mark and before
+writing cells, so once the wait is over no cell of the run can appear again: a late
+write is refused as permanent and recorded (the chunk failed "late write refused"; a
+stream chunk's ids dead-lettered). A silent ``writing:`` row's chunk is rolled back too
+(the write may have landed without its ``evchunk`` row). Who, when, how long it waited
+and on how many marks go into the record with what was removed.
+
 The whole-table lineage scan (:func:`rollback_run`, :func:`run_versions`) stays as the
 exhaustive fallback (``runs rollback --full-scan``): it finds a version even where the
 ledger has no row (a write whose ledger record was lost), at O(table) cost.
@@ -54,7 +65,7 @@ from l2cache.handlers.rollback_task import (
     record_key,
     rollback_chunks,
 )
-from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, RunRecord, row_cells
+from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, RunRecord, prefix_rows, row_cells
 from l2cache_ops.ledger import put_record, records
 
 if TYPE_CHECKING:  # annotations only
@@ -65,6 +76,10 @@ if TYPE_CHECKING:  # annotations only
 __all__ = [
     "FAN_OUT_CHUNKS",
     "ChunkRollback",
+    "Fence",
+    "FenceTimeout",
+    "fence_run",
+    "record_rollback",
     "RunRollback",
     "chunk_key_ranges",
     "rollback_history",
@@ -73,12 +88,95 @@ __all__ = [
     "touched_chunk_pages",
 ]
 
+FENCE_POLL_S = 1.0  # how often the in-flight marks are read again while fencing
 PAGE_ROWS = 1_000  # ledger rows per read: bounded memory whatever the run's size
 FAN_OUT_CHUNKS = 2_000  # above this many chunks a rollback is enqueued, not run here
 TASK_CHUNKS = 200  # chunks per rollback task (<= MAX_TASK_CHUNKS)
 STREAM_KINDS = ("edit_stream", "missing_ids")
 # (run id, chunk ids, record key) -> the task's name, or None when it was already queued
 Enqueue = Callable[[str, list[int], str | None], object]
+
+
+# -- the fence -------------------------------------------------------------------------
+
+
+@dataclass
+class Fence:
+    """A run closed for a rollback, and what the rollback waited on."""
+
+    closed: dict[str, Any]  # the mark (at, by, reason)
+    waited_s: float = 0.0
+    in_flight: int = 0  # in-flight marks (live: queued or running, writing:) when fenced
+    silent: int = 0  # of those, given up on as silent past the attempt deadline
+    chunk_ids: list[int] = field(default_factory=list)  # stream chunks of silent writes
+
+
+class FenceTimeout(TimeoutError):
+    """Writers of the run are still active after the wait allowed."""
+
+
+def in_flight(ledger: RunLedger, run_id: str) -> list[tuple[bytes, datetime | None]]:
+    """The run's in-flight marks with the time of their last word: ``live:`` rows that
+    are queued or running (a chunk awaiting a retry has no worker: its next attempt
+    starts after the fence and is refused) and ``writing:`` rows. O(in flight)."""
+    out: list[tuple[bytes, datetime | None]] = []
+    for prefix in (f"live:{run_id}:", f"writing:{run_id}:"):
+        for key, row in prefix_rows(ledger.table, prefix.encode()).items():
+            c = row_cells(row, LEDGER_FAMILY)
+            if c.get("status") == b"retrying":
+                continue
+            stamps = [c[k].decode() for k in ("started_at", "queued_at", "at") if k in c]
+            when = max((_aware(datetime.fromisoformat(t)) for t in stamps), default=None)
+            out.append((key, when))
+    return out
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def fence_run(
+    ledger: RunLedger,
+    run: RunRecord,
+    by: str,
+    attempt_deadline_s: float,
+    timeout_s: float | None = None,
+    poll_s: float = FENCE_POLL_S,
+    sleep: Callable[[float], object] = time.sleep,
+    say: Callable[[str], object] | None = None,
+) -> Fence:
+    """Close ``run`` and wait until none of its writers is in flight (each in-flight
+    mark gone, or silent for more than ``attempt_deadline_s``: its worker died, the
+    function's own timeout ended it). ``timeout_s`` bounds the wait
+    (:class:`FenceTimeout`); ``say`` hears what it waits on."""
+    t0 = time.monotonic()
+    mark = ledger.close_run(run.run_id, by, "rollback")
+    fence = Fence(mark)
+    first = True
+    while True:
+        now = utc_now()
+        marks = in_flight(ledger, run.run_id)
+        active = [
+            k for k, at in marks if at is None or (now - at).total_seconds() <= attempt_deadline_s
+        ]
+        if first:
+            fence.in_flight, first = len(marks), False
+        if not active:
+            fence.silent = len(marks)
+            fence.chunk_ids = sorted(
+                {int(k.split(b":")[2]) for k, _ in marks if k.startswith(b"writing:")}
+            )
+            fence.waited_s = round(time.monotonic() - t0, 3)
+            return fence
+        waited = time.monotonic() - t0
+        if timeout_s is not None and waited > timeout_s:
+            raise FenceTimeout(
+                f"run {run.run_id} is closed, but {len(active)} writer(s) are still in flight "
+                f"after {waited:.0f}s; run the rollback again once they end"
+            )
+        if say is not None:
+            say(f"run {run.run_id} closed; waiting on {len(active)} in-flight writer(s)")
+        sleep(poll_s)
 
 
 # -- what the run touched: the ledger, page by page ----------------------------------
@@ -190,6 +288,8 @@ class RunRollback:
     tasks_new: int = 0  # of those, not already in the queue
     seconds: float = 0.0
     record: str | None = None  # the operator record's key (real rollbacks)
+    by: str = ""  # who ran it (real rollbacks)
+    fence: dict[str, Any] | None = None  # the run's closing and the wait (real rollbacks)
 
     @property
     def versions(self) -> int:
@@ -218,6 +318,8 @@ def rollback_run_touched(
     task_chunks: int = TASK_CHUNKS,
     batch_chunks: int = BATCH_CHUNKS,
     page_rows: int = PAGE_ROWS,
+    fence: Fence | None = None,
+    by: str = "",
 ) -> RunRollback:
     """Roll back ``run`` reading and deleting only in the chunks its ledger names.
 
@@ -226,14 +328,18 @@ def rollback_run_touched(
     are enqueued as the ledger streams (the compute function runs them). ``dry_run``
     writes nothing: up to the threshold it reads the ranges and counts exactly what
     would go; beyond, it reports the ledger's estimate and the tasks it would enqueue.
-    A real rollback is recorded in the runs table (:func:`rollback_history`).
+    A real rollback is recorded in the runs table (:func:`rollback_history`) with
+    ``by`` and ``fence`` (:func:`fence_run`, done first by the caller: the chunks of
+    silent stream writes it found are rolled back too).
     """
     if not 0 < task_chunks <= MAX_TASK_CHUNKS:
         raise ValueError(f"task_chunks must be 1..{MAX_TASK_CHUNKS}")
     t0 = time.perf_counter()
     now = utc_now()
     at_ms = int(now.timestamp() * 1000)
-    out = RunRollback(run.run_id, run.kind, run.dataset, dry_run, at=now.isoformat())
+    out = RunRollback(run.run_id, run.kind, run.dataset, dry_run, at=now.isoformat(), by=by)
+    if fence is not None:
+        out.fence = asdict(fence)
     key = None if dry_run else record_key(run.dataset, at_ms, run.run_id)
     stamp = own_timestamp_ms(run)
     stamps = None if stamp is None else [stamp]
@@ -241,6 +347,11 @@ def rollback_run_touched(
     count = ReadCount()
     pending: list[int] = []
     mode: str | None = None  # decided once the ledger shows more than the threshold
+    if fence is not None:  # a stream write that went silent: maybe written, no evchunk row
+        pending.extend(fence.chunk_ids)
+        out.chunks += len(fence.chunk_ids)
+        if fence.chunk_ids:
+            out.by_status["in flight"] = len(fence.chunk_ids)
 
     def inline(chunk_ids: list[int]) -> None:
         out.deleted.add(
@@ -288,9 +399,29 @@ def rollback_run_touched(
     out.ledger_requests, out.ledger_rows = count.requests, count.rows
     out.seconds = round(time.perf_counter() - t0, 4)
     if key is not None:
-        out.record = key
-        put_record(ledger, key, {"meta": json.dumps(out.to_json(), sort_keys=True).encode()})
+        record_rollback(ledger, out, fence, by, key)
     return out
+
+
+def record_rollback(
+    ledger: RunLedger,
+    out: RunRollback,
+    fence: Fence | None,
+    by: str,
+    key: str | None = None,
+) -> str:
+    """Record a real rollback in the runs table (``rollback:<dataset>:<at ms>:<run>``):
+    who, when, the fence and its wait, and what was removed; returns the key."""
+    if not out.at:
+        out.at = utc_now().isoformat()
+    if key is None:
+        at_ms = int(datetime.fromisoformat(out.at).timestamp() * 1000)
+        key = record_key(out.dataset, at_ms, out.run_id)
+    out.record, out.by = key, by
+    if fence is not None:
+        out.fence = asdict(fence)
+    put_record(ledger, key, {"meta": json.dumps(out.to_json(), sort_keys=True).encode()})
+    return key
 
 
 def queue_enqueuer(tasks: TasksConfig, dataset: str) -> Enqueue:
