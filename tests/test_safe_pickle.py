@@ -10,22 +10,30 @@ from l2cache.support.safe_pickle import UnsafePickleError, restricted_loads
 
 
 def test_pcg_edit_payload_round_trips():
-    payload = {
-        "operation_id": 17,
-        "new_lvl2_ids": np.array([2**60 + 1, 2**60 + 2], dtype=np.uint64).tolist(),
-        "new_root_ids": [864691135776832352],
-    }
-    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
-        assert restricted_loads(pickle.dumps(payload, protocol=protocol)) == payload
+    """PCG's publish_edit and its manual remesh payloads, every protocol 3-5 (protocol 2
+    is read too, but pickles bytes through a global, which is refused)."""
+    payloads = [
+        {
+            "operation_id": 17,
+            "new_lvl2_ids": np.array([2**60 + 1, 2**60 + 2], dtype=np.uint64).tolist(),
+            "new_root_ids": [864691135776832352],
+        },
+        {"operation_id": 0, "new_lvl2_ids": [2**63 + 5, 1], "new_root_ids": [], "old_root_ids": []},
+        {"t": (1, (2,), "é", b"x", 1.5, None, True, False), "n": [-(2**63), 2**64 - 1, -5]},
+    ]
+    for payload in payloads:
+        for protocol in range(3, pickle.HIGHEST_PROTOCOL + 1):
+            assert restricted_loads(pickle.dumps(payload, protocol=protocol)) == payload
+    assert restricted_loads(pickle.dumps(payloads[0], protocol=2)) == payloads[0]
 
 
-def test_numpy_arrays_and_scalars_are_admitted():
-    payload = {"new_lvl2_ids": np.array([1, 2**63 + 5], dtype=np.uint64), "n": np.int64(3)}
-    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
-        out = restricted_loads(pickle.dumps(payload, protocol=protocol))
-        assert out["new_lvl2_ids"].dtype == np.uint64
-        assert out["new_lvl2_ids"].tolist() == [1, 2**63 + 5]
-        assert out["n"] == 3
+def test_numpy_arrays_and_scalars_are_refused():
+    """PCG sends lists (``.tolist()``); numpy reconstruction is how 183 bytes once
+    allocated 1.15 GB, so no numpy global is admitted any more."""
+    for payload in (np.array([1, 2], dtype=np.uint64), np.int64(3), np.dtype("u8")):
+        for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+            with pytest.raises(UnsafePickleError, match="not allowed"):
+                restricted_loads(pickle.dumps({"new_lvl2_ids": payload}, protocol=protocol))
 
 
 class _Exploit:
@@ -54,7 +62,11 @@ def test_malicious_pickle_is_rejected_and_never_executed(tmp_path, exploit):
 
 
 def test_garbage_is_a_clear_error():
-    with pytest.raises(UnsafePickleError, match="not a decodable pickle"):
+    with pytest.raises(
+        UnsafePickleError, match="not a decodable pickle: opcode .* is not accepted"
+    ):
         restricted_loads(b"\x80\x04garbage")
     with pytest.raises(UnsafePickleError):
         restricted_loads(b"")
+    with pytest.raises(UnsafePickleError, match="protocol 2 or later"):
+        restricted_loads(pickle.dumps([1], protocol=0))

@@ -186,16 +186,34 @@ def test_messages_for_tables_without_our_cache_are_acknowledged_and_counted(
     assert dead_letters == []
 
 
-def test_a_transient_failure_raises_so_pubsub_redelivers(
+def test_a_missing_runs_table_is_permanent_and_dead_lettered(
     load_main, dead_letters, bigtable, fn_map, use_map
 ):
-    """The runs table cannot be read (here: it does not exist): on_edit raises (the
-    function answers 500) and dead-letters nothing."""
+    """The runs table does not exist (NotFound): no redelivery can help, so the message
+    is dead-lettered with the reason and acknowledged (no 5xx loop)."""
     fn_map["runs_table_id"] = "no_such_runs_table"
     use_map(fn_map)
     main = load_main("on_edit")
     main._state["dead_letter"] = dead_letters
     data = l2_ids(fn_map).astype("<u8").tobytes()
-    with pytest.raises(Exception, match="no_such_runs_table|NotFound|not found"):
+    main.on_edit(envelope_event(data, {"table_id": "ds", "l2_cache_id": "cache_ds"}))
+    payload, attributes = only_dead_letter(dead_letters)
+    assert payload == data
+    assert "no_such_runs_table" in attributes["dead_letter_reason"]
+
+
+def test_a_transient_failure_raises_so_pubsub_redelivers(
+    main, dead_letters, bigtable, fn_map, monkeypatch
+):
+    """The runs table cannot be read right now (Bigtable unavailable): on_edit raises
+    (the function answers 500) and dead-letters nothing."""
+    from google.api_core.exceptions import ServiceUnavailable
+
+    def unavailable(self, run):
+        raise ServiceUnavailable("bigtable is down")
+
+    monkeypatch.setattr(RunLedger, "ensure_run", unavailable)
+    data = l2_ids(fn_map).astype("<u8").tobytes()
+    with pytest.raises(ServiceUnavailable):
         main.on_edit(envelope_event(data, {"table_id": "ds", "l2_cache_id": "cache_ds"}))
     assert dead_letters == []

@@ -2,8 +2,9 @@
 
 - PCG edit message (on PCG's own edits topic, which other services also read):
   attributes ``table_id`` (+ user_id, remesh ...), data =
-  ``pickle.dumps({"operation_id", "new_lvl2_ids", ...})``, decoded with the restricted
-  unpickler (never plain ``pickle.loads``).
+  ``pickle.dumps({"operation_id", "new_lvl2_ids", "new_root_ids"})`` (builtins only),
+  read as plain data by :mod:`l2cache.support.safe_pickle` (never ``pickle.loads``),
+  every size limit checked before allocation.
 - missing-id message (from the lookup): raw little-endian uint64 data, attributes
   ``table_id`` and ``l2_cache_id``.
 
@@ -13,8 +14,10 @@ Outcomes (:mod:`l2cache.domain.failures`):
   another service owns (``existing_cache_table``): acknowledged and counted (the
   existing service ignores uncached tables too; the topic carries every PCG table's
   edits).
-- undecodable, no ids, or an ``l2_cache_id`` that is not the dataset's cache table:
-  permanent, dead-lettered with the reason, acknowledged.
+- undecodable, over a limit (bytes, ids, depth, objects, str length), wrong types, no
+  ids, or an ``l2_cache_id`` that is not the dataset's cache table: permanent,
+  dead-lettered with the reason (the message as it came, cut to Pub/Sub's size),
+  acknowledged. Ids dead-lettered later are re-encoded from the validated array.
 - per chunk: good chunks are written once (a redelivery skips them), chunks that fail
   permanently (outside the volume, missing/corrupt/inconsistent input) are dead-lettered
   with their ids and reasons while the rest of the message is still computed.
@@ -26,15 +29,21 @@ spanning several chunks is fanned out as one compute_chunk task per chunk, so no
 needs more than one chunk's work within on_edit's timeout.
 
 Idempotence: the graph is read and every cell is written at the message's publish
-time, and the event row is keyed by the PCG operation id (or the message id), so a
-redelivered message rewrites the same bytes at the same version and the same row.
+time, and the event row is keyed by the PCG operation id (or the message id; operation
+id 0 is PCG's "no operation"), so a redelivered message rewrites the same bytes at the
+same version and the same row. The operation's first content (a digest of table,
+operation id and id set) is claimed on its event row: the same id with other content is
+a reused operation id, processed as its own event (``op-<id>-<digest>``), logged, and
+counted (``reused_operation_id`` on the event row, ``events.reused_op`` counter).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,13 +69,22 @@ from l2cache.gcp.tasks import enqueue_chunk_ids, tasks_client
 from l2cache.inputs.volume import in_volume
 from l2cache.store.ledger import RunLedger, RunRecord, new_run
 from l2cache.support import logs
-from l2cache.support.safe_pickle import UnsafePickleError, restricted_loads
+from l2cache.support.safe_pickle import MAX_MESSAGE_BYTES, UnsafePickleError, restricted_loads
 
 log = logging.getLogger(__name__)
 
 # A message whose ids lie in more chunks than this is fanned out, one task per chunk.
 INLINE_MAX_CHUNKS = 1
 ENQUEUE_THREADS = 16
+# Ids in one message, either form: a 10 MB Pub/Sub message holds ~1 M pickled uint64 ids
+# (10 bytes each) or 1.25 M raw ones; the lookup publishes at most its per-request cap.
+MAX_IDS = 1_000_000
+# A dead letter's payload: the original message (at most Pub/Sub's 10 MB) or the ids
+# that failed; anything larger (only a direct push can send it) is cut, so the publish
+# of the dead letter cannot be refused (which would answer 5xx and loop).
+MAX_DEAD_LETTER_BYTES = 9 * 1024 * 1024
+# PCG graph table ids ("minnie65_public", "fly_v31"): anything else is not a table.
+TABLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 DeadLetter = Callable[[bytes, dict[str, str]], None]
 ChunkGroups = list[tuple[list[int], np.ndarray]]  # (chunk coords, its L2 ids) per chunk
@@ -105,18 +123,27 @@ class RecomputeRequest:
 def decode_message(data: bytes, attributes: dict[str, str]) -> RecomputeRequest:
     """Read either message form into a :class:`RecomputeRequest`, or raise PoisonMessage.
 
-    The edit topic is shared with other services and its data is a pickle: it is
-    decoded with the restricted unpickler, and anything that can never be a request
-    is poison (dead-lettered once, not redelivered).
+    Every limit is checked before what it guards is allocated (see
+    :mod:`l2cache.support.safe_pickle`): the payload's size, then the number of ids, and
+    for the pickled edit message each object the pickle would create. The ids come out
+    as a fresh uint64 array built from validated integers, so whatever is dead-lettered
+    later is re-encoded from them. Anything that can never be a request is poison
+    (dead-lettered once with the reason, not redelivered).
     """
     table_id = attributes.get("table_id")
     if not table_id:
         raise PoisonMessage("message has no table_id attribute")
+    if not TABLE_ID.fullmatch(table_id):
+        raise PoisonMessage(f"table_id {table_id[:64]!r} is not a graph table id")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise PoisonMessage(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     l2_cache_id = attributes.get("l2_cache_id")
     if l2_cache_id is not None:  # the lookup's missing-id message: raw uint64 ids
         if len(data) % 8:
             raise PoisonMessage(f"missing-id data of {len(data)} bytes is not uint64 ids")
-        ids = np.frombuffer(data, dtype="<u8").astype(np.uint64)
+        if len(data) // 8 > MAX_IDS:
+            raise PoisonMessage(f"{len(data) // 8} ids exceed the limit of {MAX_IDS}")
+        ids = np.frombuffer(data, dtype="<u8").astype(np.uint64)  # a copy, every value valid
         return RecomputeRequest(table_id, ids, "missing_ids", None, l2_cache_id)
     try:
         payload = restricted_loads(data)
@@ -124,20 +151,50 @@ def decode_message(data: bytes, attributes: dict[str, str]) -> RecomputeRequest:
         raise PoisonMessage(f"edit message rejected: {exc}") from None
     if not isinstance(payload, dict) or "new_lvl2_ids" not in payload:
         raise PoisonMessage("edit message has no new_lvl2_ids")
-    try:
-        ids = np.asarray(payload["new_lvl2_ids"], dtype=np.uint64).reshape(-1)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise PoisonMessage(f"new_lvl2_ids are not uint64 ids: {exc}") from None
+    ids = _uint64_list(payload["new_lvl2_ids"], "new_lvl2_ids")
     op = payload.get("operation_id")
-    op = int(op) if isinstance(op, int | np.integer) and not isinstance(op, bool) else None
+    if op is not None and (type(op) is not int or not 0 <= op < 2**64):
+        raise PoisonMessage(f"operation_id is not a uint64 but {type(op).__name__}")
     return RecomputeRequest(table_id, ids, "edit", op)
 
 
+def _uint64_list(value: object, name: str) -> np.ndarray:
+    """A list (or tuple) of plain ints in [0, 2**64) as a new uint64 array; else poison."""
+    if not isinstance(value, list | tuple):
+        raise PoisonMessage(f"{name} are not uint64 ids: a {type(value).__name__}, not a list")
+    if len(value) > MAX_IDS:
+        raise PoisonMessage(f"{len(value)} ids exceed the limit of {MAX_IDS}")
+    if not all(type(v) is int for v in value):  # bool, float, str, containers: refused
+        bad = next(v for v in value if type(v) is not int)
+        raise PoisonMessage(f"{name} are not uint64 ids: holds a {type(bad).__name__}")
+    if value and (min(value) < 0 or max(value) >= 2**64):
+        raise PoisonMessage(f"{name} are not uint64 ids: a value outside [0, 2**64)")
+    return np.array(value, dtype=np.uint64).reshape(-1)
+
+
 def event_key(request: RecomputeRequest, message_id: str) -> str:
-    """Ledger key of one event: the PCG operation, else the Pub/Sub message."""
-    if request.kind == "edit" and request.operation_id is not None:
+    """Ledger key of one event: the PCG operation, else the Pub/Sub message.
+
+    Operation id 0 is PCG's "no operation" (its manual remesh publishes every request
+    with it): such messages are distinct events, keyed by message id. An operation id
+    that comes back with other content gets :func:`reused_key` (see handle_message).
+    """
+    if request.kind == "edit" and request.operation_id:
         return f"op-{request.operation_id}"
     return f"msg-{message_id}"
+
+
+def content_digest(request: RecomputeRequest) -> str:
+    """What an edit event is about (table, operation, the set of its ids), so a reused
+    operation id with other content is told apart from a redelivery."""
+    h = hashlib.sha256(f"{request.dataset}\0{request.operation_id}\0".encode())
+    h.update(np.unique(request.l2ids).astype("<u8").tobytes())
+    return h.hexdigest()[:32]
+
+
+def reused_key(key: str, digest: str) -> str:
+    """The event key of a reused operation id's other content."""
+    return f"{key}-{digest[:16]}"
 
 
 def runs_ledger(config: L2CacheConfig) -> RunLedger:
@@ -174,9 +231,11 @@ def handle_message(
         log.warning("dead-lettering message %s: %s", message_id, reason)
         if dead_letter is None:
             return
-        dead_letter(
-            payload, dead_letter_attributes({**attributes, **(extra or {})}, reason, message_id)
-        )
+        extra = dict(extra or {})
+        if len(payload) > MAX_DEAD_LETTER_BYTES:
+            extra["dead_letter_truncated_from"] = str(len(payload))
+            payload = payload[:MAX_DEAD_LETTER_BYTES]
+        dead_letter(payload, dead_letter_attributes({**attributes, **extra}, reason, message_id))
 
     if unreadable is not None:
         to_dead_letter(unreadable)
@@ -207,6 +266,8 @@ def handle_message(
     key = event_key(request, message_id)
     try:  # a closed stream run hands over to its successor (RunLedger.ensure_run)
         run = ctx.ledger.ensure_run(stream_run(kind, ctx.dataset))
+        reused_from = _claim_operation(ctx, run, request, key)
+        key = reused_key(key, content_digest(request)) if reused_from else key
         attempt = ctx.ledger.event_delivered(run.run_id, key)
     except Exception as exc:  # no runs table (NotFound) is permanent: never redelivered
         if classify(exc) != PERMANENT:
@@ -214,6 +275,7 @@ def handle_message(
         to_dead_letter(describe(exc))
         return {"status": "dead_lettered", "reason": describe(exc)}
     max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
+    reuse = {"reused_operation_id": True, "reused_from": reused_from} if reused_from else {}
 
     def record(**fields: Any) -> None:
         ctx.ledger.record_event(
@@ -226,6 +288,7 @@ def handle_message(
             published_at=when.isoformat(),
             recorded_at=utc_now().isoformat(),
             deliveries=attempt,
+            **reuse,
             **fields,
         )
 
@@ -251,9 +314,10 @@ def handle_message(
         return {"status": "dead_lettered", "reason": "no layer-2 ids", "not_layer2": not_layer2}
     if config.tasks is not None and len(groups) > INLINE_MAX_CHUNKS:
         try:
-            return _fan_out(
+            fanned = _fan_out(
                 config.tasks, ctx, run, key, request, when, groups, record, to_dead_letter
             )
+            return {**fanned, **reuse}
         except Exception as exc:  # enqueueing failed; the tasks already created stay unique
             return give_up_or_raise(exc)
     try:
@@ -277,7 +341,35 @@ def handle_message(
         not_layer2=not_layer2,
         errors=[f["error"] for f in result["failed"]][:10],
     )
-    return {"status": status, **result}
+    return {"status": status, **reuse, **result}
+
+
+def _claim_operation(
+    ctx: DatasetContext, run: RunRecord, request: RecomputeRequest, key: str
+) -> str | None:
+    """Whether this PCG operation id was first seen with other content: the key it was
+    seen under (this message is then a reused id, its own event), else None.
+
+    The first content of an operation id is claimed on its event row (one
+    CheckAndMutateRow: of two concurrent contents exactly one wins), so a redelivery
+    (same content) stays the same event and skips what it already wrote, while a reused
+    id with other ids or another table is processed and reported, never mistaken for one.
+    """
+    if not key.startswith("op-"):
+        return None
+    digest = content_digest(request)
+    first = ctx.ledger.claim_event_content(run.run_id, key, digest)
+    if first is None or first == digest:
+        return None
+    log.warning(
+        "operation id %s of %s came back with other content (%d ids): processed as "
+        "its own event %s, not as a redelivery",
+        request.operation_id,
+        request.dataset,
+        request.l2ids.size,
+        reused_key(key, digest),
+    )
+    return key
 
 
 def _fan_out(

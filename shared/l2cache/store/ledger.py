@@ -591,6 +591,8 @@ class RunLedger:
         if check_and_mutate(self.table, mark, predicate, what="event"):
             return  # an earlier record of this event was counted
         amounts = {b"events": 1, b"events." + str(fields.get("status", "")).encode(): 1}
+        if fields.get("reused_operation_id"):  # PCG's operation id, with other content
+            amounts[b"events.reused_op"] = 1
         published, recorded = fields.get("published_at"), fields.get("recorded_at")
         if fields.get("kind") == "edit" and fields.get("status") in ("ok", "partial"):
             if published and recorded:
@@ -602,6 +604,19 @@ class RunLedger:
         minute = runstate.minute_of(utc_now())
         hist = runstate.hist_key(run_id, minute, cell % runstate.HIST_SHARDS)
         runstate.add_many(self.table, {runstate.stat_key(run_id, cell): amounts, hist: amounts})
+
+    def claim_event_content(self, run_id: str, event_key: str, digest: str) -> str | None:
+        """Record ``digest`` as the content of an event unless one is recorded (one
+        CheckAndMutateRow, so of two contents one wins); returns the one recorded
+        before, or None when this call recorded it."""
+        key = self._event_key(run_id, event_key)
+        row = Row(key)
+        row.set_cell(LEDGER_FAMILY, b"content", json.dumps(digest).encode())
+        content = CellFilter(columns={LEDGER_FAMILY: [b"content"]})
+        if not check_and_mutate(self.table, row, content, what="event"):
+            return None
+        stored = read_row(self.table, key, content)
+        return json.loads(row_cells(stored, LEDGER_FAMILY)["content"]) if stored else None
 
     def event_delivered(self, run_id: str, event_key: str) -> int:
         """Count one more delivery of an event; returns the delivery number (1-based)."""
