@@ -110,7 +110,8 @@ def test_a_malformed_span_of_a_known_run_is_rejected_for_good(env):
     for bad in ({"start": 0, "stop": N_CHUNKS + 1}, {"start": 3, "stop": 3}, {"start": "0"}):
         answer = requests.post(url, json={**base, "stop": 1, **bad}, timeout=60)
         assert answer.status_code == 200 and answer.json()["status"] == "rejected", bad
-    assert run_status(ctx.ledger, run.run_id).broken  # recorded against the run
+    st = run_status(ctx.ledger, run.run_id)  # refused and counted, the run not broken
+    assert st.refused == 3 and st.broken is None and "span" in st.refused_latest
 
 
 def test_edits_go_to_the_edits_queue_and_never_wait_behind_a_paused_bulk_queue(env):

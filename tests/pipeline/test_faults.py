@@ -515,14 +515,16 @@ def test_a_rejected_task_of_an_existing_run_is_recorded_against_it(env):
         200,
         {"status": "rejected", "error": "batch must be a positive integer"},
     )
+    # a forged or wrong body names nothing the run can trust: refused and counted once,
+    # no chunk failed, the run not broken (it was: any unreadable task broke it for good)
     status = run_status(ctx.ledger, run.run_id)
-    assert status.finished and status.failed == 2 and "task rejected" in status.failures[0]["error"]
-    # a region that cannot be read at all: the run is reported broken (so it ends)
+    assert (status.refused, status.failed, status.broken) == (1, 0, None)
+    assert "batch must be a positive integer" in status.refused_latest
     other = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 1, 1, 1], 1)
     ctx.ledger.create_run(other)
     code, answer = post_task(env, {"dataset": DS, "run_id": other.run_id, "region": "all"})
     assert code == 200 and answer["status"] == "rejected"
-    assert run_status(ctx.ledger, other.run_id).broken.startswith("1 task(s) of the run")
+    assert run_status(ctx.ledger, other.run_id).refused == 1
 
 
 @pytest.mark.parametrize(
