@@ -13,7 +13,10 @@ import functions_framework
 from l2cache.config import ReloadingMap
 from l2cache.gcp.pubsub import dead_letter_publisher
 from l2cache.handlers.compute_chunk import handle_task
+from l2cache.serving import http_guard
 
+# Cloud Tasks bodies are at most 1 MiB; JSON errors for framing (docs/design.md)
+http_guard.install(http_guard.Limits(body_bytes=2**20, deadline_s=30.0))
 _map = ReloadingMap()  # a dataset added to the map is known without a restart
 _state: dict = {}
 

@@ -13,7 +13,10 @@ from cloudevents.http import CloudEvent
 from l2cache.config import ReloadingMap
 from l2cache.gcp.pubsub import dead_letter_publisher
 from l2cache.handlers.on_edit import DeadLetter, handle_message, unwrap_cloud_event
+from l2cache.serving import http_guard
 
+# a push of Pub/Sub's largest message (10 MB, base64 in a JSON envelope) fits; JSON errors
+http_guard.install(http_guard.Limits(body_bytes=14 * 2**20, deadline_s=30.0))
 _map = ReloadingMap()  # a dataset added to the map is known without a restart
 _state: dict = {}
 
