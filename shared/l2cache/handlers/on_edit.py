@@ -80,9 +80,10 @@ ENQUEUE_THREADS = 16
 # (10 bytes each) or 1.25 M raw ones; the lookup publishes at most its per-request cap.
 MAX_IDS = 1_000_000
 # A dead letter's payload: the original message (at most Pub/Sub's 10 MB) or the ids
-# that failed; anything larger (only a direct push can send it) is cut, so the publish
-# of the dead letter cannot be refused (which would answer 5xx and loop).
-MAX_DEAD_LETTER_BYTES = 9 * 1024 * 1024
+# that failed; anything larger (only a direct push can send it) is cut to what fits
+# beside the attributes (<= 100 x 1.3 KB), so the publish of the dead letter cannot be
+# refused (which would answer 5xx and loop).
+MAX_DEAD_LETTER_BYTES = 10_000_000 - 2**17
 # PCG graph table ids ("minnie65_public", "fly_v31"): anything else is not a table.
 TABLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
