@@ -70,3 +70,22 @@ def test_garbage_is_a_clear_error():
         restricted_loads(b"")
     with pytest.raises(UnsafePickleError, match="protocol 2 or later"):
         restricted_loads(pickle.dumps([1], protocol=0))
+
+
+def test_runs_of_l2_ids_read_at_once_equal_what_pickle_wrote():
+    """8-byte LONG1 runs (L2 ids) take the numpy path; mixed with every other int width
+    and split across APPENDS batches, the values are exactly pickle's."""
+    rng = np.random.default_rng(0)
+    ids = (rng.integers(1, 2**62, 2500, dtype=np.int64) + (2 << 56)).tolist()
+    mixed = ids[:1200] + [0, 255, 65535, -1, -(2**31), 2**31, 2**63, 2**64 - 1] + ids[1200:]
+    payload = {"operation_id": 2**40, "new_lvl2_ids": mixed, "new_root_ids": ids[:3]}
+    assert restricted_loads(pickle.dumps(payload)) == payload
+
+
+def test_limits_are_checked_before_the_data_is_read():
+    with pytest.raises(UnsafePickleError, match="exceeds the limit of 4096"):
+        restricted_loads(b"\x80\x04\x8d" + (2**62).to_bytes(8, "little"))
+    with pytest.raises(UnsafePickleError, match="nesting deeper than 8"):
+        restricted_loads(b"\x80\x04" + b"]" * 10 + b"a" * 9 + b".")
+    with pytest.raises(UnsafePickleError, match="exceeds 64 bits"):
+        restricted_loads(b"\x80\x04\x8a\x0a" + bytes(10) + b".")
