@@ -1,6 +1,7 @@
 """Service accounts, one per role; each component grants its own least-privilege access.
 
-- lookup: reads the cache tables, publishes missing ids. Nothing else (Lookup's grants).
+- lookup: reads the cache tables and (keys only) the graph tables, reads and writes its
+  missing-id guard table, publishes missing ids. Nothing else (Lookup's grants).
 - worker (compute_chunk, on_edit): reads graph tables and segmentation, writes cache
   and runs tables, enqueues split tasks, publishes dead letters (Workers' grants).
 - tasks-invoker: the OIDC identity Cloud Tasks uses to call compute_chunk; the only

@@ -99,7 +99,8 @@ class Lookup(pulumi.ComponentResource):
         missing_topic: gcp.pubsub.Topic,
     ) -> list[pulumi.CustomResource]:
         """Exactly what lookup's identity may do: read the cache tables (existing ones
-        included: they are served) and publish missing ids."""
+        included: they are served), read and write its missing-id guard table, read the
+        graph tables (a missing id's existence check, keys only) and publish missing ids."""
         out: list[pulumi.CustomResource] = [
             gcp.bigtable.TableIamMember(
                 f"lookup-reads-{dataset}",
@@ -112,6 +113,29 @@ class Lookup(pulumi.ComponentResource):
             )
             for dataset, table in storage.served_tables().items()
         ]
+        out.append(
+            gcp.bigtable.TableIamMember(
+                "lookup-writes-guard",
+                instance_name=storage.instance_name,
+                table=storage.guard.name,
+                role="roles/bigtable.user",
+                member=member,
+                project=cfg.bigtable_project,
+                opts=child_opts(self),
+            )
+        )
+        for i, inst in enumerate(cfg.graph_instances):
+            project, instance = inst.split("/")[1], inst.split("/")[3]
+            out.append(
+                gcp.bigtable.InstanceIamMember(
+                    f"lookup-reads-graph-{i}",
+                    instance=instance,
+                    project=project,
+                    role="roles/bigtable.reader",
+                    member=member,
+                    opts=child_opts(self),
+                )
+            )
         out.append(
             gcp.pubsub.TopicIAMMember(
                 "lookup-publishes-missing",

@@ -19,6 +19,10 @@ RUNS_FAMILIES = ("run", "ledger")  # l2cache.store.ledger: RUN_FAMILY, LEDGER_FA
 # l2cache.store.ledger.SUM_FAMILY: the run's counters, an int64 sum aggregate family, so
 # every worker's AddToCell merges into one cell (l2cache.store.runstate)
 RUNS_SUM_FAMILY = "sum"
+# l2cache.store.missing_guard: the lookup's negative entries, pending marks, callers'
+# budgets. Freshness is read from cell timestamps; GC only reclaims the space.
+GUARD_FAMILIES = ("neg", "pend", "rate")
+GUARD_GC_MAX_AGE = "168h"  # l2cache.store.missing_guard.GC_MAX_AGE
 
 
 class Storage(pulumi.ComponentResource):
@@ -31,6 +35,8 @@ class Storage(pulumi.ComponentResource):
     existing_tables: dict[str, str]  # dataset -> table id, served but not managed here
     gc_policies: list[gcp.bigtable.GCPolicy]
     runs: gcp.bigtable.Table
+    guard: gcp.bigtable.Table  # the lookup's missing-id guard (lookup reads and writes it)
+    guard_gc: list[gcp.bigtable.GCPolicy]
     bucket: gcp.storage.Bucket
     cache_table_names: pulumi.Output[dict[str, str]]  # dataset -> owned table id
 
@@ -105,6 +111,31 @@ class Storage(pulumi.ComponentResource):
             deletion_protection="PROTECTED" if protect else "UNPROTECTED",
             opts=child_opts(self),
         )
+        missing = cfg.datasets.get("missing_ids") or {}
+        self.guard = gcp.bigtable.Table(
+            "lookup-guard",
+            name=missing.get("guard_table_id", "l2cache_lookup_guard"),
+            instance_name=self.instance_name,
+            project=cfg.bigtable_project,
+            column_families=[{"family": f} for f in GUARD_FAMILIES],
+            deletion_protection="UNPROTECTED",  # marks and counters: nothing to keep
+            opts=child_opts(self),
+        )
+        self.guard_gc = [
+            gcp.bigtable.GCPolicy(
+                f"gc-lookup-guard-{fam}",
+                instance_name=self.instance_name,
+                table=self.guard.name,
+                column_family=fam,
+                project=cfg.bigtable_project,
+                mode="UNION",
+                max_age={"duration": GUARD_GC_MAX_AGE},
+                max_versions=[{"number": 1}],
+                deletion_policy="ABANDON",
+                opts=child_opts(self, depends_on=[self.guard]),
+            )
+            for fam in GUARD_FAMILIES
+        ]
         self.bucket = gcp.storage.Bucket(
             "source",
             name=f"{cfg.project}-l2cache-source",
@@ -123,6 +154,7 @@ class Storage(pulumi.ComponentResource):
                 "cache_tables": self.cache_table_names,
                 "existing_cache_tables": self.existing_tables,
                 "runs_table": self.runs.name,
+                "guard_table": self.guard.name,
                 "source_bucket": self.bucket.name,
             }
         )

@@ -73,6 +73,8 @@ def test_iam_is_exactly_the_least_privilege_set(built):
             [
                 ("TableIamMember", "lookup-reads-minnie", "roles/bigtable.reader", LOOKUP),
                 ("TableIamMember", "lookup-reads-pinky", "roles/bigtable.reader", LOOKUP),
+                ("TableIamMember", "lookup-writes-guard", "roles/bigtable.user", LOOKUP),
+                ("InstanceIamMember", "lookup-reads-graph-0", "roles/bigtable.reader", LOOKUP),
                 ("TableIamMember", "worker-writes-minnie", "roles/bigtable.user", WORKER),
                 ("TableIamMember", "worker-writes-pinky", "roles/bigtable.user", WORKER),
                 ("TableIamMember", "worker-writes-runs", "roles/bigtable.user", WORKER),
@@ -201,15 +203,35 @@ def test_bigtable_tables_families_and_gc_rules(built):
         assert instance.inputs["instanceType"] == "PRODUCTION"
         assert instance.inputs["clusters"][0]["numNodes"] == 3
         tables = {r.inputs["name"]: r.inputs for r in of_type("gcp:bigtable/table:Table")}
-        assert set(tables) == {"l2cache_minnie_v1", "l2cache_pinky_v1", "l2cache_runs"}
+        assert set(tables) == {
+            "l2cache_minnie_v1",
+            "l2cache_pinky_v1",
+            "l2cache_runs",
+            "l2cache_lookup_guard",
+        }
         for t in ("l2cache_minnie_v1", "l2cache_pinky_v1"):
             assert tables[t]["columnFamilies"] == [{"family": "0"}, {"family": "lineage"}]
-        assert tables["l2cache_runs"]["columnFamilies"] == [{"family": "run"}, {"family": "ledger"}]
+        assert tables["l2cache_runs"]["columnFamilies"] == [
+            {"family": "run"},
+            {"family": "ledger"},
+            {"family": "sum", "type": "intsum"},
+        ]
+        guard = tables.pop("l2cache_lookup_guard")  # marks and counters: nothing to protect
+        assert guard["columnFamilies"] == [{"family": f} for f in ("neg", "pend", "rate")]
         assert all(t["deletionProtection"] == "PROTECTED" for t in tables.values())  # production
         # resources keyed by table id: moving a table between dataset entries keeps it
         names = sorted(r.name for r in of_type("gcp:bigtable/table:Table"))
-        assert names == ["cache-l2cache_minnie_v1", "cache-l2cache_pinky_v1", "runs"]
-        policies = of_type("gcp:bigtable/gCPolicy:GCPolicy")
+        assert names == [
+            "cache-l2cache_minnie_v1",
+            "cache-l2cache_pinky_v1",
+            "lookup-guard",
+            "runs",
+        ]
+        everything = of_type("gcp:bigtable/gCPolicy:GCPolicy")
+        guard_gc = [p for p in everything if p.inputs["table"] == "l2cache_lookup_guard"]
+        assert sorted(p.inputs["columnFamily"] for p in guard_gc) == ["neg", "pend", "rate"]
+        assert all(p.inputs["maxAge"] == {"duration": "168h"} for p in guard_gc)
+        policies = [p for p in everything if p not in guard_gc]
         assert sorted((p.inputs["table"], p.inputs["columnFamily"]) for p in policies) == sorted(
             (t, f) for t in ("l2cache_minnie_v1", "l2cache_pinky_v1") for f in ("0", "lineage")
         )
@@ -279,6 +301,8 @@ CHILDREN = {
         "cache-l2cache_pinky_v1",
         *(f"gc-l2cache_{t}_v1-{f}" for t in ("minnie", "pinky") for f in ("0", "lineage")),
         "runs",
+        "lookup-guard",
+        *(f"gc-lookup-guard-{f}" for f in ("neg", "pend", "rate")),
         "source",
     },
     "l2cache:index:Messaging": {
@@ -298,6 +322,8 @@ CHILDREN = {
         "invoke-lookup-0",
         "lookup-reads-minnie",
         "lookup-reads-pinky",
+        "lookup-writes-guard",
+        "lookup-reads-graph-0",
         "lookup-publishes-missing",
     },
     "l2cache:index:Workers": {
@@ -379,7 +405,9 @@ def test_every_resource_keeps_the_urn_it_had_at_the_stack_root(built):
             assert ("", True) in r.program_aliases, r.name
             assert all(no_parent for _, no_parent in r.program_aliases), r.name
             older = {name for name, _ in r.program_aliases if name}
-            if r.type == "gcp:bigtable/table:Table" and r.name != "runs":
+            if r.name == "lookup-guard" or r.name.startswith("gc-lookup-guard-"):
+                assert older == set(), r.name  # new
+            elif r.type == "gcp:bigtable/table:Table" and r.name != "runs":
                 dataset = r.name.split("_")[1]  # cache-l2cache_<dataset>_v1
                 assert older == {f"cache-{dataset}"}
             elif r.type == "gcp:bigtable/gCPolicy:GCPolicy":
@@ -407,6 +435,7 @@ def test_components_register_their_outputs(built):
             "cache_tables": {"minnie": "l2cache_minnie_v1", "pinky": "l2cache_pinky_v1"},
             "existing_cache_tables": {},
             "runs_table": "l2cache_runs",
+            "guard_table": "l2cache_lookup_guard",
             "source_bucket": "proj-l2cache-source",
         },
         "l2cache:index:Messaging": {

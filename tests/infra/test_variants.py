@@ -231,10 +231,13 @@ def test_existing_tables_and_instance_are_served_not_owned():
     b = build(datasets_yaml=marked, existing_bigtable_instance=True, pcg_edits_topic=None)
     assert not b.of("gcp:bigtable/instance:Instance")
     tables = sorted(r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table"))
-    assert tables == ["l2cache_pinky_v1", "l2cache_runs"]  # the new one and ours
+    assert tables == ["l2cache_lookup_guard", "l2cache_pinky_v1", "l2cache_runs"]  # ours
     assert all(r["inputs"]["instanceName"] == "l2cache" for r in b.of("gcp:bigtable/table:Table"))
     gc = {r["inputs"]["table"] for r in b.of("gcp:bigtable/gCPolicy:GCPolicy")}
-    assert gc == {"l2cache_pinky_v1"}  # the existing table's GC rules stay as they are
+    assert gc == {
+        "l2cache_pinky_v1",
+        "l2cache_lookup_guard",
+    }  # the existing table's GC rules stay as they are
     grants = {
         (r["name"], r["inputs"]["table"], r["inputs"]["role"])
         for r in b.of("gcp:bigtable/tableIamMember:TableIamMember")
@@ -263,6 +266,8 @@ def test_existing_tables_and_instance_are_served_not_owned():
 
 def test_existing_tables_from_the_stack_config_list():
     b = build(existing_cache_tables=["l2cache_minnie_v1", "l2cache_pinky_v1"])
-    assert [r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table")] == ["l2cache_runs"]
-    assert not b.of("gcp:bigtable/gCPolicy:GCPolicy")
+    tables = [r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table")]
+    assert tables == ["l2cache_runs", "l2cache_lookup_guard"]
+    gc = {r["inputs"]["table"] for r in b.of("gcp:bigtable/gCPolicy:GCPolicy")}
+    assert gc == {"l2cache_lookup_guard"}  # the lookup's guard only
     assert len(b.of("gcp:bigtable/instance:Instance")) == 1  # the instance is still ours

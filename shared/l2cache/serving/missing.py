@@ -36,6 +36,10 @@ from l2cache.store.missing_guard import MissingIdGuard, graph_absent
 log = logging.getLogger(__name__)
 
 CLAIM_THREADS = 8
+# Negative entries written per request at most: ids past it are still answered as
+# unknown, and checked against the graph again next time (a keys-only read, no work
+# queued), so a request at the id cap writes bounded rows to the guard table.
+MAX_NEGATIVE_WRITES = 10_000
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -107,7 +111,8 @@ def plan_missing(
                 absent = np.zeros(ids.size, dtype=bool)
                 plan.graph = "unavailable"
             if absent.any():
-                guard.remember_absent(dataset.name, ids[absent].tolist(), "not in the graph")
+                remember = ids[absent][:MAX_NEGATIVE_WRITES].tolist()
+                guard.remember_absent(dataset.name, remember, "not in the graph")
                 plan.unknown += int(absent.sum())
                 ids, chunk_ids = ids[~absent], chunk_ids[~absent]
     if ids.size == 0:

@@ -45,8 +45,8 @@ NEGATIVE_FAMILY = "neg"
 PENDING_FAMILY = "pend"
 RATE_FAMILY = "rate"
 FAMILIES = (NEGATIVE_FAMILY, PENDING_FAMILY, RATE_FAMILY)
-# GC only reclaims space; freshness is read from timestamps. Longer than any sane TTL.
-GC_MAX_AGE = timedelta(days=30)
+# GC only reclaims space; freshness is read from timestamps (infra: GUARD_GC_MAX_AGE).
+GC_MAX_AGE = timedelta(days=7)
 # A chunk's claim is decided on at most this many of its ids: identical concurrent
 # requests share them all (one wins); requests that overlap only partly may both
 # publish the overlap, which is idempotent work and bounded by the budgets.
