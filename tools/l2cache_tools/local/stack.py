@@ -158,6 +158,9 @@ class LocalStack:
         from l2cache.store.ledger import create_runs_table
 
         create_runs_table(instance, "l2cache_runs")
+        from l2cache.store.missing_guard import create_guard_table
+
+        create_guard_table(instance, "l2cache_lookup_guard")  # the lookup's missing-id guard
         runtimes = dict(self.runtimes(self)) if self.runtimes else {}
         fn_env = {**self.env, "PYTHONUNBUFFERED": "1", "NUMBA_CACHE_DIR": str(self.dir / "numba")}
         # a deployed-mode function gets the endpoints, never the repo's map or cache dir
