@@ -26,6 +26,7 @@ from l2cache.domain.lineage import Lineage
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.serving import api as serve
 from l2cache.store.cache import CacheStore, create_cache_table
+from l2cache.store.missing_guard import create_guard_table
 
 URL = "/l2cache/api/v1/table/pinky/attributes"
 MAX_IDS = 5_000
@@ -46,6 +47,7 @@ def full_rows(bigtable_emulator):
     """N_ROWS rows with every attribute: the crop's real features under many ids."""
     instance = bigtable_instance(PROJECT, "inst", admin=True)
     table = create_cache_table(instance, "hard_cache")
+    create_guard_table(instance, "l2cache_lookup_guard")  # the missing-id guard's default
     base = crop_features((2, 2, 2), 1)
     big = base["pca_val"][:, 0] > 0  # nodes with PCA: the largest rows
     n = int(big.sum())
@@ -187,11 +189,11 @@ def test_pubsub_down_does_not_stall_a_lookup(full_rows, tmp_path):
         closed = s.getsockname()[1]  # bound, never listening: connections are refused
         cfg = config(pubsub={"project": PROJECT, "missing_ids_topic": "missing"})
         with lookup_client(cfg, tmp_path, {"PUBSUB_EMULATOR_HOST": f"127.0.0.1:{closed}"}) as c:
-            missing = ids.encode_ids(2, [[9, 9, 9]] * 3, [1, 2, 3], BITS)
             present = full_rows[:2]
-            body = json.dumps({"l2_ids": [*missing.tolist(), *present.tolist()]})
             timings = []
-            for _ in range(3):
+            for i in range(3):  # new missing ids each time: repeats would be pending already
+                missing = ids.encode_ids(2, [[9, 9, 9 + i]] * 3, [1, 2, 3], BITS)
+                body = json.dumps({"l2_ids": [*missing.tolist(), *present.tolist()]})
                 t0 = time.perf_counter()
                 r = c.post(URL, data=body)
                 timings.append(time.perf_counter() - t0)
