@@ -13,8 +13,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 from l2cache.compute import DatasetContext
@@ -232,17 +231,17 @@ def patiently(
     try:
         future = pool.submit(read)
         start, notice = time.monotonic(), notice_after_s
-        while True:
-            try:
-                return future.result(timeout=max(start + notice - time.monotonic(), 0.01))
-            except FutureTimeout:
-                waited = time.monotonic() - start
-                if waited >= notice:
-                    say(
-                        f"waiting on Bigtable for {waited:.0f}s (a read gives up after "
-                        f"{READ_DEADLINE_S:.0f}s without progress)"
-                    )
-                    notice += every_s
+        while True:  # wait(), not result(timeout): the read may raise TimeoutError itself
+            wait([future], timeout=max(start + notice - time.monotonic(), 0.01))
+            if future.done():
+                return future.result()
+            waited = time.monotonic() - start
+            if waited >= notice:
+                say(
+                    f"waiting on Bigtable for {waited:.0f}s (a read gives up after "
+                    f"{READ_DEADLINE_S:.0f}s without progress)"
+                )
+                notice += every_s
     finally:
         pool.shutdown(wait=False)
 
