@@ -181,6 +181,7 @@ def synthesize(cfg_path: Path, n: int, seed: int = 0) -> str:
             minute[b"failed" if f == 1 else b"retried"] += 1
             rows.append(runstate.failure_row(run.run_id, cid, status, c, at, fields))
         else:  # running now
+            box[b"inflight"] += 1
             row.set_cell(FAMILY, b"status", b"running")
             now = datetime.now(UTC).isoformat()
             rows.append(runstate.live_row(run.run_id, cid, "running", c, now, 1))
@@ -274,12 +275,21 @@ def one(command: str, cfg: str, run_id: str, extra: list[str]) -> dict:
 
         profile.disable()
         pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mib()
     text = out.getvalue()
     result = {"seconds": seconds, "rss_mib": rss, "code": code, "lines": text.count("\n")}
     if command == "reconcile":
         result["enqueued"] = sum(int(w) for w in re.findall(r"re-queued (\d+)", text))
     return result
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS since exec (``VmHWM``; ``ru_maxrss`` would also count the
+    parent's pages copied at fork, the synthetic ledger's builder)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(command: str, cfg: Path, run_id: str, extra: list[str] | None = None) -> dict:

@@ -65,11 +65,17 @@ def read_counts(ledger: RunLedger, run_id: str) -> RunCounts:
     return counts
 
 
-def live_chunks(ledger: RunLedger, run_id: str) -> list[dict[str, object]]:
+def live_chunks(
+    ledger: RunLedger, run_id: str, keys: list[bytes] | None = None
+) -> list[dict[str, object]]:
     """The chunks queued, running or awaiting a retry, with the chunk's recorded state
     (``state``: None, ``r``, ``f`` or ``d``; a ``d`` is a mark its finish could not
-    clear) and its attempts so far (its row's counter); O(chunks in flight)."""
-    rows = read_rows(ledger.table, prefix=f"live:{run_id}:".encode())
+    clear) and its attempts so far (its row's counter); O(chunks in flight), or only
+    the rows of ``keys``."""
+    if keys is None:
+        rows = read_rows(ledger.table, prefix=f"live:{run_id}:".encode())
+    else:
+        rows = read_rows(ledger.table, keys=keys)
     if not rows:
         return []
     ids = [int(k.rsplit(b":", 1)[1]) for k in rows]
@@ -90,6 +96,20 @@ def live_chunks(ledger: RunLedger, run_id: str) -> list[dict[str, object]]:
             entry["attempts"] = max(int(entry.get("attempts") or 0), made)  # type: ignore[call-overload]
         out.append(entry)
     return out
+
+
+def silent_live_chunks(ledger: RunLedger, run_id: str, cutoff: datetime) -> list[dict[str, object]]:
+    """The in-flight rows with no word since ``cutoff`` (candidates for "presumed lost"),
+    as :func:`live_chunks` gives them: O(silent rows), not O(in flight).
+
+    The server returns only rows holding a cell older than ``cutoff`` (every write of a
+    live row rewrites all its cells, so a busy chunk's row has none); those few are read
+    again in full, and the caller judges their newest stamps.
+    """
+    prefix = f"live:{run_id}:".encode()
+    cells = CellFilter(end_micros=int(cutoff.timestamp() * 1_000_000), per_row=1, strip_values=True)
+    keys = list(read_rows(ledger.table, prefix=prefix, cells=cells))
+    return live_chunks(ledger, run_id, keys=keys) if keys else []
 
 
 def failures_page(
@@ -169,7 +189,8 @@ def recount(ledger: RunLedger, run: RunRecord, page: int = PAGE) -> dict[str, in
 
     The explicit repair for a worker killed between a chunk's state change and its
     counters (see :mod:`l2cache.store.runstate`): streams the chunk rows page by page
-    (bounded memory), sums per box, and adds the difference to each box row.
+    (bounded memory), sums per box, counts the attempts in flight from the ``live:``
+    rows, and adds the difference to each box row.
     """
     grid = run.stat_grid
     want: dict[int, dict[bytes, int]] = defaultdict(lambda: defaultdict(int))
@@ -199,12 +220,17 @@ def recount(ledger: RunLedger, run: RunRecord, page: int = PAGE) -> dict[str, in
         if len(rows) < page:
             break
         start = next(reversed(rows)) + b"\x00"
+    for row in live_chunks(ledger, run.run_id):  # attempts in flight: O(in flight)
+        if row.get("status") == "running" and row.get("state") != "d":
+            box = want[runstate.cell_of(grid, row["coords"], row["chunk_id"])]  # type: ignore[arg-type]
+            box[b"inflight"] += 1
+            box[b"inflight_retry"] += int(row.get("attempts") or 1) > 1  # type: ignore[call-overload]
     have = read_counts(ledger, run.run_id)
     corrections: dict[str, int] = defaultdict(int)
     for cell in set(want) | set(have.cells):
         current = have.cells.get(cell, {})
         delta = {}
-        for name in runstate.COUNTED:
+        for name in (*runstate.COUNTED, *runstate.INFLIGHT):
             diff = want[cell].get(name.encode(), 0) - current.get(name, 0)
             if diff:
                 delta[name.encode()] = diff

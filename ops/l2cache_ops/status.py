@@ -11,7 +11,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 
@@ -28,9 +28,9 @@ from l2cache_ops.runstate import (
     RunCounts,
     busy_seconds,
     failures_page,
-    live_chunks,
     read_counts,
     recent_rate,
+    silent_live_chunks,
 )
 
 SHOW_FAILURES = 20
@@ -131,36 +131,43 @@ def run_status(
     run = ledger.get_run(run_id)
     counts = read_counts(ledger, run_id)
     done, failed, retrying = counts["done"], counts["failed"], counts["retrying"]
-    running = 0
+    # attempts in flight from the counters; those of chunks already counted retrying
+    # (or failed, re-queued) are not also pending
+    running = max(counts["inflight"], 0)
+    again = min(max(counts["inflight_retry"], 0), running)
     lost: list[dict] = []
-    for row in live_chunks(ledger, run_id):
+    cutoff = now - timedelta(seconds=attempt_deadline_s) if attempt_deadline_s else None
+    for row in silent_live_chunks(ledger, run_id, cutoff) if cutoff else []:
         state = row.pop("state")
-        awaiting = row.get("status") == "retrying"  # a retry the queue still owes
-        if state == "d" or (awaiting and state != "r"):
+        was = row.get("status")  # queued, running, or retrying: a retry the queue owes
+        if state == "d" or (was == "retrying" and state != "r"):
             continue  # a mark its chunk's later outcome could not clear: counted there
         presume_lost(row, now, max_attempts, attempt_deadline_s)
-        if awaiting:  # counted retrying by its state; failed once presumed given up
+        if row["status"] not in ("failed", "retrying"):
+            continue  # its newest word is recent: not silent after all
+        lost.append(row)
+        if was == "retrying":  # counted retrying by its state; failed once given up
             if row["status"] == "failed":
                 retrying, failed = retrying - 1, failed + 1
-                lost.append(row)
             continue
-        # queued or running: its state (if any) counted it failed or retrying; move it
-        if state == "f":
+        if was == "running":  # its start is in the in-flight counters: it ended silently
+            running -= 1
+            if int(row.get("attempts") or 1) > 1:
+                again = max(again - 1, 0)
+        if state == "f":  # its own state counted it: the presumed verdict replaces that
             failed -= 1
         elif state == "r":
             retrying -= 1
         if row["status"] == "failed":
             failed += 1
-            lost.append(row)
-        elif row["status"] == "retrying":
-            retrying += 1
-            lost.append(row)
         else:
-            running += 1
-    room = max(run.n_chunks - (done + failed + retrying + running), 0)
+            retrying += 1
+    running = max(running, 0)
+    again = min(again, running)
+    room = max(run.n_chunks - (done + failed + retrying + running - again), 0)
     unstarted_failed, unread = _unstarted_of_failed_tasks(ledger, run, bits, room)
     failed += len(unstarted_failed) + unread
-    total = max(run.n_chunks, done + failed + retrying + running)
+    total = max(run.n_chunks, done + failed + retrying + running - again)
     rate, _ = recent_rate(ledger, run, now)
     remaining = max(total - done - failed, 0)
     eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
@@ -191,7 +198,7 @@ def run_status(
         failed,
         retrying,
         running,
-        max(remaining - retrying - running, 0),
+        max(remaining - retrying - (running - again), 0),
         counts["l2"],
         counts["compute_ms"] / 1000.0,
         rate,
@@ -236,8 +243,10 @@ def lost_chunks(
     """Coordinates of every chunk whose attempt or awaited retry went silent past the
     deadline (what reconcile re-queues besides the ``fail:`` rows); O(chunks in flight)."""
     now = now or utc_now()
+    if not attempt_deadline_s:
+        return []
     out = []
-    for row in live_chunks(ledger, run_id):
+    for row in silent_live_chunks(ledger, run_id, now - timedelta(seconds=attempt_deadline_s)):
         if row.pop("state") == "d":
             continue
         before = row.get("error")

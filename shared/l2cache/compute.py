@@ -198,6 +198,7 @@ def compute_chunk(
         cid,
         coords,
         "done",
+        attempt=attempt,
         l2_count=written,
         input_checksum=chunk.checksum,
         duration_s=round(duration, 4),

@@ -34,6 +34,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from l2cache.config import TasksConfig
 
 EMULATOR_ENV = "L2CACHE_TASKS_EMULATOR_HOST"
+MAX_TASK_CHUNKS = 64  # chunks of one explicit-list task (a leaf's work stays bounded)
 
 
 def tasks_client() -> tasks_v2.CloudTasksClient:
@@ -215,6 +216,37 @@ def enqueue_span(
         payload["t0_ms"] = int(t0_ms)
     name = span_task_id(run_id, start, stop, generation)
     return enqueue(client, cfg, payload, name, schedule_time=schedule_time)
+
+
+def chunks_task_id(run_id: str, chunks: Sequence[Sequence[int]], generation: int | str) -> str:
+    """Deterministic, scattered task id for an explicit chunk list of a run (reconcile's
+    batches): the same chunks under the same generation are one task."""
+    listed = ";".join(",".join(str(int(v)) for v in c) for c in chunks)
+    first = "-".join(str(int(v)) for v in chunks[0])
+    return _name(f"chunks|{run_id}|{generation}|{listed}", f"{run_id}-g{generation}-c{first}")
+
+
+def enqueue_chunks(
+    client: tasks_v2.CloudTasksClient,
+    cfg: TasksConfig,
+    dataset: str,
+    run_id: str,
+    chunks: Sequence[Sequence[int]],
+    generation: int | str,
+) -> str | None:
+    """Enqueue one task computing an explicit list of a run's chunks (at most
+    :data:`MAX_TASK_CHUNKS`): what reconcile re-queues a run's scattered failures in,
+    a batch per task instead of a task per chunk."""
+    if not 0 < len(chunks) <= MAX_TASK_CHUNKS:
+        raise ValueError(f"a chunks task holds 1 to {MAX_TASK_CHUNKS} chunks, got {len(chunks)}")
+    payload = {
+        "kind": "chunks",
+        "dataset": dataset,
+        "run_id": run_id,
+        "chunks": [[int(v) for v in c] for c in chunks],
+        "generation": generation,
+    }
+    return enqueue(client, cfg, payload, chunks_task_id(run_id, chunks, generation))
 
 
 def enqueue_chunk_ids(

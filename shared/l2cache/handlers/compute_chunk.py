@@ -75,7 +75,7 @@ from l2cache.domain.permutation import permutation_key
 from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
 from l2cache.domain.spans import plan_span, ramp_offset_s, span_chunks
 from l2cache.gcp.bigtable import bigtable_instance
-from l2cache.gcp.tasks import enqueue_region, enqueue_span, tasks_client
+from l2cache.gcp.tasks import MAX_TASK_CHUNKS, enqueue_region, enqueue_span, tasks_client
 from l2cache.handlers.rollback_task import handle_rollback_task
 from l2cache.inputs.volume import in_volume
 from l2cache.store.ledger import RunLedger, RunRecord
@@ -85,7 +85,7 @@ log = logging.getLogger(__name__)
 
 RETRY_COUNT_HEADER = "X-CloudTasks-TaskRetryCount"
 MAX_AT_MS = 2**45  # ~3084 AD in milliseconds: beyond it, not a publish time
-KINDS = (None, "region", "span", "ids", "rollback")  # a body's "kind" (None: region)
+KINDS = (None, "region", "span", "chunks", "ids", "rollback")  # a body's "kind" (None: region)
 STREAM_KINDS = ("edit_stream", "missing_ids")  # runs whose work comes as ids tasks
 CLOCK_SKEW_MS = 5 * 60 * 1000  # how far ahead of this worker's clock a cell time may be
 # How long before its stream run was recorded a message may have been published: Pub/Sub
@@ -117,6 +117,8 @@ def parse_task(body: bytes) -> dict[str, Any]:
         return _parse_ids_task(task)
     if task.get("kind") == "span":
         return _parse_span_task(task)
+    if task.get("kind") == "chunks":
+        return _parse_chunks_task(task)
     for key in ("dataset", "run_id", "region"):
         if key not in task:
             raise BadTask(f"task body lacks {key!r}")
@@ -179,6 +181,34 @@ def _parse_span_task(task: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
+def _parse_chunks_task(task: dict[str, Any]) -> dict[str, Any]:
+    """A chunks task: an explicit list of 1 to :data:`MAX_TASK_CHUNKS` distinct chunks of
+    the run (reconcile's batches; checked inside the run's region in :func:`_check_task`)."""
+    for key in ("dataset", "run_id", "chunks"):
+        if key not in task:
+            raise BadTask(f"chunks task lacks {key!r}")
+    if not isinstance(task["dataset"], str) or not isinstance(task["run_id"], str):
+        raise BadTask("dataset and run_id must be strings")
+    chunks = task["chunks"]
+    ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not (
+        isinstance(chunks, list)
+        and 0 < len(chunks) <= MAX_TASK_CHUNKS
+        and all(
+            isinstance(c, list) and len(c) == 3 and all(ok_int(v) and v >= 0 for v in c)
+            for c in chunks
+        )
+    ):
+        raise BadTask(f"chunks must be 1 to {MAX_TASK_CHUNKS} triples of non-negative integers")
+    if len({tuple(c) for c in chunks}) != len(chunks):
+        raise BadTask("chunks must be distinct")
+    generation = task.get("generation", 0)
+    if isinstance(generation, bool) or not isinstance(generation, int | str):
+        raise BadTask("generation must be an integer or a string")
+    task["generation"] = generation
+    return task
+
+
 def attempt_number(headers: Mapping[str, str] | None) -> int:
     """1-based attempt of this delivery, from Cloud Tasks' retry-count header."""
     try:
@@ -235,6 +265,8 @@ def handle_task(
         return _ids_task(ctx, run, task, attempt, last, dead_letter)
     if task.get("kind") == "span":
         return _span_task(config, ctx, run, task, attempt, last, enqueue_child_span)
+    if task.get("kind") == "chunks":
+        return _chunks_task(config, ctx, run, task["chunks"], attempt, last)
     kind, items = plan_task(task["region"], task["batch"])
     if kind == "split" and enqueue is None and config.tasks is None:
         # no queue to put the parts on: no retry can change that (the map is wrong)
@@ -255,6 +287,32 @@ def handle_task(
             return _give_up_region(ctx, run, task["region"], gave_up(attempt, exc), attempt)
         log.exception("task failed; Cloud Tasks will retry")
         return 503, {"error": describe(exc)}
+
+
+def _chunks_task(
+    config: L2CacheConfig,
+    ctx: DatasetContext,
+    run: RunRecord,
+    chunks: list[list[int]],
+    attempt: int,
+    last: bool,
+) -> tuple[int, dict[str, Any]]:
+    """Compute an explicit chunk list as a leaf does; a permanent failure, or the last
+    attempt's, fails each chunk's one-chunk region (so the run still ends)."""
+    try:
+        return 200, {"chunks": _compute_leaf(config, ctx, run, chunks, attempt, last)}
+    except Exception as exc:
+        permanent = classify(exc) == PERMANENT
+        if not (permanent or last):
+            log.exception("chunks task failed; Cloud Tasks will retry")
+            return 503, {"error": describe(exc)}
+        reason = describe(exc) if permanent else gave_up(attempt, exc)
+        answers = [
+            _give_up_region(ctx, run, [*c, *(v + 1 for v in c)], reason, attempt, permanent)
+            for c in chunks
+        ]
+        worst = max(status for status, _ in answers)
+        return worst, {"status": "failed", "error": reason}
 
 
 def _compute_leaf(
@@ -362,7 +420,9 @@ def _give_up_span(
         if kind == "compute":
             for c in span_chunks(run.region or [], permutation_key(run.run_id), start, stop):
                 cid = chunk_id(ctx, c)
-                ctx.ledger.chunk_finished(run, cid, c, "failed", error=reason, attempts=attempt)
+                ctx.ledger.chunk_finished(
+                    run, cid, c, "failed", attempt=attempt, started=False, error=reason
+                )
         else:
             ctx.ledger.task_rejected(run.run_id, f"span [{start}, {stop}) was lost: {reason}")
     except Exception:
@@ -472,7 +532,8 @@ def _check_task(
     if (task.get("kind") == "ids") != stream:
         raise BadTask(
             f"a {task.get('kind') or 'region'} task cannot belong to run {run.run_id} "
-            f"({run.kind}): ids tasks are for stream runs, region and span tasks for the rest"
+            f"({run.kind}): ids tasks are for stream runs, region, span and chunks tasks for "
+            "the rest"
         )
     bits = ctx.dataset.spatial_bits
     limit = 1 << int(bits.bits_for(np.array([2]))[0])
@@ -496,6 +557,14 @@ def _check_task(
         return
     if run.region is None:
         raise BadTask(f"run {run.run_id} has no chunk region for a region or span task")
+    if task.get("kind") == "chunks":
+        lo, hi = run.region[:3], run.region[3:]
+        outside = [c for c in task["chunks"] if any(not lo[a] <= c[a] < hi[a] for a in range(3))]
+        if outside:
+            raise BadTask(
+                f"chunks {_short(outside[:3])} are not inside the run's region {run.region}"
+            )
+        return
     if task.get("kind") == "span":
         if region_size(run.region) != run.n_chunks:
             raise BadTask(f"run {run.run_id} has no chunk region a span can index")

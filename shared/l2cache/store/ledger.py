@@ -382,7 +382,13 @@ class RunLedger:
                 "ledger",
             )
             cell = runstate.cell_of(_grid(run), coords, chunk_id)
-            started = {b"attempts": 1, b"started": attempt == 1, b"retried": attempt == 2}
+            started = {
+                b"attempts": 1,
+                b"started": attempt == 1,
+                b"retried": attempt == 2,
+                b"inflight": 1,  # an attempt running: chunk_finished takes it back
+                b"inflight_retry": attempt > 1,
+            }
             runstate.add_counts(self.table, runstate.stat_key(run_id, cell), started)  # type: ignore[arg-type]
         return attempt
 
@@ -436,6 +442,7 @@ class RunLedger:
         status: str,
         qc_bins: Mapping[bytes, int] | None = None,
         attempt: int | None = None,
+        started: bool = True,
         **fields: Any,
     ) -> bool:
         """Record an attempt's outcome; returns whether the chunk changed state.
@@ -447,7 +454,9 @@ class RunLedger:
         row, ``hist:`` minute row, the QC histogram bins ``qc_bins`` of a done chunk)
         and its ``fail:`` row. A retrying chunk keeps a ``live:`` mark (it awaits its
         next attempt: status presumes it failed if none comes); done and failed clear it.
-        ``attempt`` is the attempt that reports (for the failure's record).
+        ``attempt`` is the attempt that reports (for the failure's record, and the
+        in-flight counters its start added: every call ends one attempt, except a
+        verdict recorded for chunks no attempt ``started``, e.g. a lost span's).
         """
         run_id = _run_id(run)
         key = self._chunk_key(run_id, chunk_id)
@@ -460,14 +469,17 @@ class RunLedger:
         }
         new = runstate.STATE_OF[status]
         old = runstate.transition(self.table, key, new, cells)
+        ended = {b"inflight": -1, b"inflight_retry": -int((attempt or 1) > 1)} if started else {}
         if old is False:
+            cell = runstate.cell_of(_grid(run), coords, chunk_id)
+            runstate.add_counts(self.table, runstate.stat_key(run_id, cell), ended)
             write_rows(
                 self.table, [Row(runstate.live_key(run_id, chunk_id)).delete_row()], "ledger"
             )
             return False
         if status != "done":
             self._first_failure(run_id, chunk_id)
-        self._count(run, chunk_id, coords, old, new, now, qc_bins, fields)
+        self._count(run, chunk_id, coords, old, new, now, qc_bins, fields, ended)
         at = now.isoformat()
         if status == "retrying":
             marks = [runstate.live_row(run_id, chunk_id, "retrying", coords, at, attempt or 0)]
@@ -492,11 +504,13 @@ class RunLedger:
         now: datetime,
         qc_bins: Mapping[bytes, int] | None,
         fields: Mapping[str, Any],
+        ended: Mapping[bytes, int],
     ) -> None:
-        """Move the run's counters for one transition of one chunk."""
+        """Move the run's counters for one transition of one chunk (``ended``: the
+        attempt's in-flight counts taken back, in the same request)."""
         run_id = _run_id(run)
         cell = runstate.cell_of(_grid(run), coords, chunk_id)
-        box = runstate.state_deltas(old, new)
+        box = {**runstate.state_deltas(old, new), **ended}
         minute: dict[bytes, int] = {}
         if new == b"d":
             work = {

@@ -11,7 +11,7 @@ other rows in ``ledger``):
 
 - ``stat:<run>:<cell %04d>``: 64-bit counters of one box of the run's
   :class:`~l2cache.domain.statgrid.StatGrid` (``done``, ``failed``, ``retrying``,
-  ``l2``, ``compute_ms``, ``voxels``, ``attempts``). Their sum is the run; each row is
+  ``l2``, ``compute_ms``, ``voxels``, ``attempts``, ``inflight``). Their sum is the run; each row is
   one box of the map of where chunks are done or failing. A run has at most
   :data:`~l2cache.domain.statgrid.MAX_CELLS` of them, so no row is hot and reading all
   is O(1) in the run's size.
@@ -62,6 +62,10 @@ TRANSITION_TRIES = 8
 COUNTED = (
     "done", "failed", "retrying", "l2", "compute_ms", "voxels", "attempts", "started", "retried",
 )  # fmt: skip
+# Attempts in flight (+1 at a chunk's start, -1 at its finish; ``inflight_retry``: those
+# that are not a chunk's first attempt): status reads running from these, not from the
+# ``live:`` rows, and ``runs recount`` rebuilds them from the live rows.
+INFLIGHT = ("inflight", "inflight_retry")
 # Edit latency bins (seconds, upper edges): the stream SLO's percentiles are read off
 # these; the last bin is open-ended.
 LATENCY_EDGES_S = (

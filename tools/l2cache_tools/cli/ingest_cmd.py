@@ -83,7 +83,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("dataset")
     r.add_argument("run")
     r.add_argument(
-        "--batch", type=int, default=4, help="chunks per task when the region is re-enqueued"
+        "--batch",
+        type=int,
+        default=8,
+        help="chunks per re-queued task (at most 64), and per leaf if the region is re-enqueued",
     )
     r.set_defaults(func=reconcile)
 
@@ -597,7 +600,14 @@ def reconcile(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from l2cache.domain.lineage import utc_now
-    from l2cache.gcp.tasks import enqueue_region, tasks_client
+    from l2cache.domain.regions import region_size
+    from l2cache.gcp.tasks import (
+        MAX_TASK_CHUNKS,
+        enqueue_chunks,
+        enqueue_region,
+        enqueue_span,
+        tasks_client,
+    )
     from l2cache_ops.runstate import iter_failures
     from l2cache_ops.status import lost_chunks
 
@@ -617,19 +627,29 @@ def reconcile(args: argparse.Namespace) -> int:
     unreached = st.pending if not st.running else 0
     client = tasks_client()
     generation = "reconcile" + utc_now().strftime("%Y%m%dT%H%M%S%f")
+    per_task = min(args.batch, MAX_TASK_CHUNKS)
+    batches = [gaps[i : i + per_task] for i in range(0, len(gaps), per_task)]
 
-    def enqueue(c: tuple[int, ...]) -> str | None:
-        return enqueue_region(
-            client, cfg.tasks, args.dataset, run.run_id, [*c, *(v + 1 for v in c)], 1, generation
-        )
+    def enqueue(chunks: list[tuple[int, ...]]) -> str | None:
+        return enqueue_chunks(client, cfg.tasks, args.dataset, run.run_id, chunks, generation)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(enqueue, gaps))
-    print(f"run {run.run_id}: re-queued {len(gaps)} failed, retrying or lost chunks")
-    if unreached:
+        list(pool.map(enqueue, batches))
+    print(
+        f"run {run.run_id}: re-queued {len(gaps)} failed, retrying or lost chunks "
+        f"in {len(batches)} tasks"
+    )
+    if unreached and region_size(run.region) == run.n_chunks:  # the run's permuted order
+        now_ms = int(utc_now().timestamp() * 1000)
+        enqueue_span(
+            client, cfg.tasks, args.dataset, run.run_id, 0, run.n_chunks, args.batch,
+            generation, t0_ms=now_ms,
+        )  # fmt: skip
+    elif unreached:
         enqueue_region(
             client, cfg.tasks, args.dataset, run.run_id, run.region, args.batch, generation
         )
+    if unreached:
         print(
             f"  and the run's region for {unreached} chunks no task reached "
             "(workers skip the done ones by key)"
