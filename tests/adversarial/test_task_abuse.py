@@ -97,6 +97,11 @@ def span(run, **fields) -> dict:
             "batch": 1, **fields}  # fmt: skip
 
 
+def chunks_task(run, **fields) -> dict:
+    return {"kind": "chunks", "dataset": "ds", "run_id": run.run_id, "chunks": [[0, 0, 0]],
+            **fields}  # fmt: skip
+
+
 def ids_task(run, **fields) -> dict:
     node = int(
         idlib.encode_ids(2, np.array([[1, 1, 1]]), np.array([5], np.uint64), DS.spatial_bits)[0]
@@ -128,6 +133,12 @@ CASES = [
     ("span t0 in 3084", lambda b, s: span(b, t0_ms=YEAR_3084_MS), "t0_ms", "bulk"),
     ("span on a stream run", lambda b, s: span(s), "ids tasks are for stream runs", "stream"),
     ("region on a stream run", lambda b, s: region(s), "ids tasks are for stream runs", "stream"),
+    ("chunks outside", lambda b, s: chunks_task(b, chunks=[[0, 0, 0], [2, 0, 0]]), "not inside", "bulk"),
+    ("chunks repeated", lambda b, s: chunks_task(b, chunks=[[0, 0, 0], [0, 0, 0]]), "distinct", "bulk"),
+    ("65 chunks", lambda b, s: chunks_task(b, chunks=[[0, 0, i] for i in range(65)]), "1 to 64", "bulk"),
+    ("no chunks", lambda b, s: chunks_task(b, chunks=[]), "1 to 64", "bulk"),
+    ("bool chunk", lambda b, s: chunks_task(b, chunks=[[True, 0, 0]]), "triples", "bulk"),
+    ("chunks on a stream run", lambda b, s: chunks_task(s), "ids tasks are for stream runs", "stream"),
     ("ids on a bulk run", lambda b, s: ids_task(b), "ids tasks are for stream runs", "bulk"),
     ("ids at_ms in 3084", lambda b, s: ids_task(s, at_ms=YEAR_3084_MS), "outside the run's window", "stream"),
     ("ids at_ms an hour ahead", lambda b, s: ids_task(s, at_ms=int(time.time() * 1000) + 3_600_000), "outside the run's window", "stream"),
