@@ -6,7 +6,9 @@ run's graph time), remap it to L2 labels and run the engine; the edit path passe
 
 Input integrity comes before any write: a chunk whose supervoxels have no L2 parent,
 or whose parents belong to another chunk, is :class:`~l2cache.domain.failures.InconsistentInput`
-and is never written as done with partial features. Errors follow the one failure
+and is never written as done with partial features; one whose faces do not match the
+graph's cross-chunk edges (mirrored, transposed) is its subclass ``GeometryMismatch``
+(:mod:`l2cache.inputs.geometry_check`). Errors follow the one failure
 contract of :mod:`l2cache.domain.failures`: permanent ones are recorded and not retried,
 transient ones propagate (the caller answers 5xx) until the last attempt, which
 records "gave up after N attempts".
@@ -36,6 +38,7 @@ from l2cache.engine.chunk_labels import ChunkLabels, labels_from_supervoxels
 from l2cache.engine.chunk_qc import chunk_qc
 from l2cache.engine.features import compute_features
 from l2cache.gcp.bigtable import bigtable_instance
+from l2cache.inputs.geometry_check import check_geometry, chunk_faces
 from l2cache.inputs.graph import GraphReader, make_graph_reader
 from l2cache.inputs.volume import read_chunk
 from l2cache.store.cache import CacheStore
@@ -90,9 +93,11 @@ def load_chunk_l2(
         coords,
         lambda: ctx.graph.has_supervoxels(coords, ctx.dataset.spatial_bits),
     )
+    faces = chunk_faces(sv)  # for check_geometry, before the supervoxels are relabelled
     chunk = labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, timestamp))
     check_consistency(ctx, chunk, coords, timestamp)
     check_complete(ctx, chunk, coords)
+    check_geometry(ctx.graph, faces, coords, ctx.dataset.spatial_bits)
     return chunk
 
 

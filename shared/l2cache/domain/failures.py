@@ -62,6 +62,12 @@ class InconsistentInput(PermanentError):
         self.counts = counts
 
 
+class GeometryMismatch(InconsistentInput):
+    """Labels right, geometry wrong: supervoxels the graph joins to a neighbouring chunk
+    across a face are not on that face (a mirrored or transposed chunk file). ``counts``
+    (misplaced_sv, face_sv) go into the ledger row with the reason."""
+
+
 class RevisionMismatch(PermanentError):
     """A run pinned to one code revision, reached by a worker running another."""
 

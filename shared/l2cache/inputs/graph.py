@@ -9,6 +9,11 @@ Two readers behind one small interface (:class:`GraphReader`):
 - :class:`GrapheneGraphReader` asks a PCG server through CloudVolume's graphene
   client (``get_roots(stop_layer=2)``, ``get_leaves``), for deployments without
   direct Bigtable access.
+
+Atomic cross-chunk edges (what the geometry check compares a chunk's faces with) are
+PCG's ``Connectivity.AtomicCrossChunkEdge``: family ``3``, column
+``atomic_cross_edges_<layer>`` on each L2 row, a zstd-compressed little-endian uint64
+array of ``[supervoxel of this L2 node, partner supervoxel in another chunk]`` pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import zstandard
 
 from l2cache.domain import ids as idlib
-from l2cache.gcp.bigtable import RowReader
+from l2cache.gcp.bigtable import CellFilter, RowReader
 
 if TYPE_CHECKING:  # annotations only
     from l2cache.config import DatasetConfig
@@ -31,6 +36,8 @@ PARENTS = b"parents"
 CHILDREN = b"children"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_BATCH = 5_000
+CROSS_EDGE_FAMILY = "3"
+CROSS_EDGE_PREFIX = b"atomic_cross_edges_"
 
 
 class GraphReader(Protocol):
@@ -59,12 +66,34 @@ class GraphReader(Protocol):
         """Every supervoxel the graph has in this chunk (None: cannot tell), so a chunk
         whose segmentation lost some of them is caught before it is written."""
 
+    def chunk_cross_edges(
+        self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+    ) -> np.ndarray | None:
+        """``(n, 2)`` atomic cross-chunk edges ``[supervoxel here, partner elsewhere]``
+        the graph holds for this chunk (None: cannot tell), so a chunk whose geometry
+        does not match its graph (mirrored, transposed) is caught before it is written."""
+
 
 def decode_children(cell: bytes) -> np.ndarray:
     """A ``children`` cell: raw or zstd-compressed little-endian uint64 array."""
     if cell[:4] == ZSTD_MAGIC:
         cell = zstandard.ZstdDecompressor().decompress(cell)
     return np.frombuffer(cell, dtype="<u8").astype(np.uint64)
+
+
+def decode_edges(cell: bytes) -> np.ndarray:
+    """An ``atomic_cross_edges_<layer>`` cell: ``(n, 2)`` uint64 pairs, zstd-compressed
+    (PCG writes level 22) or raw; a cell whose length is not whole pairs is refused."""
+    raw = decode_children(cell)
+    if raw.size % 2:
+        raise ValueError(f"cross-edge cell of {raw.size} ids is not whole pairs")
+    return raw.reshape(-1, 2)
+
+
+def encode_edges(edges: np.ndarray) -> bytes:
+    """A cross-edge cell as PCG writes it (zstd): the inverse of :func:`decode_edges`."""
+    raw = np.asarray(edges, dtype="<u8").reshape(-1, 2).tobytes()
+    return zstandard.ZstdCompressor(level=3).compress(raw)
 
 
 def encode_children(children: np.ndarray, compress: bool) -> bytes:
@@ -145,14 +174,50 @@ class BigtableGraphReader:
         keys = self.reader.keys_in_range(*_layer1_range(chunk_coords, spatial_bits))
         return np.array([int(k) for k in keys], dtype=np.uint64)
 
+    def chunk_cross_edges(
+        self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+    ) -> np.ndarray:
+        """The atomic cross edges of the chunk's L2 rows as the chunk's ingest wrote
+        them (one range read of family ``3``, every version with its timestamp).
+
+        Only cells at the earliest timestamp of the chunk are kept: PCG writes a whole
+        atomic chunk at one timestamp, and those edges are contacts across a face. An
+        edit writes new L2 rows later, and a merge's edge joins two supervoxels the user
+        picked, which need not touch; the ingest rows an edit supersedes stay in the
+        table (PCG never rewrites them), so nothing ingest knew is lost by this cut.
+        ``(0, 2)`` when the graph holds no cross edges for the chunk.
+        """
+        rows = self.reader.versions(
+            ranges=[_chunk_range(2, chunk_coords, spatial_bits)],
+            cells=CellFilter({CROSS_EDGE_FAMILY: None}),
+        )
+        cells = [
+            (stamp, value)
+            for row in rows.values()
+            for qualifier, versions in row.get(CROSS_EDGE_FAMILY, {}).items()
+            if qualifier.startswith(CROSS_EDGE_PREFIX)
+            for stamp, value in versions
+        ]
+        if not cells:
+            return np.zeros((0, 2), dtype=np.uint64)
+        first = min(stamp for stamp, _ in cells)
+        return np.concatenate([decode_edges(v) for stamp, v in cells if stamp == first])
+
+
+def _chunk_range(
+    layer: int, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+) -> tuple[bytes, bytes]:
+    """Row-key range of a chunk's nodes of ``layer``: they share its chunk id."""
+    first = int(idlib.chunk_id_from_coords(layer, np.asarray(chunk_coords)[None], spatial_bits)[0])
+    seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(np.array([layer]))[0])
+    return idlib.row_key(first), idlib.row_key(first + (1 << seg_bits))
+
 
 def _layer1_range(
     chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
 ) -> tuple[bytes, bytes]:
     """Row-key range of a chunk's supervoxels: they share its layer-1 chunk id."""
-    first = int(idlib.chunk_id_from_coords(1, np.asarray(chunk_coords)[None], spatial_bits)[0])
-    seg_bits = 64 - 8 - 3 * int(spatial_bits.bits_for(np.array([1]))[0])
-    return idlib.row_key(first), idlib.row_key(first + (1 << seg_bits))
+    return _chunk_range(1, chunk_coords, spatial_bits)
 
 
 class GrapheneGraphReader:
@@ -184,6 +249,12 @@ class GrapheneGraphReader:
         self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
     ) -> None:
         """Nor a list of a chunk's supervoxels: the graph-side check is skipped."""
+        return None
+
+    def chunk_cross_edges(
+        self, chunk_coords: Sequence[int], spatial_bits: idlib.SpatialBits
+    ) -> None:
+        """Nor a chunk's cross edges in one query: the geometry check is skipped."""
         return None
 
     def l2_children(self, l2_ids: np.ndarray) -> dict[int, np.ndarray]:

@@ -7,6 +7,11 @@ exercised for real. Ids are real PCG ids (layer, chunk coordinates, segment).
 Graph rows: supervoxels get ``parents``, L2 nodes ``children`` (zstd-compressed when
 they have >= 4 children, raw otherwise, so both encodings occur), all at the build
 timestamp. A counter row per chunk holds the highest L2 segment id for later edits.
+Atomic cross-chunk edges as PCG's ingest writes them (family ``3``, column
+``atomic_cross_edges_<layer>`` on each L2 row, ``[own sv, partner sv]`` pairs): two
+supervoxels in face-adjacent chunks that touch across the face and belong to the same
+object (PCG keeps only the agglomeration's active edges), stored on both sides, at the
+build timestamp. The geometry check (``l2cache.inputs.geometry_check``) reads them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ import numpy as np
 from l2cache.domain import ids as idlib
 from l2cache.domain.lineage import utc_now
 from l2cache.gcp.bigtable_write import Row, write_rows
-from l2cache.inputs.graph import CHILDREN, GRAPH_FAMILY, PARENTS, encode_children
+from l2cache.inputs.graph import (
+    CHILDREN,
+    CROSS_EDGE_FAMILY,
+    CROSS_EDGE_PREFIX,
+    GRAPH_FAMILY,
+    PARENTS,
+    encode_children,
+    encode_edges,
+)
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.instance import Instance
@@ -56,10 +69,13 @@ def counter_key(chunk_id: int) -> bytes:
 
 
 def create_graph_table(instance: Instance, table_id: str) -> Table:
-    """Graph table with family ``0`` (every version kept) and the counter family."""
+    """Graph table with family ``0`` (every version kept), the cross-edge family ``3``
+    and the counter family."""
     table = instance.table(table_id)
     if not table.exists():
-        table.create(column_families={GRAPH_FAMILY: None, COUNTER_FAMILY: None})
+        table.create(
+            column_families={GRAPH_FAMILY: None, CROSS_EDGE_FAMILY: None, COUNTER_FAMILY: None}
+        )
     return table
 
 
@@ -84,6 +100,38 @@ def chunk_supervoxels(sub: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         if v:
             piece_of_sv[v] = k // 8
     return local.astype(np.uint64), piece_of_sv, int(n_pieces)
+
+
+def cross_edge_layer(a: Sequence[int], b: Sequence[int]) -> int:
+    """PCG's layer of an edge between chunks ``a`` and ``b`` (fan-out 2): 1 within a chunk,
+    else one more per halving until both chunks share a parent chunk."""
+    a, b, layer = np.asarray(a), np.asarray(b), 1
+    while (a != b).any():
+        a, b, layer = a // 2, b // 2, layer + 1
+    return layer
+
+
+def face_contacts(
+    low_sv: np.ndarray, low_obj: np.ndarray, high_sv: np.ndarray, high_obj: np.ndarray
+) -> np.ndarray:
+    """Distinct ``[low sv, high sv]`` pairs touching across a face: the two facing
+    planes (supervoxel ids and original object labels), same object, both non-zero."""
+    touch = (low_obj == high_obj) & (low_obj != 0) & (low_sv != 0) & (high_sv != 0)
+    pairs = np.stack([low_sv[touch], high_sv[touch]], axis=1).astype(np.uint64)
+    return np.unique(pairs, axis=0) if pairs.size else np.zeros((0, 2), np.uint64)
+
+
+def _cross_edge_rows(edges: dict[int, dict[int, list[np.ndarray]]], ts: datetime) -> list[Row]:
+    """One row per L2 node with its cross edges, one cell per layer, as PCG stores them."""
+    rows = []
+    for l2, by_layer in edges.items():
+        row = Row(idlib.row_key(l2))
+        for layer, parts in sorted(by_layer.items()):
+            pairs = np.unique(np.concatenate(parts), axis=0)
+            qualifier = CROSS_EDGE_PREFIX + str(layer).encode()
+            row.set_cell(CROSS_EDGE_FAMILY, qualifier, encode_edges(pairs), timestamp=ts)
+        rows.append(row)
+    return rows
 
 
 def build_dataset(
@@ -119,6 +167,11 @@ def build_dataset(
     cv.commit_info()
     table = create_graph_table(instance, graph_table_id)
     rows, n_l2, n_sv = [], 0, 0
+    # each chunk's high planes (sv ids, object labels) and sv -> L2, until its + neighbours
+    # are built; cross edges per L2 node and layer, written once the whole volume is done
+    planes: dict[tuple[int, ...], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    parent_of: dict[tuple[int, ...], dict[int, int]] = {}
+    cross: dict[int, dict[int, list[np.ndarray]]] = {}
     for cx in range(grid[0]):
         for cy in range(grid[1]):
             for cz in range(grid[2]):
@@ -140,10 +193,17 @@ def build_dataset(
                     if n_pieces
                     else np.zeros(0, np.uint64)
                 )
-                cv[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = np.asfortranarray(sv_ids[local])
+                global_sv = sv_ids[local]
+                cv[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = np.asfortranarray(global_sv)
                 parent_l2 = np.zeros(n + 1, dtype=np.uint64)
                 if n:
                     parent_l2[1:] = l2_ids[(piece_of_sv[1:] - 1).astype(np.int64)]
+                key = (cx, cy, cz)
+                parent_of[key] = dict(zip(sv_ids[1:].tolist(), parent_l2[1:].tolist(), strict=True))
+                planes[key] = {
+                    a: (np.take(global_sv, -1, axis=a), np.take(sub, -1, axis=a)) for a in range(3)
+                }
+                _add_cross_edges(key, global_sv, sub, planes, parent_of, cross)
                 for sv, parent in zip(sv_ids[1:].tolist(), parent_l2[1:].tolist(), strict=True):
                     row = Row(idlib.row_key(sv))
                     row.set_cell(GRAPH_FAMILY, PARENTS, struct.pack("<Q", parent), timestamp=ts)
@@ -174,8 +234,42 @@ def build_dataset(
                 if len(rows) >= 5000:
                     _commit(table, rows)
                     rows = []
-    _commit(table, rows)
+    rows.extend(_cross_edge_rows(cross, ts))
+    for start in range(0, len(rows), 5000):
+        _commit(table, rows[start : start + 5000])
     return BuildResult(segmentation, graph_table_id, ts, int(np.prod(grid)), n_l2, n_sv, grid)
+
+
+def _add_cross_edges(
+    key: tuple[int, ...],
+    global_sv: np.ndarray,
+    sub: np.ndarray,
+    planes: dict,
+    parent_of: dict,
+    cross: dict[int, dict[int, list[np.ndarray]]],
+) -> None:
+    """The edges between chunk ``key`` and its three low neighbours (built before it),
+    added on both sides; a neighbour's planes are dropped once its last + neighbour
+    has used them (the x neighbour is the last: chunks are built x, y, z nested)."""
+    for axis in range(3):
+        if key[axis] == 0:
+            continue
+        low = tuple(k - (i == axis) for i, k in enumerate(key))
+        low_sv, low_obj = planes[low][axis]
+        pairs = face_contacts(
+            low_sv, low_obj, np.take(global_sv, 0, axis=axis), np.take(sub, 0, axis=axis)
+        )
+        if not pairs.size:
+            continue
+        layer = cross_edge_layer(low, key)
+        for here, there, chunk in ((0, 1, low), (1, 0, key)):
+            parents = np.array([parent_of[chunk][int(s)] for s in pairs[:, here]], dtype=np.uint64)
+            for l2 in np.unique(parents).tolist():
+                mine = pairs[parents == l2][:, [here, there]]
+                cross.setdefault(l2, {}).setdefault(layer, []).append(mine)
+    low_x = (key[0] - 1, key[1], key[2])
+    if low_x in planes:  # its y and z neighbours were built before this chunk
+        del planes[low_x], parent_of[low_x]
 
 
 def _commit(table: Table, rows: list[Row]) -> None:
