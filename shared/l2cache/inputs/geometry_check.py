@@ -75,8 +75,9 @@ def chunk_faces(sv: np.ndarray) -> ChunkFaces:
     """The supervoxel ids on each face of ``sv`` (a full-size chunk, x, y, z)."""
     out = []
     for axis, side in FACES:
-        plane = np.take(sv, 0 if side < 0 else sv.shape[axis] - 1, axis=axis)
-        ids = np.unique(plane)
+        at = [slice(None)] * 3
+        at[axis] = 0 if side < 0 else sv.shape[axis] - 1
+        ids = np.unique(sv[tuple(at)])  # a view: np.take(axis=) would copy the whole chunk
         out.append(ids[ids != 0])
     return ChunkFaces(tuple(out))
 

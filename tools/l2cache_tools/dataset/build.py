@@ -201,7 +201,8 @@ def build_dataset(
                 key = (cx, cy, cz)
                 parent_of[key] = dict(zip(sv_ids[1:].tolist(), parent_l2[1:].tolist(), strict=True))
                 planes[key] = {
-                    a: (np.take(global_sv, -1, axis=a), np.take(sub, -1, axis=a)) for a in range(3)
+                    a: (_plane(global_sv, a, -1).copy(), _plane(sub, a, -1).copy())
+                    for a in range(3)
                 }
                 _add_cross_edges(key, global_sv, sub, planes, parent_of, cross)
                 for sv, parent in zip(sv_ids[1:].tolist(), parent_l2[1:].tolist(), strict=True):
@@ -240,6 +241,13 @@ def build_dataset(
     return BuildResult(segmentation, graph_table_id, ts, int(np.prod(grid)), n_l2, n_sv, grid)
 
 
+def _plane(a: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """One plane of ``a`` across ``axis``, a view (``np.take(axis=)`` copies all of ``a``)."""
+    at: list[int | slice] = [slice(None)] * 3
+    at[axis] = index
+    return a[tuple(at)]
+
+
 def _add_cross_edges(
     key: tuple[int, ...],
     global_sv: np.ndarray,
@@ -256,9 +264,7 @@ def _add_cross_edges(
             continue
         low = tuple(k - (i == axis) for i, k in enumerate(key))
         low_sv, low_obj = planes[low][axis]
-        pairs = face_contacts(
-            low_sv, low_obj, np.take(global_sv, 0, axis=axis), np.take(sub, 0, axis=axis)
-        )
+        pairs = face_contacts(low_sv, low_obj, _plane(global_sv, axis, 0), _plane(sub, axis, 0))
         if not pairs.size:
             continue
         layer = cross_edge_layer(low, key)
