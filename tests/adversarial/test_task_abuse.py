@@ -204,25 +204,21 @@ def test_the_finished_run_stays_finished_and_its_status_bounded(stack, monkeypat
     ledger, bulk = stack["ledger"], stack["bulk"]
     ledger.task_gave_up(bulk.run_id, [0, 0, 0, 10**6, 10**6, 10**6], "forged, pre-validation", 3)
     tracemalloc.start()
-    t0 = time.perf_counter()
     st = run_status(ledger, bulk.run_id, bits=DS.spatial_bits)
-    elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert (st.done, st.failed, st.total, st.broken) == (8, 0, 8, None) and st.finished
     assert st.refused >= sum(c[3] == "bulk" for c in CASES) and st.refused_latest
-    assert elapsed < 5 and peak < 50 * 2**20
+    assert peak < 50 * 2**20  # memory, not time: bounded whatever the forged region
 
     huge = new_run("bulk_ingest", DS, [0, 0, 0, 1000, 1000, 1000], 10**9)
     ledger.create_run(huge)
     ledger.task_gave_up(huge.run_id, [0, 0, 0, 1000, 1000, 1000], "split gave up", 3)
     monkeypatch.setattr(status_mod, "MAX_EXPANDED", 2_000)
     tracemalloc.start()
-    t0 = time.perf_counter()
     st = run_status(ledger, huge.run_id, bits=DS.spatial_bits)
-    elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert st.failed == 10**9 and st.total == 10**9 and st.broken is None
     assert len(st.failures) == status_mod.SHOW_FAILURES
-    assert elapsed < 10 and peak < 100 * 2**20
+    assert peak < 100 * 2**20
