@@ -23,12 +23,11 @@ in and by which check, measured on this crop:
 So mirrors, rotations and transposes are caught; a one-voxel shift is not reliably.
 Every outcome is asserted exactly (the crop and the builder are deterministic), so a
 change in what is caught shows up here. Bounded: ~40 s for the module (each case
-rewrites and reads 8 chunk files twice), each case < 30 s.
+rewrites and reads 8 chunk files twice).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,7 +125,6 @@ def test_a_rewritten_chunk_is_refused_as_the_table_says(ctx, name, rewrite, geom
     from cloudvolume import CloudVolume
 
     cv = CloudVolume(ctx.dataset.segmentation, progress=False, compress="gzip")
-    t0 = time.perf_counter()
     outcomes = {}
     for coords in CHUNKS:
         lo = np.asarray(coords) * np.asarray(CHUNK)
@@ -143,4 +141,5 @@ def test_a_rewritten_chunk_is_refused_as_the_table_says(ctx, name, rewrite, geom
     print(f"{name}: {counts} {outcomes}")
     if geometry >= 0:
         assert (counts["geometry"], counts["labels"]) == (geometry, labels), outcomes
-    assert time.perf_counter() - t0 < 30
+    # bounded by construction (8 rewrites, 16 reads of 48x48x24 chunks), not by wall time:
+    # timed bounds fail on a loaded machine
