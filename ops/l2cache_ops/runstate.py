@@ -34,7 +34,7 @@ def _fields(row: RowCells) -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in row.get(LEDGER_FAMILY, {}).items():
         name = k.decode()
-        if name in ("status", "at", "started_at", "queued_at"):
+        if name in ("status", "at", "started_at", "queued_at", "finished_at"):
             out[name] = v.decode()
         else:
             out[name] = json.loads(v)
@@ -66,14 +66,14 @@ def read_counts(ledger: RunLedger, run_id: str) -> RunCounts:
 
 
 def live_chunks(
-    ledger: RunLedger, run_id: str, keys: list[bytes] | None = None
+    ledger: RunLedger, run_id: str, keys: list[bytes] | None = None, limit: int = 0
 ) -> list[dict[str, object]]:
     """The chunks queued, running or awaiting a retry, with the chunk's recorded state
     (``state``: None, ``r``, ``f`` or ``d``; a ``d`` is a mark its finish could not
     clear) and its attempts so far (its row's counter); O(chunks in flight), or only
-    the rows of ``keys``."""
+    the rows of ``keys``, or the first ``limit``."""
     if keys is None:
-        rows = read_rows(ledger.table, prefix=f"live:{run_id}:".encode())
+        rows = read_rows(ledger.table, prefix=f"live:{run_id}:".encode(), limit=limit)
     else:
         rows = read_rows(ledger.table, keys=keys)
     if not rows:

@@ -534,7 +534,7 @@ def test_a_rejected_task_of_an_existing_run_is_recorded_against_it(env):
         ({"region": [0, 0, 0, 2**64, 1, 1]}, "does not fit"),
         (
             {"kind": "ids", "chunk": [0, 0, 0], "ids": [1], "at_ms": 10**20, "event_key": "k"},
-            "plausible",
+            "outside the run's window",
         ),
         (
             {"kind": "ids", "chunk": [2**70, 0, 0], "ids": [1], "at_ms": 1, "event_key": "k"},
@@ -548,7 +548,10 @@ def test_a_rejected_task_of_an_existing_run_is_recorded_against_it(env):
 )
 def test_malformed_tasks_are_rejected_on_the_first_attempt(env, change, words):
     ctx = env["ctx"]
-    run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 1, 1, 1], 1)
+    if change.get("kind") == "ids":  # ids tasks belong to stream runs
+        run = new_run("edit_stream", ctx.dataset)
+    else:
+        run = new_run("region_reprocess", ctx.dataset, [0, 0, 0, 1, 1, 1], 1)
     ctx.ledger.create_run(run)
     body = {"dataset": DS, "run_id": run.run_id, "region": [0, 0, 0, 1, 1, 1], **change}
     code, answer = post_task(env, body)

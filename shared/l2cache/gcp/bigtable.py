@@ -209,9 +209,10 @@ class CellFilter:
 
     Applied in this order: ``[start_micros, end_micros)`` cell timestamps (first: the
     cheapest cut), ``columns`` (family -> qualifiers, ``None`` or empty for the whole
-    family), ``values`` (exact values, any of them), the newest ``per_column`` cells of
-    each column, the first ``per_row`` cells of a row, then ``strip_values`` (keys and
-    timestamps only). A row with no cell left is not returned at all. The default
+    family), the newest ``per_column`` cells of each column, ``values`` (exact values,
+    any of them: with ``per_column=1`` a predicate on the *current* value, since a
+    column's older versions outlive their rewrite until garbage collection), the first
+    ``per_row`` cells of a row, then ``strip_values`` (keys and timestamps only). A row with no cell left is not returned at all. The default
     selects everything.
     """
 
@@ -245,10 +246,10 @@ class CellFilter:
                 union = _RowFilter()
                 union.interleave.filters.extend(_chain(sel) for sel in by_family)
                 parts.append(union)
+        if self.per_column:  # before the values: "the newest cell is X", not "some cell"
+            parts.append(_RowFilter(cells_per_column_limit_filter=self.per_column))
         if self.values:
             parts.append(_RowFilter(value_regex_filter=_alternatives(self.values)))
-        if self.per_column:
-            parts.append(_RowFilter(cells_per_column_limit_filter=self.per_column))
         if self.per_row:
             parts.append(_RowFilter(cells_per_row_limit_filter=self.per_row))
         if self.strip_values:

@@ -207,6 +207,8 @@ SUCCESSORS = 64  # stream runs tried after a closed one (``<run>.2``, ``<run>.3`
 
 # Ledger marks that must never undo a done chunk, and the one that is stamped only once.
 UNLESS_DONE = CellFilter(columns={LEDGER_FAMILY: [b"status"]}, values=[b"done"])
+# A live mark of an attempt counted in flight (written only where it is absent).
+RUNNING = CellFilter(columns={LEDGER_FAMILY: [b"status"]}, per_column=1, values=[b"running"])
 FIRST_FAILED = CellFilter(columns={LEDGER_FAMILY: [b"first_failed_at"]})
 
 
@@ -376,18 +378,19 @@ class RunLedger:
             mark.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
         self._unless_done(mark)
         if coords is not None:
-            write_rows(
-                self.table,
-                [runstate.live_row(run_id, chunk_id, "running", coords, now, attempt)],
-                "ledger",
-            )
+            # counted in flight once per chunk: a mark already "running" is an attempt
+            # whose worker died (its count stands until this attempt ends)
+            live = runstate.live_row(run_id, chunk_id, "running", coords, now, attempt)
+            fresh = not check_and_mutate(self.table, live, RUNNING, what="ledger")
+            if not fresh:
+                write_rows(self.table, [live], "ledger")  # refresh its time and attempt
             cell = runstate.cell_of(_grid(run), coords, chunk_id)
             started = {
                 b"attempts": 1,
                 b"started": attempt == 1,
                 b"retried": attempt == 2,
-                b"inflight": 1,  # an attempt running: chunk_finished takes it back
-                b"inflight_retry": attempt > 1,
+                b"inflight": int(fresh),  # an attempt running: chunk_finished takes it back
+                b"inflight_retry": int(fresh and attempt > 1),
             }
             runstate.add_counts(self.table, runstate.stat_key(run_id, cell), started)  # type: ignore[arg-type]
         return attempt
@@ -410,18 +413,15 @@ class RunLedger:
         """
         run_id = _run_id(run)
         now = utc_now().isoformat()
-        live = []
         for chunk_id, coords in chunks:
             row = Row(self._chunk_key(run_id, chunk_id))
             row.set_cell(LEDGER_FAMILY, b"queued_at", now.encode())
             row.set_cell(LEDGER_FAMILY, b"task_attempt", json.dumps(task_attempt).encode())
             row.set_cell(LEDGER_FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
             if self._unless_done(row):
-                live.append(
-                    runstate.live_row(run_id, chunk_id, "queued", coords, now, task_attempt)
-                )
-        if live:
-            write_rows(self.table, live, "ledger")
+                queued = runstate.live_row(run_id, chunk_id, "queued", coords, now, task_attempt)
+                # never over a "running" mark: that attempt's in-flight count needs it
+                check_and_mutate(self.table, queued, RUNNING, what="ledger")
 
     def task_rejected(self, run_id: str, reason: str) -> None:
         """Work of this run was lost where no chunk row can record it (a split span that
@@ -469,29 +469,36 @@ class RunLedger:
         }
         new = runstate.STATE_OF[status]
         old = runstate.transition(self.table, key, new, cells)
-        ended = {b"inflight": -1, b"inflight_retry": -int((attempt or 1) > 1)} if started else {}
+        at = now.isoformat()
+        if status == "retrying" and old is not False:  # awaits its next attempt
+            mark = runstate.live_row(run_id, chunk_id, "retrying", coords, at, attempt or 0)
+        else:
+            mark = Row(runstate.live_key(run_id, chunk_id)).delete_row()
+        # the attempt leaves flight only if its "running" mark counted it (one per chunk)
+        was_running = check_and_mutate(self.table, mark, RUNNING, if_matched=True, what="ledger")
+        if not was_running:
+            write_rows(self.table, [mark], "ledger")
+        ended = (
+            {b"inflight": -1, b"inflight_retry": -int((attempt or 1) > 1)}
+            if was_running and started
+            else {}
+        )
         if old is False:
             cell = runstate.cell_of(_grid(run), coords, chunk_id)
             runstate.add_counts(self.table, runstate.stat_key(run_id, cell), ended)
-            write_rows(
-                self.table, [Row(runstate.live_key(run_id, chunk_id)).delete_row()], "ledger"
-            )
             return False
         if status != "done":
             self._first_failure(run_id, chunk_id)
         self._count(run, chunk_id, coords, old, new, now, qc_bins, fields, ended)
-        at = now.isoformat()
-        if status == "retrying":
-            marks = [runstate.live_row(run_id, chunk_id, "retrying", coords, at, attempt or 0)]
-        else:
-            marks = [Row(runstate.live_key(run_id, chunk_id)).delete_row()]
+        marks = []
         if status == "done":
             if old is not None:
                 marks.append(Row(runstate.fail_key(run_id, chunk_id)).delete_row())
         else:
             record = {**fields, "attempts": attempt} if attempt else fields
             marks.append(runstate.failure_row(run_id, chunk_id, status, coords, at, record))
-        write_rows(self.table, marks, "ledger")
+        if marks:
+            write_rows(self.table, marks, "ledger")
         return True
 
     def _count(

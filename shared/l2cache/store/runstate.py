@@ -21,12 +21,18 @@ other rows in ``ledger``):
   failures over time and edit latency are read from here.
 - ``fail:<run>:<chunk %020d>``: a chunk whose last outcome was failed or retrying, with
   the error; deleted when the chunk is done. O(failures).
-- ``live:<run>:<chunk %020d>``: a chunk queued or running; deleted when the attempt
-  reports. O(chunks in flight), bounded by the queue's concurrency; a row that stays
-  silent past the attempt deadline is an attempt whose worker died.
+- ``live:<run>:<chunk %020d>``: a chunk queued, running or awaiting its next attempt
+  (retrying); deleted when it is done or failed. O(chunks in flight), bounded by the
+  queue's concurrency and retry backlog; a row that stays silent past the attempt
+  deadline is an attempt whose worker died, or a retry the queue never made. A chunk
+  counts once in the ``inflight`` counter while its mark says ``running`` (the mark
+  changes by CheckAndMutateRow), so a worker that died leaks no count: status reads
+  running from the counter and subtracts the silent marks.
 
 Counters are sharded by a hash of the chunk id (never ``chunk_id % n``: a chunk id's
-low bits are the segment part, always zero). Exactness: a chunk's state (``state`` cell of its ``chunk:`` row: none, ``r``etrying,
+low bits are the segment part, always zero).
+
+Exactness: a chunk's state (``state`` cell of its ``chunk:`` row: none, ``r``etrying,
 ``f``ailed, ``d``one) changes by one CheckAndMutateRow conditioned on the state read just
 before, so of two concurrent deliveries exactly one moves the counters. The counters are
 added after that transition; a worker killed between the two leaves a counter one
@@ -225,14 +231,17 @@ def failure_row(
 def live_row(
     run_id: str, chunk_id: int, status: str, coords: Sequence[int], at: str, attempt: int
 ) -> Row:
-    """The ``live:`` row of a chunk queued by a task attempt or started by a worker."""
+    """The ``live:`` row of a chunk queued by a task attempt (``queued``), started by a
+    worker (``running``) or whose attempt failed transiently (``retrying``: awaiting the
+    next one). Its time stamp is what status measures silence from."""
+    stamp, count = {
+        "running": (b"started_at", b"attempts"),
+        "queued": (b"queued_at", b"task_attempt"),
+        "retrying": (b"finished_at", b"attempts"),
+    }[status]
     row = Row(live_key(run_id, chunk_id))
     row.set_cell(FAMILY, b"status", status.encode())
     row.set_cell(FAMILY, b"coords", json.dumps([int(c) for c in coords]).encode())
-    row.set_cell(FAMILY, b"started_at" if status == "running" else b"queued_at", at.encode())
-    row.set_cell(
-        FAMILY,
-        b"attempts" if status == "running" else b"task_attempt",
-        json.dumps(attempt).encode(),
-    )
+    row.set_cell(FAMILY, stamp, at.encode())
+    row.set_cell(FAMILY, count, json.dumps(attempt).encode())
     return row

@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import report
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, its one line printed)
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

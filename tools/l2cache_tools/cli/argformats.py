@@ -10,6 +10,7 @@ whole command tree by :class:`Parser`).
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 # The words --help uses for each format, so every command describes it alike.
 BOX_FORMAT = "X0,Y0,Z0,X1,Y1,Z1"
@@ -50,6 +51,11 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        """A usage error is one line, like every other user error of the CLI (exit 2):
+        what is wrong and where the formats are, not a screen of usage."""
+        self.exit(2, f"error: {self.prog}: {message} (formats: {self.prog} --help)\n")
 
 
 def box(text: str) -> list[int]:

@@ -561,7 +561,7 @@ def inspect(args: argparse.Namespace) -> int:
     st = current_status(ctx.ledger, args.run, cfg)
     print_status(st, failures=False)
     if args.after is None:
-        for r in live_chunks(ctx.ledger, args.run)[: args.page_size]:
+        for r in live_chunks(ctx.ledger, args.run, limit=args.page_size):
             if r.get("state") != "d":
                 since = r.get("started_at") or r.get("queued_at") or ""
                 print(f"  {r.get('status', 'running'):9} chunk {r.get('coords')} since={since}")
