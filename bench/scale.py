@@ -94,7 +94,7 @@ def dataset_map(tmp: Path, n: int, tasks_host: str | None) -> Path:
             "queue": "bench-queue",
             "compute_url": "http://127.0.0.1:9/unused",
             "max_attempts": 3,
-            "attempt_deadline_s": 600,
+            "attempt_deadline_s": 7200,  # the 1M ledger takes ~18 min to write: marks stay fresh
         }
     path = tmp / f"map_{n}.yaml"
     path.write_text(yaml.safe_dump(doc))
