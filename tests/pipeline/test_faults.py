@@ -501,15 +501,23 @@ def post_task(env, body: dict, attempt: int = 1):
 
 def test_a_worker_crash_early_in_a_batch_still_ends_the_run(env, tmp_path):
     """The batch's later chunks are marked queued by the task attempt: when every attempt
-    dies on the first chunk, all of them are presumed failed, and the run ends."""
-    crashing = chunk_file(env, (0, 0, 0))  # first in the batch's order
+    dies on one chunk, it and every chunk after it in the batch's order are presumed
+    failed (those before it are done), and the run ends."""
+    from l2cache.domain.permutation import permutation_key
+    from l2cache.domain.spans import span_chunks
+
+    crashing = chunk_file(env, (0, 0, 0))
     shutil.copy(crashing, tmp_path / "crashing.bak")
     try:
         with open(crashing, "wb") as f:
             f.write(gzip.compress(os.urandom(4000), mtime=0))
         run = start_ingest(env["config"], DS, batch=8)
+        # the one leaf's order is the run's keyed order of its 8 chunks
+        order = [tuple(c) for c in span_chunks(run.region, permutation_key(run.run_id), 0, 8)]
+        lost = set(order[order.index((0, 0, 0)) :])
         status = finished(env, run.run_id, timeout=180)
-        assert (status.done, status.failed, status.total) == (0, 8, 8)
+        assert (status.done, status.failed, status.total) == (8 - len(lost), len(lost), 8)
+        assert {tuple(f["chunk"]) for f in status.failures} == lost
         assert all("gave up after 3 attempts" in f["error"] for f in status.failures)
     finally:
         shutil.copy(tmp_path / "crashing.bak", crashing)
