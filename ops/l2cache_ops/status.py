@@ -115,10 +115,11 @@ def run_status(
 ) -> RunStatus:
     """The run's status from its incrementally kept state, never its whole ledger.
 
-    Reads the run's box counters (``stat:``, a few hundred rows at most), the chunks in
-    flight (``live:``, bounded by the queue's concurrency), the first ``show_failures``
-    failures, the minute rows of the last minutes (rate) and the records of split tasks
-    that gave up or were rejected: O(1) in the run's size, O(failures shown).
+    Reads the run's box counters (``stat:``, a few hundred rows at most: done, failed,
+    retrying, in flight), the in-flight marks silent past the deadline (``live:``, a
+    server-side timestamp filter), the first ``show_failures`` failures, the minute rows
+    of the last minutes (rate) and the records of split tasks that gave up or were
+    refused: O(1) in the run's size, O(silent marks + failures shown).
 
     An attempt silent for longer than ``attempt_deadline_s`` (its worker was killed or
     timed out and never answered) is presumed lost: retrying if attempts remain, failed
