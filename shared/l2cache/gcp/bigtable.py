@@ -316,14 +316,20 @@ class RowReader:
         families: list[str] | None = None,
         qualifiers: dict[str, list[bytes]] | None = None,
         until_micros: int | None = None,
+        stamps: dict[bytes, int] | None = None,
     ) -> dict[bytes, RowCells]:
         """Rows of ``keys`` that exist, newest cell per column, optionally only
         ``families`` (and per family only ``qualifiers``) and only cells with a
-        timestamp <= ``until_micros`` (the graph "at time T")."""
+        timestamp <= ``until_micros`` (the graph "at time T"). ``stamps``, when given,
+        receives each returned row's newest cell timestamp (microseconds): what the
+        lookup's ``ETag`` is made of."""
         columns = {f: (qualifiers or {}).get(f) for f in families} if families else None
         # end is exclusive; Bigtable timestamps are whole milliseconds
         end = None if until_micros is None else until_micros + 1000
-        return self.rows(keys=keys, cells=CellFilter(columns, end_micros=end, per_column=1))
+        cells = CellFilter(columns, end_micros=end, per_column=1)
+        out: dict[bytes, RowCells] = {}
+        self._read(keys, None, None, cells, 0, False, out, stamps)
+        return out
 
     def any_in_range(self, start_key: bytes, end_key: bytes) -> bool:
         """Whether any row has a key in ``[start_key, end_key)`` (reads one key at most)."""
@@ -376,6 +382,7 @@ class RowReader:
         limit: int,
         versions: bool,
         out: dict[bytes, _Rows],
+        stamps: dict[bytes, int] | None = None,
     ) -> None:
         """Build one request, stream it, and resume it after the last delivered row on
         a transient failure until the deadline."""
@@ -402,7 +409,7 @@ class RowReader:
             try:
                 with gc_deferred():  # ~3 containers per cell, none in a cycle
                     stream = self._call(request, timeout=backoff.remaining())
-                    _parse(stream, out, progress, versions)
+                    _parse(stream, out, progress, versions, stamps)
                 return
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
@@ -479,18 +486,21 @@ def _parse(
     out: dict[bytes, _Rows],
     progress: _Progress,
     versions: bool,
+    stamps: dict[bytes, int] | None = None,
 ) -> None:
     """Cell chunks -> rows: the newest value per column (the first cell of a column is
     the newest), or with ``versions`` every cell as ``(timestamp micros, value)``,
-    newest first."""
+    newest first. ``stamps`` (newest values only) receives each row's newest cell
+    timestamp."""
     row: dict = {}
     key = family = qualifier = None
-    stamp = 0
+    stamp = newest = 0
+    timed = versions or stamps is not None
     parts: list[bytes] = []
     for response in responses:
         for chunk in response.chunks:
             if chunk.reset_row:
-                row, parts = {}, []
+                row, parts, newest = {}, [], 0
                 continue
             if chunk.row_key:
                 key = chunk.row_key
@@ -498,8 +508,9 @@ def _parse(
                 family = chunk.family_name.value
             if chunk.HasField("qualifier"):
                 qualifier = chunk.qualifier.value
-            if versions and not parts:  # a cell's first chunk carries its timestamp
+            if timed and not parts:  # a cell's first chunk carries its timestamp
                 stamp = chunk.timestamp_micros
+                newest = stamp if stamp > newest else newest
             parts.append(chunk.value)
             if chunk.value_size == 0:  # the cell is complete
                 value = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -511,8 +522,10 @@ def _parse(
                     columns.setdefault(qualifier, value)
             if chunk.commit_row:
                 out[key] = row
+                if stamps is not None:
+                    stamps[key] = newest
                 progress.row(key)
-                row = {}
+                row, newest = {}, 0
         if response.last_scanned_row_key:
             progress.scanned(response.last_scanned_row_key)
 

@@ -131,6 +131,7 @@ class CacheStore:
         attribute_names: Sequence[str] | None = None,
         int64_as_str: bool = False,
         timings: dict[str, float] | None = None,
+        stamps: dict[int, int] | None = None,
     ) -> dict[int, dict[str, Any]]:
         """Features of the layer-2 ids that have rows, as the existing service serves them.
 
@@ -139,7 +140,8 @@ class CacheStore:
         values are what PCGL2Cache's frontend returns, JSON-ready (see :mod:`.rowformat`).
         Raises ``KeyError`` for an unknown attribute name (the lookup turns that into a
         400 before reading). ``timings`` receives the seconds spent in ``read`` and
-        ``decode``.
+        ``decode``; ``stamps``, when given, each read row's newest cell timestamp
+        (microseconds), from which the lookup makes its ``ETag``.
         """
         names = list(attribute_names) if attribute_names else list(ATTRIBUTE_NAMES)
         for name in names:
@@ -154,8 +156,11 @@ class CacheStore:
         # 10,000 rows); the decoder picks the requested columns.
         t0 = time.perf_counter()
         rows: dict[bytes, RowCells] = {}
-        for part in self._read_batches(ids, None, None):
+        raw_stamps: dict[bytes, int] | None = {} if stamps is not None else None
+        for part in self._read_batches(ids, None, None, raw_stamps):
             rows.update(part)
+        if stamps is not None and raw_stamps:
+            stamps.update(zip(map(int, raw_stamps), raw_stamps.values(), strict=True))
         t1 = time.perf_counter()
         decoded = decode_rows(rows, names, self.dataset, int64_as_str)
         if timings is not None:
@@ -168,13 +173,20 @@ class CacheStore:
         ids: np.ndarray,
         families: list[str] | None,
         qualifiers: dict[str, list[bytes]] | None,
+        stamps: dict[bytes, int] | None = None,
     ) -> Iterator[dict[bytes, RowCells]]:
-        """Read ``ids`` in concurrent batches; yields each batch's rows."""
+        """Read ``ids`` in concurrent batches; yields each batch's rows (and fills
+        ``stamps`` with each row's newest cell timestamp when given)."""
         keys = idlib.row_keys(ids)
         batches = [keys[i : i + READ_BATCH] for i in range(0, len(keys), READ_BATCH)]
 
         def read(batch: list[bytes]) -> dict[bytes, RowCells]:
-            return self.reader.read(batch, families, qualifiers)
+            if stamps is None:
+                return self.reader.read(batch, families, qualifiers)
+            mine: dict[bytes, int] = {}  # one dict per batch: threads never share one
+            rows = self.reader.read(batch, families, qualifiers, stamps=mine)
+            stamps.update(mine)
+            return rows
 
         if len(batches) <= 1:
             yield from (read(b) for b in batches)
