@@ -80,7 +80,17 @@ def test_stats_match_a_direct_numpy_computation(chunks):
     # the run counters hold the same bins
     dense2, sums, cov = parse_counters(qc.bins)
     assert dense2.tolist() == dense.tolist() and sums == s["sum"]
-    assert cov == {"chunks": 1, **{k: s[k] for k in COVERAGE_COUNTERS if k != "chunks"}}
+    # input counters of a clean chunk are 0: left out of the summary, kept as counters
+    assert cov == {"chunks": 1, **{k: s.get(k, 0) for k in COVERAGE_COUNTERS if k != "chunks"}}
+    assert "orphan_sv" not in s and "ghost_sv" not in s
+
+
+def test_orphan_and_ghost_counts_go_into_the_summary_and_the_run_counters(chunks):
+    inputs = {"supervoxels": 40, "orphan_sv": 1, "orphan_voxels": 1, "ghost_sv": 2}
+    qc = chunk_qc(chunks[0], DS, inputs=inputs)
+    assert {k: qc.summary[k] for k in inputs} == inputs
+    _, _, cov = parse_counters(merge_counters([qc.bins, qc.bins]))
+    assert {k: cov[k] for k in inputs} == {k: 2 * v for k, v in inputs.items()}
 
 
 def test_merging_two_chunks_bins_equals_the_bins_of_their_union(chunks):

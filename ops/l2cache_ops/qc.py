@@ -285,6 +285,7 @@ def run_qc(
     cov.expected, cov.rows = cov_counts["graph_l2"], cov_counts["nodes"]
     cov.missing, cov.extra = cov_counts["missing"], cov_counts["extra"]
     cov.covered_voxels, cov.pca_empty = cov_counts["covered_voxels"], cov_counts["pca_empty"]
+    cov.add_inputs(None, cov_counts)
     failures = failure_examples(table, run_id, MAX_EXAMPLES) if cov.done < cov.chunks else []
     for f in failures:
         cov.not_done.append(f)
@@ -393,6 +394,7 @@ def _add_chunk(
     cov.extra += int(qc.get("extra", 0))
     cov.covered_voxels += int(qc.get("covered_voxels", 0))
     cov.pca_empty += int(qc.get("pca_empty", 0))
+    cov.add_inputs(coords, qc)
     if (qc.get("missing") or qc.get("extra")) and len(cov.chunk_examples) < MAX_EXAMPLES:
         cov.chunk_examples.append({"chunk": list(coords), "graph_l2": expected, "rows": nodes})
     if qc.get("bins"):
@@ -476,6 +478,28 @@ def _pct(change: float) -> str:
     return f"{change:+.1%}"
 
 
+def _input_reasons(inputs: dict[str, Any], th: QcThresholds) -> list[str]:
+    """Orphan voxels and ghost supervoxels over the map's limits (the workers computed
+    them as background; too many mean the graph and the segmentation disagree)."""
+    where = [str(e["chunk"]) for e in inputs["examples"][:3]]
+    at = f" (e.g. chunks {', '.join(where)})" if where else ""
+    reasons = []
+    if inputs["orphan_voxel_fraction"] > th.max_orphan_voxel_fraction:
+        reasons.append(
+            f"orphan voxels {inputs['orphan_voxel_fraction']:.4g} > "
+            f"{th.max_orphan_voxel_fraction:g} (max_orphan_voxel_fraction): "
+            f"{inputs['orphan_voxels']} voxels of {inputs['orphan_sv']} supervoxels without "
+            f"an L2 parent were computed as background{at}"
+        )
+    if inputs["ghost_sv_fraction"] > th.max_ghost_sv_fraction:
+        reasons.append(
+            f"ghost supervoxels {inputs['ghost_sv_fraction']:.4g} > "
+            f"{th.max_ghost_sv_fraction:g} (max_ghost_sv_fraction): {inputs['ghost_sv']} "
+            f"supervoxels of the graph have no voxel in the segmentation{at}"
+        )
+    return reasons
+
+
 def _reasons(coverage: dict[str, Any], diff: dict[str, Any] | None, th: QcThresholds) -> list[str]:
     """Why the run fails QC, one sentence per failed check with examples; empty: passed."""
     reasons = []
@@ -511,6 +535,7 @@ def _reasons(coverage: dict[str, Any], diff: dict[str, Any] | None, th: QcThresh
         )
     if coverage["malformed"]:
         reasons.append(f"{coverage['malformed']} rows of the run have malformed feature cells")
+    reasons.extend(_input_reasons(coverage["inputs"], th))
     if diff:
         for key, count, limit, field_ in (
             ("node_count_change", diff["chunks_over_node_count"], th.max_node_count_change, "nodes"),

@@ -30,6 +30,7 @@ from l2cache.engine.chunk_qc import (
 )
 
 MAX_EXAMPLES = 10
+INPUTS = ("supervoxels", "orphan_sv", "orphan_voxels", "ghost_sv")  # chunk_qc's input counters
 WORST = 50  # largest per-chunk changes kept in the report (the HTML page plots them)
 
 
@@ -37,11 +38,19 @@ WORST = 50  # largest per-chunk changes kept in the report (the HTML page plots 
 class QcThresholds:
     """When a run fails QC. Changes are relative (0.05 = 5%) per chunk, against the
     release currently covering that chunk, in either direction; coverage is the fraction
-    of the graph's L2 ids of the run's done chunks that have a row of the run."""
+    of the graph's L2 ids of the run's done chunks that have a row of the run.
+
+    Input fractions are over the run's done chunks: orphan voxels (supervoxels without an
+    L2 parent, computed as background) of all segmented voxels, and ghost supervoxels
+    (in the graph, without a voxel: lost input looks like this) of the graph's
+    supervoxels. The workers never fail a chunk for them (unless the map's ``input:
+    {strict: true}``); these limits fail the run instead, with the figures."""
 
     max_node_count_change: float = 0.05
     max_covered_voxels_change: float = 0.05
     min_coverage: float = 1.0
+    max_orphan_voxel_fraction: float = 0.001
+    max_ghost_sv_fraction: float = 0.001
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], base: QcThresholds | None = None) -> QcThresholds:
@@ -53,8 +62,9 @@ class QcThresholds:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{key} must be a non-negative number, got {value!r}")
             values[key] = float(value)
-        if values["min_coverage"] > 1:
-            raise ValueError("min_coverage is a fraction, at most 1.0")
+        for key in ("min_coverage", "max_orphan_voxel_fraction", "max_ghost_sv_fraction"):
+            if values[key] > 1:
+                raise ValueError(f"{key} is a fraction, at most 1.0")
         return cls(**values)
 
 
@@ -170,6 +180,11 @@ class Coverage:
     malformed: int = 0
     covered_voxels: int = 0
     pca_empty: int = 0
+    supervoxels: int = 0  # the segmentation's, over the done chunks
+    orphan_sv: int = 0
+    orphan_voxels: int = 0
+    ghost_sv: int = 0
+    input_examples: list[dict[str, Any]] = field(default_factory=list)  # chunks with some
     not_done: list[dict[str, Any]] = field(default_factory=list)
     not_done_by_status: dict[str, int] = field(default_factory=dict)
     missing_examples: list[str] = field(default_factory=list)
@@ -204,6 +219,31 @@ class Coverage:
             "missing_examples": self.missing_examples,
             "extra_examples": self.extra_examples,
             "chunks_with_gaps": self.chunk_examples,
+            "inputs": self.inputs(),
+        }
+
+    def add_inputs(self, coords: Sequence[int] | None, counts: Mapping[str, Any]) -> None:
+        """Add one chunk's (or the run's summed) input counts; a chunk with orphans or
+        ghosts is kept as an example while there is room."""
+        got = {k: int(counts.get(k, 0) or 0) for k in INPUTS}
+        for key, value in got.items():
+            setattr(self, key, getattr(self, key) + value)
+        odd = got["orphan_sv"] or got["ghost_sv"]
+        if coords is not None and odd and len(self.input_examples) < MAX_EXAMPLES:
+            self.input_examples.append({"chunk": list(coords), **got})
+
+    def inputs(self) -> dict[str, Any]:
+        """Orphan and ghost supervoxels of the done chunks, counts and fractions."""
+        segmented = self.covered_voxels + self.orphan_voxels
+        graph_sv = self.supervoxels - self.orphan_sv + self.ghost_sv
+        return {
+            "supervoxels": self.supervoxels,
+            "orphan_sv": self.orphan_sv,
+            "orphan_voxels": self.orphan_voxels,
+            "orphan_voxel_fraction": round5(self.orphan_voxels / segmented) if segmented else 0.0,
+            "ghost_sv": self.ghost_sv,
+            "ghost_sv_fraction": round5(self.ghost_sv / graph_sv) if graph_sv else 0.0,
+            "examples": self.input_examples,
         }
 
 

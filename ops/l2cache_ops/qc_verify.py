@@ -83,6 +83,8 @@ class Verifier:
                 cov.covered_voxels += int(np.asarray(feats["size_nm3"], dtype=np.int64).sum())
                 for name, dist in dists.items():
                     dist.add(values[name])
+                if done and isinstance(row.get("qc"), dict):  # what the worker counted
+                    cov.add_inputs(c, row["qc"])
                 recorded = chunk_figures(row) if done else None
                 if recorded is not None and recorded["nodes"] != int(have.size):
                     self.reads["recorded_mismatch"] += 1

@@ -1,17 +1,27 @@
 """Compute and store features: a whole chunk (ingest) or chosen L2 ids (edits).
 
-Both paths read a chunk once (supervoxels via CloudVolume, their L2 parents at the
-run's graph time), remap it to L2 labels and run the engine; the edit path passes
-``only=`` so the rest of the chunk still shapes the EDT and the faces.
+The whole-chunk path reads a chunk once (supervoxels via CloudVolume, their L2 parents
+at the run's graph time), remaps it to L2 labels and runs the engine. The ids path
+(edits, missing ids, reprocessing of ids) labels the chunk from each requested id's own
+``children`` cell instead (:func:`load_chunk_ids`): the id's supervoxels are its voxels,
+every other voxel is background, so any L2 id that ever existed can be computed, also
+one an edit has since replaced. Both give a node the same features: the engine's
+per-node values depend only on the node's own voxels and the chunk (every other label
+is, for the EDT and the faces, just "not this node"; tests/test_ids_from_children.py).
 
-Input integrity comes before any write: a chunk whose supervoxels have no L2 parent,
-or whose parents belong to another chunk, is :class:`~l2cache.domain.failures.InconsistentInput`
-and is never written as done with partial features; one whose faces do not match the
-graph's cross-chunk edges (mirrored, transposed) is its subclass ``GeometryMismatch``
-(:mod:`l2cache.inputs.geometry_check`). Errors follow the one failure
-contract of :mod:`l2cache.domain.failures`: permanent ones are recorded and not retried,
-transient ones propagate (the caller answers 5xx) until the last attempt, which
-records "gave up after N attempts".
+Orphans and ghosts (the existing service's behaviour): a segmentation supervoxel the
+graph gives no L2 parent (orphan) is background, a graph supervoxel with no voxel
+(ghost) is simply absent; both are counted per chunk (ledger row, each written row's
+``lineage:input``, QC with the dataset map's ``qc:`` thresholds), and no chunk fails for
+them unless the map sets ``input: {strict: true}``, which keeps the old contract (both
+are :class:`~l2cache.domain.failures.InconsistentInput`). A supervoxel whose L2 parent
+belongs to another chunk or layer (a "stray" parent; for the ids path, a child outside
+the id's chunk) is graph/segmentation disagreement and always fails the chunk, as does
+a chunk whose faces do not match the graph's cross-chunk edges (mirrored, transposed:
+its subclass ``GeometryMismatch``, :mod:`l2cache.inputs.geometry_check`). Errors follow
+the one failure contract of :mod:`l2cache.domain.failures`: permanent ones are recorded
+and not retried, transient ones propagate (the caller answers 5xx) until the last
+attempt, which records "gave up after N attempts".
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import numpy as np
@@ -34,9 +44,14 @@ from l2cache.domain.failures import (
     describe,
     gave_up,
 )
-from l2cache.engine.chunk_labels import ChunkLabels, labels_from_supervoxels
+from l2cache.engine.chunk_labels import (
+    ChunkLabels,
+    IdLabels,
+    labels_from_children,
+    labels_from_supervoxels,
+)
 from l2cache.engine.chunk_qc import chunk_qc
-from l2cache.engine.features import compute_features
+from l2cache.engine.features import compute_features, empty_features
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.inputs.geometry_check import check_geometry, chunk_faces
 from l2cache.inputs.graph import GraphReader, make_graph_reader
@@ -51,6 +66,7 @@ __all__ = [
     "compute_chunks",
     "compute_l2_ids",
     "dataset_context",
+    "load_chunk_ids",
     "load_chunk_l2",
 ]
 
@@ -86,7 +102,10 @@ def dataset_context(config: L2CacheConfig, name: str) -> DatasetContext:
 def load_chunk_l2(
     ctx: DatasetContext, coords: Sequence[int], timestamp: datetime | None
 ) -> ChunkLabels:
-    """Read, relabel and check one chunk; raises a PermanentError for bad input."""
+    """Read, relabel and check one chunk; raises a PermanentError for bad input.
+
+    Orphans are background and ghosts counted (``ghost_sv`` of the result) unless the
+    dataset map asks for strict input, which fails the chunk on either."""
     coords = [int(c) for c in coords]
     sv = read_chunk(
         ctx.dataset,
@@ -96,39 +115,61 @@ def load_chunk_l2(
     faces = chunk_faces(sv)  # for check_geometry, before the supervoxels are relabelled
     chunk = labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, timestamp))
     check_consistency(ctx, chunk, coords, timestamp)
-    check_complete(ctx, chunk, coords)
+    ghosts = check_complete(ctx, chunk, coords)
     check_geometry(ctx.graph, faces, coords, ctx.dataset.spatial_bits)
-    return chunk
+    return replace(chunk, ghost_sv=ghosts) if ghosts else chunk
 
 
-def check_complete(ctx: DatasetContext, chunk: ChunkLabels, coords: Sequence[int]) -> None:
-    """Every supervoxel the graph has in the chunk must be in its segmentation: a file
-    that decodes but lost part of its content (zeroed, truncated rewrite) would
-    otherwise be written as done with partial features."""
+def input_counts(chunk: ChunkLabels) -> dict[str, int]:
+    """A chunk's orphan and ghost counts, as the ledger, the lineage and QC record them."""
+    return {
+        "orphan_sv": int(chunk.unmapped_sv),
+        "orphan_voxels": int(chunk.orphan_voxels),
+        "ghost_sv": int(chunk.ghost_sv),
+    }
+
+
+def _strict(ctx: DatasetContext) -> bool:
+    return ctx.dataset.strict_input
+
+
+def check_complete(ctx: DatasetContext, chunk: ChunkLabels, coords: Sequence[int]) -> int:
+    """Ghosts: supervoxels the graph has in the chunk that its segmentation lacks.
+
+    Returns their number (0 when the graph cannot tell). They have no voxel, so the
+    features do not change; they are counted because many of them mean lost input (a
+    file that decodes but lost part of its content), which QC's ``max_ghost_sv_fraction``
+    catches. With strict input they fail the chunk, as they always did before.
+    """
     expected = ctx.graph.chunk_supervoxels(coords, ctx.dataset.spatial_bits)
     if expected is None:
-        return
+        return 0
     absent = np.setdiff1d(expected, chunk.sv_ids, assume_unique=True)
-    if absent.size:
+    if absent.size and _strict(ctx):
         raise InconsistentInput(
             f"chunk {tuple(coords)}: {absent.size} of the graph's {expected.size} supervoxels "
             f"are absent from the segmentation (e.g. {absent[:3].tolist()}); the input is "
             "incomplete",
-            missing_sv=int(absent.size),
+            ghost_sv=int(absent.size),
         )
+    return int(absent.size)
 
 
 def check_consistency(
     ctx: DatasetContext, chunk: ChunkLabels, coords: Sequence[int], timestamp: datetime | None
 ) -> None:
-    """Supervoxels and graph must agree: every supervoxel has an L2 parent in this chunk."""
+    """Supervoxels and graph must agree: every L2 parent is a layer-2 node of this chunk.
+
+    Orphans (no L2 parent) are background and only counted, unless strict input is set.
+    """
     at = timestamp.isoformat() if timestamp else "now"
-    if chunk.unmapped_sv:
+    if chunk.unmapped_sv and _strict(ctx):
         sample = chunk.sv_ids[chunk.parents == 0][:3].tolist()
         raise InconsistentInput(
             f"chunk {tuple(coords)}: {chunk.unmapped_sv} of {chunk.sv_ids.size} supervoxels "
             f"have no L2 parent in the graph at {at} (e.g. {sample})",
-            unmapped_sv=chunk.unmapped_sv,
+            orphan_sv=chunk.unmapped_sv,
+            orphan_voxels=chunk.orphan_voxels,
         )
     l2 = chunk.l2_ids
     if l2.size == 0:
@@ -142,6 +183,94 @@ def check_consistency(
             f"chunk (e.g. {stray[:3].tolist()}); the graph and the segmentation disagree",
             stray_ids=int(stray.size),
         )
+
+
+@dataclass
+class ChunkIds:
+    """One chunk's input for the ids path: the labels built from the requested ids'
+    ``children`` (None when the graph has no children row for any of them), the ids
+    without a row (reported not found, never computed) and the chunk's input counts."""
+
+    labels: IdLabels | None
+    no_row: list[int]
+    counts: dict[str, int]
+
+
+def load_chunk_ids(ctx: DatasetContext, coords: Sequence[int], members: np.ndarray) -> ChunkIds:
+    """Read the requested ids' ``children`` cells, then the chunk, and label it by them.
+
+    The children are read first: when none of the ids has a row, the chunk is not read
+    at all. Checks, as the whole-chunk path has them: every child must be a supervoxel of
+    this chunk (else the graph disagrees with itself: InconsistentInput); orphans (here:
+    supervoxels of the segmentation without a graph row) and ghosts (graph supervoxels
+    without a voxel) are counted, or fail the chunk with strict input; the geometry check.
+    """
+    coords = [int(c) for c in coords]
+    bits = ctx.dataset.spatial_bits
+    members = idlib.as_uint64(members)
+    children = ctx.graph.l2_children(members)
+    no_row = sorted(set(members.tolist()) - set(children))
+    counts = {"orphan_sv": 0, "orphan_voxels": 0, "ghost_sv": 0}
+    if not children:
+        return ChunkIds(None, no_row, counts)
+    kids = np.concatenate([np.asarray(v, np.uint64) for v in children.values()])
+    if kids.size:
+        wrong = (idlib.get_layer(kids) != 1) | (
+            idlib.get_chunk_coords(kids, bits) != np.asarray(coords)
+        ).any(1)
+        if wrong.any():
+            raise InconsistentInput(
+                f"chunk {tuple(coords)}: {int(wrong.sum())} children of the requested L2 ids "
+                f"are not supervoxels of this chunk (e.g. {kids[wrong][:3].tolist()}); the "
+                "graph disagrees with itself",
+                stray_ids=int(wrong.sum()),
+            )
+    sv = read_chunk(ctx.dataset, coords, lambda: ctx.graph.has_supervoxels(coords, bits))
+    faces = chunk_faces(sv)
+    labels = labels_from_children(sv, children)
+    del sv
+    expected = ctx.graph.chunk_supervoxels(coords, bits)
+    if expected is not None:
+        orphans = np.setdiff1d(labels.sv_ids, expected, assume_unique=True)
+        ghosts = np.setdiff1d(expected, labels.sv_ids, assume_unique=True)
+        counts = {
+            "orphan_sv": int(orphans.size),
+            "orphan_voxels": labels.voxels_of(orphans),
+            "ghost_sv": int(ghosts.size),
+        }
+        if _strict(ctx) and orphans.size:
+            raise InconsistentInput(
+                f"chunk {tuple(coords)}: {orphans.size} of {labels.sv_ids.size} supervoxels "
+                f"have no row in the graph (e.g. {orphans[:3].tolist()})",
+                **counts,
+            )
+        if _strict(ctx) and ghosts.size:
+            raise InconsistentInput(
+                f"chunk {tuple(coords)}: {ghosts.size} of the graph's {expected.size} "
+                f"supervoxels are absent from the segmentation (e.g. {ghosts[:3].tolist()}); "
+                "the input is incomplete",
+                **counts,
+            )
+    check_geometry(ctx.graph, faces, coords, bits)
+    return ChunkIds(labels, no_row, counts)
+
+
+def features_of_ids(labels: IdLabels, resolution: Sequence[float]) -> dict[str, np.ndarray]:
+    """The engine once per group of ids with disjoint children, rows merged by id.
+
+    Each id's label volume holds only its own voxels (other ids of its group are other
+    labels, which the engine treats exactly as background for this id), so an id that
+    shares supervoxels with another requested id still gets the features of its voxels.
+    """
+    parts = [
+        compute_features(labels.group_labels(i), resolution, only=members)
+        for i, members in enumerate(labels.groups)
+    ]
+    if not parts:
+        return empty_features()
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    order = np.argsort(merged["l2id"], kind="stable")
+    return {key: value[order] for key, value in merged.items()}
 
 
 def chunk_id(ctx: DatasetContext, coords: Sequence[int]) -> int:
@@ -174,14 +303,20 @@ def compute_chunk(
         chunk = load() if load is not None else load_chunk_l2(ctx, coords, run.snapshot)
         feats = compute_features(chunk.dense, ctx.dataset.resolution)
         # QC statistics while the features are in hand: QC then merges them, never re-reads
-        qc = chunk_qc(feats, ctx.dataset, graph_l2=int(chunk.l2_ids.size))
+        counts = input_counts(chunk)
+        qc = chunk_qc(
+            feats,
+            ctx.dataset,
+            graph_l2=int(chunk.l2_ids.size),
+            inputs={**counts, "supervoxels": int(chunk.sv_ids.size)},
+        )
         ctx.ledger.check_open(run)  # the fence: after the live mark, before any cell
-        written = ctx.store.write_features(feats, run.lineage(chunk.checksum))
+        written = ctx.store.write_features(feats, run.lineage(chunk.checksum, input_counts=counts))
     except Exception as exc:
         permanent = classify(exc) == PERMANENT
         if permanent or last_attempt:
             reason = describe(exc) if permanent else gave_up(task_attempt or attempt, exc)
-            counts = getattr(exc, "counts", {})  # unmapped / stray / missing supervoxels
+            counts = getattr(exc, "counts", {})  # orphan / stray / ghost supervoxels
             ctx.ledger.chunk_finished(
                 run,
                 cid,
@@ -209,9 +344,8 @@ def compute_chunk(
         duration_s=round(duration, 4),
         voxels=int(chunk.dense.size),
         supervoxels=int(chunk.sv_ids.size),
-        unmapped_sv=chunk.unmapped_sv,
+        **counts,
         stray_ids=0,
-        missing_sv=0,
         code_revision=run.lineage().code_revision,
         qc=qc.summary,
         qc_bins=qc.bins,
@@ -316,11 +450,18 @@ def compute_l2_ids(
 ) -> dict:
     """Recompute the given L2 ids: grouped by chunk, each chunk read once.
 
+    Each id is computed from its own ``children`` cell (:func:`load_chunk_ids`), so the
+    result does not depend on ``timestamp`` (kept for the callers' record: the message
+    time) and an id an edit has since replaced is still computed. Ids the graph has no
+    children row for are ``not_found`` (nothing is written for them), as are ids none of
+    whose supervoxels has a voxel in the chunk.
+
     Per chunk: a permanent failure (outside the volume, missing/corrupt/inconsistent
     input) is reported in ``failed`` and the other chunks still run; a transient one
     propagates. With ``event_key``, each written chunk is recorded, so a redelivered
     message skips the chunks an earlier delivery already wrote.
     """
+    del timestamp  # the labels come from the ids' own children, not the parents at a time
     not_layer2, groups = group_by_chunk(ctx.dataset, l2ids)
     done = ctx.ledger.event_chunks_done(run.run_id, event_key) if event_key else {}
     written, not_found, chunks, failed, skipped = 0, [], 0, [], 0
@@ -332,24 +473,32 @@ def compute_l2_ids(
             skipped += 1
             continue
         try:
-            data = load_chunk_l2(ctx, chunk.tolist(), timestamp)
+            data = load_chunk_ids(ctx, chunk.tolist(), members)
         except PermanentError as exc:
             failed.append({"chunk": chunk.tolist(), "ids": members.tolist(), "error": str(exc)})
             continue
+        if data.labels is None:  # no id of the chunk has a children row: nothing to read
+            not_found.extend(data.no_row)
+            if event_key:
+                ctx.ledger.event_chunk_done(
+                    run.run_id, event_key, cid, written=0, not_found=len(data.no_row)
+                )
+            continue
         chunks += 1
-        feats = compute_features(data.dense, ctx.dataset.resolution, only=members)
+        feats = features_of_ids(data.labels, ctx.dataset.resolution)
         absent = sorted(set(members.tolist()) - set(feats["l2id"].tolist()))
         not_found.extend(absent)
+        lineage = run.lineage(data.labels.checksum, cell_timestamp, input_counts=data.counts)
         mark = ctx.ledger.writing_started(run.run_id, cid, event_key or "")
         try:  # the fence, checked once the in-flight mark a rollback waits on is stored
             ctx.ledger.check_open(run)
-            n = ctx.store.write_features(feats, run.lineage(data.checksum, cell_timestamp))
+            n = ctx.store.write_features(feats, lineage)
         finally:
             ctx.ledger.writing_ended(mark)
         written += n
         if event_key:
             ctx.ledger.event_chunk_done(
-                run.run_id, event_key, cid, written=n, not_found=len(absent)
+                run.run_id, event_key, cid, written=n, not_found=len(absent), **data.counts
             )
     return {
         "written": written,

@@ -26,9 +26,12 @@ to name the paths. Example::
         segmentation: graphene://https://.../segmentation/table/minnie65_public
         graph: {kind: bigtable, project: p, instance: pychunkedgraph, table_id: minnie65_public}
         cache_table_id: l2cache_minnie65_v1
+        fallback_table_id: minnie65_l2cache  # optional: an existing table served for ids
+                                             # the cache table lacks (the switch-over)
         resolution: [8, 8, 40]              # optional: else from the segmentation info
         row_format: current                 # optional: or legacy_nm (pre-2022 rows)
         auth_dataset: minnie65_phase3       # optional: else asked from the auth service
+        input: {strict: false}              # optional: true fails chunks with orphan/ghost svs
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class DatasetConfig:
     # A cache table another service wrote and owns (e.g. the existing L2 cache's):
     # served as it is, never written by l2cache (edits and missing ids are ignored).
     existing_cache_table: bool = False
+    # ``input: {strict: true}``: a chunk with orphan supervoxels (no L2 parent) or ghost
+    # ones (in the graph, no voxel) fails as InconsistentInput; by default they are
+    # background and counted (l2cache.compute), as the existing service treats them.
+    strict_input: bool = False
 
     @property
     def voxel_volume_nm3(self) -> float:
@@ -534,6 +541,14 @@ def _dataset(name: str, entry: Any, source: str) -> DatasetConfig:
     auth_dataset = entry.get("auth_dataset")
     if auth_dataset is not None and (not isinstance(auth_dataset, str) or not auth_dataset):
         raise ConfigError(f"{where}: auth_dataset must be a non-empty string")
+    fallback = _optional_str(entry, "fallback_table_id", where)
+    existing = _flag(entry, "existing_cache_table", where)
+    if fallback is not None and (fallback == cache_table_id or existing):
+        raise ConfigError(
+            f"{where}: fallback_table_id must name another table than cache_table_id, in an "
+            "entry whose cache table l2cache writes (not existing_cache_table): it is the "
+            "existing table served while the new one fills"
+        )
     # CloudVolume types the resolution as int unless a component is a float.
     integral = not any(isinstance(v, float) for v in merged["resolution"])
     return DatasetConfig(
@@ -550,7 +565,19 @@ def _dataset(name: str, entry: Any, source: str) -> DatasetConfig:
         auth_dataset=auth_dataset,
         integral_resolution=integral,
         existing_cache_table=_flag(entry, "existing_cache_table", where),
+        strict_input=_strict_input(entry, where),
     )
+
+
+def _strict_input(entry: Mapping, where: str) -> bool:
+    """``input: {strict: true|false}`` (optional; no other key)."""
+    section = entry.get("input") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: input must be a mapping, got {section!r}")
+    unknown = sorted(set(section) - {"strict"})
+    if unknown:
+        raise ConfigError(f"{where}: input: unknown key {unknown[0]!r} (known: strict)")
+    return _flag(section, "strict", f"{where}: input")
 
 
 def _geometry_from_info(segmentation: str, where: str) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 A row's ``lineage`` family holds the run id (required: the store refuses a write
 without one) and, next to it, the parameter-set hash, code revision and the checksum
-of the chunk input the values were computed from. The run's own row (see
+of the chunk input the values were computed from. When that input had orphan or ghost
+supervoxels (background, see ``l2cache.compute``), the ``input`` value carries their
+counts after the checksum: ``<checksum>;orphan_sv=1,orphan_voxels=1,ghost_sv=0``
+(:func:`parse_input`); a clean chunk's value is the bare checksum, as before. The run's own row (see
 ``l2cache.store.ledger``) holds the rest: source paths, graph timestamp, region, trigger.
 
 Cell versions: every cell of one run is written at the run's own timestamp, so a
@@ -35,6 +38,7 @@ class Lineage:
     code_revision: str = ""
     input_checksum: str = ""
     cell_timestamp: datetime | None = None
+    input_counts: tuple[tuple[str, int], ...] = ()  # orphan/ghost counts of the input
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -46,9 +50,27 @@ class Lineage:
             b"run": self.run_id.encode(),
             b"params": self.params_hash.encode(),
             b"code": self.code_revision.encode(),
-            b"input": self.input_checksum.encode(),
+            b"input": input_value(self.input_checksum, dict(self.input_counts)).encode(),
         }
         return {k: v for k, v in cols.items() if v}
+
+
+def input_value(checksum: str, counts: dict[str, int]) -> str:
+    """The ``lineage:input`` text: the checksum, then the counts when any is non-zero
+    (no new column per row: one value a few bytes longer, only for imperfect input)."""
+    if not checksum or not any(counts.values()):
+        return checksum
+    return checksum + ";" + ",".join(f"{k}={int(v)}" for k, v in counts.items())
+
+
+def parse_input(value: str) -> tuple[str, dict[str, int]]:
+    """(checksum, counts) of a ``lineage:input`` value; counts empty for a clean input."""
+    checksum, _, rest = value.partition(";")
+    counts = {}
+    for item in filter(None, rest.split(",")):
+        key, _, number = item.partition("=")
+        counts[key] = int(number)
+    return checksum, counts
 
 
 def params_hash(params: dict[str, Any]) -> str:

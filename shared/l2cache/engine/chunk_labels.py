@@ -51,7 +51,9 @@ class ChunkLabels:
     sv_ids: np.ndarray  # the chunk's distinct non-zero supervoxel ids, ascending
     parents: np.ndarray  # L2 parent of each of ``sv_ids`` (0 = the graph has none)
     checksum: str  # 16 hex digits over the voxels, the supervoxel ids and their parents
-    unmapped_sv: int  # supervoxels present in the chunk with no L2 parent
+    unmapped_sv: int  # supervoxels present in the chunk with no L2 parent (orphans)
+    orphan_voxels: int = 0  # their voxels: background in ``dense``
+    ghost_sv: int = 0  # supervoxels the graph has in the chunk without a voxel (set by the caller)
 
     @property
     def labels(self) -> np.ndarray:
@@ -161,6 +163,11 @@ def labels_from_supervoxels(
     parent_of_seen = parents[np.searchsorted(sv_ids, first_seen[1:])]
     lut = np.zeros(first_seen.size, dtype=np.int64)
     lut[1:] = np.searchsorted(ids, parent_of_seen)  # parent 0 -> 0 (background)
+    unmapped = int(np.count_nonzero(parents == 0))
+    orphan_voxels = 0
+    if unmapped:  # one counting pass, only for a chunk that has orphans
+        per_seen = np.bincount(index.reshape(-1), minlength=first_seen.size)
+        orphan_voxels = int(per_seen[1:][parent_of_seen == 0].sum())
     dense = _kernels.apply_lut(index, lut, _kernels.dense_dtype(l2_ids.size))
     del index
     lap("remap")
@@ -169,7 +176,121 @@ def labels_from_supervoxels(
         sv_ids=sv_ids,
         parents=parents,
         checksum=checksum,
-        unmapped_sv=int(np.count_nonzero(parents == 0)),
+        unmapped_sv=unmapped,
+        orphan_voxels=orphan_voxels,
+    )
+
+
+CHILDREN_TAG = b"children-v1"  # separates the children-mapping checksum from the parents one
+
+
+@dataclass
+class IdLabels:
+    """A chunk's supervoxels, indexed once, and the children of requested L2 ids.
+
+    The ids path (edits, missing ids, reprocessing) labels a voxel with the requested id
+    whose ``children`` cell holds its supervoxel, and every other voxel background, so
+    any L2 id that ever existed can be computed whatever the graph's parents say now.
+    Requested ids may share supervoxels (a merged node and its later split parts):
+    :attr:`groups` partitions them into sets with disjoint children, and
+    :meth:`group_labels` builds one label volume per set, each from the one shared
+    supervoxel index (one full pass per set, no re-read, no uint64 volume).
+    """
+
+    index: np.ndarray  # dense supervoxel index, memory order (C-contiguous)
+    first_seen: np.ndarray  # index -> supervoxel id (0 first)
+    fortran: bool  # the input was Fortran-ordered: labels are handed back transposed
+    sv_ids: np.ndarray  # distinct non-zero supervoxel ids in the chunk, ascending
+    children: dict[int, np.ndarray]  # requested id -> its supervoxels (as the graph has them)
+    groups: list[np.ndarray]  # ids (ascending) whose children are pairwise disjoint
+    checksum: str  # voxels + the children mapping (ids ascending, each id's children)
+
+    def group_labels(self, i: int) -> DenseLabels:
+        """Group ``i``'s label volume: its ids' voxels labelled, all else background."""
+        members = self.groups[i]
+        seen_pos = np.argsort(self.first_seen[1:], kind="stable") + 1  # sorted sv -> index
+        lut = np.zeros(self.first_seen.size, dtype=np.int64)
+        for number, node in enumerate(members.tolist(), start=1):
+            kids = self.children[node]
+            present = kids[np.isin(kids, self.sv_ids, assume_unique=True)]
+            lut[seen_pos[np.searchsorted(self.sv_ids, present)]] = number
+        dtype = _kernels.dense_dtype(members.size)
+        out = np.empty(self.index.shape, dtype=dtype)
+        _kernels.lut_into(self.index, lut, out)
+        ids = np.concatenate([np.zeros(1, np.uint64), members.astype(np.uint64)])
+        return DenseLabels(out.T if self.fortran else out, ids)
+
+    def voxels_of(self, sv_ids: np.ndarray) -> int:
+        """Voxels of the given supervoxels in this chunk (one counting pass)."""
+        sv_ids = np.asarray(sv_ids, dtype=np.uint64)
+        if sv_ids.size == 0:
+            return 0
+        per_seen = np.bincount(self.index.reshape(-1), minlength=self.first_seen.size)
+        return int(per_seen[1:][np.isin(self.first_seen[1:], sv_ids)].sum())
+
+
+def disjoint_groups(children: dict[int, np.ndarray]) -> list[np.ndarray]:
+    """Partition ids into groups whose children are pairwise disjoint (first fit, ids
+    ascending): usually one group; a merged node and its later split parts, which share
+    supervoxels, land in different groups, so each is computed on its own voxels."""
+    groups: list[list[int]] = []
+    owned: list[set[int]] = []
+    for node in sorted(children):
+        kids = set(np.asarray(children[node]).tolist())
+        for members, taken in zip(groups, owned, strict=True):
+            if taken.isdisjoint(kids):
+                members.append(node)
+                taken |= kids
+                break
+        else:
+            groups.append([node])
+            owned.append(kids)
+    return [np.array(g, dtype=np.uint64) for g in groups]
+
+
+def children_checksum(digest: _Digest, children: dict[int, np.ndarray]) -> str:
+    """Finish a voxel digest with the children mapping used: ``CHILDREN_TAG``, then per
+    id ascending the id, its number of children and its children ascending (u64)."""
+    digest.update(CHILDREN_TAG)
+    for node in sorted(children):
+        kids = np.sort(np.asarray(children[node], dtype=np.uint64))
+        digest.update(np.array([node, kids.size], dtype="<u8").tobytes())
+        digest.update(np.ascontiguousarray(kids, dtype="<u8").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def labels_from_children(
+    sv: np.ndarray,
+    children: dict[int, np.ndarray],
+    timings: dict[str, float] | None = None,
+) -> IdLabels:
+    """Index ``sv`` once for the requested ids whose children the graph gave.
+
+    ``children``: requested id -> its supervoxel ids (the newest ``children`` cell: PCG
+    writes it once, when the node is created, so it is the node's own content even after
+    later edits replaced the node). Ids not in ``children`` are not labelled at all.
+    ``timings``, if given, gets seconds for unique, checksum and groups.
+    """
+    sv = np.asarray(sv)
+    if sv.ndim != 3 or sv.dtype.kind != "u":
+        raise ValueError(f"supervoxels must be a 3-D unsigned array, got {sv.dtype} {sv.shape}")
+    lap = _Laps(timings)
+    index, first_seen = _kernels.dense_index(_memory_order_view(sv))
+    sv_ids = np.sort(first_seen[1:])
+    lap("unique")
+    kids = {int(k): np.unique(np.asarray(v, dtype=np.uint64)) for k, v in children.items()}
+    checksum = children_checksum(_voxel_digest(sv.shape, _order(sv), index, first_seen), kids)
+    lap("checksum")
+    groups = disjoint_groups(kids)
+    lap("groups")
+    return IdLabels(
+        index=index,
+        first_seen=first_seen,
+        fortran=_order(sv) == "F",
+        sv_ids=sv_ids,
+        children=kids,
+        groups=groups,
+        checksum=checksum,
     )
 
 

@@ -47,7 +47,12 @@ COVERAGE_COUNTERS = (  # the run-level coverage counters (``qc.<name>``), summed
     "extra",
     "covered_voxels",
     "pca_empty",
+    "supervoxels",  # the segmentation's distinct supervoxels in the chunk
+    "orphan_sv",  # of them, those without an L2 parent (their voxels are background)
+    "orphan_voxels",
+    "ghost_sv",  # supervoxels the graph has in the chunk without a voxel
 )
+INPUT_COUNTERS = ("supervoxels", "orphan_sv", "orphan_voxels", "ghost_sv")
 
 
 class QcGeometry(Protocol):
@@ -191,12 +196,16 @@ def chunk_qc(
     dataset: QcGeometry,
     graph_l2: int | None = None,
     edges: Mapping[str, np.ndarray] | None = None,
+    inputs: Mapping[str, int] | None = None,
 ) -> ChunkQc:
     """The QC statistics of one chunk's features (the dict ``compute_features`` returns).
 
     ``graph_l2`` is the number of L2 ids the graph has in the chunk at the run's snapshot
     (the worker's relabel knows it): with the node count it is the chunk's coverage, so
     QC need not re-read the graph. ``edges`` lets a caller reuse :func:`all_edges`.
+    ``inputs`` are the chunk's :data:`INPUT_COUNTERS` (orphan and ghost supervoxels, which
+    the worker treats as background): QC holds their run totals against the map's
+    thresholds, so many of them fail a run although no chunk failed.
     Deterministic: the same features give the same bytes.
     """
     edges = edges or all_edges(dataset)
@@ -220,10 +229,11 @@ def chunk_qc(
         "extra": max(nodes - expected, 0),
         "covered_voxels": int(np.asarray(features["size_nm3"], dtype=np.int64).sum()),
         "pca_empty": int(np.isnan(values["pca_val_0"]).sum()),
+        **{k: int((inputs or {}).get(k, 0)) for k in INPUT_COUNTERS},
     }
     summary = {
         "v": FORMAT_VERSION,
-        **{k: v for k, v in coverage.items() if k != "chunks"},
+        **{k: v for k, v in coverage.items() if k != "chunks" and (v or k not in INPUT_COUNTERS)},
         "p50": p50,
         "sum": sums,
         "bins": encode_bins(dense),

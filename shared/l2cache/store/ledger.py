@@ -85,12 +85,19 @@ class RunRecord:
         """The run's counter grid (None: counters sharded by chunk id, no map)."""
         return StatGrid.from_json(self.grid)
 
-    def lineage(self, input_checksum: str = "", cell_timestamp: datetime | None = None) -> Lineage:
+    def lineage(
+        self,
+        input_checksum: str = "",
+        cell_timestamp: datetime | None = None,
+        input_counts: Mapping[str, int] | None = None,
+    ) -> Lineage:
         """Lineage of cells computed *here*: the code revision is this process's own
         (``code_revision`` of the run is where it was started), so every cell names the
-        code that computed it."""
+        code that computed it. ``input_counts`` (the chunk's orphan and ghost counts)
+        go with the input checksum, so each row says what its input lacked."""
         ts = cell_timestamp or datetime.fromtimestamp(self.cell_timestamp_ms / 1000, tz=UTC)
-        return Lineage(self.run_id, self.params_hash, code_revision(), input_checksum, ts)
+        counts = tuple((k, int(v)) for k, v in (input_counts or {}).items())
+        return Lineage(self.run_id, self.params_hash, code_revision(), input_checksum, ts, counts)
 
     def provenance(self) -> dict[str, Any]:
         """What QC reports and releases record of the run that produced the values."""
