@@ -113,6 +113,11 @@ class DatasetConfig:
     # ones (in the graph, no voxel) fails as InconsistentInput; by default they are
     # background and counted (l2cache.compute), as the existing service treats them.
     strict_input: bool = False
+    # The switch-over (README, "Switching"): an existing table (the existing service's)
+    # read for the ids ``cache_table_id`` lacks, never written. Ids in neither are queued
+    # and computed into ``cache_table_id``, so the new table heals while it takes over.
+    # ``row_format`` then describes this table; the cache table's rows are l2cache's.
+    fallback_table_id: str | None = None
 
     @property
     def voxel_volume_nm3(self) -> float:
@@ -564,8 +569,9 @@ def _dataset(name: str, entry: Any, source: str) -> DatasetConfig:
         row_format=row_format,
         auth_dataset=auth_dataset,
         integral_resolution=integral,
-        existing_cache_table=_flag(entry, "existing_cache_table", where),
+        existing_cache_table=existing,
         strict_input=_strict_input(entry, where),
+        fallback_table_id=fallback,
     )
 
 
