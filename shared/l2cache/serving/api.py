@@ -42,7 +42,7 @@ from l2cache.domain.attributes import ATTRIBUTE_NAMES
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.pubsub import publish_missing_ids_async, publisher
 from l2cache.serving.missing import headers as missing_headers
-from l2cache.serving.missing import plan_missing
+from l2cache.serving.missing import note_published, plan_missing
 from l2cache.store.cache import CacheStore
 from l2cache.store.missing_guard import MissingIdGuard
 from l2cache.support import logs
@@ -392,6 +392,16 @@ class LookupService:
         if update_cache and missing.size and self._publish_missing is not None:
             who = (caller() if caller is not None else None) or ANONYMOUS
             headers_out.update(self._queue_missing(missing, ds, who))
+        if "state" in query or "wait" in query:  # opt-in: per-id state, bounded wait
+            from l2cache.serving import wait
+
+            try:
+                extra = wait.answer(
+                    self, ds, l2ids, found, names, int64_as_str, query, headers_out, timings
+                )
+            except wait.WaitError as exc:
+                raise ApiError(400, str(exc)) from None
+            return Response(200, *extra)
         t0 = time.perf_counter()
         response = _json(200, result, headers_out)
         timings["encode"] = time.perf_counter() - t0
@@ -417,6 +427,8 @@ class LookupService:
         queued = plan.publish
         try:
             future = self._publish_missing(queued, ds.name, ds.cache_table_id)
+            if future is not None:  # its message id goes into the ids' pending marks
+                note_published(self._guard, ds, plan, future)
         except Exception:
             log.exception("could not queue %d missing ids", queued.size)
             return {**accounted, **failed}

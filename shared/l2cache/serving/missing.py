@@ -23,7 +23,7 @@ in the existing service. Headers say what happened (:func:`headers`).
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +53,9 @@ class MissingPlan:
     pending: int = 0  # queued by an earlier or concurrent lookup, not yet computed
     deferred: int = 0  # over the request's or the caller's budget
     graph: str = "skipped"  # "checked" | "unavailable" | "skipped"
+    # the chunks this request claimed, with their ids, all marked at ``claimed_at_ms``
+    claimed: list[tuple[int, list[int]]] = field(default_factory=list)
+    claimed_at_ms: int = 0
 
 
 def _claim_pool() -> ThreadPoolExecutor:
@@ -125,18 +128,44 @@ def plan_missing(
     groups = [ids[inverse == i] for i in range(take)]
     plan.deferred = int(ids.size - sum(g.size for g in groups))
     if guard is not None and groups:
+        at_ms = int(guard.clock() * 1000)  # one time for the request's claims
         won = list(
             _claim_pool().map(
-                lambda i: guard.claim(dataset.name, int(chunks[i]), groups[i].tolist()),
+                lambda i: guard.claim(dataset.name, int(chunks[i]), groups[i].tolist(), at_ms),
                 range(len(groups)),
             )
         )
         plan.pending += int(sum(g.size for g, w in zip(groups, won, strict=True) if not w))
+        plan.claimed = [(int(chunks[i]), groups[i].tolist()) for i, w in enumerate(won) if w]
+        plan.claimed_at_ms = at_ms
         groups = [g for g, w in zip(groups, won, strict=True) if w]
     plan.chunks = len(groups)
     if groups:
         plan.publish = np.sort(np.concatenate(groups))
     return plan
+
+
+def note_published(
+    guard: MissingIdGuard | None, dataset: DatasetConfig, plan: MissingPlan, future: Future
+) -> None:
+    """Once the publish of ``plan``'s ids is acknowledged, write its message id into
+    their pending marks (in the publisher's callback thread; the lookup does not wait).
+
+    The message id is on_edit's event key (``msg-<id>``), so a later state request
+    finds the event's outcome (running, done, failed with the reason) by key. A failed
+    publish leaves the marks empty: the ids read as pending until the mark expires.
+    """
+    if guard is None or not plan.claimed:
+        return
+
+    def done(f: Future) -> None:
+        try:
+            message_id = f.result()
+            guard.note_source(dataset.name, plan.claimed, plan.claimed_at_ms, str(message_id))
+        except Exception as exc:  # noqa: BLE001 - the marks stay, only their source is lost
+            log.warning("could not note the message of %d queued chunks: %r", plan.chunks, exc)
+
+    future.add_done_callback(done)
 
 
 def headers(plan: MissingPlan) -> dict[str, str]:

@@ -11,7 +11,8 @@ Row keys: ``run:<run_id>``, ``chunk:<run_id>:<chunk_id %020d>``,
 ``task:<run_id>:<region>`` (split tasks that gave up), ``event:<run_id>:<event key>``
 (one per PCG operation or missing-id message), ``evchunk:<run_id>:<event key>:<chunk>``
 (chunks of an event already written, so a redelivery computes each chunk once) and
-``ignored:<table_id>`` (edits for tables without a cache, counted).
+``ignored:<table_id>`` (edits for tables without a cache, counted) and
+``msg:<message id>`` (the run and event a missing-id message became).
 
 Every read goes through :mod:`l2cache.gcp.bigtable`'s one read path and every write
 through :mod:`l2cache.gcp.bigtable_write`: plain rows with ``write_rows`` (each row's
@@ -217,6 +218,13 @@ UNLESS_DONE = CellFilter(columns={LEDGER_FAMILY: [b"status"]}, values=[b"done"])
 # A live mark of an attempt counted in flight (written only where it is absent).
 RUNNING = CellFilter(columns={LEDGER_FAMILY: [b"status"]}, per_column=1, values=[b"running"])
 FIRST_FAILED = CellFilter(columns={LEDGER_FAMILY: [b"first_failed_at"]})
+
+
+def message_key(message_id: str) -> bytes:
+    """Row ``msg:<Pub/Sub message id>``: which run and event a missing-id message became
+    (column ``event``, ``{"run", "key"}``), written with the event's record; the lookup's
+    per-id state reads it by key (l2cache.serving.id_state)."""
+    return f"msg:{message_id}".encode()
 
 
 def prefix_rows(table: Table | str, prefix: bytes) -> dict[bytes, RowCells]:
@@ -605,7 +613,13 @@ class RunLedger:
         row = Row(self._event_key(run_id, event_key))
         for key, value in fields.items():
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
-        write_rows(self.table, [row], "event")
+        rows = [row]
+        if fields.get("kind") == "missing_ids" and fields.get("message_id"):
+            # the lookup knows a queued id's message, not the run: it finds the event here
+            index = Row(message_key(str(fields["message_id"])))
+            where = {"run": run_id, "key": event_key}
+            rows.append(index.set_cell(LEDGER_FAMILY, b"event", json.dumps(where).encode()))
+        write_rows(self.table, rows, "event")
         self._count_event(run_id, event_key, fields)
 
     def _count_event(self, run_id: str, event_key: str, fields: Mapping[str, Any]) -> None:

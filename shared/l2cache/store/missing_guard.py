@@ -12,7 +12,10 @@ forget it on every cold start). Three key ranges, one family each:
 - ``pend/<dataset>/<%020d chunk id>``, family ``pend``, one column per id: ids queued
   for recompute by some lookup less than ``pending_ttl_s`` ago. A chunk's ids are
   claimed with one CheckAndMutateRow, so of 100 concurrent lookups of the same missing
-  ids exactly one publishes them.
+  ids exactly one publishes them. The cell's timestamp is when it was queued; its value
+  is empty until the publish is acknowledged, then the Pub/Sub message id that carries
+  the id (:meth:`MissingIdGuard.note_source`, rewritten at the claim's own timestamp),
+  which is how an id's state finds its event in the ledger (l2cache.serving.id_state).
 - ``rate/<caller digest>/<window start>``, family ``rate``: chunks a caller queued in
   the window, one ReadModifyWriteRow per request.
 
@@ -167,10 +170,14 @@ class MissingIdGuard:
         before = total - chunks
         return max(0, min(chunks, self.policy.max_chunks_per_caller - before))
 
-    def claim(self, dataset: str, chunk_id: int, l2ids: Sequence[int]) -> bool:
+    def claim(
+        self, dataset: str, chunk_id: int, l2ids: Sequence[int], at_ms: int | None = None
+    ) -> bool:
         """Mark ``l2ids`` of one chunk pending unless another lookup just did; True when
-        this call made the mark (and so should publish them)."""
-        now = self._now_ms()
+        this call made the mark (and so should publish them). ``at_ms`` is the mark's
+        time (default now): a request claims all its chunks at one time, so it can
+        later name the message that carries them (:meth:`note_source`)."""
+        now = self._now_ms() if at_ms is None else at_ms
         since = (now - self.policy.pending_ttl_s * 1000) * 1000
         quals = [idlib.row_key(i) for i in sorted(l2ids)]
         when = datetime.fromtimestamp(now / 1000, UTC)
@@ -184,6 +191,55 @@ class MissingIdGuard:
             strip_values=True,
         )
         return not check_and_mutate(self.table, row, predicate, what="lookup guard")
+
+    def note_source(
+        self, dataset: str, claims: Sequence[tuple[int, Sequence[int]]], at_ms: int, source: str
+    ) -> int:
+        """Record what carries the claimed ids (the Pub/Sub message id) in their pending
+        cells, at the claim's own timestamp: the cell is replaced, so its time still says
+        since when the id is queued. One blind MutateRows."""
+        when = datetime.fromtimestamp(at_ms / 1000, UTC)
+        rows = []
+        for chunk_id, l2ids in claims:
+            row = Row(pending_key(dataset, chunk_id))
+            for l2id in l2ids:
+                row.set_cell(PENDING_FAMILY, idlib.row_key(l2id), source.encode(), when)
+            rows.append(row)
+        return write_rows(self.table, rows, "lookup guard") if rows else 0
+
+    def entries(
+        self, dataset: str, l2ids: Sequence[int], chunk_ids: Sequence[int]
+    ) -> tuple[dict[int, tuple[int, str]], dict[int, tuple[int, str]]]:
+        """``(negative, claims)`` of ``l2ids`` (``chunk_ids`` their chunks'): fresh
+        negative entries as ``{id: (written ms, reason)}`` and fresh pending marks as
+        ``{id: (queued ms, source)}`` (source: the message id, or "" before the publish
+        was acknowledged). One ReadRows of the ids' negative rows and their chunks'
+        pending rows, as :meth:`known` reads, with the values."""
+        negative: dict[int, tuple[int, str]] = {}
+        claims: dict[int, tuple[int, str]] = {}
+        if not len(l2ids):
+            return negative, claims
+        now = self._now_ms()
+        neg_since = (now - self.policy.negative_ttl_s * 1000) * 1000
+        pend_since = (now - self.policy.pending_ttl_s * 1000) * 1000
+        neg_keys = {negative_key(dataset, i): int(i) for i in l2ids}
+        pend_keys = sorted({pending_key(dataset, c) for c in chunk_ids})
+        rows = self.reader.versions(
+            keys=[*neg_keys, *pend_keys],
+            cells=CellFilter(start_micros=min(neg_since, pend_since), per_column=1),
+        )
+        for key, l2id in neg_keys.items():
+            for versions in rows.get(key, {}).get(NEGATIVE_FAMILY, {}).values():
+                ts, value = versions[0]
+                if ts >= neg_since:
+                    negative[l2id] = (ts // 1000, value.decode("utf-8", "replace"))
+        wanted = {idlib.row_key(i): int(i) for i in l2ids}
+        for key in pend_keys:
+            for qualifier, versions in rows.get(key, {}).get(PENDING_FAMILY, {}).items():
+                ts, value = versions[0]
+                if ts >= pend_since and qualifier in wanted:
+                    claims[wanted[qualifier]] = (ts // 1000, value.decode("utf-8", "replace"))
+        return negative, claims
 
 
 def graph_absent(
