@@ -19,11 +19,12 @@ import numpy as np
 from l2cache.compute import DatasetContext, load_chunk_l2
 from l2cache.config import DatasetConfig
 from l2cache.domain import ids as idlib
-from l2cache.domain.attributes import BY_NAME, FEATURE_FAMILY, LINEAGE_FAMILY
+from l2cache.domain.attributes import BY_NAME, FEATURE_FAMILY
 from l2cache.domain.ids import SpatialBits
 from l2cache.engine.chunk_qc import all_edges, series_values
-from l2cache.gcp.bigtable import CellFilter, read_rows
+from l2cache.gcp.bigtable import CellFilter, RowReader, read_rows
 from l2cache.inputs.graph import GRAPH_FAMILY, PARENTS
+from l2cache.store import lineage_rows
 from l2cache.store.ledger import RunRecord
 from l2cache_ops.qc_reports import chunk_ids_of
 from l2cache_ops.qc_summary import MAX_EXAMPLES, Coverage, Distribution, chunk_figures
@@ -174,27 +175,32 @@ def run_rows(
 ) -> dict[int, dict[int, dict[bytes, bytes]]]:
     """Layer-2 chunk id -> {l2 id: family-0 cells} of the rows ``run`` wrote there.
 
-    One read of the chunks' key ranges, cells at exactly the run's timestamp (a bulk
-    or region run writes every cell at it); a row is the run's when its
-    ``lineage:run`` at that version names the run.
+    Cells at exactly the run's timestamp (a bulk or region run writes every cell at
+    it), in rows its lineage names: the chunks' lineage rows of the run at that
+    timestamp (and, for rows written before lineage rows, a row's own ``lineage:run``).
+    One read of the lineage and one of the feature rows named.
     """
     start = run.cell_timestamp_ms * 1000
-    cells = CellFilter(start_micros=start, end_micros=start + 1000, per_column=1)
     ranges = chunk_key_ranges(chunk_ids, spatial_bits)
     out: dict[int, dict[int, dict[bytes, bytes]]] = {
         int(c): {} for c in np.asarray(chunk_ids).tolist()
     }
-    mine = run.run_id.encode()
+    found = lineage_rows.run_versions(
+        RowReader(table), [run.run_id], ranges, start_micros=start, end_micros=start + 1000
+    )
+    if not found.rows:
+        return out
+    cells = CellFilter(
+        columns={FEATURE_FAMILY: None}, start_micros=start, end_micros=start + 1000, per_column=1
+    )
     keys, rows = [], []
-    for key, row in read_rows(table, ranges=ranges, cells=cells).items():
-        if row.get(LINEAGE_FAMILY, {}).get(b"run") != mine:
-            continue
+    for key, row in read_rows(table, keys=sorted(found.rows), cells=cells).items():
         keys.append(int(key))
         rows.append(dict(row.get(FEATURE_FAMILY, {})))
     if keys:
         cids = idlib.get_chunk_id(np.asarray(keys, dtype=np.uint64), spatial_bits).tolist()
-        for key, cid, cells in zip(keys, cids, rows, strict=True):
-            out.setdefault(cid, {})[key] = cells
+        for key, cid, cells_ in zip(keys, cids, rows, strict=True):
+            out.setdefault(cid, {})[key] = cells_
     return out
 
 

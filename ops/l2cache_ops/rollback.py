@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from l2cache.domain.attributes import LINEAGE_FAMILY
 from l2cache.domain.ids import SpatialBits
 from l2cache.domain.lineage import utc_now
 from l2cache.gcp.bigtable import CellFilter, KeyRange, RowCells, RowReader, prefix_range
@@ -65,6 +64,7 @@ from l2cache.handlers.rollback_task import (
     record_key,
     rollback_chunks,
 )
+from l2cache.store import lineage_rows
 from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, RunRecord, prefix_rows, row_cells
 from l2cache_ops.ledger import put_record, records
 
@@ -456,29 +456,25 @@ def rollback_history(ledger: RunLedger, dataset: str) -> list[dict[str, Any]]:
 
 
 def run_versions(table: Table | str, run_id: str) -> dict[bytes, list[int]]:
-    """Row key -> timestamps (microseconds) of every version whose ``lineage:run`` is
-    ``run_id``, over the **whole table** (O(table): the fallback and the tests' oracle)."""
-    cells = CellFilter(
-        columns={LINEAGE_FAMILY: [b"run"]}, values=[run_id.encode()], strip_values=True
-    )
-    out: dict[bytes, list[int]] = {}
-    for key, row in RowReader(table).versions(cells=cells).items():
-        stamps = sorted({stamp for stamp, _ in row.get(LINEAGE_FAMILY, {}).get(b"run", [])})
-        if stamps:
-            out[key] = stamps
-    return out
+    """Row key -> timestamps (microseconds) of every version ``run_id`` wrote, by lineage
+    (lineage rows and the older rows' own ``lineage:run``), over the **whole table**
+    (O(table): the fallback and the tests' oracle)."""
+    found = lineage_rows.run_versions(RowReader(table), [run_id], None)
+    return {key: sorted(by_run[run_id]) for key, by_run in sorted(found.rows.items())}
 
 
 def rollback_run(table: Table | str, run: RunRecord) -> int:
     """Delete every cell version the run wrote, found by a scan of the whole table;
     returns the number of rows touched. O(table): ``runs rollback --full-scan`` only."""
+    found = lineage_rows.run_versions(RowReader(table), [run.run_id], None)
     rows = []
-    for key, stamps in run_versions(table, run.run_id).items():
+    for key, by_run in found.rows.items():
         row = Row(key)
-        for micros in stamps:
+        for micros in sorted(by_run[run.run_id]):
             delete_version(row, micros)
         rows.append(row)
     write_rows(table, rows, "rollback")
+    write_rows(table, lineage_rows.delete_lineage_rows(found.lineage), "rollback")
     return len(rows)
 
 
@@ -508,26 +504,17 @@ def versions_in_ranges(
     run_ids: Iterable[str],
     ranges: list[KeyRange],
     after: datetime | None = None,
-) -> tuple[dict[bytes, dict[str, list[int]]], int]:
-    """Row key -> {run id: timestamps} of the ``lineage:run`` versions naming one of
-    ``run_ids``, newer than ``after``, within ``ranges`` only; plus the rows scanned."""
-    run_ids = sorted(set(run_ids))
-    if not run_ids or not ranges:
-        return {}, 0
-    cells = CellFilter(
-        columns={LINEAGE_FAMILY: [b"run"]},
-        start_micros=None if after is None else _micros(after) + MS,
-        values=[r.encode() for r in run_ids],
-    )
-    found = RowReader(table).versions(ranges=ranges, cells=cells)
-    out: dict[bytes, dict[str, list[int]]] = {}
-    for key, row in found.items():
-        per_run: dict[str, set[int]] = {}
-        for stamp, value in row.get(LINEAGE_FAMILY, {}).get(b"run", []):
-            per_run.setdefault(value.decode(), set()).add(stamp)
-        if per_run:
-            out[key] = {run: sorted(stamps) for run, stamps in per_run.items()}
-    return out, len(found)
+) -> tuple[dict[bytes, dict[str, list[int]]], int, dict[bytes, int]]:
+    """Row key -> {run id: timestamps} of the versions one of ``run_ids`` wrote (by
+    lineage), newer than ``after``, within ``ranges`` (chunk key ranges) only; plus the
+    rows scanned and the lineage rows naming them (to delete after the versions)."""
+    start = None if after is None else _micros(after) + MS
+    found = lineage_rows.run_versions(RowReader(table), run_ids, ranges, start_micros=start)
+    out = {
+        key: {run: sorted(stamps) for run, stamps in by_run.items()}
+        for key, by_run in sorted(found.rows.items())
+    }
+    return out, found.scanned, found.lineage
 
 
 def rollback_runs_in_ranges(
@@ -539,7 +526,7 @@ def rollback_runs_in_ranges(
 ) -> RangeRollback:
     """Delete, within ``ranges`` only, every cell version written by one of ``run_ids``
     (selected by ``lineage:run``), newer than ``after``; ``dry_run`` counts only."""
-    versions, scanned = versions_in_ranges(table, run_ids, ranges, after)
+    versions, scanned, lineage = versions_in_ranges(table, run_ids, ranges, after)
     rows, per_run, deleted = [], {}, 0
     for key, by_run in versions.items():
         row = Row(key)
@@ -551,4 +538,5 @@ def rollback_runs_in_ranges(
         rows.append(row)
     if not dry_run:
         write_rows(table, rows, "rollback")
+        write_rows(table, lineage_rows.delete_lineage_rows(lineage), "rollback")
     return RangeRollback(len(ranges), scanned, len(rows), deleted, per_run)

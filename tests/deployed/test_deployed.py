@@ -156,10 +156,11 @@ def test_bulk_ingest_by_the_deployed_worker_equals_direct_computation(deployed, 
     raw = ctx.store.read_raw(np.array(list(expected), dtype=np.uint64))
     assert set(raw) == set(expected)
     revision = deployed["compute_chunk"].revision.encode()
+    lineage = ctx.store.read_lineage(np.array(list(expected), dtype=np.uint64))
     for node, cells in expected.items():
         assert raw[node]["0"] == cells, node
-        assert raw[node]["lineage"][b"run"] == run.run_id.encode()
-        assert raw[node]["lineage"][b"code"] == revision  # the archive's REVISION
+        assert lineage[node][b"run"] == run.run_id.encode()
+        assert lineage[node][b"code"] == revision  # the archive's REVISION
 
 
 def lookup(deployed, l2ids) -> dict[int, dict]:
@@ -211,6 +212,6 @@ def test_edits_are_recomputed_by_the_deployed_on_edit(deployed, ingested):
     direct = compute_features(chunk.labels, RES, only=merge.new_l2_ids)
     (node,) = merge.new_l2_ids.tolist()
     assert found[node]["size_nm3"] == int(direct["size_nm3"][0]) * 16 * 16 * 40
-    raw = ctx.store.read_raw(np.array(sorted(new_ids), dtype=np.uint64))
+    lineage = ctx.store.read_lineage(np.array(sorted(new_ids), dtype=np.uint64))
     revision = deployed["on_edit"].revision.encode()
-    assert all(raw[n]["lineage"][b"code"] == revision for n in new_ids)
+    assert all(lineage[n][b"code"] == revision for n in new_ids)

@@ -69,9 +69,11 @@ def test_full_ingest_equals_direct_computation_byte_for_byte(stack, ingested):
     assert len(expected) == stack["built"].n_l2
     raw = ctx.store.read_raw(np.array(list(expected), dtype=np.uint64))
     assert set(raw) == set(expected)
+    lineage = ctx.store.read_lineage(np.array(list(expected), dtype=np.uint64))
     for node, cells in expected.items():
         assert raw[node]["0"] == cells, node
-        assert raw[node]["lineage"][b"run"] == run.run_id.encode()
+        assert set(raw[node]) == {"0"}  # lineage is in the chunk's lineage row
+        assert lineage[node][b"run"] == run.run_id.encode()
     assert status.l2_rows == len(expected)
 
 
@@ -217,11 +219,11 @@ def test_rollback_restores_the_previous_run(stack, ingested):
     compute_chunk(ctx, again, [0, 1, 0])
     nodes = np.array(list(expected_cells(ctx, first, (0, 1, 0))), dtype=np.uint64)
     raw = ctx.store.read_raw(nodes)
-    assert {r["lineage"][b"run"] for r in raw.values()} == {again.run_id.encode()}
+    assert {r[b"run"] for r in ctx.store.read_lineage(nodes).values()} == {again.run_id.encode()}
     touched = rollback_run(ctx.store.table, again)
     assert touched == nodes.size
     raw_after = ctx.store.read_raw(nodes)
-    assert {r["lineage"][b"run"] for r in raw_after.values()} == {first.run_id.encode()}
+    assert {r[b"run"] for r in ctx.store.read_lineage(nodes).values()} == {first.run_id.encode()}
     assert all(raw_after[n]["0"] == raw[n]["0"] for n in raw)  # same inputs, same bytes
 
 

@@ -240,7 +240,8 @@ def test_worker_killed_mid_run_loses_nothing(env):
                 nodes = load_chunk_l2(env["ctx"], (x, y, z), run.snapshot).l2_ids
                 raw = env["ctx"].store.read_raw(nodes)
                 assert set(raw) == set(nodes.tolist())
-                assert {r["lineage"][b"run"] for r in raw.values()} == {run.run_id.encode()}
+                runs = {r[b"run"] for r in env["ctx"].store.read_lineage(nodes).values()}
+                assert runs == {run.run_id.encode()}
 
 
 def test_tasks_delivered_three_times_compute_once(env):
@@ -478,7 +479,7 @@ def test_missing_ids_over_several_chunks_fan_out_one_task_per_chunk(env):
     _, event = find_event(ctx.ledger, DS, "missing_ids", key)
     assert event["status"] == "fanned_out" and event["chunks_enqueued"] == 3
     raw = ctx.store.read_raw(ids)
-    assert {r["lineage"][b"run"] for r in raw.values()} == {run.run_id.encode()}
+    assert {r[b"run"] for r in ctx.store.read_lineage(ids).values()} == {run.run_id.encode()}
     assert {n: r["0"] for n, r in raw.items()} == before  # same inputs, same bytes
 
 

@@ -21,6 +21,7 @@ from stackutil import CHUNK, RES, crop_volume
 
 from l2cache.compute import chunk_id, compute_chunk, dataset_context, load_chunk_l2
 from l2cache.config import ConfigError, load_config, parse_config
+from l2cache.domain.attributes import ATTRIBUTES
 from l2cache.domain.regions import region_chunks
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.bigtable_write import write_rows
@@ -111,6 +112,11 @@ def chunk_nodes(ctx, chunk, run) -> np.ndarray:
 
 def raw(ctx, nodes) -> dict:
     return ctx.store.read_raw(nodes)
+
+
+def runs_of(ctx, nodes) -> dict:
+    """Each node's newest version's lineage (its chunk's lineage row)."""
+    return ctx.store.read_lineage(nodes)
 
 
 def qc(env, run_id, **kwargs):
@@ -213,8 +219,7 @@ def test_tampered_or_failed_runs_fail_qc_and_cannot_be_promoted(env, capsys):
     rows = []
     for node in lost.tolist():
         row = ctx.store.table.direct_row(b"%020d" % node)
-        row.delete_cells("0", [b"size_nm3", b"area_nm2"], time_range=_window(start))
-        row.delete_cells("lineage", [b"run"], time_range=_window(start))
+        row.delete_cells("0", [a.key for a in ATTRIBUTES], time_range=_window(start))
         rows.append(row)
     write_rows(ctx.store.table, rows, "test")
     # the workers' figures cannot see rows lost after they were written: --verify does
@@ -260,7 +265,7 @@ def test_region_rollback_restores_the_previous_release_in_that_region_only(env, 
     outside = np.concatenate([chunk_nodes(ctx, c, a) for c in CHUNKS if c != REGION_CHUNK])
     # release 1's bytes, as they were when release 1 was current: its lineage names run A
     before_inside = raw(ctx, inside)
-    assert {r["lineage"][b"run"] for r in before_inside.values()} != {a.run_id.encode()}
+    assert {r[b"run"] for r in runs_of(ctx, inside).values()} != {a.run_id.encode()}
     before_outside = raw(ctx, outside)
     cs, off = np.asarray(ctx.dataset.chunk_size), np.asarray(ctx.dataset.voxel_offset)
     lo = off + cs * np.asarray(REGION_CHUNK)
@@ -280,13 +285,14 @@ def test_region_rollback_restores_the_previous_release_in_that_region_only(env, 
     out = capsys.readouterr().out
     assert "release 2 rolled back in chunks [1, 1, 1, 2, 2, 2]" in out and "release(s): 1" in out
     after_inside = raw(ctx, inside)
-    assert {r["lineage"][b"run"] for r in after_inside.values()} == {a.run_id.encode()}
+    assert {r[b"run"] for r in runs_of(ctx, inside).values()} == {a.run_id.encode()}
     assert all(after_inside[n]["0"] == before_inside[n]["0"] for n in inside.tolist())
     assert raw(ctx, outside) == before_outside  # other regions untouched, byte for byte
-    # it read only the region's key range: one row per L2 id of that chunk, not the table
+    # it read only the region's key range: the chunk's lineage rows (one per run that
+    # wrote it), then touched exactly that chunk's L2 rows, not the table
     (event,) = current_release(ctx.ledger, DS)["rollbacks"]
-    assert event["ranges"] == 1 and event["rows_scanned"] == inside.size
-    assert event["rows_scanned"] < inside.size + outside.size
+    assert event["ranges"] == 1 and event["rows_scanned"] == len(event["runs"])
+    assert event["rows_touched"] == inside.size
     assert set(event["runs"]) == {env["runs"][k].run_id for k in "BCD"}  # later batch runs
     ingest_s = env["ingest_seconds"][tuple(REGION_CHUNK)]
     print(
@@ -331,5 +337,5 @@ def test_whole_release_rollback_makes_the_previous_release_current(env):
     assert done["release"] == 2 and done["restored"] == [1] and done["whole"]
     assert current_release(ctx.ledger, DS)["release"] == 1
     nodes = np.concatenate([chunk_nodes(ctx, c, a) for c in CHUNKS])
-    runs = {r["lineage"][b"run"] for r in raw(ctx, nodes).values()}
+    runs = {r[b"run"] for r in runs_of(ctx, nodes).values()}
     assert runs == {a.run_id.encode()}  # every later batch run's version is gone

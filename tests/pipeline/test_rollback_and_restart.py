@@ -83,7 +83,7 @@ def test_rollback_of_bulk_and_region_runs_restores_the_previous_values(env):
     before = newest(ctx, nodes)
     second = bulk(ctx)  # a later bulk run over the same data
     region = bulk(ctx, "region_reprocess", [(1, 1, 1)], (1, 1, 1, 2, 2, 2))
-    assert {r["lineage"][b"run"] for r in newest(ctx, nodes).values()} == {
+    assert {r[b"run"] for r in ctx.store.read_lineage(nodes).values()} == {
         second.run_id.encode(),
         region.run_id.encode(),
     }
@@ -126,7 +126,7 @@ def test_rollback_of_a_missing_ids_run_restores_the_bulk_values(env):
     result = message(ctx, env, nodes.tolist(), datetime.now(UTC), None, missing=True)
     assert result["status"] == "ok" and result["written"] == 3
     run = ctx.ledger.get_run(stream_run("missing_ids", ctx.dataset).run_id)
-    assert {r["lineage"][b"run"] for r in newest(ctx, nodes).values()} == {run.run_id.encode()}
+    assert {r[b"run"] for r in ctx.store.read_lineage(nodes).values()} == {run.run_id.encode()}
     assert rollback(ctx, run) == 3
     assert newest(ctx, nodes) == before
 

@@ -35,6 +35,7 @@ from l2cache.domain.failures import BadRequest, describe
 from l2cache.domain.ids import SpatialBits, get_layer
 from l2cache.gcp.bigtable import CellFilter, KeyRange, RowReader
 from l2cache.gcp.bigtable_write import Row, increment_many, write_rows
+from l2cache.store import lineage_rows
 from l2cache.store.ledger import RUN_FAMILY
 
 if TYPE_CHECKING:  # annotations only (l2cache.compute loads the feature engine)
@@ -145,48 +146,47 @@ def rollback_chunks(
     batch_chunks: int = BATCH_CHUNKS,
     reader: RowReader | None = None,
 ) -> ChunkRollback:
-    """Delete, in the key ranges of ``chunk_ids`` only, every version whose
-    ``lineage:run`` names one of ``run_ids`` (and, with ``stamps_ms``, whose timestamp is
-    within them): feature and lineage cells at exactly those timestamps, so the versions
-    other runs wrote in the same rows stay. Read and deleted ``batch_chunks`` at a time,
-    so memory is bounded by one batch's rows; ``dry_run`` reads and counts only."""
+    """Delete, in the key ranges of ``chunk_ids`` only, every version one of ``run_ids``
+    wrote (its chunk's lineage row names the run, or, for rows written before lineage
+    rows, the row's own ``lineage:run``; with ``stamps_ms``, only at those timestamps):
+    feature cells at exactly those timestamps, so the versions other runs wrote in the
+    same rows stay, then the lineage rows that named them. Read and deleted
+    ``batch_chunks`` at a time, so memory is bounded by one batch's rows; ``dry_run``
+    reads and counts only."""
     reader = reader or RowReader(table)
-    cells = version_filter(run_ids, stamps_ms)
+    window: dict[str, int] = {}
+    if stamps_ms:
+        window = {"start_micros": min(stamps_ms) * MS, "end_micros": (max(stamps_ms) + 1) * MS}
     stamps_us = None if stamps_ms is None else {s * MS for s in stamps_ms}
     done = ChunkRollback()
     ids = list(chunk_ids)
     for start in range(0, len(ids), batch_chunks):
         batch = ids[start : start + batch_chunks]
         ranges = chunk_key_ranges(batch, spatial_bits)
-        found = reader.versions(ranges=ranges, cells=cells)
+        found = lineage_rows.run_versions(reader, run_ids, ranges, stamps=stamps_us, **window)
         rows = []
-        for key, families in found.items():
-            versions = {
-                (s, v)
-                for s, v in families.get(LINEAGE_FAMILY, {}).get(b"run", [])
-                if stamps_us is None or s in stamps_us
-            }
-            if not versions:
-                continue
+        for key, by_run in found.rows.items():
             row = Row(key)
-            for micros in sorted({s for s, _ in versions}):
+            for micros in sorted(set().union(*by_run.values())):
                 delete_version(row, micros)
             rows.append(row)
-            done.versions_deleted += len(versions)
-            for _, run_id in versions:
-                name = run_id.decode()
-                done.runs[name] = done.runs.get(name, 0) + 1
+            for run_id, micros_set in by_run.items():
+                done.versions_deleted += len(micros_set)
+                done.runs[run_id] = done.runs.get(run_id, 0) + len(micros_set)
         if rows and not dry_run:
             write_rows(table, rows, "rollback")
+            if found.lineage:  # after the versions they name: never a version without one
+                write_rows(table, lineage_rows.delete_lineage_rows(found.lineage), "rollback")
         done.chunks += len(batch)
         done.ranges += len(ranges)
-        done.rows_scanned += len(found)
+        done.rows_scanned += found.scanned
         done.rows_touched += len(rows)
     return done
 
 
 def delete_version(row: Row, micros: int) -> None:
-    """Delete the feature and lineage cells of the version at ``micros``."""
+    """Delete the feature cells of the version at ``micros`` (and the row's own lineage
+    cells, which rows written before lineage rows have)."""
     row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, micros, micros + MS)
     row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, micros, micros + MS)
 

@@ -2,8 +2,13 @@
 
 Row key ``%020d`` of the L2 id; family ``0`` holds the eight attributes in the exact
 bytes of :mod:`l2cache.domain.attributes` (byte-compatible with tables of the existing
-service), family ``lineage`` the run id and friends, written in the same mutation so
-a row never has features without provenance.
+service) and nothing else, so the existing service's frontend and any kvdbclient reader
+can read a table l2cache wrote. The lineage of each write (run id and friends) is one
+row per written chunk beside them, written first, so no feature version is ever
+without provenance (:mod:`l2cache.store.lineage_rows`).
+
+A dataset with a ``fallback_table_id`` (the switch-over) is read from its cache table
+first and from the fallback table for the ids the cache table has no row for.
 
 Rows are stored in the existing service's current format (``size_nm3`` a voxel count,
 ``rep_coord_nm`` a chunk-relative voxel index) whoever wrote them; reading them back in
@@ -12,6 +17,7 @@ API units, exactly as the existing frontend does, is :mod:`l2cache.store.rowform
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,15 +38,11 @@ from l2cache.domain.attributes import (
     encode_column,
 )
 from l2cache.domain.failures import BadRequest
-from l2cache.domain.lineage import Lineage
+from l2cache.domain.lineage import Lineage, utc_now
 from l2cache.gcp.bigtable import WRITE_SCOPE, RowCells, RowReader, data_channel
-from l2cache.gcp.bigtable_write import (
-    SERVER_TIMESTAMP,
-    encode_columns,
-    mutate_entries,
-    timestamp_micros,
-)
-from l2cache.store.rowformat import decode_rows
+from l2cache.gcp.bigtable_write import encode_columns, mutate_entries, timestamp_micros
+from l2cache.store import lineage_rows
+from l2cache.store.rowformat import CURRENT, decode_rows
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.instance import Instance
@@ -77,14 +79,24 @@ class CacheStore:
         self.table = table
         self.dataset = dataset
         self._reader: RowReader | None = None
+        self._fallback: CacheStore | None = None
+        # with a fallback, ``row_format`` describes the fallback table: this one's rows
+        # are l2cache's own, always current
+        self._own_format = (
+            dataclasses.replace(dataset, row_format=CURRENT)
+            if dataset.fallback_table_id
+            else dataset
+        )
 
     # -- writing ---------------------------------------------------------------
     def write_features(self, features: dict[str, np.ndarray], lineage: Lineage) -> int:
         """Write one row per node; all cells at ``lineage.cell_timestamp``.
 
-        Idempotent: the same features and lineage write the same cells at the same
-        version, so a retried task leaves identical bytes. A table another service owns
-        (``existing_cache_table``) is refused here, whichever path tries to write it.
+        The write's lineage rows (one per chunk, :mod:`.lineage_rows`) go first, then
+        the feature rows (family ``0`` only). Idempotent: the same features and lineage
+        write the same cells at the same version, so a retried task leaves identical
+        bytes. A table another service owns (``existing_cache_table``) is refused here,
+        whichever path tries to write it.
         """
         if not isinstance(lineage, Lineage) or not lineage.run_id:
             raise ValueError("a feature write needs a Lineage with a run id")
@@ -97,17 +109,30 @@ class CacheStore:
         n = l2ids.size
         if n == 0:
             return 0
-        columns = [(FEATURE_FAMILY, a.key, encode_column(a, features[a.name])) for a in ATTRIBUTES]
-        shared = [(LINEAGE_FAMILY, col, value) for col, value in lineage.columns().items()]
-        entries = encode_columns(idlib.row_keys(l2ids), columns, shared, lineage.cell_timestamp)
-        mutate_entries(
-            data_channel(WRITE_SCOPE),
-            self.table.name,
-            entries,
-            "cache",
-            idempotent=timestamp_micros(lineage.cell_timestamp) != SERVER_TIMESTAMP,
+        # the lineage row's key names the version's time: never left to the server
+        at = lineage.cell_timestamp or utc_now()
+        micros = timestamp_micros(at)
+        rows = lineage_rows.lineage_rows(
+            l2ids, lineage.columns(), lineage.run_id, micros, self.dataset.spatial_bits
         )
+        lineage_entries = []
+        for key, cells in rows:
+            shared = [(LINEAGE_FAMILY, col, value) for col, value in cells.items()]
+            lineage_entries += encode_columns([key], [], shared, at)
+        channel = data_channel(WRITE_SCOPE)
+        mutate_entries(channel, self.table.name, lineage_entries, "lineage")
+        columns = [(FEATURE_FAMILY, a.key, encode_column(a, features[a.name])) for a in ATTRIBUTES]
+        entries = encode_columns(idlib.row_keys(l2ids), columns, [], at)
+        mutate_entries(channel, self.table.name, entries, "cache")
         return n
+
+    def read_lineage(
+        self, l2ids: np.ndarray | Iterable[int], stamps: dict[int, int] | None = None
+    ) -> dict[int, dict[bytes, bytes]]:
+        """Lineage columns (``run``, ``params``, ``code``, ``input``) of each id's newest
+        version (or of the version at ``stamps[id]`` micros), whichever layout holds
+        them; ids without l2cache lineage are left out (:func:`.lineage_rows.lineage_of`)."""
+        return lineage_rows.lineage_of(self.reader, l2ids, self.dataset.spatial_bits, stamps)
 
     # -- reading ---------------------------------------------------------------
     @property
@@ -159,14 +184,40 @@ class CacheStore:
         raw_stamps: dict[bytes, int] | None = {} if stamps is not None else None
         for part in self._read_batches(ids, None, None, raw_stamps):
             rows.update(part)
+        fallback = self._read_fallback(ids, rows, raw_stamps)
         if stamps is not None and raw_stamps:
             stamps.update(zip(map(int, raw_stamps), raw_stamps.values(), strict=True))
         t1 = time.perf_counter()
-        decoded = decode_rows(rows, names, self.dataset, int64_as_str)
+        decoded = decode_rows(rows, names, self._own_format, int64_as_str)
+        if fallback:  # the ids this table lacks, as the fallback table's service serves them
+            decoded.update(decode_rows(fallback, names, self.dataset, int64_as_str))
+            decoded = dict(sorted(decoded.items()))
         if timings is not None:
             timings["read"] = t1 - t0
             timings["decode"] = time.perf_counter() - t1
         return decoded
+
+    @property
+    def fallback(self) -> CacheStore | None:
+        """The dataset's fallback table (read only), or None without one."""
+        if self._fallback is None and self.dataset.fallback_table_id:
+            table = self.table._instance.table(self.dataset.fallback_table_id)
+            self._fallback = CacheStore(table, self.dataset)
+        return self._fallback
+
+    def _read_fallback(
+        self, ids: np.ndarray, rows: dict[bytes, RowCells], stamps: dict[bytes, int] | None
+    ) -> dict[bytes, RowCells]:
+        """Rows of the fallback table for the ``ids`` this table has no row for."""
+        if self.fallback is None:
+            return {}
+        keys = idlib.row_keys(ids)
+        absent = ids[np.fromiter((k not in rows for k in keys), bool, len(keys))]
+        out: dict[bytes, RowCells] = {}
+        if absent.size:
+            for part in self.fallback._read_batches(absent, None, None, stamps):
+                out.update(part)
+        return out
 
     def _read_batches(
         self,

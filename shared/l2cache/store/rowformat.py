@@ -18,7 +18,9 @@ for type:
 
 Rows of the pre-2022 format (``size_nm3`` in nm^3, ``rep_coord_nm`` absolute nm in
 u64[3]) are served as stored, but only for a dataset whose map entry says
-``row_format: legacy_nm``, and never for rows l2cache wrote (they carry lineage).
+``row_format: legacy_nm``, and never for rows l2cache wrote: those have a 6-byte
+``rep_coord_nm`` (u16[3], where a legacy row has 24 bytes), and rows written before
+lineage moved out of the feature rows also carry a ``lineage:run`` cell.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from l2cache.domain.attributes import (
 log = logging.getLogger(__name__)
 
 LEGACY_NM = "legacy_nm"
+CURRENT = "current"
+_REP_COORD = BY_NAME["rep_coord_nm"]
 _U8 = np.dtype("<u8")
 _EMPTY: Mapping[bytes, bytes] = {}  # a family the row does not have
 _ABSENT = object()  # a row's missing value while its dict is assembled
@@ -86,13 +90,7 @@ def decode_rows(
     if n == 0:
         return {}
     if ds.row_format == LEGACY_NM:
-        legacy = np.array(
-            [
-                LINEAGE_RUN_COLUMN not in rows[keys[i]].get(LINEAGE_FAMILY, _EMPTY)
-                for i in order_list
-            ],
-            dtype=bool,
-        )
+        legacy = np.array([_is_legacy(rows[keys[i]]) for i in order_list], dtype=bool)
     else:
         legacy = np.zeros(n, dtype=bool)
     columns = []
@@ -108,6 +106,15 @@ def decode_rows(
     for i in np.flatnonzero(~complete).tolist():
         dicts[i] = {k: v for k, v in dicts[i].items() if v is not _ABSENT}
     return dict(zip(out_keys, dicts, strict=True))
+
+
+def _is_legacy(row: Mapping[str, Mapping[bytes, bytes]]) -> bool:
+    """Whether a row of a ``legacy_nm`` table is in the pre-2022 format: not l2cache's
+    (no ``lineage:run`` of the older layout, no u16[3] ``rep_coord_nm``)."""
+    if LINEAGE_RUN_COLUMN in row.get(LINEAGE_FAMILY, _EMPTY):
+        return False
+    rep = row.get(FEATURE_FAMILY, _EMPTY).get(_REP_COORD.key)
+    return rep is None or len(rep) != _REP_COORD.nbytes
 
 
 def _keys(names: list[str]) -> list[tuple[str, bytes]]:
