@@ -15,7 +15,8 @@ Outcomes (:mod:`l2cache.domain.failures`):
   existing service ignores uncached tables too; the topic carries every PCG table's
   edits).
 - undecodable, over a limit (bytes, ids, depth, objects, str length), wrong types, no
-  ids, or an ``l2_cache_id`` that is not the dataset's cache table: permanent,
+  ids, or an ``l2_cache_id`` that is neither the dataset's cache table nor its
+  ``fallback_table_id`` (whose ids are computed into the cache table): permanent,
   dead-lettered with the reason (the message as it came, cut to Pub/Sub's size),
   acknowledged. Ids dead-lettered later are re-encoded from the validated array.
 - per chunk: good chunks are written once (a redelivery skips them), chunks that fail
@@ -256,7 +257,7 @@ def handle_message(
         return {"status": "ignored", "table_id": request.dataset, "ignored_total": total}
     ctx = dataset_context(config, request.dataset)
     try:
-        _check_target(request, ctx.dataset.cache_table_id)
+        _check_target(request, ctx.dataset)
         if request.l2ids.size == 0:
             raise PoisonMessage("message names no L2 ids")
     except PoisonMessage as exc:
@@ -442,12 +443,16 @@ def _dead_letter_ids(
     )
 
 
-def _check_target(request: RecomputeRequest, cache_table_id: str) -> None:
-    """A missing-id message must name the cache table l2cache writes for its dataset."""
-    if request.l2_cache_id is not None and request.l2_cache_id != cache_table_id:
+def _check_target(request: RecomputeRequest, dataset: DatasetConfig) -> None:
+    """A missing-id message must name the cache table l2cache writes for its dataset, or
+    its ``fallback_table_id``: the existing service's frontend, still serving during a
+    switch-over, publishes its own missing ids naming its table; they are computed into
+    the cache table, which is what heals the switch-over (the fallback is never written)."""
+    allowed = {dataset.cache_table_id, dataset.fallback_table_id} - {None}
+    if request.l2_cache_id is not None and request.l2_cache_id not in allowed:
         raise PoisonMessage(
             f"l2_cache_id {request.l2_cache_id!r} is not the cache table of {request.dataset!r} "
-            f"({cache_table_id!r}); l2cache writes only the table its dataset map names"
+            f"({dataset.cache_table_id!r}); l2cache writes only the table its dataset map names"
         )
 
 
