@@ -57,6 +57,9 @@ def test_real_chunk_labels_ids_and_features_match_the_plain_way(real_chunk, orde
     parents = np.array([table[i] for i in want_ids.tolist()], dtype=np.uint64)
     np.testing.assert_array_equal(chunk.parents, parents)
     assert chunk.unmapped_sv == 1
+    orphan = want_ids[parents == 0]
+    assert chunk.orphan_voxels == int(np.isin(sv, orphan).sum()) > 0  # counted, background
+    assert chunk.ghost_sv == 0  # the caller's count (the graph's side)
     plain = plain_labels(sv, want_ids, parents)
     labels = chunk.labels
     np.testing.assert_array_equal(labels, plain)

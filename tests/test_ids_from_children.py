@@ -89,7 +89,10 @@ def test_checksum_fingerprints_voxels_and_the_children_mapping(real_chunk):
     node = next(iter(children))
     base = labels_from_children(sv, {node: children[node]})
     assert len(base.checksum) == 16
-    assert labels_from_children(sv.copy(order="K"), {node: children[node][::-1]}).checksum == base.checksum
+    assert (
+        labels_from_children(sv.copy(order="K"), {node: children[node][::-1]}).checksum
+        == base.checksum
+    )
     fewer = labels_from_children(sv, {node: children[node][:-1]})
     assert fewer.checksum != base.checksum
     moved = sv.copy()

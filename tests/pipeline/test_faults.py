@@ -147,7 +147,7 @@ def test_corrupt_and_missing_chunk_files_fail_once_and_the_run_still_ends(env, t
             assert nodes.size and not env["ctx"].store.read_raw(nodes)
         for c, r in rows.items():
             if c not in ((0, 0, 0), (1, 0, 0), (0, 1, 0)):
-                assert r["status"] == "done" and r["unmapped_sv"] == 0 and r["stray_ids"] == 0
+                assert r["status"] == "done" and r["orphan_sv"] == 0 and r["stray_ids"] == 0
     finally:
         for path, name in ((corrupt, "corrupt"), (missing, "missing"), (crashing, "crashing")):
             shutil.copy(tmp_path / f"{name}.bak", path)
@@ -609,32 +609,56 @@ def test_a_chunk_whose_next_attempt_never_came_is_presumed_failed(env):
     assert later.failures[0]["error"].startswith("gave up after 3 attempts: no answer")
 
 
-def test_a_partly_zeroed_chunk_is_refused_with_the_missing_count(env, tmp_path):
-    """The file decodes, but part of it was lost: the graph's supervoxels say so."""
+def test_a_partly_zeroed_chunk_is_counted_and_fails_qc_or_is_refused_when_strict(env, tmp_path):
+    """The file decodes, but part of it was lost: the graph's supervoxels say so. By
+    default the absent supervoxels are ghosts: the chunk is done, they are counted in its
+    ledger row, and the run fails QC (``max_ghost_sv_fraction``) with the reason; with
+    ``input: {strict: true}`` the chunk is refused with the count, as it always was."""
+    from dataclasses import replace
+
     from cloudvolume import CloudVolume
+
+    from l2cache.compute import compute_chunk
+    from l2cache.inputs.volume import _volume
+    from l2cache_ops.qc import run_qc
 
     path = chunk_file(env, (1, 0, 1))
     shutil.copy(path, tmp_path / "zeroed.bak")
     try:
         cv = CloudVolume(env["built"].segmentation, progress=False)
-        lo = np.array([48, 0, 24])
         cutout = np.asarray(cv[48:96, 0:48, 24:48])
-        cutout[:, :24] = 0
+        # lose whole supervoxels off the chunk's faces (a lost face is caught by the
+        # geometry check, which always fails the chunk): every one of them inside
+        inner = np.zeros(cutout.shape[:3], bool)
+        inner[1:-1, 1:-1, 1:-1] = True
+        ids = np.unique(cutout[..., 0])
+        on_face = np.unique(cutout[..., 0][~inner])
+        lost = np.setdiff1d(ids[ids != 0], on_face)
+        assert lost.size, "no supervoxel of the chunk is off its faces"
+        cutout[np.isin(cutout, lost)] = 0
         cv[48:96, 0:48, 24:48] = cutout
+        _volume.cache_clear()
         ctx = env["ctx"]
+        strict = replace(ctx, dataset=replace(ctx.dataset, strict_input=True))
         run = new_run("region_reprocess", ctx.dataset, [1, 0, 1, 2, 1, 2], 1)
         ctx.ledger.create_run(run)
-        from l2cache.compute import compute_chunk
-        from l2cache.inputs.volume import _volume
-
-        _volume.cache_clear()
-        result = compute_chunk(ctx, run, (1, 0, 1))
+        result = compute_chunk(strict, run, (1, 0, 1))
         assert result["status"] == "failed" and "absent from the segmentation" in result["error"]
         (row,) = chunk_rows(ctx.ledger, run.run_id)
-        assert row["permanent"] is True and row["missing_sv"] > 0
-        assert lo.size == 3
+        assert row["permanent"] is True and row["ghost_sv"] > 0
+        run = new_run("region_reprocess", ctx.dataset, [1, 0, 1, 2, 1, 2], 1)
+        ctx.ledger.create_run(run)
+        result = compute_chunk(ctx, run, (1, 0, 1))
+        assert result["status"] == "done"
+        (row,) = chunk_rows(ctx.ledger, run.run_id)
+        assert row["ghost_sv"] == lost.size and row["orphan_sv"] == 0
+        report = run_qc(ctx, run.run_id)
+        assert report["coverage"]["inputs"]["ghost_sv"] == row["ghost_sv"]
+        (reason,) = [r for r in report["reasons"] if "ghost" in r]
+        assert f"{row['ghost_sv']} supervoxels of the graph have no voxel" in reason
     finally:
         shutil.copy(tmp_path / "zeroed.bak", path)
+        _volume.cache_clear()
 
 
 def test_fanned_out_chunks_that_fail_are_dead_lettered_with_their_ids(env, tmp_path):
