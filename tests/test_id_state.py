@@ -326,3 +326,81 @@ def test_bad_wait_or_state_values_are_a_400(stack, params):
     r = requests.post(stack["url"], json={"l2_ids": COMPUTED}, params=params, timeout=30)
     assert r.status_code == 400
     assert r.json()["code"] == 400
+
+
+def test_an_expired_queue_mark_is_said_and_the_id_queued_again(stack):
+    from l2cache.store.missing_guard import MissingIdGuard
+
+    config, ds = stack["config"], stack["dataset"]
+    node = l2((3, 3, 1), 11)
+    graph = bigtable_instance(PROJECT, INSTANCE).table("idstate_graph")
+    old = datetime(2026, 1, 1, tzinfo=UTC)
+    write_rows(graph, [Row(idlib.row_key(node)).set_cell("0", b"children", b"\x01", old)])
+    guard = MissingIdGuard(
+        bigtable_instance(PROJECT, INSTANCE).table("idstate_guard"), config.missing_ids
+    )
+    chunk = int(idlib.get_chunk_id(np.array([node], dtype=np.uint64), ds.spatial_bits)[0])
+    expired_ms = int(time.time() * 1000) - (config.missing_ids.pending_ttl_s + 60) * 1000
+    assert guard.claim(ds.name, chunk, [node], at_ms=expired_ms)  # a lookup long ago
+    r = post(stack, [node], state="true", update_cache="false")
+    st = r.json()["state"][str(node)]
+    assert st["state"] == "unknown"
+    assert "expired" in st["reason"]
+    assert st["queued_at"] == datetime.fromtimestamp(expired_ms / 1000, UTC).isoformat().replace(
+        "+00:00", "Z"
+    )
+    again = post(stack, [node], state="true")  # update_cache: queued again
+    assert again.headers["X-L2Cache-Queued-Ids"] == "1"
+    st2 = again.json()["state"][str(node)]
+    assert st2["state"] == "pending"
+    assert st2["since"] > st["queued_at"]
+    pull(stack, 1)
+
+
+def test_reads_of_a_wait_counted_at_the_bigtable_reader(stack, monkeypatch, tmp_path):
+    """The wait's own account of its reads, checked against every ReadRows the lookup
+    actually made (counted in the reader all reads go through)."""
+    from l2cache.gcp import bigtable
+    from l2cache.serving.api import LookupService
+
+    node = l2((1, 2, 3), 12)
+    graph = bigtable_instance(PROJECT, INSTANCE).table("idstate_graph")
+    old = datetime(2026, 1, 1, tzinfo=UTC)
+    write_rows(graph, [Row(idlib.row_key(node)).set_cell("0", b"children", b"\x01", old)])
+    post(stack, [node])  # queued (over HTTP), never computed
+    pull(stack, 1)
+    path = tmp_path / "l2cache.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path)))
+    monkeypatch.setenv("L2CACHE_CONFIG", str(path))
+    service = LookupService.from_env()
+    calls: list[str] = []
+    real = bigtable.RowReader._read
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.table_name.rsplit("/", 1)[-1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(bigtable.RowReader, "_read", counted)
+    r = service.handle(
+        "POST",
+        "/l2cache/api/v1/table/pinky/attributes",
+        {"wait": "2.5", "state": "true", "update_cache": "false"},
+        {"Content-Type": "application/json"},
+        json.dumps({"l2_ids": [node]}).encode(),
+    )
+    assert r.status == 200
+    assert r.headers["X-L2Cache-Wait"] == "cap"
+    polls = int(r.headers["X-L2Cache-Wait-Reads"])
+    state_reads = int(r.headers["X-L2Cache-State-Reads"])
+    # the lookup's one cache read + every read the states and the wait said they made
+    cache_polls = calls.count("idstate_cache") - 1
+    assert len(calls) == 1 + cache_polls + state_reads, calls
+    # polls at 0.1, 0.3, 0.7, 1.5, 2.5 s: 5 cache reads; one state check at 2 s: the
+    # guard and the runs table's msg index (nobody processed the message: no event to
+    # read); the states before and after the wait read the same two each
+    assert cache_polls == 5, calls
+    assert polls == cache_polls + 2, (polls, calls)
+    assert state_reads == 3 * 2, calls
+    assert len(calls) <= 15, calls
+    assert set(calls) <= {"idstate_cache", "idstate_guard", "idstate_runs", "idstate_graph"}
+    assert json.loads(r.body)["state"][str(node)]["state"] == "pending"

@@ -165,16 +165,17 @@ def _missing_states(
 ) -> None:
     """States of ids without a row: guard marks, then the graph, then the ledger."""
     negative: dict[int, tuple[int, str]] = {}
-    claims: dict[int, tuple[int, str]] = {}
+    claims: dict[int, tuple[int, str, bool]] = {}
     if ctx.guard is not None:
         try:
             negative, claims = ctx.guard.entries(ds.name, missing, [chunk_of[n] for n in missing])
             ctx.reads += 1
         except Exception as exc:  # noqa: BLE001 - said in the answer
             log.warning("guard read for states failed: %r", exc)
-    unclaimed = [n for n in missing if n not in claims and n not in negative]
+    fresh = {n for n, claim in claims.items() if claim[2]}
+    unclaimed = [n for n in missing if n not in fresh and n not in negative]
     for node, (ms, why) in negative.items():
-        if node not in claims:
+        if node not in fresh:
             out[node] = {"state": "unknown", "reason": why or "not in the graph", "at": iso_ms(ms)}
     created = _created(ctx, ds, unclaimed)
     window_ms = ctx.config.missing_ids.pending_ttl_s * 1000
@@ -194,6 +195,9 @@ def _missing_states(
             state["in_graph"] = None if created is None else True
             if made is not None:
                 state["created_at"] = iso_ms(made)
+            if node in claims:  # queued before, and the mark expired without a row
+                state["reason"] = "not queued: its queue mark expired without a row"
+                state["queued_at"] = iso_ms(claims[node][0])
             out[node] = state
     if claims:
         _claimed_states(ctx, ds, claims, chunk_of, found, names, int64_as_str, out)
@@ -228,21 +232,23 @@ def _created(ctx: StateContext, ds: DatasetConfig, nodes: list[int]) -> dict[int
 def _claimed_states(
     ctx: StateContext,
     ds: DatasetConfig,
-    claims: Mapping[int, tuple[int, str]],
+    claims: Mapping[int, tuple[int, str, bool]],
     chunk_of: Mapping[int, int],
     found: dict[int, dict[str, Any]],
     names: Sequence[str] | None,
     int64_as_str: bool,
     out: dict[int, dict[str, Any]],
 ) -> None:
-    """Ids a lookup queued less than ``pending_ttl_s`` ago: pending until the ledger
-    says their event ended without their row (failed, with the reason)."""
-    sources = sorted({src for _, src in claims.values() if src})
+    """Ids a lookup queued: pending until the ledger says their event ended without
+    their row (failed, with the reason). A mark older than ``pending_ttl_s`` (expired:
+    the next request with ``update_cache`` queues the id again) only turns the state
+    the caller already set into ``failed`` when its event failed."""
+    sources = sorted({src for _, src, _ in claims.values() if src})
     events = _events(ctx, sources)
     outcome_keys: list[bytes] = []
     for run, key in events.values():
         outcome_keys.append(f"event:{run}:{key}".encode())
-    for node, (_, src) in claims.items():
+    for node, (_, src, _) in claims.items():
         if src in events:
             run, key = events[src]
             outcome_keys.append(
@@ -250,7 +256,7 @@ def _claimed_states(
             )
     outcomes = _ledger_rows(ctx, sorted(set(outcome_keys)))
     ended: dict[int, dict[str, Any]] = {}
-    for node, (ms, src) in claims.items():
+    for node, (ms, src, fresh) in claims.items():
         by: dict[str, Any] = {"queue": "missing_ids", "message_id": src or None}
         where = events.get(src)
         verdict = None
@@ -263,7 +269,8 @@ def _claimed_states(
             )
             verdict = _verdict(event, chunk)
         if verdict is None:
-            out[node] = {"state": "pending", "since": iso_ms(ms), "by": by}
+            if fresh:
+                out[node] = {"state": "pending", "since": iso_ms(ms), "by": by}
         else:
             ended[node] = {"state": "failed", **verdict, "by": by, "queued_at": iso_ms(ms)}
     if not ended:

@@ -54,6 +54,9 @@ GC_MAX_AGE = timedelta(days=7)
 # requests share them all (one wins); requests that overlap only partly may both
 # publish the overlap, which is idempotent work and bounded by the budgets.
 CLAIM_PREDICATE_IDS = 32
+# How far back an id's state looks for an expired pending mark (to say it was queued and
+# how that ended); GC keeps the marks for GC_MAX_AGE.
+CLAIM_LOOKBACK = timedelta(days=1)
 # PCG's graph table (l2cache.inputs.graph, not imported: it needs zstandard, which the
 # lookup does not ship): an L2 node exists when its row has a ``children`` cell.
 GRAPH_FAMILY = "0"
@@ -209,24 +212,27 @@ class MissingIdGuard:
 
     def entries(
         self, dataset: str, l2ids: Sequence[int], chunk_ids: Sequence[int]
-    ) -> tuple[dict[int, tuple[int, str]], dict[int, tuple[int, str]]]:
+    ) -> tuple[dict[int, tuple[int, str]], dict[int, tuple[int, str, bool]]]:
         """``(negative, claims)`` of ``l2ids`` (``chunk_ids`` their chunks'): fresh
-        negative entries as ``{id: (written ms, reason)}`` and fresh pending marks as
-        ``{id: (queued ms, source)}`` (source: the message id, or "" before the publish
-        was acknowledged). One ReadRows of the ids' negative rows and their chunks'
-        pending rows, as :meth:`known` reads, with the values."""
+        negative entries as ``{id: (written ms, reason)}`` and pending marks of the last
+        :data:`CLAIM_LOOKBACK` as ``{id: (queued ms, source, fresh)}`` (source: the
+        message id, or "" before the publish was acknowledged; fresh: younger than
+        ``pending_ttl_s``, so not queued again). One ReadRows of the ids' negative rows
+        and their chunks' pending rows, as :meth:`known` reads, with the values."""
         negative: dict[int, tuple[int, str]] = {}
-        claims: dict[int, tuple[int, str]] = {}
+        claims: dict[int, tuple[int, str, bool]] = {}
         if not len(l2ids):
             return negative, claims
         now = self._now_ms()
         neg_since = (now - self.policy.negative_ttl_s * 1000) * 1000
         pend_since = (now - self.policy.pending_ttl_s * 1000) * 1000
+        lookback = int(max(CLAIM_LOOKBACK.total_seconds(), self.policy.pending_ttl_s))
+        seen_since = (now - lookback * 1000) * 1000
         neg_keys = {negative_key(dataset, i): int(i) for i in l2ids}
         pend_keys = sorted({pending_key(dataset, c) for c in chunk_ids})
         rows = self.reader.versions(
             keys=[*neg_keys, *pend_keys],
-            cells=CellFilter(start_micros=min(neg_since, pend_since), per_column=1),
+            cells=CellFilter(start_micros=min(neg_since, seen_since), per_column=1),
         )
         for key, l2id in neg_keys.items():
             for versions in rows.get(key, {}).get(NEGATIVE_FAMILY, {}).values():
@@ -237,8 +243,9 @@ class MissingIdGuard:
         for key in pend_keys:
             for qualifier, versions in rows.get(key, {}).get(PENDING_FAMILY, {}).items():
                 ts, value = versions[0]
-                if ts >= pend_since and qualifier in wanted:
-                    claims[wanted[qualifier]] = (ts // 1000, value.decode("utf-8", "replace"))
+                if ts >= seen_since and qualifier in wanted:
+                    source = value.decode("utf-8", "replace")
+                    claims[wanted[qualifier]] = (ts // 1000, source, ts >= pend_since)
         return negative, claims
 
 
