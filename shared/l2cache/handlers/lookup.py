@@ -88,6 +88,8 @@ EXPOSED_HEADERS = [
     "X-L2Cache-Pending-Ids",
     "X-L2Cache-Deferred-Ids",
     "X-L2Cache-Queued-Chunks",
+    "ETag",
+    "Retry-After",
 ]
 
 
@@ -110,6 +112,8 @@ def handle(request: flask.Request) -> flask.Response:
             lambda: caller_of(request),
         )
     _drain(request)
+    if r.stream is not None:  # no Content-Length: sent chunked, whatever its size
+        return flask.Response(r.stream, r.status, r.headers, direct_passthrough=True)
     return flask.Response(r.body, r.status, r.headers)
 
 

@@ -7,11 +7,16 @@ The HTTP function (functions/lookup/main.py via :mod:`l2cache.handlers.lookup`) 
 Flask request, CORS and CAVE auth around :meth:`LookupService.handle`.
 
 Failure contract: every bad request gets a 4xx JSON ``{"code", "message"}`` saying what
-to fix (nothing a client sends can make it a 5xx); a server-side failure (Bigtable
-down) gets a 503 so clients retry. Request bodies are read and decompressed within a
-bound derived from the id cap before memory is spent; responses are compressed
-(brotli or gzip) when the client accepts it, and one still over Cloud Run's 32 MiB
-limit is refused with a 413. Publishing missing ids waits at most ``PUBLISH_WAIT_S``.
+to fix (nothing a client sends can make it a 5xx); overload (the instance's ids in
+flight, Bigtable throttling with RESOURCE_EXHAUSTED) a 429 with ``Retry-After``; a
+server-side failure (Bigtable down) a 503 with ``Retry-After`` so clients retry.
+Request bodies are read and decompressed within a bound derived from the id cap
+before memory is spent; responses are compressed (brotli or gzip) when the client
+accepts it. Attribute answers are built window by window and streamed (chunked) once
+past :data:`~l2cache.serving.respond.SPILL_BYTES`, so no answer meets Cloud Run's 32 MiB
+limit on declared lengths (:mod:`l2cache.serving.respond`); answers kept whole carry a
+weak ``ETag`` and honour ``If-None-Match`` (304). ``Accept: application/x-npz`` gets
+the binary answer. Publishing missing ids waits at most ``PUBLISH_WAIT_S``.
 
 Missing ids are queued for recompute only within budgets (:mod:`l2cache.serving.missing`):
 ids the graph lacks are remembered and never queued, ids already queued are not queued
@@ -21,14 +26,18 @@ every missing id ``{}`` whatever was queued.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import itertools
 import json
 import logging
+import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +52,23 @@ from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.pubsub import publish_missing_ids_async, publisher
 from l2cache.serving.missing import headers as missing_headers
 from l2cache.serving.missing import note_published, plan_missing
+from l2cache.serving.respond import (
+    IDS_IN_FLIGHT,
+    JSON_MEDIA_TYPE,
+    NPZ_MEDIA_TYPE,
+    READ_AHEAD,
+    RETRY_AFTER_S,
+    SPILL_BYTES,
+    THROTTLED_RETRY_AFTER_S,
+    WINDOW_IDS,
+    Admission,
+    Compressor,
+    NpzBuilder,
+    StreamBody,
+    accepts_npz,
+    etag,
+    if_none_match,
+)
 from l2cache.store.cache import CacheStore
 from l2cache.store.missing_guard import MissingIdGuard
 from l2cache.support import logs
@@ -86,22 +112,37 @@ Caller = Callable[[], str]
 ANONYMOUS = "anonymous"
 
 
-class ApiError(Exception):
-    """An error with the HTTP status and message the client should see."""
+# Ids answered at once by this instance (the memory bound; 429 past it). The
+# environment may lower it (a test's overload, a smaller instance).
+IDS_IN_FLIGHT_ENV = "L2CACHE_LOOKUP_IDS_IN_FLIGHT"
 
-    def __init__(self, status: int, message: str) -> None:
+
+class ApiError(Exception):
+    """An error with the HTTP status, message (and headers) the client should see."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @dataclass
 class Response:
-    """What the lookup answers, independent of the HTTP framework serving it."""
+    """What the lookup answers, independent of the HTTP framework serving it.
+
+    ``stream``, when set, is the body instead of ``body``: already encoded (its
+    ``Content-Encoding`` header says how), sent with chunked transfer, and closed by
+    whoever sends it (that releases the request's admission)."""
 
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    stream: StreamBody | None = None
+
+    def content(self) -> bytes:
+        """The whole body as sent (a stream read to its end): for in-process callers."""
+        return self.stream.read_all() if self.stream is not None else self.body
 
 
 def _truthy(value: str | None, default: bool) -> bool:
@@ -121,9 +162,34 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> R
     return Response(status, body, {"Content-Type": "application/json", **(headers or {})})
 
 
-def error_response(status: int, message: str) -> Response:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """The one error body every client error and failure uses: ``{code, message}``."""
-    return _json(status, {"code": status, "message": message})
+    return _json(status, {"code": status, "message": message}, headers)
+
+
+def _throttled(exc: BaseException) -> bool:
+    """Whether Bigtable (or any Google API under the lookup) said RESOURCE_EXHAUSTED:
+    overload, to be answered 429, not a failure of the cache."""
+    import grpc
+    from google.api_core import exceptions as api
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, api.TooManyRequests | api.ResourceExhausted):
+            return True
+        if isinstance(seen, grpc.Call) and seen.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _ids_in_flight() -> int:
+    raw = os.environ.get(IDS_IN_FLIGHT_ENV, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else IDS_IN_FLIGHT
+
+
+# One per process: a dataset map reload builds a new service, not a second budget.
+ADMISSION = Admission(_ids_in_flight())
 
 
 def _bytes_body(body: bytes) -> BodyReader:
@@ -196,6 +262,25 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:40] + f"... ({len(text)} chars)"
 
 
+# (window start, its ids, their decoded rows, their newest cell timestamps, phase times)
+_Window = tuple[int, np.ndarray, dict[int, dict[str, Any]], dict[int, int], dict[str, float]]
+
+
+def _coding_header(coding: str | None) -> dict[str, str]:
+    return {"Content-Encoding": coding} if coding else {}
+
+
+def _compressed_slices(body: bytes, coding: str | None, step: int = 2**20) -> Iterator[bytes]:
+    """``body`` compressed incrementally, ``step`` bytes of it at a time."""
+    compressor = Compressor(coding)
+    view = memoryview(body)
+    for i in range(0, len(body), step):
+        out = compressor.feed(bytes(view[i : i + step]))
+        if out:
+            yield out
+    yield compressor.finish()
+
+
 class LookupService:
     """Routes, validation and response shaping for the lookup function."""
 
@@ -205,12 +290,14 @@ class LookupService:
         store_factory: Callable[[str], CacheStore],
         publish_missing: Publisher | None = None,
         guard: MissingIdGuard | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self._store_factory = store_factory
         self._stores: dict[str, CacheStore] = {}
         self._publish_missing = publish_missing
         self._guard = guard
+        self.admission = admission or ADMISSION
 
     @classmethod
     def from_env(cls) -> LookupService:
@@ -267,16 +354,27 @@ class LookupService:
                     method, path, query, headers, reader, authorize, timings, caller
                 )
         except ApiError as exc:
-            response = error_response(exc.status, exc.message)
+            response = error_response(exc.status, exc.message, exc.headers)
         except Exception as exc:  # server-side failure: 5xx (503: clients retry)
             from l2cache.domain.failures import PERMANENT, classify
 
-            log.exception("lookup failed")
-            if classify(exc) == PERMANENT:  # a missing table: no retry can help
+            if _throttled(exc):  # overload, not failure: the client should slow down
+                log.warning("lookup throttled by Bigtable: %r", exc)
+                response = error_response(
+                    429,
+                    "the cache is throttling reads right now (RESOURCE_EXHAUSTED); "
+                    f"retry after {THROTTLED_RETRY_AFTER_S} s",
+                    {"Retry-After": str(THROTTLED_RETRY_AFTER_S)},
+                )
+            elif classify(exc) == PERMANENT:  # a missing table: no retry can help
+                log.exception("lookup failed")
                 response = error_response(500, f"the cache cannot be read: {exc}"[:500])
             else:
+                log.exception("lookup failed")
                 response = error_response(
-                    503, f"the cache could not be read right now: {type(exc).__name__}"
+                    503,
+                    f"the cache could not be read right now: {type(exc).__name__}",
+                    {"Retry-After": str(RETRY_AFTER_S)},
                 )
         t0 = time.perf_counter()
         response = self._encode(response, headers)
@@ -380,6 +478,10 @@ class LookupService:
                 f"{self.config.max_ids_per_request} (split the request)",
             )
         l2ids = np.unique(l2ids)  # upstream answers each id once, in id order
+        if "state" not in query and "wait" not in query:  # those are answered below
+            return self._answer(
+                ds, l2ids, names, int64_as_str, update_cache, headers, timings, caller
+            )
         is_l2 = idlib.get_layer(l2ids) == 2 if l2ids.size else np.zeros(0, bool)
         found = self.store(ds.name).read_features(l2ids[is_l2], names, int64_as_str, timings)
         result: dict[str, Any] = {str(node): found.get(node, {}) for node in l2ids.tolist()}
@@ -406,6 +508,214 @@ class LookupService:
         response = _json(200, result, headers_out)
         timings["encode"] = time.perf_counter() - t0
         return response
+
+    def _answer(
+        self,
+        ds: DatasetConfig,
+        l2ids: np.ndarray,
+        names: list[str] | None,
+        int64_as_str: bool,
+        update_cache: bool,
+        headers: Mapping[str, str],
+        timings: dict[str, float],
+        caller: Caller | None,
+    ) -> Response:
+        """The attributes of ``l2ids`` (distinct, ascending), JSON or ``.npz``, read and
+        encoded window by window (:mod:`l2cache.serving.respond`).
+
+        Admitted against the instance's ids in flight first (429 + ``Retry-After``
+        past it). An answer that stays under ``SPILL_BYTES`` is kept whole: the
+        missing-id headers, an ``ETag`` and ``If-None-Match`` apply. A longer JSON
+        answer is streamed: its bytes are the same, but what is only known at its end
+        (missing ids, the tag) is not in its headers; its missing ids are still queued,
+        once the last window is read.
+        """
+        n = int(l2ids.size)
+        if not self.admission.admit(n):
+            raise ApiError(
+                429,
+                f"this instance is answering {self.admission.in_flight} ids already; "
+                f"{n} more would pass its {self.admission.limit} (retry after "
+                f"{RETRY_AFTER_S} s)",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        streaming = False
+        try:
+            response = self._answer_admitted(
+                ds, l2ids, names, int64_as_str, update_cache, headers, timings, caller
+            )
+            streaming = response.stream is not None
+            return response
+        finally:
+            if not streaming:
+                self.admission.release(n)
+
+    def _answer_admitted(
+        self,
+        ds: DatasetConfig,
+        l2ids: np.ndarray,
+        names: list[str] | None,
+        int64_as_str: bool,
+        update_cache: bool,
+        headers: Mapping[str, str],
+        timings: dict[str, float],
+        caller: Caller | None,
+    ) -> Response:
+        n = int(l2ids.size)
+        is_l2 = idlib.get_layer(l2ids) == 2 if n else np.zeros(0, bool)
+        binary = accepts_npz(headers.get("Accept"))
+        wanted = list(names) if names else list(ATTRIBUTE_NAMES)
+        npz = NpzBuilder(l2ids, wanted, ds.integral_resolution) if binary else None
+        stamps = np.zeros(n, dtype=np.uint64)
+        missing: list[np.ndarray] = []
+        tagged = [True]  # every found row has a timestamp (a fallback row may not)
+        encode_s = [0.0]
+
+        def take(window: _Window) -> bytes:
+            """Account one window (missing ids, stamps, timings); its JSON fragment."""
+            start, ids, found, row_stamps, spent = window
+            for phase, seconds in spent.items():
+                timings[phase] = timings.get(phase, 0.0) + seconds
+            ids_list = ids.tolist()
+            stamps[start : start + ids.size] = [row_stamps.get(v, 0) for v in ids_list]
+            if any(v not in row_stamps for v in found):
+                tagged[0] = False
+            candidates = ids[is_l2[start : start + ids.size]]
+            if candidates.size:
+                missing.append(candidates[[v not in found for v in candidates.tolist()]])
+            t0 = time.perf_counter()
+            if npz is not None:
+                npz.fill(start, ids, found)
+                piece = b""
+            else:
+                frag = orjson.dumps(
+                    {str(v): found.get(v, {}) for v in ids_list}, option=orjson.OPT_SERIALIZE_NUMPY
+                )
+                piece = (b"," if start else b"") + frag[1:-1]
+            encode_s[0] += time.perf_counter() - t0
+            return piece
+
+        windows = self._windows(ds, l2ids, is_l2, names, int64_as_str)
+        pieces = [b"{"]
+        size = 1
+        headers_out = {"X-L2Cache-Non-L2-Ids": str(int((~is_l2).sum()))}
+        for window in windows:
+            piece = take(window)
+            pieces.append(piece)
+            size += len(piece)
+            if npz is None and size > SPILL_BYTES:
+                coding = response_coding(headers.get("Accept-Encoding", "") or "")
+                who = (caller() if caller is not None else None) or ANONYMOUS  # needs the request
+
+                def rest(coding: str | None = coding, who: str = who) -> Iterator[bytes]:
+                    """What was kept, then each window as it is read, compressed as it
+                    goes; the missing ids are queued once the last window is read."""
+                    compressor = Compressor(coding)
+                    try:
+                        head = compressor.feed(b"".join(pieces))
+                        pieces.clear()
+                        if head:
+                            yield head
+                        for later in windows:
+                            with gc_deferred():
+                                out = compressor.feed(take(later))
+                            if out:
+                                yield out
+                        tail = compressor.feed(b"}\n") + compressor.finish()
+                        lost = np.concatenate(missing) if missing else np.zeros(0, np.uint64)
+                        account = self._account_missing(ds, lost, update_cache, who)
+                        log.info("streamed lookup of %d ids: %s", n, account)
+                        yield tail
+                    finally:
+                        windows.close()
+
+                headers_out.update({"Content-Type": JSON_MEDIA_TYPE, **_coding_header(coding)})
+                release = functools.partial(self.admission.release, n)
+                return Response(200, b"", headers_out, StreamBody(rest(), release))
+        lost = np.concatenate(missing) if missing else np.zeros(0, np.uint64)
+        who = None
+        if lost.size and update_cache and not ds.existing_cache_table:
+            who = (caller() if caller is not None else None) or ANONYMOUS
+        headers_out.update(self._account_missing(ds, lost, update_cache, who))
+        t0 = time.perf_counter()
+        if npz is not None:
+            body, kind = npz.to_bytes(), NPZ_MEDIA_TYPE
+        else:
+            pieces.append(b"}\n")
+            body, kind = b"".join(pieces), JSON_MEDIA_TYPE
+        pieces.clear()
+        timings["encode"] = encode_s[0] + time.perf_counter() - t0
+        tag = None
+        if tagged[0]:
+            shape = (",".join(sorted(wanted)), str(int64_as_str), ds.name, ds.cache_table_id)
+            tag = etag(kind, l2ids, stamps, (*shape, __version__))
+            headers_out["ETag"] = tag
+            headers_out["Cache-Control"] = "no-cache"  # may be kept, always revalidated
+        if if_none_match(headers.get("If-None-Match"), tag):
+            return Response(304, b"", headers_out)
+        if len(body) > SPILL_BYTES:  # a long .npz: streamed, so no 32 MiB limit applies
+            coding = response_coding(headers.get("Accept-Encoding", "") or "")
+            headers_out.update({"Content-Type": kind, **_coding_header(coding)})
+            release = functools.partial(self.admission.release, n)
+            return Response(
+                200, b"", headers_out, StreamBody(_compressed_slices(body, coding), release)
+            )
+        return Response(200, body, {"Content-Type": kind, **headers_out})
+
+    def _windows(
+        self,
+        ds: DatasetConfig,
+        l2ids: np.ndarray,
+        is_l2: np.ndarray,
+        names: list[str] | None,
+        int64_as_str: bool,
+    ) -> Iterator[_Window]:
+        """The rows of ``l2ids`` in windows of ``WINDOW_IDS``, in id order, with up to
+        ``READ_AHEAD`` windows read concurrently ahead of the one being consumed (the
+        read is I/O-bound: this keeps the 4 Bigtable streams of the whole read)."""
+        store = self.store(ds.name)
+
+        def read(start: int) -> _Window:
+            ids = l2ids[start : start + WINDOW_IDS]
+            layer2 = ids[is_l2[start : start + WINDOW_IDS]]
+            spent: dict[str, float] = {}
+            stamps: dict[int, int] = {}
+            found: dict[int, dict[str, Any]] = {}
+            if layer2.size:
+                with gc_deferred():  # decoding rows to API values allocates, in no cycle
+                    found = store.read_features(
+                        layer2, names, int64_as_str, timings=spent, stamps=stamps
+                    )
+            return start, ids, found, stamps, spent
+
+        starts = range(0, int(l2ids.size), WINDOW_IDS)
+        if len(starts) <= 1:
+            yield from map(read, starts)
+            return
+        pool = ThreadPoolExecutor(min(READ_AHEAD, len(starts)), thread_name_prefix="l2-window")
+        try:
+            ahead = iter(starts)
+            pending = deque(pool.submit(read, s) for s in itertools.islice(ahead, READ_AHEAD))
+            while pending:
+                window = pending.popleft().result()
+                following = next(ahead, None)
+                if following is not None:
+                    pending.append(pool.submit(read, following))
+                yield window
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _account_missing(
+        self, ds: DatasetConfig, missing: np.ndarray, update_cache: bool, who: str | None
+    ) -> dict[str, str]:
+        """The missing-id headers, queueing what the budgets allow
+        (:meth:`_queue_missing`) unless the request or the table says not to."""
+        out = {"X-L2Cache-Missing-Ids": str(missing.size)}
+        if ds.existing_cache_table:  # another service owns that table: nothing to queue
+            update_cache = False
+        if update_cache and missing.size and self._publish_missing is not None:
+            out.update(self._queue_missing(missing, ds, who or ANONYMOUS))
+        return out
 
     def _queue_missing(self, missing: np.ndarray, ds: DatasetConfig, caller: str) -> dict:
         """Hand the missing ids worth queueing (:func:`plan_missing`) to Pub/Sub,
@@ -455,7 +765,11 @@ class LookupService:
     @staticmethod
     def _encode(response: Response, headers: Mapping[str, str]) -> Response:
         """Compress when the client accepts it (brotli, else gzip); refuse what Cloud
-        Run could not send."""
+        Run could not send. A streamed answer is encoded as it is made; a 304 has no
+        body."""
+        if response.stream is not None or response.status == 304:
+            response.headers["Vary"] = "Accept-Encoding"
+            return response
         coding = response_coding(headers.get("Accept-Encoding", "") or "")
         size = len(response.body)
         varies = 200 <= response.status < 300  # compressed or not, it depended on the header
