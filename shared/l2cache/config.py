@@ -15,7 +15,7 @@ to name the paths. Example::
             edits_queue: l2cache-compute-edits,  # optional: the default is <queue>-edits
             fan_out: 16,                         # optional: span tasks per split
             ramp: {start_per_s: 5, growth: 1.5, step_s: 300, max_per_s: 500}}  # optional
-    max_ids_per_request: 75000
+    max_ids_per_request: 500000
     missing_ids: {max_chunks_per_request: 100, max_chunks_per_caller: 600,   # optional: the
                   caller_window_s: 60, negative_ttl_s: 86400, pending_ttl_s: 900,
                   guard_table_id: l2cache_lookup_guard}   # lookup's recompute budgets
@@ -52,11 +52,12 @@ from l2cache.domain.spans import DEFAULT_FAN_OUT, Ramp
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "L2CACHE_CONFIG"
-# Worst case (every node has PCA) is ~392 bytes of JSON per id (measured in
-# tests/test_lookup_hardening.py), so 75,000 ids are <= ~29 MiB even with 5% longer
-# numbers: under Cloud Run's 32 MiB response limit without compression. A larger cap
-# works for clients that accept gzip (caveclient does); others then get a clear 413.
-DEFAULT_MAX_IDS = 75_000
+# The existing service answered 80,000 ids in one call and caveclient never splits.
+# Answers past 8 MiB of JSON are streamed (chunked, l2cache.serving.respond), so Cloud
+# Run's 32 MiB limit on declared lengths does not apply; the cap bounds the request
+# body (32 bytes per id: 16 MB) and a request's time (500,000 ids: measured in
+# BENCHMARKS.md "Big requests").
+DEFAULT_MAX_IDS = 500_000
 ROW_FORMATS = ("current", "legacy_nm")
 DEFAULT_AUTH_NAMESPACE = "pychunkedgraph"
 
