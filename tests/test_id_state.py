@@ -404,3 +404,32 @@ def test_reads_of_a_wait_counted_at_the_bigtable_reader(stack, monkeypatch, tmp_
     assert len(calls) <= 15, calls
     assert set(calls) <= {"idstate_cache", "idstate_guard", "idstate_runs", "idstate_graph"}
     assert json.loads(r.body)["state"][str(node)]["state"] == "pending"
+
+
+def test_the_readme_caveclient_example_works(stack):
+    """README's example: caveclient's own L2CacheClient session and URL, with the two
+    parameters it does not know; get_l2data itself is unchanged."""
+    from caveclient.auth import AuthClient
+    from caveclient.l2cache import L2CacheClient
+
+    base = stack["url"].split("/l2cache/")[0]
+    l2cache = L2CacheClient(
+        server_address=base, table_name="pinky", auth_client=AuthClient(token="t"), api_version=1
+    )
+    ids = [*COMPUTED, UNKNOWN]
+    # -- as in README.md ---------------------------------------------------------------
+    url = l2cache._endpoints["l2cache_data"].format_map(l2cache.default_url_mapping)
+    r = l2cache.session.post(
+        url,
+        data=json.dumps({"l2_ids": [int(i) for i in ids]}),
+        params={"state": "true", "wait": "2", "update_cache": "false"},
+    )
+    r.raise_for_status()
+    answer = r.json()
+    features, states = answer["attributes"], answer["state"]
+    # ----------------------------------------------------------------------------------
+    assert url == stack["url"]
+    assert features == {str(k): v for k, v in l2cache.get_l2data(ids).items()}
+    assert [states[str(i)]["state"] for i in ids] == ["computed"] * 3 + ["unknown"]
+    assert answer["summary"]["computed"] == 3
+    assert r.headers["X-L2Cache-Wait"] == "none"  # nothing pending: no wait at all
