@@ -136,6 +136,61 @@ def upstream_json(
                     result[int(l2id)][k.decode()] = val
             except TypeError:
                 result[int(l2id)][k.decode()] = val
+    return frontend_finish(
+        result, l2ids, resolution, voxel_offset, chunk_size, layer_bits, int64_as_str
+    )
+
+
+def frontend_read(
+    cache_table_id: str, l2ids, attribute_names: list[str] | None = None
+) -> dict[int, dict]:
+    """handle_attributes' read and loop, verbatim, on kvdbclient's real ``BigTableClient``
+    (as app/utils.py get_l2cache_client makes it: table id + get_default_client_info(),
+    BIGTABLE_PROJECT/BIGTABLE_INSTANCE from the environment). ``read_nodes`` turns every
+    cell it reads into an attribute with ``attributes.from_key``, so an unknown column in
+    a row raises ``KeyError("Unknown key family:qualifier")``: the existing frontend's 500.
+
+    ``attr_keys=False`` gives the loop qualifier bytes for ``k.decode()``, as the
+    frontend's ``read_entries`` did before kvdbclient 0.7 (with 0.7's default the keys are
+    ``_Attribute`` objects, which have no ``decode``); the cells read are the same.
+    """
+    from kvdbclient import BigTableClient, get_default_client_info
+
+    info = get_default_client_info()
+    cache_client = BigTableClient(cache_table_id, config=info.CONFIG)
+    l2ids = np.unique(np.array(l2ids, dtype=np.uint64))
+    attributes = None
+    if attribute_names is not None:
+        attributes = [UPSTREAM[name] for name in attribute_names]
+    entries = cache_client.read_nodes(node_ids=l2ids, properties=attributes, attr_keys=False)
+    result: dict[int, dict] = {}
+    for l2id in l2ids:
+        try:
+            attrs = entries[l2id]
+            result[int(l2id)] = {}
+            for k, v in attrs.items():
+                val = v[0].value
+                try:
+                    if len(val) > 0:
+                        result[int(l2id)][k.decode()] = val
+                except TypeError:
+                    result[int(l2id)][k.decode()] = val
+        except KeyError:
+            result[int(l2id)] = {}
+    return result
+
+
+def frontend_finish(
+    result: dict[int, dict],
+    l2ids,
+    resolution: list,
+    voxel_offset: list,
+    chunk_size: list,
+    layer_bits: int,
+    int64_as_str: bool = False,
+) -> Any:
+    """_add_offset_to_coords, _rescale_volume and the app's JSON encoder on ``result``."""
+    l2ids = np.unique(np.array(l2ids, dtype=np.uint64))
     # CloudVolume types the resolution int unless a component is a float
     res = np.array(
         resolution, dtype=float if any(isinstance(v, float) for v in resolution) else int

@@ -1,0 +1,361 @@
+"""Migration both ways, on the real emulators (issue 20 item 5).
+
+Switch-over: a dataset serves its new l2cache table over the existing service's table
+(``fallback_table_id``): rows only in the old table are served from it exactly as the
+existing frontend serves them, rows in both come from the new table, ids in neither are
+queued (Pub/Sub), computed by the real worker path (on_edit's handler) into the new
+table, never the old one, and then served from the new table.
+
+Way back: PCGL2Cache's frontend read (kvdbclient's real ``BigTableClient.read_nodes``
+with PCGL2Cache's attributes registered, then its handle_attributes loop) on the rows
+l2cache wrote answers without error and with the values l2cache serves; rows written
+before lineage rows (lineage cells in the feature row) trip it, and are migrated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from google.cloud import pubsub_v1
+from lookup_support import (
+    UPSTREAM,
+    assert_same_json,
+    frontend_finish,
+    frontend_read,
+    lookup_client,
+    upstream_features,
+    upstream_json,
+    write_upstream_rows,
+)
+
+from l2cache.compute import dataset_context, load_chunk_l2
+from l2cache.config import parse_config
+from l2cache.domain import ids as idlib
+from l2cache.domain.attributes import ATTRIBUTES, FEATURE_FAMILY, LINEAGE_FAMILY, encode_column
+from l2cache.domain.lineage import Lineage
+from l2cache.engine.features import compute_features
+from l2cache.gcp.bigtable import RowReader, bigtable_instance
+from l2cache.handlers.on_edit import handle_message, stream_run
+from l2cache.handlers.rollback_task import chunk_key_ranges, rollback_chunks
+from l2cache.store import lineage_rows
+from l2cache.store.cache import create_cache_table
+from l2cache.store.ledger import create_runs_table, new_run
+from l2cache.store.missing_guard import create_guard_table
+from l2cache_ops.rollback import run_versions
+from l2cache_tools.dataset import build_dataset
+
+PROJECT = "migration"
+INSTANCE = "inst"
+DS = "mig"
+OLD, NEW = "pcgl2cache_mig", "l2cache_mig_v1"
+RES = (16.0, 16.0, 40.0)
+CHUNK = (48, 48, 24)
+CROP = "tests/data/pinky40_crop_96x96x48.npz"
+URL = f"/l2cache/api/v1/table/{DS}/attributes"
+ONLY_OLD, BOTH, NEITHER, FRONTEND_MISSING = (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)
+TS = datetime(2026, 2, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def env(bigtable_emulator, pubsub_emulator, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("migration")
+    instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
+    volume = np.load(CROP)["labels"]
+    built = build_dataset(volume, f"file://{tmp}/sv", RES, CHUNK, instance, DS)
+    old = create_cache_table(instance, OLD)  # the existing service's table
+    create_cache_table(instance, NEW)
+    create_runs_table(instance, "l2cache_runs")
+    create_guard_table(instance, "l2cache_lookup_guard")
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(PROJECT, "missing")
+    publisher.create_topic(name=topic)
+    sub = subscriber.subscription_path(PROJECT, "missing-pull")
+    subscriber.create_subscription(name=sub, topic=topic)
+    config = {
+        "bigtable": {"project": PROJECT, "instance": INSTANCE},
+        "pubsub": {"project": PROJECT, "missing_ids_topic": "missing"},
+        "datasets": {
+            DS: {
+                "segmentation": built.segmentation,
+                "graph": {
+                    "kind": "bigtable",
+                    "project": PROJECT,
+                    "instance": INSTANCE,
+                    "table_id": DS,
+                },
+                "cache_table_id": NEW,
+                "fallback_table_id": OLD,
+            }
+        },
+    }
+    cfg = parse_config(config)
+    ctx = dataset_context(cfg, DS)
+
+    def direct(coords):
+        chunk = load_chunk_l2(ctx, coords, None)
+        return compute_features(chunk.labels, RES)
+
+    # the existing service's worker wrote ONLY_OLD and BOTH (BOTH with other values)
+    write_upstream_rows(old, upstream_features(direct(ONLY_OLD)))
+    stale = direct(BOTH)
+    stale["area_nm2"] = stale["area_nm2"] + 1000
+    write_upstream_rows(old, upstream_features(stale))
+    # l2cache computed BOTH into the new table
+    ctx.store.write_features(
+        direct(BOTH), Lineage("bulk-mig", code_revision="c0", cell_timestamp=TS)
+    )
+    with lookup_client(config, tmp, extra_env=pubsub_emulator.env) as client:
+        yield {
+            "client": client,
+            "config": cfg,
+            "ctx": ctx,
+            "old": old,
+            "direct": direct,
+            "subscriber": subscriber,
+            "sub": sub,
+            "geometry": (
+                list(RES),
+                list(ctx.dataset.voxel_offset),
+                list(ctx.dataset.chunk_size),
+                int(ctx.dataset.spatial_bits.bits_for(np.array([2]))[0]),
+            ),
+            "os_env": {"BIGTABLE_PROJECT": PROJECT, "BIGTABLE_INSTANCE": INSTANCE},
+        }
+
+
+def chunk_ids(env, coords) -> list[int]:
+    return sorted(env["direct"](coords)["l2id"].tolist())
+
+
+def lookup(env, l2ids, **params):
+    r = env["client"].post(
+        URL, data=json.dumps({"l2_ids": [int(v) for v in l2ids]}), query_string=params
+    )
+    assert r.status_code == 200, r.get_data()
+    return r
+
+
+def table_cells(table_id: str, l2ids) -> dict[int, dict[bytes, bytes]]:
+    rows = RowReader(f"projects/{PROJECT}/instances/{INSTANCE}/tables/{table_id}").read(
+        [b"%020d" % n for n in l2ids]
+    )
+    return {int(k): dict(v.get(FEATURE_FAMILY, {})) for k, v in rows.items()}
+
+
+def expected_from(env, table_id, l2ids, names=None):
+    return upstream_json(table_cells(table_id, l2ids), l2ids, *env["geometry"], names)
+
+
+def pull(env, timeout: float = 30) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = env["subscriber"].pull(subscription=env["sub"], max_messages=10, timeout=5)
+        if resp.received_messages:
+            env["subscriber"].acknowledge(
+                subscription=env["sub"], ack_ids=[m.ack_id for m in resp.received_messages]
+            )
+            return [m.message for m in resp.received_messages]
+    raise AssertionError("nothing was published")
+
+
+def test_switch_over_serves_new_then_old_and_heals_gaps_into_the_new_table(env):
+    only_old, both, neither = (chunk_ids(env, c) for c in (ONLY_OLD, BOTH, NEITHER))
+    old_rows_before = RowReader(env["old"]).keys_in_range(b"", b"")
+    r = lookup(env, only_old + both + neither)
+    got = r.get_json()
+    # only in the old table: served from it, exactly as the existing frontend serves it
+    assert_same_json({str(k): got[str(k)] for k in only_old}, expected_from(env, OLD, only_old))
+    assert set(table_cells(NEW, only_old)) == set()
+    # in both: the new table's values (the old one's differ: area_nm2 + 1000)
+    new_both = expected_from(env, NEW, both)
+    assert_same_json({str(k): got[str(k)] for k in both}, new_both)
+    old_both = expected_from(env, OLD, both)
+    assert all(new_both[str(k)]["area_nm2"] + 1000 == old_both[str(k)]["area_nm2"] for k in both)
+    # in neither: missing, queued for the new table
+    assert all(got[str(k)] == {} for k in neither)
+    assert r.headers["X-L2Cache-Missing-Ids"] == str(len(neither))
+    assert r.headers["X-L2Cache-Queued-Ids"] == str(len(neither))
+    (message,) = pull(env)
+    assert dict(message.attributes) == {"table_id": DS, "l2_cache_id": NEW}
+    assert sorted(np.frombuffer(message.data, "<u8").tolist()) == neither
+    # the real worker path computes them into the new table
+    result = handle_message(env["config"], message.data, dict(message.attributes), "mig-1")
+    assert result["status"] == "ok", result
+    after = lookup(env, neither, update_cache="false").get_json()
+    assert_same_json(after, expected_from(env, NEW, neither))
+    assert all(after[str(k)] for k in neither)
+    # equal to a direct computation of the chunk, byte for byte
+    feats = env["direct"](NEITHER)
+    cells = table_cells(NEW, neither)
+    for i, node in enumerate(feats["l2id"].tolist()):
+        for a in ATTRIBUTES:
+            assert cells[node][a.key] == encode_column(a, feats[a.name][i : i + 1])[0]
+    # the old table was never written
+    assert RowReader(env["old"]).keys_in_range(b"", b"") == old_rows_before
+    # every value carries its lineage: the missing-id stream run of this code
+    lineage = env["ctx"].store.read_lineage(neither)
+    assert sorted(lineage) == neither
+    assert {v[b"run"] for v in lineage.values()} == {
+        stream_run("missing_ids", env["ctx"].dataset).run_id.encode()
+    }
+    assert all(v[b"code"] and v[b"params"] and v[b"input"] for v in lineage.values())
+
+
+def test_the_existing_frontends_missing_id_message_heals_into_the_new_table(env):
+    """During the switch-over the existing frontend may still publish missing ids naming
+    its own table: computed into the new table, the old one untouched."""
+    ids = chunk_ids(env, FRONTEND_MISSING)
+    data = np.asarray(ids, dtype="<u8").tobytes()
+    attrs = {"table_id": DS, "l2_cache_id": OLD}
+    result = handle_message(env["config"], data, attrs, "from-pcgl2cache-1")
+    assert result["status"] == "ok", result
+    assert set(table_cells(NEW, ids)) == set(ids)
+    assert table_cells(OLD, ids) == {}
+    # any other table is still refused (dead-lettered)
+    bad = handle_message(env["config"], data, {**attrs, "l2_cache_id": "other"}, "bad-1")
+    assert bad["status"] == "dead_lettered"
+
+
+def test_the_existing_frontend_reads_rows_l2cache_wrote(env, monkeypatch):
+    """kvdbclient's real client, PCGL2Cache's attributes: no error, l2cache's values."""
+    for key, value in env["os_env"].items():
+        monkeypatch.setenv(key, value)
+    ids = chunk_ids(env, BOTH) + chunk_ids(env, NEITHER)  # both written by l2cache
+    for names in (None, ["size_nm3", "rep_coord_nm"], ["pca", "pca_val"]):
+        read = frontend_read(NEW, ids, names)  # caveclient's default: every attribute
+        frontend = frontend_finish(read, ids, *env["geometry"])
+        ours = lookup(
+            env,
+            ids,
+            update_cache="false",
+            **({} if names is None else {"attribute_names": ",".join(names)}),
+        ).get_json()
+        assert_same_json(ours, frontend)
+        assert_same_json(frontend, expected_from(env, NEW, ids, names))
+    # an id range read (start_id/end_id) over the chunks never reaches a lineage row
+    from kvdbclient import BigTableClient, get_default_client_info
+
+    client = BigTableClient(NEW, config=get_default_client_info().CONFIG)
+    span = client.read_nodes(start_id=np.uint64(min(ids)), end_id=np.uint64(max(ids) + 1))
+    assert sorted(int(k) for k in span) == sorted(ids)
+    assert set(UPSTREAM) >= {k.key.decode() for row in span.values() for k in row}
+
+
+def test_rows_of_the_older_layout_trip_the_frontend_and_are_migrated(env, monkeypatch):
+    for key, value in env["os_env"].items():
+        monkeypatch.setenv(key, value)
+    ctx = env["ctx"]
+    bits = ctx.dataset.spatial_bits
+    # rows as l2cache wrote them before lineage rows: lineage cells in the feature row
+    feats = env["direct"]((0, 0, 1))
+    nodes = feats["l2id"].astype(np.uint64)
+    at = datetime(2026, 1, 15, tzinfo=UTC)
+    rows = []
+    for i, node in enumerate(nodes.tolist()):
+        row = ctx.store.table.direct_row(b"%020d" % node)
+        for a in ATTRIBUTES:
+            row.set_cell(FEATURE_FAMILY, a.key, encode_column(a, feats[a.name][i : i + 1])[0], at)
+        for col, value in ((b"run", b"bulk-old"), (b"code", b"c-old"), (b"input", b"in")):
+            row.set_cell(LINEAGE_FAMILY, col, value, at)
+        rows.append(row)
+    assert all(s.code == 0 for s in ctx.store.table.mutate_rows(rows))
+    ids = sorted(nodes.tolist())
+    with pytest.raises(KeyError, match="Unknown key lineage:"):
+        frontend_read(NEW, ids)
+    # l2cache reads them (values and lineage) as before
+    served = lookup(env, ids, update_cache="false").get_json()
+    assert_same_json(served, expected_from(env, NEW, ids))
+    before = ctx.store.read_lineage(ids)
+    assert {v[b"run"] for v in before.values()} == {b"bulk-old"}
+    versions = run_versions(ctx.store.table, "bulk-old")
+    assert len(versions) == len(ids)
+    # migrated: lineage rows instead of the rows' own cells, nothing else changes
+    ranges = chunk_key_ranges(idlib.get_chunk_id(nodes, bits), bits)
+    dry = lineage_rows.migrate_rows(ctx.store.table, bits, ranges, dry_run=True)
+    assert (dry.rows, dry.versions, dry.lineage_rows) == (len(ids), len(ids), 1)
+    done = lineage_rows.migrate_rows(ctx.store.table, bits, ranges)
+    assert (done.rows, done.lineage_rows) == (len(ids), 1)
+    assert lineage_rows.migrate_rows(ctx.store.table, bits, ranges).rows == 0  # idempotent
+    frontend = frontend_finish(frontend_read(NEW, ids), ids, *env["geometry"])
+    assert_same_json(frontend, served)
+    assert ctx.store.read_lineage(ids) == before
+    assert run_versions(ctx.store.table, "bulk-old") == versions
+    assert all(set(r) == {"0"} for r in ctx.store.read_raw(ids).values())
+
+
+def test_rollback_by_lineage_rows_restores_the_previous_version(env):
+    """Two writes of one chunk by two runs; rolling back the second restores the first's
+    bytes and lineage, deletes its lineage row, and a repeat deletes nothing."""
+    ctx = env["ctx"]
+    bits = ctx.dataset.spatial_bits
+    feats = env["direct"]((1, 0, 1))
+    ids = sorted(feats["l2id"].tolist())
+    first, second = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC)
+    ctx.store.write_features(feats, Lineage("bulk-a", code_revision="ca", cell_timestamp=first))
+    before = ctx.store.read_raw(ids)
+    changed = dict(feats)
+    changed["size_nm3"] = feats["size_nm3"] + 1
+    ctx.store.write_features(changed, Lineage("bulk-b", code_revision="cb", cell_timestamp=second))
+    assert {v[b"run"] for v in ctx.store.read_lineage(ids).values()} == {b"bulk-b"}
+    cid = int(idlib.get_chunk_id(np.array(ids[:1], dtype=np.uint64), bits)[0])
+    stamp_ms = int(second.timestamp() * 1000)
+    dry = rollback_chunks(ctx.store.table, ["bulk-b"], [cid], bits, [stamp_ms], dry_run=True)
+    assert (dry.rows_scanned, dry.rows_touched, dry.versions_deleted) == (1, len(ids), len(ids))
+    done = rollback_chunks(ctx.store.table, ["bulk-b"], [cid], bits, [stamp_ms])
+    assert done.runs == {"bulk-b": len(ids)}
+    assert ctx.store.read_raw(ids) == before
+    assert {v[b"code"] for v in ctx.store.read_lineage(ids).values()} == {b"ca"}
+    again = rollback_chunks(ctx.store.table, ["bulk-b"], [cid], bits, [stamp_ms])
+    assert (again.rows_scanned, again.versions_deleted) == (0, 0)
+    assert not run_versions(ctx.store.table, "bulk-b")
+    assert len(run_versions(ctx.store.table, "bulk-a")) == len(ids)
+
+
+def test_lineage_costs_bytes_per_chunk_not_per_row(env):
+    """Stored bytes (key + family + qualifier + value + 8-byte timestamp per cell) of one
+    chunk's rows with a bulk run's real lineage: in every row (before) vs one lineage
+    row per chunk (now)."""
+    ctx = env["ctx"]
+    coords = (1, 1, 1)
+    chunk = load_chunk_l2(ctx, coords, None)
+    feats = compute_features(chunk.labels, RES)
+    run = new_run("bulk_ingest", ctx.dataset)
+    lineage = run.lineage(chunk.checksum, datetime(2026, 4, 1, tzinfo=UTC))
+    ctx.store.write_features(feats, lineage)
+    ids = sorted(feats["l2id"].tolist())
+    reader = RowReader(ctx.store.table)
+    features = reader.versions(keys=[b"%020d" % n for n in ids])
+    mine = {
+        k: v
+        for k, v in reader.versions(prefix=lineage_rows.PREFIX).items()
+        if lineage_rows.parse_key(k)[2] == run.run_id
+    }
+
+    def size(rows) -> int:
+        return sum(
+            len(key) + len(fam) + len(col) + len(value) + 8
+            for key, fams in rows.items()
+            for fam, cols in fams.items()
+            for col, versions in cols.items()
+            for _, value in versions
+        )
+
+    per_row_before = sum(  # the same columns in each feature row (key: 20 bytes)
+        20 + len(LINEAGE_FAMILY) + len(col) + len(value) + 8
+        for col, value in lineage.columns().items()
+    )
+    n = len(ids)
+    feature_bytes, lineage_bytes = size(features), size(mine)
+    print(
+        f"\n{n} rows: features {feature_bytes / n:.0f} B/row; lineage before "
+        f"{per_row_before} B/row ({(feature_bytes + per_row_before * n) / n:.0f} B/row in "
+        f"all), now {lineage_bytes} B in {len(mine)} lineage row = {lineage_bytes / n:.1f} "
+        f"B/row ({(feature_bytes + lineage_bytes) / n:.0f} B/row in all)"
+    )
+    assert len(mine) == 1 and all(set(r) == {"0"} for r in features.values())
+    assert lineage_bytes / n < per_row_before / 4
