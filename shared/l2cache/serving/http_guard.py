@@ -56,6 +56,10 @@ READ_STEP = 64 * 2**10
 INFLATE_STEP = 64 * 2**10
 DEFAULT_BODY_LIMIT = 1 * 2**20
 DEFAULT_DEADLINE_S = 10.0
+# A declared body gets at least this rate (bytes/s) on top of the deadline: the lookup's
+# cap of 500,000 ids is a ~11 MB JSON body (16 MB limit), which a client on an 8 Mbit/s
+# uplink needs ~11 s to send, so its deadline is length / rate (16 s at the limit).
+MIN_BODY_RATE = 2**20
 DEFAULT_CPU_BUDGET_S = 1.0
 MAX_GZIP_MEMBERS = 16
 MAX_TARGET_BYTES = 16 * 2**10  # path + query; functions-framework lifts gunicorn's 8 KiB
@@ -201,14 +205,17 @@ def read_body(environ: dict, limit: int, deadline_s: float, cpu_s: float) -> byt
     """The whole request body, at most ``limit`` bytes, within ``deadline_s`` seconds of
     wall time and ``cpu_s`` seconds of this thread's CPU; :class:`FramingError` otherwise.
 
-    A declared length over the limit is refused before anything is read. Without a
-    socket in the environ (an in-process test client) the deadline is checked between
-    reads only.
+    A declared length over the limit is refused before anything is read; a declared
+    length within it gets at least ``length / MIN_BODY_RATE`` seconds (a big honest body
+    on a slow uplink). Without a socket in the environ (an in-process test client) the
+    deadline is checked between reads only.
     """
     length = _declared_length(environ)
     chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
     if length is not None and length > limit:
         raise FramingError(413, f"request body of {length} bytes is over the {limit}-byte limit")
+    if length and not chunked:
+        deadline_s = max(deadline_s, length / MIN_BODY_RATE)
     if not chunked and not length:
         return b""
     stream = environ["wsgi.input"]
