@@ -99,7 +99,7 @@ class Lookup(pulumi.ComponentResource):
         missing_topic: gcp.pubsub.Topic,
     ) -> list[pulumi.CustomResource]:
         """Exactly what lookup's identity may do: read the cache tables (existing ones
-        included: they are served), read and write its missing-id guard table, read the
+        included: they are served) and the datasets' fallback tables, read and write its missing-id guard table, read the
         graph tables (a missing id's existence check, keys only) and publish missing ids."""
         out: list[pulumi.CustomResource] = [
             gcp.bigtable.TableIamMember(
@@ -112,6 +112,18 @@ class Lookup(pulumi.ComponentResource):
                 opts=child_opts(self),
             )
             for dataset, table in storage.served_tables().items()
+        ]
+        out += [  # the switch-over's existing tables: read for the ids a cache table lacks
+            gcp.bigtable.TableIamMember(
+                f"lookup-reads-fallback-{dataset}",
+                instance_name=storage.instance_name,
+                table=table,
+                role="roles/bigtable.reader",
+                member=member,
+                project=cfg.bigtable_project,
+                opts=child_opts(self),
+            )
+            for dataset, table in storage.fallback_tables.items()
         ]
         out.append(
             gcp.bigtable.TableIamMember(

@@ -4,7 +4,8 @@ Cache tables marked existing (the dataset map's ``existing_cache_table: true`` o
 ``l2cache:existingCacheTables``) are served, never created, altered or deleted here:
 Pulumi does not own them. ``l2cache:existingBigtableInstance`` likewise uses the
 dataset map's ``bigtable`` instance as it is (e.g. the one the existing service's
-tables live in) instead of creating it.
+tables live in) instead of creating it. A dataset's ``fallback_table_id`` (the
+switch-over) is likewise only read, by lookup.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Storage(pulumi.ComponentResource):
             )
             self.instance_name = self.instance.name
         protect = cfg.bigtable_instance_type == "PRODUCTION"  # as the instance
+        self._datasets = dict(cfg.datasets["datasets"])
         self.cache_tables, self.existing_tables, self.gc_policies = {}, {}, []
         for dataset, ds in sorted(cfg.datasets["datasets"].items()):
             table_id = ds["cache_table_id"]
@@ -153,11 +155,23 @@ class Storage(pulumi.ComponentResource):
                 "instance_name": self.instance_name,
                 "cache_tables": self.cache_table_names,
                 "existing_cache_tables": self.existing_tables,
+                "fallback_tables": self.fallback_tables,
                 "runs_table": self.runs.name,
                 "guard_table": self.guard.name,
                 "source_bucket": self.bucket.name,
             }
         )
+
+    @property
+    def fallback_tables(self) -> dict[str, str]:
+        """Dataset -> its ``fallback_table_id`` (the switch-over: an existing table read
+        for the ids its cache table lacks). Never created, written or given GC rules
+        here: lookup only reads it."""
+        return {
+            dataset: ds["fallback_table_id"]
+            for dataset, ds in sorted(self._datasets.items())
+            if ds.get("fallback_table_id")
+        }
 
     def served_tables(self) -> dict[str, pulumi.Input[str]]:
         """Every cache table lookup reads, owned or existing, by dataset."""

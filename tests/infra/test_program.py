@@ -434,6 +434,7 @@ def test_components_register_their_outputs(built):
             "instance_name": "l2cache",
             "cache_tables": {"minnie": "l2cache_minnie_v1", "pinky": "l2cache_pinky_v1"},
             "existing_cache_tables": {},
+            "fallback_tables": {},
             "runs_table": "l2cache_runs",
             "guard_table": "l2cache_lookup_guard",
             "source_bucket": "proj-l2cache-source",

@@ -264,6 +264,31 @@ def test_existing_tables_and_instance_are_served_not_owned():
     }
 
 
+def test_a_fallback_table_is_read_by_lookup_and_never_owned():
+    """The switch-over: the new cache table is ours, the existing one only read."""
+    switched = DATASETS_YAML.replace(
+        "    cache_table_id: l2cache_minnie_v1\n",
+        "    cache_table_id: l2cache_minnie_v2\n    fallback_table_id: pcgl2cache_minnie\n",
+    )
+    assert switched != DATASETS_YAML
+    b = build(datasets_yaml=switched)
+    tables = sorted(r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table"))
+    assert "pcgl2cache_minnie" not in tables and "l2cache_minnie_v2" in tables
+    gc = {r["inputs"]["table"] for r in b.of("gcp:bigtable/gCPolicy:GCPolicy")}
+    assert "pcgl2cache_minnie" not in gc
+    grants = {
+        (r["name"], r["inputs"]["table"], r["inputs"]["role"])
+        for r in b.of("gcp:bigtable/tableIamMember:TableIamMember")
+        if r["inputs"]["table"] == "pcgl2cache_minnie"
+    }
+    assert grants == {
+        ("lookup-reads-fallback-minnie", "pcgl2cache_minnie", "roles/bigtable.reader")
+    }
+    assert b.registered["l2cache:index:Storage"]["fallback_tables"] == {
+        "minnie": "pcgl2cache_minnie"
+    }
+
+
 def test_existing_tables_from_the_stack_config_list():
     b = build(existing_cache_tables=["l2cache_minnie_v1", "l2cache_pinky_v1"])
     tables = [r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table")]
