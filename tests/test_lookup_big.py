@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 
 import brotli
+import grpc
 import numpy as np
 import orjson
 import pytest
@@ -26,8 +27,9 @@ from lookup_support import assert_same_json, upstream_json
 from l2cache.config import parse_config
 from l2cache.domain import ids
 from l2cache.domain.lineage import Lineage
-from l2cache.gcp.bigtable import bigtable_instance
-from l2cache.serving.respond import SPILL_BYTES
+from l2cache.gcp.bigtable import RowReader, bigtable_instance
+from l2cache.serving.api import LookupService
+from l2cache.serving.respond import SPILL_BYTES, Admission
 from l2cache.store.cache import CacheStore, create_cache_table
 from l2cache_tools.local.functions import start_function
 
@@ -125,6 +127,7 @@ def big(bigtable_emulator, tmp_path_factory):
         "written": np.sort(written),
         "missing": np.setdiff1d(l2, written),
         "layer1": layer1,
+        "config": config,
     }
     fn.stop()
 
@@ -287,6 +290,33 @@ def test_npz_of_a_big_request_streams(big):
     arrays = npz_of(r)
     assert (arrays["l2id"] == part).all()
     assert arrays["found"].sum() == np.isin(part, big["written"]).sum()
+
+
+def test_bigtable_throttling_is_429_not_5xx(big):
+    """RESOURCE_EXHAUSTED from Bigtable is overload: 429 + Retry-After, never a 5xx.
+
+    Raised for real by gRPC: the reader's channel to the emulator refuses messages over
+    64 bytes, which gRPC reports as RESOURCE_EXHAUSTED, as Bigtable reports throttling.
+    """
+    config = big["config"]
+    store = CacheStore(big["store"].table, config.dataset("big"))
+    target = bigtable_emulator_host()
+    small = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64)])
+    store._reader = RowReader(store.table.name, channel=small)  # noqa: SLF001
+    service = LookupService(config, lambda name: store, admission=Admission(10**6))
+    body = np.asarray(big["written"][:20], dtype="<u8").tobytes()
+    r = service.handle("POST", URL_TAIL, {}, {"Content-Type": "application/octet-stream"}, body)
+    assert r.status == 429, r.body
+    assert r.headers["Retry-After"] == "5"
+    assert json.loads(r.body)["code"] == 429
+    assert service.admission.in_flight == 0  # released though the read failed
+    small.close()
+
+
+def bigtable_emulator_host() -> str:
+    import os
+
+    return os.environ["BIGTABLE_EMULATOR_HOST"]
 
 
 def test_overload_is_429_with_retry_after_and_clears(big):
