@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import yaml
 from google.cloud import pubsub_v1
 from lookup_support import (
     UPSTREAM,
@@ -125,6 +126,7 @@ def env(bigtable_emulator, pubsub_emulator, tmp_path_factory):
                 int(ctx.dataset.spatial_bits.bits_for(np.array([2]))[0]),
             ),
             "os_env": {"BIGTABLE_PROJECT": PROJECT, "BIGTABLE_INSTANCE": INSTANCE},
+            "config_dict": config,
         }
 
 
@@ -246,13 +248,11 @@ def test_the_existing_frontend_reads_rows_l2cache_wrote(env, monkeypatch):
     assert set(UPSTREAM) >= {k.key.decode() for row in span.values() for k in row}
 
 
-def test_rows_of_the_older_layout_trip_the_frontend_and_are_migrated(env, monkeypatch):
-    for key, value in env["os_env"].items():
-        monkeypatch.setenv(key, value)
+def write_older_layout(env, coords, run_id: str) -> np.ndarray:
+    """Rows of one chunk as l2cache wrote them before lineage rows: lineage cells in
+    every feature row, at one timestamp."""
     ctx = env["ctx"]
-    bits = ctx.dataset.spatial_bits
-    # rows as l2cache wrote them before lineage rows: lineage cells in the feature row
-    feats = env["direct"]((0, 0, 1))
+    feats = env["direct"](coords)
     nodes = feats["l2id"].astype(np.uint64)
     at = datetime(2026, 1, 15, tzinfo=UTC)
     rows = []
@@ -260,10 +260,41 @@ def test_rows_of_the_older_layout_trip_the_frontend_and_are_migrated(env, monkey
         row = ctx.store.table.direct_row(b"%020d" % node)
         for a in ATTRIBUTES:
             row.set_cell(FEATURE_FAMILY, a.key, encode_column(a, feats[a.name][i : i + 1])[0], at)
-        for col, value in ((b"run", b"bulk-old"), (b"code", b"c-old"), (b"input", b"in")):
+        for col, value in ((b"run", run_id.encode()), (b"code", b"c-old"), (b"input", b"in")):
             row.set_cell(LINEAGE_FAMILY, col, value, at)
         rows.append(row)
     assert all(s.code == 0 for s in ctx.store.table.mutate_rows(rows))
+    return nodes
+
+
+def test_lineage_cli_migrates_a_table_and_shows_lineage(env, tmp_path, capsys, monkeypatch):
+    from l2cache_tools.cli import main
+
+    for key, value in env["os_env"].items():
+        monkeypatch.setenv(key, value)
+    path = tmp_path / "map.yaml"
+    path.write_text(yaml.safe_dump(env["config_dict"]))
+    nodes = sorted(write_older_layout(env, (0, 1, 1), "bulk-older").tolist())
+    with pytest.raises(KeyError, match="Unknown key lineage:"):
+        frontend_read(NEW, nodes)
+    args = ["lineage", "migrate", DS, "--config", str(path)]
+    assert main([*args, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert f"{len(nodes)} rows of {NEW} hold lineage cells" in dry
+    assert main(args) == 2  # no terminal, no --yes: refused, nothing changed
+    assert main([*args, "--yes"]) == 0
+    assert f"migrated {len(nodes)} rows" in capsys.readouterr().out
+    frontend_read(NEW, nodes)  # no longer trips
+    assert main(["lineage", "show", DS, str(nodes[0]), "--config", str(path)]) == 0
+    assert "run=bulk-older" in capsys.readouterr().out
+
+
+def test_rows_of_the_older_layout_trip_the_frontend_and_are_migrated(env, monkeypatch):
+    for key, value in env["os_env"].items():
+        monkeypatch.setenv(key, value)
+    ctx = env["ctx"]
+    bits = ctx.dataset.spatial_bits
+    nodes = write_older_layout(env, (0, 0, 1), "bulk-old")
     ids = sorted(nodes.tolist())
     with pytest.raises(KeyError, match="Unknown key lineage:"):
         frontend_read(NEW, ids)

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo_cmd",
     "qc_cmd",
     "release_cmd",
+    "lineage_cmd",
     "dashboard_cmd",
     "prices_cmd",
 )
