@@ -421,7 +421,9 @@ def _cached(stack, ids) -> set[int]:
     from l2cache.domain import ids as idlib
 
     return {
-        int(k) for k in (idlib.parse_row_key(r.row_key) for r in table.read_rows()) if k in set(ids)
+        int(k)
+        for k in (idlib.parse_row_key(r.row_key) for r in table.read_rows() if r.row_key.isdigit())
+        if k in set(ids)
     }
 
 

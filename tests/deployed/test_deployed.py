@@ -192,7 +192,7 @@ def test_edits_are_recomputed_by_the_deployed_on_edit(deployed, ingested):
     ctx = deployed["ctx"]
     instance = deployed["added"]["instance"]
     cache = instance.table(deployed["added"]["cache_table"])
-    before = {int(r.row_key) for r in cache.read_rows()}
+    before = {int(r.row_key) for r in cache.read_rows() if r.row_key.isdigit()}
     graph = instance.table(DATASET)
     a, b = pick_merge(ctx.dataset, graph, (0, 0, 0))
     merge = apply_merge(graph, ctx.dataset, a, b)
@@ -207,7 +207,7 @@ def test_edits_are_recomputed_by_the_deployed_on_edit(deployed, ingested):
         120,
         "the deployed on_edit to write the new L2 nodes",
     )
-    assert {int(r.row_key) for r in cache.read_rows()} - before == new_ids
+    assert {int(r.row_key) for r in cache.read_rows() if r.row_key.isdigit()} - before == new_ids
     chunk = load_chunk_l2(ctx, (0, 0, 0), None)
     direct = compute_features(chunk.labels, RES, only=merge.new_l2_ids)
     (node,) = merge.new_l2_ids.tolist()
