@@ -52,13 +52,8 @@ def env(tmp_path_factory):
     os.environ.update(saved)
     for kind, rows in FIGURES.items():
         if rows:
-            times = [t for t, _ in rows]
-            reads = [r for _, r in rows]
-            print(
-                f"\nwait latency after a {kind} request: {len(rows)} runs, "
-                f"{min(times):.2f}-{max(times):.2f} s (mean {sum(times) / len(times):.2f} s), "
-                f"reads per wait {min(reads)}-{max(reads)}"
-            )
+            each = ", ".join(f"{t:.2f} s/{r} reads" for t, r in rows)
+            print(f"\nwait latency after a {kind} request (in test order): {each}")
 
 
 def ask(env, l2ids, **params) -> tuple[requests.Response, float]:
