@@ -3,8 +3,8 @@
 Switch-over: a dataset serves its new l2cache table over the existing service's table
 (``fallback_table_id``): rows only in the old table are served from it exactly as the
 existing frontend serves them, rows in both come from the new table, ids in neither are
-queued (Pub/Sub), computed by the real worker path (on_edit's handler) into the new
-table, never the old one, and then served from the new table.
+queued (Pub/Sub), computed by the real worker path (the message pushed to on_edit's
+function) into the new table, never the old one, and then served from the new table.
 
 Way back: PCGL2Cache's frontend read (kvdbclient's real ``BigTableClient.read_nodes``
 with PCGL2Cache's attributes registered, then its handle_attributes loop) on the rows
@@ -14,9 +14,11 @@ before lineage rows (lineage cells in the feature row) trip it, and are migrated
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +61,7 @@ CROP = "tests/data/pinky40_crop_96x96x48.npz"
 URL = f"/l2cache/api/v1/table/{DS}/attributes"
 ONLY_OLD, BOTH, NEITHER, FRONTEND_MISSING = (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)
 TS = datetime(2026, 2, 1, tzinfo=UTC)
+ON_EDIT = Path(__file__).resolve().parents[1] / "functions" / "on_edit" / "main.py"
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +168,25 @@ def pull(env, timeout: float = 30) -> list:
     raise AssertionError("nothing was published")
 
 
+def push_to_on_edit(message) -> int:
+    """POST ``message`` to the on_edit function (functions-framework's own app, in this
+    process, the dataset map from ``L2CACHE_CONFIG``) as a push subscription delivers it."""
+    import functions_framework
+
+    app = functions_framework.create_app("on_edit", str(ON_EDIT), "cloudevent")
+    body = {
+        "message": {
+            "data": base64.b64encode(message.data).decode(),
+            "attributes": dict(message.attributes),
+            "messageId": message.message_id,
+            "publishTime": message.publish_time.isoformat(),
+        },
+        "subscription": f"projects/{PROJECT}/subscriptions/missing-push",
+    }
+    r = app.test_client().post(f"/projects/{PROJECT}/topics/missing", json=body)
+    return r.status_code
+
+
 def test_switch_over_serves_new_then_old_and_heals_gaps_into_the_new_table(env):
     only_old, both, neither = (chunk_ids(env, c) for c in (ONLY_OLD, BOTH, NEITHER))
     old_rows_before = RowReader(env["old"]).keys_in_range(b"", b"")
@@ -185,9 +207,8 @@ def test_switch_over_serves_new_then_old_and_heals_gaps_into_the_new_table(env):
     (message,) = pull(env)
     assert dict(message.attributes) == {"table_id": DS, "l2_cache_id": NEW}
     assert sorted(np.frombuffer(message.data, "<u8").tolist()) == neither
-    # the real worker path computes them into the new table
-    result = handle_message(env["config"], message.data, dict(message.attributes), "mig-1")
-    assert result["status"] == "ok", result
+    # the real worker path: the message pushed to on_edit's function, as Pub/Sub does
+    assert push_to_on_edit(message) == 200
     after = lookup(env, neither, update_cache="false").get_json()
     assert_same_json(after, expected_from(env, NEW, neither))
     assert all(after[str(k)] for k in neither)
