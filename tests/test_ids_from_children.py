@@ -100,3 +100,10 @@ def test_checksum_fingerprints_voxels_and_the_children_mapping(real_chunk):
     assert labels_from_children(moved, {node: children[node]}).checksum != base.checksum
     voxels = int(np.isin(sv, children[node]).sum())
     assert base.voxels_of(children[node]) == voxels and base.voxels_of(np.zeros(0)) == 0
+    # the last group may take the shared index over, after the hash has read it
+    before = base.checksum
+    labels = base.group_labels(0, consume=True)
+    assert base.index is None and base.checksum == before
+    assert int(np.count_nonzero(labels.index)) == voxels
+    with pytest.raises(ValueError, match="consumed"):
+        base.group_labels(0)

@@ -262,8 +262,9 @@ def features_of_ids(labels: IdLabels, resolution: Sequence[float]) -> dict[str, 
     labels, which the engine treats exactly as background for this id), so an id that
     shares supervoxels with another requested id still gets the features of its voxels.
     """
-    parts = [
-        compute_features(labels.group_labels(i), resolution, only=members)
+    last = len(labels.groups) - 1
+    parts = [  # the last group takes the shared index over: one full-size array less
+        compute_features(labels.group_labels(i, consume=i == last), resolution, only=members)
         for i, members in enumerate(labels.groups)
     ]
     if not parts:

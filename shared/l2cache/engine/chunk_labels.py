@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -181,6 +181,7 @@ def labels_from_supervoxels(
     )
 
 
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2cache-ids-hash")
 CHILDREN_TAG = b"children-v1"  # separates the children-mapping checksum from the parents one
 
 
@@ -195,18 +196,32 @@ class IdLabels:
     :attr:`groups` partitions them into sets with disjoint children, and
     :meth:`group_labels` builds one label volume per set, each from the one shared
     supervoxel index (one full pass per set, no re-read, no uint64 volume).
+
+    The checksum is hashed in a thread from construction on (hashlib releases the GIL),
+    so it overlaps the caller's graph reads and the label passes; :attr:`checksum` waits
+    for it. The last group may take the index over in place (``consume``), once hashed.
     """
 
-    index: np.ndarray  # dense supervoxel index, memory order (C-contiguous)
+    index: np.ndarray | None  # dense supervoxel index, memory order; None once consumed
     first_seen: np.ndarray  # index -> supervoxel id (0 first)
     fortran: bool  # the input was Fortran-ordered: labels are handed back transposed
     sv_ids: np.ndarray  # distinct non-zero supervoxel ids in the chunk, ascending
     children: dict[int, np.ndarray]  # requested id -> its supervoxels (as the graph has them)
     groups: list[np.ndarray]  # ids (ascending) whose children are pairwise disjoint
-    checksum: str  # voxels + the children mapping (ids ascending, each id's children)
+    hashing: Future[str]  # voxels + the children mapping (ids ascending, each id's children)
 
-    def group_labels(self, i: int) -> DenseLabels:
-        """Group ``i``'s label volume: its ids' voxels labelled, all else background."""
+    @property
+    def checksum(self) -> str:
+        """16 hex digits over the voxels and the children mapping (waits for the hash)."""
+        return self.hashing.result()
+
+    def group_labels(self, i: int, consume: bool = False) -> DenseLabels:
+        """Group ``i``'s label volume: its ids' voxels labelled, all else background.
+
+        ``consume``: write it over the shared index (no second full-size array); the
+        index is gone afterwards, so only for the last group asked for."""
+        if self.index is None:
+            raise ValueError("the supervoxel index was consumed by an earlier group")
         members = self.groups[i]
         seen_pos = np.argsort(self.first_seen[1:], kind="stable") + 1  # sorted sv -> index
         lut = np.zeros(self.first_seen.size, dtype=np.int64)
@@ -215,8 +230,13 @@ class IdLabels:
             present = kids[np.isin(kids, self.sv_ids, assume_unique=True)]
             lut[seen_pos[np.searchsorted(self.sv_ids, present)]] = number
         dtype = _kernels.dense_dtype(members.size)
-        out = np.empty(self.index.shape, dtype=dtype)
-        _kernels.lut_into(self.index, lut, out)
+        src = self.index
+        if consume and src.dtype == dtype:
+            self.hashing.result()  # the hash reads the index: done before it is overwritten
+            out, self.index = src, None  # element by element, read before written: in place
+        else:
+            out = np.empty(src.shape, dtype=dtype)
+        _kernels.lut_into(src, lut, out)
         ids = np.concatenate([np.zeros(1, np.uint64), members.astype(np.uint64)])
         return DenseLabels(out.T if self.fortran else out, ids)
 
@@ -225,6 +245,8 @@ class IdLabels:
         sv_ids = np.asarray(sv_ids, dtype=np.uint64)
         if sv_ids.size == 0:
             return 0
+        if self.index is None:
+            raise ValueError("the supervoxel index was consumed")
         per_seen = np.bincount(self.index.reshape(-1), minlength=self.first_seen.size)
         return int(per_seen[1:][np.isin(self.first_seen[1:], sv_ids)].sum())
 
@@ -269,7 +291,8 @@ def labels_from_children(
     ``children``: requested id -> its supervoxel ids (the newest ``children`` cell: PCG
     writes it once, when the node is created, so it is the node's own content even after
     later edits replaced the node). Ids not in ``children`` are not labelled at all.
-    ``timings``, if given, gets seconds for unique, checksum and groups.
+    ``timings``, if given, gets seconds for unique and groups (the checksum is hashed
+    in a thread: :attr:`IdLabels.checksum`).
     """
     sv = np.asarray(sv)
     if sv.ndim != 3 or sv.dtype.kind != "u":
@@ -279,8 +302,10 @@ def labels_from_children(
     sv_ids = np.sort(first_seen[1:])
     lap("unique")
     kids = {int(k): np.unique(np.asarray(v, dtype=np.uint64)) for k, v in children.items()}
-    checksum = children_checksum(_voxel_digest(sv.shape, _order(sv), index, first_seen), kids)
-    lap("checksum")
+    shape, order = sv.shape, _order(sv)  # the hash must not keep ``sv`` alive
+    hashing = _HASHER.submit(
+        lambda: children_checksum(_voxel_digest(shape, order, index, first_seen), kids)
+    )
     groups = disjoint_groups(kids)
     lap("groups")
     return IdLabels(
@@ -290,7 +315,7 @@ def labels_from_children(
         sv_ids=sv_ids,
         children=kids,
         groups=groups,
-        checksum=checksum,
+        hashing=hashing,
     )
 
 
