@@ -52,7 +52,7 @@ def _config(tmp) -> dict:
             "max_delivery_attempts": 1,  # the first failure is the last: recorded failed
         },
         "runs_table_id": "idstate_runs",
-        "lookup_wait": {"max_s": CAP_S},
+        "lookup_wait": {"max_s": CAP_S, "max_ids": 50},
         "missing_ids": {"guard_table_id": "idstate_guard"},
         "datasets": {
             "pinky": {
@@ -326,6 +326,19 @@ def test_bad_wait_or_state_values_are_a_400(stack, params):
     r = requests.post(stack["url"], json={"l2_ids": COMPUTED}, params=params, timeout=30)
     assert r.status_code == 400
     assert r.json()["code"] == 400
+
+
+def test_state_and_wait_keep_a_per_request_id_cap(stack):
+    many = [l2((0, 0, 0), s) for s in range(1, 52)]  # 51 > lookup_wait.max_ids
+    r = requests.post(
+        stack["url"], json={"l2_ids": many}, params={"state": "true", "update_cache": "false"}
+    )
+    assert r.status_code == 400
+    assert "at most 50 ids" in r.json()["message"]
+    ok = post(stack, many[:50], state="true", update_cache="false")
+    assert len(ok.json()["state"]) == 50
+    plain = post(stack, many, update_cache="false")  # the default answer: any size
+    assert len(plain.json()) == 51
 
 
 def test_an_expired_queue_mark_is_said_and_the_id_queued_again(stack):

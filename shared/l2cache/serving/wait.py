@@ -11,6 +11,8 @@
   The answer comes as soon as none is pending, or at the cap. Ids that are unknown,
   deferred or not layer 2 are never waited for. Without ``state`` the body is the
   default one (the features, ``{}`` for what is still missing).
+- either takes at most ``lookup_wait.max_ids`` ids (default 75,000; the answer is
+  built whole, where the default one streams); more is a 400.
 - ``state=true``: the body becomes ``{"attributes": <the default body>, "state":
   {id: {...}}, "summary": {state: count}}`` (:mod:`l2cache.serving.id_state`).
 
@@ -42,6 +44,9 @@ from l2cache.serving.id_state import StateContext, states, summary
 from l2cache.store.cache import CacheStore
 
 DEFAULT_MAX_WAIT_S = 30.0
+# Ids a request with ``state`` or ``wait`` may name: its answer is built whole in memory
+# (the default answer streams), so it keeps the old per-request cap.
+DEFAULT_MAX_IDS = 75_000
 HARD_MAX_WAIT_S = 60.0  # half the lookup function's 120 s timeout
 FIRST_POLL_S = 0.1
 MAX_POLL_S = 2.0
@@ -73,6 +78,16 @@ def max_wait_s(config: L2CacheConfig) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value:
         raise ValueError(f"lookup_wait.max_s must be a number of seconds, got {value!r}")
     return float(min(value, HARD_MAX_WAIT_S))
+
+
+def max_ids(config: L2CacheConfig) -> int:
+    """The map's ``lookup_wait: {max_ids}`` (default 75,000, the cap the lookup had
+    before its answers streamed): ids per request with ``state`` or ``wait``."""
+    section = config.raw.get("lookup_wait") or {}
+    value = section.get("max_ids", DEFAULT_MAX_IDS) if isinstance(section, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"lookup_wait.max_ids must be a positive integer, got {value!r}")
+    return value
 
 
 def parse_wait(value: str | None, cap: float) -> float:
@@ -172,6 +187,12 @@ def answer(
     :class:`WaitError` for a bad ``wait`` or ``state`` value."""
     seconds = parse_wait(query.get("wait"), max_wait_s(service.config))
     with_state = parse_state(query.get("state"))
+    limit = max_ids(service.config)
+    if l2ids.size > limit:
+        raise WaitError(
+            f"state and wait take at most {limit} ids per request, not {l2ids.size} "
+            "(split the request; without them any size is answered)"
+        )
     ctx = StateContext(
         config=service.config,
         store=service.store(ds.name),
