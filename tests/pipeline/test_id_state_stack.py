@@ -132,3 +132,36 @@ def test_ids_whose_chunk_cannot_be_read_end_the_wait_as_failed_with_the_reason(e
         assert body["attributes"][str(node)] == {}
     # the wait stopped at a state check (2, 4 or 8 s in), not at the 30 s cap
     assert int(r.headers["X-L2Cache-Wait-Reads"]) <= 20
+
+
+def test_a_fanned_out_request_waits_for_each_chunk_and_says_which_failed(env, tmp_path):
+    """Ids in two chunks: on_edit fans them out as one compute_chunk task per chunk; the
+    good chunk's ids come back computed, the other's failed with the task's reason (the
+    event's ``evchunk`` row), and the wait ends at a state check."""
+    ctx = env["ctx"]
+    good = load_chunk_l2(ctx, (0, 1, 1), None).l2_ids[:2]
+    bad_coords = (1, 1, 1)
+    bad = load_chunk_l2(ctx, bad_coords, None).l2_ids[2:4]  # [:2] were asked above
+    lo = np.asarray(bad_coords) * np.asarray(CHUNK)
+    box = "_".join(f"{a}-{b}" for a, b in zip(lo.tolist(), (lo + CHUNK).tolist(), strict=True))
+    path = env["built"].segmentation.removeprefix("file://") + f"/16.0_16.0_40.0/{box}.gz"
+    shutil.copy(path, tmp_path / "gone.bak")
+    try:
+        os.remove(path)
+        r, _ = ask(env, np.concatenate([good, bad]), state="true", wait="30")
+    finally:
+        shutil.copy(tmp_path / "gone.bak", path)
+    body = r.json()
+    assert r.headers["X-L2Cache-Queued-Chunks"] == "2"
+    assert r.headers["X-L2Cache-Wait"] == "settled", body["state"]
+    for node in good.tolist():
+        assert body["state"][str(node)] == {"state": "computed"}
+        assert body["attributes"][str(node)]["size_nm3"] > 0
+    events = set()
+    for node in bad.tolist():
+        state = body["state"][str(node)]
+        assert state["state"] == "failed", state
+        assert "segmentation file missing" in state["reason"]
+        events.add(state["by"]["event"])
+    assert len(events) == 1  # one message, fanned out
+    assert body["summary"]["computed"] == 2 and body["summary"]["failed"] == 2
