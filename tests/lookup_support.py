@@ -156,6 +156,9 @@ def frontend_read(
     """
     from kvdbclient import BigTableClient, get_default_client_info
 
+    # the frontend's process registers PCGL2Cache's attributes; kvdbclient's registry is
+    # global, and a test may have registered another serializer under a key since
+    _Attribute._attributes.update({(a.family_id, a.key): a for a in UPSTREAM.values()})
     info = get_default_client_info()
     cache_client = BigTableClient(cache_table_id, config=info.CONFIG)
     l2ids = np.unique(np.array(l2ids, dtype=np.uint64))

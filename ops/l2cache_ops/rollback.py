@@ -298,7 +298,7 @@ class RunRollback:
 
     @property
     def cells(self) -> int:
-        """Cells those versions hold: feature and lineage columns each."""
+        """Feature cells those versions hold (lineage: a row per chunk and run)."""
         return self.versions * CELLS_PER_VERSION
 
     def to_json(self) -> dict[str, Any]:

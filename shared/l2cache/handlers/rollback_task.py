@@ -54,7 +54,9 @@ BATCH_CHUNKS = 64  # chunks per read + delete round: bounded memory
 BULK_KINDS = ("bulk_ingest", "region_reprocess")  # one cell timestamp per run
 FEATURE_COLUMNS = [a.key for a in ATTRIBUTES]
 LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]
-CELLS_PER_VERSION = len(FEATURE_COLUMNS) + len(LINEAGE_COLUMNS)
+# a version's feature cells; its lineage is one row per (chunk, run), not cells per row
+# (rows written before lineage rows also held the four LINEAGE_COLUMNS)
+CELLS_PER_VERSION = len(FEATURE_COLUMNS)
 MS = 1000  # Bigtable cell timestamps are whole milliseconds, in microseconds
 
 
