@@ -411,3 +411,38 @@ def test_lineage_costs_bytes_per_chunk_not_per_row(env):
     )
     assert len(mine) == 1 and all(set(r) == {"0"} for r in features.values())
     assert lineage_bytes / n < per_row_before / 4
+
+
+def test_a_pre_2022_fallback_table_is_served_as_stored_beside_the_new_one(env):
+    """``row_format: legacy_nm`` describes the fallback table; the new table's rows are
+    l2cache's (current) whatever the map says."""
+    from kvdbclient.serializers import NumPyArray
+
+    from l2cache.store.cache import CacheStore
+
+    instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
+    old = create_cache_table(instance, "pcgl2cache_legacy")
+    new = create_cache_table(instance, "l2cache_legacy_v2")
+    entry = {
+        **env["config_dict"]["datasets"][DS],
+        "cache_table_id": "l2cache_legacy_v2",
+        "fallback_table_id": "pcgl2cache_legacy",
+        "row_format": "legacy_nm",
+    }
+    cfg = parse_config({**env["config_dict"], "datasets": {DS: entry}})
+    store = CacheStore(new, cfg.dataset(DS))
+    bits = cfg.dataset(DS).spatial_bits
+    legacy_id = int(idlib.encode_ids(2, [[1, 1, 1]], [7], bits)[0])
+    row = old.direct_row(b"%020d" % legacy_id)
+    row.set_cell("0", b"size_nm3", UPSTREAM["size_nm3"].serialize(np.uint32(4_096_000)))
+    rep = NumPyArray(dtype=np.dtype("<u8")).serialize(np.array([1600, 3200, 4000], np.uint64))
+    row.set_cell("0", b"rep_coord_nm", rep)
+    row.commit()
+    feats = env["direct"](BOTH)
+    store.write_features(feats, Lineage("bulk-legacy", cell_timestamp=TS))
+    ours = int(feats["l2id"][0])
+    got = store.read_features([legacy_id, ours], ["size_nm3", "rep_coord_nm"])
+    assert got[legacy_id] == {"size_nm3": 4_096_000, "rep_coord_nm": [1600, 3200, 4000]}
+    current = CacheStore(new, env["ctx"].dataset).read_features([ours], ["size_nm3"])
+    assert got[ours]["size_nm3"] == current[ours]["size_nm3"]
+    assert got[ours]["size_nm3"] == int(feats["size_nm3"][0]) * 16 * 16 * 40
