@@ -446,3 +446,49 @@ def test_the_readme_caveclient_example_works(stack):
     assert [states[str(i)]["state"] for i in ids] == ["computed"] * 3 + ["unknown"]
     assert answer["summary"]["computed"] == 3
     assert r.headers["X-L2Cache-Wait"] == "none"  # nothing pending: no wait at all
+
+
+def test_a_full_length_wait_makes_a_bounded_number_of_reads(stack, monkeypatch):
+    """The default 30 s cap on a clock the test advances (no real 30 s): every read is a
+    real ReadRows of the emulator, counted where all reads go through."""
+    from l2cache.gcp import bigtable
+    from l2cache.serving.id_state import StateContext
+    from l2cache.serving.wait import runs_reader, wait_for_rows
+    from l2cache.store.missing_guard import MissingIdGuard
+
+    config, ds = stack["config"], stack["dataset"]
+    node = l2((3, 0, 2), 13)
+    graph = bigtable_instance(PROJECT, INSTANCE).table("idstate_graph")
+    old = datetime(2026, 1, 1, tzinfo=UTC)
+    write_rows(graph, [Row(idlib.row_key(node)).set_cell("0", b"children", b"\x01", old)])
+    post(stack, [node])  # queued, never computed
+    pull(stack, 1)
+    guard = MissingIdGuard(
+        bigtable_instance(PROJECT, INSTANCE).table("idstate_guard"), config.missing_ids
+    )
+    ctx = StateContext(config, stack["store"], guard, runs_reader(config))
+    now = [1000.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    calls: list[str] = []
+    real = bigtable.RowReader._read
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.table_name.rsplit("/", 1)[-1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(bigtable.RowReader, "_read", counted)
+    outcome, polls = wait_for_rows(
+        ctx, ds, [node], {}, None, False, 30.0, clock=lambda: now[0], sleep=sleep
+    )
+    assert outcome == "cap"
+    assert sum(sleeps) == pytest.approx(30.0)
+    # polls after 0.1, 0.3, 0.7, 1.5, 3.1 s, then every 2 s to 29.1 s, and one at 30 s
+    assert polls == calls.count("idstate_cache") == 19
+    # state checks after 3.1, 7.1, 15.1 and 23.1 s (2, 4, 8, 8 s apart): guard + msg index
+    assert ctx.reads == 4 * 2
+    assert len(calls) == 19 + 8
