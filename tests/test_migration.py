@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +446,42 @@ def test_a_pre_2022_fallback_table_is_served_as_stored_beside_the_new_one(env):
     current = CacheStore(new, env["ctx"].dataset).read_features([ours], ["size_nm3"])
     assert got[ours]["size_nm3"] == current[ours]["size_nm3"]
     assert got[ours]["size_nm3"] == int(feats["size_nm3"][0]) * 16 * 16 * 40
+
+
+def test_prune_deletes_only_lineage_rows_whose_versions_are_gone(env, tmp_path, capsys):
+    """GC keeps a column's last N versions; a lineage row is its own row, so it outlives
+    them until ``lineage prune`` finds no version it names."""
+    from l2cache_tools.cli import main
+
+    ctx = env["ctx"]
+    feats = env["direct"]((0, 0, 1))  # a chunk no other test writes after this
+    ids = sorted(feats["l2id"].tolist())
+    stamps = [datetime(2026, 5, d, tzinfo=UTC) for d in (1, 2, 3)]
+    for i, at in enumerate(stamps):
+        ctx.store.write_features(feats, Lineage(f"stream-{i}", cell_timestamp=at))
+    # as GC would: the oldest version gone everywhere, the second kept in one row only
+    rows = []
+    for node in ids:
+        row = ctx.store.table.direct_row(b"%020d" % node)
+        gone = stamps[:1] if node == ids[0] else stamps[:2]
+        for at in gone:
+            row.delete_cells("0", [a.key for a in ATTRIBUTES], time_range=_window(at))
+        rows.append(row)
+    assert all(s.code == 0 for s in ctx.store.table.mutate_rows(rows))
+    path = tmp_path / "map.yaml"
+    path.write_text(yaml.safe_dump(env["config_dict"]))
+    assert main(["lineage", "prune", DS, "--dry-run", "--config", str(path)]) == 0
+    assert "would delete 1 naming no version left" in capsys.readouterr().out
+    runs_before = {r: run_versions(ctx.store.table, r) for r in ("stream-1", "stream-2")}
+    assert main(["lineage", "prune", DS, "--config", str(path)]) == 0
+    assert "deleted 1 naming" in capsys.readouterr().out
+    assert not run_versions(ctx.store.table, "stream-0")
+    assert {r: run_versions(ctx.store.table, r) for r in runs_before} == runs_before
+    assert len(runs_before["stream-1"]) == 1  # the one row that still has that version
+    assert lineage_rows.prune_rows(ctx.store.table).deleted == 0  # nothing left to prune
+
+
+def _window(at: datetime):
+    from google.cloud.bigtable.row_filters import TimestampRange
+
+    return TimestampRange(start=at, end=at + timedelta(milliseconds=1))

@@ -175,9 +175,10 @@ def rollback_chunks(
             for run_id, micros_set in by_run.items():
                 done.versions_deleted += len(micros_set)
                 done.runs[run_id] = done.runs.get(run_id, 0) + len(micros_set)
-        if rows and not dry_run:
-            write_rows(table, rows, "rollback")
-            if found.lineage:  # after the versions they name: never a version without one
+        if not dry_run:
+            if rows:
+                write_rows(table, rows, "rollback")
+            if found.lineage:  # after the versions they name (also when a crash left them)
                 write_rows(table, lineage_rows.delete_lineage_rows(found.lineage), "rollback")
         done.chunks += len(batch)
         done.ranges += len(ranges)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from l2cache.domain import ids as idlib
-from l2cache.domain.attributes import LINEAGE_FAMILY, LINEAGE_RUN_COLUMN
+from l2cache.domain.attributes import FEATURE_FAMILY, LINEAGE_FAMILY, LINEAGE_RUN_COLUMN
 from l2cache.domain.ids import SpatialBits
 from l2cache.gcp.bigtable import CellFilter, KeyRange, RowReader
 from l2cache.gcp.bigtable_write import Row, write_rows
@@ -54,6 +54,9 @@ LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]  # also a feature row's
 ROW_COLUMNS = [*LINEAGE_COLUMNS, IDS_COLUMN]
 MS = 1000
 ALL_LINEAGE_ROWS: KeyRange = (PREFIX, PREFIX[:-1] + b"$")  # '$' follows '#'
+# every l2cache write has a size_nm3 cell: whether a version still exists is read there
+_SIZE_COLUMN_KEY = b"size_nm3"
+_SIZE_COLUMN = {FEATURE_FAMILY: [_SIZE_COLUMN_KEY]}
 
 
 def row_key(chunk_id: int, micros: int, run_id: str) -> bytes:
@@ -139,8 +142,10 @@ def run_versions(
 ) -> Versions:
     """Every version named by one of ``run_ids`` in ``feature_ranges`` (chunk key ranges;
     ``None``: the whole table), within ``[start_micros, end_micros)`` and, when given, at
-    one of ``stamps``: lineage rows (expanded by their ``ids``) and, for rows written
-    before lineage rows, the rows' own ``lineage:run`` cells."""
+    one of ``stamps``: lineage rows (expanded by their ``ids``, kept where the feature
+    row still has a version at that time: one keys-and-timestamps read of the named
+    rows) and, for rows written before lineage rows, the rows' own ``lineage:run``
+    cells."""
     runs = sorted(set(run_ids))
     found = Versions({}, {})
     if not runs or (feature_ranges is not None and not feature_ranges):
@@ -165,6 +170,7 @@ def run_versions(
     cells = CellFilter(
         columns={LINEAGE_FAMILY: [LINEAGE_RUN_COLUMN, IDS_COLUMN]}, per_column=1, **window
     )
+    named: dict[bytes, list[tuple[str, int]]] = {}  # feature row -> (run, micros) named
     for key, families in reader.versions(ranges=ranges, cells=cells).items():
         _, micros, run_id = parse_key(key)
         cols = families.get(LINEAGE_FAMILY, {})
@@ -175,7 +181,18 @@ def run_versions(
         found.scanned += 1
         found.lineage[key] = micros
         for node in decode_ids(cols[IDS_COLUMN][0][1]).tolist():
-            found.add(b"%020d" % node, run_id, micros)
+            named.setdefault(b"%020d" % node, []).append((run_id, micros))
+    if named:  # only the versions that still exist (GC keeps a column's last N)
+        present = reader.versions(
+            keys=sorted(named),
+            cells=CellFilter(columns=_SIZE_COLUMN, strip_values=True, **window),
+        )
+        for key, pairs in named.items():
+            have = present.get(key, {}).get(FEATURE_FAMILY, {}).get(_SIZE_COLUMN_KEY, [])
+            existing = {s for s, _ in have}
+            for run_id, micros in pairs:
+                if micros in existing:
+                    found.add(key, run_id, micros)
     return found
 
 
@@ -312,4 +329,61 @@ def migrate_rows(
             row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, micros, micros + MS)
         deletes.append(row)
     write_rows(table, deletes, "lineage")
+    return done
+
+
+PRUNE_PAGE = 500  # lineage rows per read: bounded memory whatever the table's size
+
+
+@dataclass
+class Prune:
+    """What :func:`prune_rows` read and deleted."""
+
+    scanned: int = 0  # lineage rows read
+    deleted: int = 0  # lineage rows naming no version that still exists
+
+
+def prune_rows(table: Table | str, dry_run: bool = False, page: int = PRUNE_PAGE) -> Prune:
+    """Delete the lineage rows whose versions are all gone.
+
+    A feature column keeps its last N versions (the table's GC); a lineage row is a row
+    of its own, which no GC rule ties to them, so a chunk edited for years would keep a
+    lineage row per edit after its versions were collected. A lineage row is kept while
+    any id it names still has a ``size_nm3`` version (every l2cache write has one) at its
+    timestamp; otherwise nothing can be served or rolled back by it any more. Pages of
+    ``page`` lineage rows, one keys-and-timestamps read of their ids' ``size_nm3``
+    versions per page; safe to run at any time (a version written later has a lineage
+    row of its own).
+    """
+    reader = RowReader(table)
+    done = Prune()
+    start = ALL_LINEAGE_ROWS[0]
+    size_col = _SIZE_COLUMN
+    while True:
+        cells = CellFilter(columns={LINEAGE_FAMILY: [IDS_COLUMN]}, per_column=1)
+        rows = reader.versions(ranges=[(start, ALL_LINEAGE_ROWS[1])], cells=cells, limit=page)
+        if not rows:
+            break
+        named: dict[bytes, tuple[int, list[bytes]]] = {}
+        for key, families in rows.items():
+            _, micros, _ = parse_key(key)
+            value = families.get(LINEAGE_FAMILY, {}).get(IDS_COLUMN, [(0, b"")])[0][1]
+            named[key] = (micros, [b"%020d" % n for n in decode_ids(value).tolist()])
+        keys = sorted({k for _, ks in named.values() for k in ks})
+        alive = reader.versions(keys=keys, cells=CellFilter(columns=size_col, strip_values=True))
+        stale = {}
+        for key, (micros, ks) in named.items():
+            stamps = (
+                {s for s, _ in alive.get(k, {}).get(FEATURE_FAMILY, {}).get(_SIZE_COLUMN_KEY, [])}
+                for k in ks
+            )
+            if not any(micros in s for s in stamps):
+                stale[key] = micros
+        done.scanned += len(rows)
+        done.deleted += len(stale)
+        if stale and not dry_run:
+            write_rows(table, delete_lineage_rows(stale), "lineage")
+        if len(rows) < page:
+            break
+        start = max(rows) + b"\x00"
     return done

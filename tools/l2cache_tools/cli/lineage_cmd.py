@@ -1,5 +1,7 @@
-"""``l2cache lineage show|migrate``: what each value says about where it came from, and
-the move of older rows' lineage cells into lineage rows.
+"""``l2cache lineage show|migrate|prune``: what each value says about where it came from,
+the move of older rows' lineage cells into lineage rows, and the removal of lineage rows
+whose versions the table's GC has collected (no GC rule ties a row to another row's
+versions; an occasional ``prune`` does).
 
 ``migrate`` is for tables l2cache wrote before lineage left the feature rows: their
 rows still hold ``lineage:*`` cells, which the existing service's frontend (kvdbclient)
@@ -36,12 +38,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate.add_argument("dataset")
     add_confirm_args(migrate, "the migration")
     migrate.set_defaults(func=run)
+    prune = ls.add_parser(
+        "prune", help="delete lineage rows whose feature versions GC has collected"
+    )
+    add_config_arg(prune)
+    prune.add_argument("dataset")
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    prune.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Both subcommands, on the dataset's cache table."""
     from l2cache.compute import dataset_context
-    from l2cache.store.lineage_rows import migrate_rows
+    from l2cache.store.lineage_rows import migrate_rows, prune_rows
 
     ctx = dataset_context(config_from(args), args.dataset)
     if args.lineage_command == "show":
@@ -54,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
                 else "no l2cache lineage (no row, or a row another service wrote)"
             )
             print(f"{node}  {text}")
+        return 0
+    if args.lineage_command == "prune":
+        done = prune_rows(ctx.store.table, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{done.scanned} lineage rows read; {verb} {done.deleted} naming no version left")
         return 0
     bits = ctx.dataset.spatial_bits
     found = migrate_rows(ctx.store.table, bits, dry_run=True)
