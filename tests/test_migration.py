@@ -485,3 +485,30 @@ def _window(at: datetime):
     from google.cloud.bigtable.row_filters import TimestampRange
 
     return TimestampRange(start=at, end=at + timedelta(milliseconds=1))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"fallback_table_id": NEW},  # the table it would fall back from
+        {"fallback_table_id": OLD, "existing_cache_table": True},  # nothing to heal into
+        {"fallback_table_id": ""},
+    ],
+)
+def test_a_fallback_table_the_map_cannot_mean_is_refused(extra):
+    from l2cache.config import ConfigError
+
+    entry = {
+        "segmentation": "file:///nowhere",
+        "graph": {"kind": "bigtable", "project": PROJECT, "instance": INSTANCE, "table_id": DS},
+        "cache_table_id": NEW,
+        "resolution": [16, 16, 40],
+        "voxel_offset": [0, 0, 0],
+        "chunk_size": list(CHUNK),
+        "spatial_bits": {1: 10, 2: 10, 3: 9},
+        **extra,
+    }
+    with pytest.raises(ConfigError, match="fallback_table_id"):
+        parse_config(
+            {"bigtable": {"project": PROJECT, "instance": INSTANCE}, "datasets": {DS: entry}}
+        )
