@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
+from l2cache.domain import ids as idlib
+from l2cache.domain.ids import SpatialBits
 from l2cache_ops import cost, prices_refresh
 from l2cache_ops.prices_refresh import (
     CATALOG,
@@ -284,7 +286,13 @@ def test_row_bytes_is_what_the_real_writer_sends(monkeypatch):
     monkeypatch.setattr(
         cache, "mutate_entries", lambda ch, t, entries, *a, **k: sent.extend(entries)
     )
-    dataset = SimpleNamespace(existing_cache_table=False, cache_table_id="c", name="d")
+    dataset = SimpleNamespace(
+        existing_cache_table=False,
+        cache_table_id="c",
+        name="d",
+        fallback_table_id=None,
+        spatial_bits=SpatialBits.from_mapping({1: 10, 2: 10, 3: 9}),
+    )
     store = cache.CacheStore(SimpleNamespace(name="projects/p/instances/i/tables/c"), dataset)
     lineage = Lineage(
         "bulk-20261203T093903-abcdef",  # l2cache.store.ledger.new_run's form
@@ -294,13 +302,17 @@ def test_row_bytes_is_what_the_real_writer_sends(monkeypatch):
         datetime(2026, 12, 3, tzinfo=UTC),
     )
     n = store.write_features(feats, lineage)
-    assert n == len(sent) > 50
+    # a lineage row (5 cells) per chunk of the ids, then a row of 8 feature cells per node
+    chunks = {int(c) for c in idlib.get_chunk_id(feats["l2id"], dataset.spatial_bits)}
+    assert n == len(sent) - len(chunks) > 50
+    assert all(key.startswith(b"lineage#") for key, _ in sent[: len(chunks)])
     total = 0
-    for _, raw in sent:
+    for key, raw in sent:
         (entry,) = MutateRowsRequest.deserialize(raw).entries
         cells = [m.set_cell for m in entry.mutations]
-        assert len(cells) == 12
+        assert len(cells) == (5 if key.startswith(b"lineage#") else 8)
         total += len(entry.row_key) + sum(
             len(c.family_name) + len(c.column_qualifier) + 8 + len(c.value) for c in cells
         )
+    print(f"\n{total / n:.1f} B/row on the crop ({n} rows, {len(chunks)} lineage rows)")
     assert total / n == pytest.approx(cost.prices({}).row_bytes, rel=0.03)

@@ -23,7 +23,7 @@ SLO shows them). The worker's size is what infra deploys for the run's chunk siz
 (:func:`worker_prices`, from :mod:`l2cache_ops.sizing`, the one definition).
 
 *Bigtable* bills provisioned node-hours and stored GiB-months, not rows. Storage: each
-L2 row written is :attr:`Prices.row_bytes` bytes, **371 B**, measured on pinky40's four
+L2 row written is :attr:`Prices.row_bytes` bytes, **222 B**, measured on pinky40's four
 256x256x512 chunks with the real writer's MutateRows entries (key + per cell family,
 qualifier, 8-byte timestamp and value; ``prices.yaml`` ``measured.row_bytes`` says how,
 ``tests/test_prices.py`` re-measures it) and charged for ``storage_months`` (1) at the
