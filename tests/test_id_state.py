@@ -311,7 +311,7 @@ def test_the_wait_ends_at_the_cap_and_answers_the_states(stack):
     assert body["state"][str(NEVER)]["state"] == "pending"
     assert body["attributes"][str(NEVER)] == {}
     assert int(r.headers["X-L2Cache-Waited-Ms"]) >= CAP_S * 1000
-    # polls at 0.1, 0.3, 0.7, 1.5, 3.0 s, one state check at 2 s (guard + runs table)
+    # polls at 0.1, 0.3, 0.7, 1.5, 2.5, 3.0 s, one state check at 2.5 s (guard + runs table)
     reads = int(r.headers["X-L2Cache-Wait-Reads"])
     assert 3 <= reads <= 9, reads
     # without state the body is the default shape, the ids still missing are {}
@@ -487,8 +487,8 @@ def test_a_full_length_wait_makes_a_bounded_number_of_reads(stack, monkeypatch):
     )
     assert outcome == "cap"
     assert sum(sleeps) == pytest.approx(30.0)
-    # polls after 0.1, 0.3, 0.7, 1.5, 3.1 s, then every 2 s to 29.1 s, and one at 30 s
-    assert polls == calls.count("idstate_cache") == 19
-    # state checks after 3.1, 7.1, 15.1 and 23.1 s (2, 4, 8, 8 s apart): guard + msg index
+    # polls after 0.1, 0.3, 0.7, 1.5 s, then every 1 s to 29.5 s, and one at 30 s
+    assert polls == calls.count("idstate_cache") == 33
+    # state checks after 2.5, 6.5, 14.5 and 22.5 s (2, 4, 8, 8 s apart): guard + msg index
     assert ctx.reads == 4 * 2
-    assert len(calls) == 19 + 8
+    assert len(calls) == 33 + 8

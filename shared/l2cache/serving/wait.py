@@ -6,7 +6,7 @@
   a larger value is cut to it): after the normal lookup (which queues missing ids as
   always), the ids that are *pending* (queued by this or an earlier request, or made by
   an edit less than ``pending_ttl_s`` ago) are waited for: their cache rows, and only
-  theirs, are read again with backoff (0.1 s, doubling, at most 2 s apart), and every
+  theirs, are read again with backoff (0.1 s, doubling, at most 1 s apart), and every
   2, 4, 8 s their state is checked so an id whose recompute failed stops the wait.
   The answer comes as soon as none is pending, or at the cap. Ids that are unknown,
   deferred or not layer 2 are never waited for. Without ``state`` the body is the
@@ -23,9 +23,12 @@ went unknown; ``cap``: the cap came first), ``X-L2Cache-Waited-Ms``,
 (reads made for states, the wait's checks included) and ``X-L2Cache-Missing-Ids``
 updated to what is still missing.
 
-Reads are bounded by the time, not the load: at the 30 s cap 19 cache reads of the
-waited ids and 4 state checks (after 3.1, 7.1, 15.1, 23.1 s) of at most 6 reads each
-(tests/test_id_state.py counts them).
+Reads are bounded by the time, not the load: at the 30 s cap 33 cache reads of the
+waited ids and 4 state checks (after 2.5, 6.5, 14.5, 22.5 s) of at most 6 reads each
+(tests/test_id_state.py counts them). At most 1 s between polls: a 256x256x512 chunk
+computes in ~1.5-3 s, and at 2 s apart the answer came up to 1.6 s after the write
+(bench/wait_latency.py); a read of a few keys a second per waiting request is nothing
+to a Bigtable node.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ DEFAULT_MAX_WAIT_S = 30.0
 DEFAULT_MAX_IDS = 75_000
 HARD_MAX_WAIT_S = 60.0  # half the lookup function's 120 s timeout
 FIRST_POLL_S = 0.1
-MAX_POLL_S = 2.0
+MAX_POLL_S = 1.0
 FIRST_CHECK_S = 2.0
 MAX_CHECK_S = 8.0
 _runs_readers: dict[str, RowReader] = {}
@@ -144,7 +147,7 @@ def wait_for_rows(
 
     Why polling: the worker writes the cache table and nothing tells a lookup instance
     (a Pub/Sub subscription per instance would cost more than a read per second, and
-    the row is the truth anyway). Backoff keeps it at ~1 read per 2 s once it is slow.
+    the row is the truth anyway). Backoff keeps it at 1 read per second once it is slow.
     """
     start = clock()
     deadline = start + seconds
