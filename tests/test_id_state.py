@@ -96,6 +96,13 @@ OUTSIDE = l2((GRID + 1, 0, 0), 1)
 IN_GRAPH_OLD = [EMPTY, PENDING, NOT_QUEUED, EARLY, NEVER, FAILS, *COMPUTED]
 
 
+def children_of(node: int) -> bytes:
+    """A ``children`` cell in PCG's layout: one supervoxel of the node's chunk."""
+    chunk = idlib.get_chunk_coords(np.array([node], dtype=np.uint64), SPATIAL)
+    seg = int(node) & 0xFFFF
+    return idlib.encode_ids(1, chunk, np.array([seg]), SPATIAL).astype("<u8").tobytes()
+
+
 def features_of(nodes: list[int]) -> dict[str, np.ndarray]:
     labels = np.zeros((24, 24, 12), dtype=np.uint64)
     for i, node in enumerate(nodes):
@@ -119,8 +126,7 @@ def stack(bigtable_emulator, pubsub_emulator, tmp_path_factory):
         graph.create(column_families={"0": None})
     old = datetime(2026, 1, 1, tzinfo=UTC)
     rows = [
-        Row(idlib.row_key(n)).set_cell("0", b"children", b"\x01" + bytes(7), old)
-        for n in IN_GRAPH_OLD
+        Row(idlib.row_key(n)).set_cell("0", b"children", children_of(n), old) for n in IN_GRAPH_OLD
     ]
     rows.append(
         Row(idlib.row_key(EDITED)).set_cell("0", b"children", b"\x01" + bytes(7), datetime.now(UTC))
@@ -268,7 +274,10 @@ def test_a_recompute_that_fails_is_failed_with_the_ledgers_reason(stack):
     r = post(stack, [FAILS], state="true", update_cache="false")
     st = r.json()["state"][str(FAILS)]
     assert st["state"] == "failed", st
-    assert st["reason"]
+    # the ledger's reason: on_edit's only delivery (max_delivery_attempts 1) could not
+    # read the segmentation
+    assert st["reason"].startswith("gave up after 1 attempts")
+    assert "No info file was found" in st["reason"]
     assert st["by"]["message_id"] == message.message_id
     assert st["by"]["event"] == f"msg-{message.message_id}"
     assert st["by"]["run"].startswith("missing_ids-pinky-")
