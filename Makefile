@@ -31,7 +31,7 @@ demo: venv emulators-check
 bench: venv emulators-check
 	for b in $(BENCHES); do $(PY) $$b || exit 1; done
 
-BENCHES := bench/features.py bench/worker.py bench/lookup.py bench/pipeline.py bench/cold_start.py bench/dispatch.py bench/scale.py
+BENCHES := bench/features.py bench/worker.py bench/lookup.py bench/lookup_big.py bench/pipeline.py bench/cold_start.py bench/dispatch.py bench/scale.py
 
 # Per-function locks: functions/<name>/requirements.in (direct deps) -> requirements.txt
 # (every transitive package pinned with hashes, constrained by the repository's pins), the
