@@ -194,6 +194,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=500_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ids", type=int, default=75_000, help="ids of the JSON/npz compare")
+    parser.add_argument("--only-stamps", action="store_true", help="part 3 only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmpdir, start_bigtable_emulator() as bt:
         tmp = Path(tmpdir)
@@ -207,56 +208,57 @@ def main() -> int:
         rng = np.random.default_rng(1)
         sample = np.sort(rng.choice(l2, min(args.ids, l2.size), replace=False))
 
-        print(f"\n# 1. JSON vs .npz, {sample.size:,} ids, all attributes, over HTTP")
-        print("#    wire = bytes received; round trip to the last byte and the client's")
-        print("#    decode (decompress + parse) are medians of --repeat; server = handle()")
-        print("#    in this process with its answer drained")
-        print(
-            f"{'format':<6} {'coding':<8} {'wire_MB':>8} {'round_s':>8} {'server_s':>8} "
-            f"{'decode':<13} {'decode_s':>8}"
-        )
-        with start_function(
-            "lookup", {"L2CACHE_CONFIG": str(tmp / "l2cache.yaml"), **bt.env}, log_dir=tmp
-        ) as fn:
-            url = f"http://{fn.host}{ROUTE}"
-            assert post(url, sample[:100], None, "br").content  # warm
-            for kind, accept in (("json", None), ("npz", NPZ)):
-                for coding in ("identity", "br", "gzip"):
-                    got: list[bytes] = []
+        if not args.only_stamps:
+            print(f"\n# 1. JSON vs .npz, {sample.size:,} ids, all attributes, over HTTP")
+            print("#    wire = bytes received; round trip to the last byte and the client's")
+            print("#    decode (decompress + parse) are medians of --repeat; server = handle()")
+            print("#    in this process with its answer drained")
+            print(
+                f"{'format':<6} {'coding':<8} {'wire_MB':>8} {'round_s':>8} {'server_s':>8} "
+                f"{'decode':<13} {'decode_s':>8}"
+            )
+            with start_function(
+                "lookup", {"L2CACHE_CONFIG": str(tmp / "l2cache.yaml"), **bt.env}, log_dir=tmp
+            ) as fn:
+                url = f"http://{fn.host}{ROUTE}"
+                assert post(url, sample[:100], None, "br").content  # warm
+                for kind, accept in (("json", None), ("npz", NPZ)):
+                    for coding in ("identity", "br", "gzip"):
+                        got: list[bytes] = []
 
-                    def fetch(accept=accept, coding=coding, got=got) -> None:
-                        r = post(url, sample, accept, coding)
-                        got[:] = [r.raw.read(decode_content=False)]
-                        assert r.status_code == 200
+                        def fetch(accept=accept, coding=coding, got=got) -> None:
+                            r = post(url, sample, accept, coding)
+                            got[:] = [r.raw.read(decode_content=False)]
+                            assert r.status_code == 200
 
-                    round_s = median_time(fetch, args.repeat)
-                    raw = got[0]
-                    server_s = statistics.median(
-                        in_process(cfg, sample, accept, coding)[0] for _ in range(args.repeat)
-                    )
-                    for name, decode in decoders(kind, coding).items():
-                        decode_s = median_time(lambda d=decode, b=raw: d(b), args.repeat)
-                        print(
-                            f"{kind:<6} {coding:<8} {len(raw) / 1e6:>8.2f} {round_s:>8.3f} "
-                            f"{server_s:>8.3f} {name:<13} {decode_s:>8.3f}"
+                        round_s = median_time(fetch, args.repeat)
+                        raw = got[0]
+                        server_s = statistics.median(
+                            in_process(cfg, sample, accept, coding)[0] for _ in range(args.repeat)
                         )
+                        for name, decode in decoders(kind, coding).items():
+                            decode_s = median_time(lambda d=decode, b=raw: d(b), args.repeat)
+                            print(
+                                f"{kind:<6} {coding:<8} {len(raw) / 1e6:>8.2f} {round_s:>8.3f} "
+                                f"{server_s:>8.3f} {name:<13} {decode_s:>8.3f}"
+                            )
 
-        print("\n# 2. memory per request: the function's worker (fresh per row), RSS after a")
-        print("#    100-id warm-up and its peak (VmHWM) after the request, brotli; and the")
-        print("#    tracemalloc peak of the same request in this process")
-        print(
-            f"{'ids':>8} {'format':<6} {'rss_MiB':>8} {'peak_MiB':>9} {'round_s':>8} "
-            f"{'chunked':>7} {'traced_MiB':>10}"
-        )
-        for n in (75_000, min(500_000, l2.size)):
-            part = np.sort(rng.choice(l2, n, replace=False)) if n < l2.size else l2
-            for kind, accept in (("json", None), ("npz", NPZ)):
-                before, peak, seconds, chunked = peak_rss(tmp, bt.env, part, accept)
-                _, traced = in_process(cfg, part, accept, "br", trace=True)
-                print(
-                    f"{n:>8} {kind:<6} {before:>8.0f} {peak:>9.0f} {seconds:>8.2f} "
-                    f"{chunked!s:>7} {traced:>10.0f}"
-                )
+            print("\n# 2. memory per request: the function's worker (fresh per row), RSS after a")
+            print("#    100-id warm-up and its peak (VmHWM) after the request, brotli; and the")
+            print("#    tracemalloc peak of the same request in this process")
+            print(
+                f"{'ids':>8} {'format':<6} {'rss_MiB':>8} {'peak_MiB':>9} {'round_s':>8} "
+                f"{'chunked':>7} {'traced_MiB':>10}"
+            )
+            for n in (75_000, min(500_000, l2.size)):
+                part = np.sort(rng.choice(l2, n, replace=False)) if n < l2.size else l2
+                for kind, accept in (("json", None), ("npz", NPZ)):
+                    before, peak, seconds, chunked = peak_rss(tmp, bt.env, part, accept)
+                    _, traced = in_process(cfg, part, accept, "br", trace=True)
+                    print(
+                        f"{n:>8} {kind:<6} {before:>8.0f} {peak:>9.0f} {seconds:>8.2f} "
+                        f"{chunked!s:>7} {traced:>10.0f}"
+                    )
 
         print("\n# 3. the ETag's input: RowReader.read of 10,000 keys, newest cells, with and")
         print("#    without each row's newest timestamp, paired rounds, median")
@@ -272,7 +274,24 @@ def main() -> int:
             reader.read(keys, stamps={})
             stamped.append(time.perf_counter() - t)
         p, s = statistics.median(plain), statistics.median(stamped)
-        print(f"without {p:.3f} s, with stamps {s:.3f} s ({(s / p - 1) * 100:+.1f} %)")
+        print(f"read: without {p:.3f} s, with stamps {s:.3f} s ({(s / p - 1) * 100:+.1f} %)")
+        from l2cache.gcp import bigtable as bt_mod
+
+        request = bt_mod._ReadRowsRequest(table_name=table.name)  # noqa: SLF001
+        request.rows.row_keys.extend(keys)
+        request.filter.CopyFrom(bt_mod.NEWEST.to_pb())
+        responses = list(reader._call(request, timeout=60))  # noqa: SLF001
+        parse = {}
+        for label, stamps in (("without", None), ("with", {})):
+            parse[label] = median_time(
+                lambda st=stamps: bt_mod._parse(responses, {}, bt_mod._Progress(), False, st),  # noqa: SLF001
+                15,
+            )
+        w, o = parse["with"], parse["without"]
+        print(
+            f"parse only (the same {len(responses):,} responses, 15 rounds): without "
+            f"{o * 1000:.1f} ms, with stamps {w * 1000:.1f} ms ({(w / o - 1) * 100:+.1f} %)"
+        )
     return 0
 
 
