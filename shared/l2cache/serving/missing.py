@@ -40,6 +40,9 @@ CLAIM_THREADS = 8
 # unknown, and checked against the graph again next time (a keys-only read, no work
 # queued), so a request at the id cap writes bounded rows to the guard table.
 MAX_NEGATIVE_WRITES = 10_000
+# How long the lookup waits for its publish's ack to note the message id in the request
+# (the lookup's own wait for the ack comes after and is then instant).
+NOTE_WAIT_S = 0.1
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -148,24 +151,31 @@ def plan_missing(
 def note_published(
     guard: MissingIdGuard | None, dataset: DatasetConfig, plan: MissingPlan, future: Future
 ) -> None:
-    """Once the publish of ``plan``'s ids is acknowledged, write its message id into
-    their pending marks (in the publisher's callback thread; the lookup does not wait).
+    """Write the message id of ``plan``'s publish into its ids' pending marks.
 
     The message id is on_edit's event key (``msg-<id>``), so a later state request
-    finds the event's outcome (running, done, failed with the reason) by key. A failed
-    publish leaves the marks empty: the ids read as pending until the mark expires.
+    finds the event's outcome (running, done, failed with the reason) by key. Written
+    in the request when the publish is acknowledged within :data:`NOTE_WAIT_S` (the
+    usual case: Cloud Run gives an instance CPU only while it answers, so work left for
+    after the answer may stall), else from the publisher's callback when it is. A
+    failed publish leaves the marks empty: the ids read as pending until they expire.
     """
     if guard is None or not plan.claimed:
         return
 
-    def done(f: Future) -> None:
+    def note(f: Future) -> None:
         try:
             message_id = f.result()
             guard.note_source(dataset.name, plan.claimed, plan.claimed_at_ms, str(message_id))
         except Exception as exc:  # noqa: BLE001 - the marks stay, only their source is lost
             log.warning("could not note the message of %d queued chunks: %r", plan.chunks, exc)
 
-    future.add_done_callback(done)
+    try:
+        future.result(timeout=NOTE_WAIT_S)
+    except Exception:  # noqa: BLE001 - not acknowledged yet (or failed): the callback says
+        future.add_done_callback(note)
+        return
+    note(future)
 
 
 def headers(plan: MissingPlan) -> dict[str, str]:
