@@ -50,6 +50,7 @@ from l2cache.domain import ids as idlib
 from l2cache.domain.attributes import ATTRIBUTE_NAMES
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.pubsub import publish_missing_ids_async, publisher
+from l2cache.serving import wait  # opt-in per-id state and bounded wait
 from l2cache.serving.missing import headers as missing_headers
 from l2cache.serving.missing import note_published, plan_missing
 from l2cache.serving.respond import (
@@ -495,8 +496,6 @@ class LookupService:
             who = (caller() if caller is not None else None) or ANONYMOUS
             headers_out.update(self._queue_missing(missing, ds, who))
         if "state" in query or "wait" in query:  # opt-in: per-id state, bounded wait
-            from l2cache.serving import wait
-
             try:
                 extra = wait.answer(
                     self, ds, l2ids, found, names, int64_as_str, query, headers_out, timings
