@@ -85,7 +85,21 @@ def big(bigtable_emulator, tmp_path_factory):
                 "voxel_offset": OFFSET,
                 "chunk_size": CHUNK,
                 "spatial_bits": BITS,
-            }
+            },
+            "doomed": {  # a table deleted while its answer streams
+                "segmentation": "file:///nowhere/sv",
+                "graph": {
+                    "kind": "bigtable",
+                    "project": PROJECT,
+                    "instance": "inst",
+                    "table_id": "g",
+                },
+                "cache_table_id": "cache_doomed",
+                "resolution": RES,
+                "voxel_offset": OFFSET,
+                "chunk_size": CHUNK,
+                "spatial_bits": BITS,
+            },
         },
     }
     (tmp / "l2cache.yaml").write_text(yaml.safe_dump(cfg))
@@ -317,6 +331,36 @@ def bigtable_emulator_host() -> str:
     import os
 
     return os.environ["BIGTABLE_EMULATOR_HOST"]
+
+
+def test_a_failure_mid_stream_breaks_the_answer_it_never_shortens_it(big):
+    """The cache table vanishes while a streamed answer is being sent: the client gets a
+    broken chunked stream (an error), never a short answer that parses, and the
+    instance's admission is given back (a full-cap request is admitted after)."""
+    instance = bigtable_instance(PROJECT, "inst", admin=True)
+    table = create_cache_table(instance, "cache_doomed")
+    doomed = big["written"][:300_000]
+    CacheStore(table, big["config"].dataset("doomed")).write_features(
+        synthetic(doomed, seed=3),
+        Lineage("run-doomed", cell_timestamp=datetime(2026, 1, 1, tzinfo=UTC)),
+    )
+    r = requests.post(
+        big["url"].replace("/table/big/", "/table/doomed/"),
+        data=doomed.astype("<u8").tobytes(),
+        headers={"Content-Type": "application/octet-stream", "Accept-Encoding": "identity"},
+        timeout=600,
+        stream=True,
+    )
+    assert r.status_code == 200 and r.headers.get("Transfer-Encoding") == "chunked"
+    first = r.raw.read(2**20)  # the server is now blocked on a full socket, mid-answer
+    assert first.startswith(b'{"')
+    table.delete()
+    received = len(first)
+    with pytest.raises(requests.exceptions.RequestException):
+        for piece in r.iter_content(2**20):
+            received += len(piece)
+    assert received < 300_000 * 300  # far short of the whole answer: it was cut
+    assert post(big, big["every"][: IN_FLIGHT - 1_000]).status_code == 200  # released
 
 
 def test_overload_is_429_with_retry_after_and_clears(big):
