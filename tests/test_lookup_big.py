@@ -383,3 +383,25 @@ def test_overload_is_429_with_retry_after_and_clears(big):
             break
         time.sleep(0.2)
     assert again.status_code == 200
+
+
+def test_a_streamed_answer_queues_its_missing_ids_at_the_end(big):
+    """Missing ids of a streamed answer are queued once its last window is read (the
+    headers went out before they were known)."""
+    config = big["config"]
+    queued: list[list[int]] = []
+    service = LookupService(
+        config,
+        lambda name: CacheStore(big["store"].table, config.dataset(name)),
+        lambda l2ids, table_id, cache_id: queued.append(l2ids.tolist()),
+        admission=Admission(10**6),
+    )
+    part = big["every"][100:40_100]  # past the spill size, no layer-1 ids
+    body = part.astype("<u8").tobytes()
+    r = service.handle("POST", URL_TAIL, {}, {"Content-Type": "application/octet-stream"}, body)
+    assert r.status == 200 and r.stream is not None
+    assert "X-L2Cache-Missing-Ids" not in r.headers and queued == []
+    answer = json.loads(r.content())
+    expected = sorted(int(k) for k, v in answer.items() if v == {})
+    assert expected and queued and sorted(v for q in queued for v in q) == expected
+    assert service.admission.in_flight == 0
