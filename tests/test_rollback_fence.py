@@ -95,7 +95,9 @@ def env(bigtable_emulator, monkeypatch):
     # the engine is not what is tested: features are the chunk's coordinates
     monkeypatch.setattr(compute, "compute_features", lambda dense, res: {"coords": dense})
     monkeypatch.setattr(
-        compute, "chunk_qc", lambda feats, ds, graph_l2: SimpleNamespace(summary={}, bins={})
+        compute,
+        "chunk_qc",
+        lambda feats, ds, graph_l2, inputs: SimpleNamespace(summary={}, bins={}),
     )
     ctx = compute.DatasetContext(DATASET, SlowStore(cache), None, ledger)  # type: ignore[arg-type]
     yield SimpleNamespace(cache=cache, ledger=ledger, ctx=ctx)
@@ -111,6 +113,8 @@ def slow_load(coords, delay_s: float):
             dense=np.asarray(coords),
             sv_ids=np.zeros(1),
             unmapped_sv=0,
+            orphan_voxels=0,
+            ghost_sv=0,
             l2_ids=np.zeros(0, dtype=np.uint64),
         )
 
