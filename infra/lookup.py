@@ -99,8 +99,10 @@ class Lookup(pulumi.ComponentResource):
         missing_topic: gcp.pubsub.Topic,
     ) -> list[pulumi.CustomResource]:
         """Exactly what lookup's identity may do: read the cache tables (existing ones
-        included: they are served) and the datasets' fallback tables, read and write its missing-id guard table, read the
-        graph tables (a missing id's existence check, keys only) and publish missing ids."""
+        included: they are served) and the datasets' fallback tables, read the runs
+        table (per-id state: why an id failed), read and write its missing-id guard
+        table, read the graph tables (a missing id's existence check, keys only) and
+        publish missing ids."""
         out: list[pulumi.CustomResource] = [
             gcp.bigtable.TableIamMember(
                 f"lookup-reads-{dataset}",
@@ -125,6 +127,17 @@ class Lookup(pulumi.ComponentResource):
             )
             for dataset, table in storage.fallback_tables.items()
         ]
+        out.append(  # per-id state and the bounded wait: a failed id's reason, by key
+            gcp.bigtable.TableIamMember(
+                "lookup-reads-runs",
+                instance_name=storage.instance_name,
+                table=storage.runs.name,
+                role="roles/bigtable.reader",
+                member=member,
+                project=cfg.bigtable_project,
+                opts=child_opts(self),
+            )
+        )
         out.append(
             gcp.bigtable.TableIamMember(
                 "lookup-writes-guard",
