@@ -54,8 +54,8 @@ class CorruptInput(PermanentError):
 
 class InconsistentInput(PermanentError):
     """Supervoxels and the graph disagree (no L2 parent, a parent in another chunk, or
-    supervoxels the graph has that the segmentation lacks). ``counts`` (unmapped_sv,
-    stray_ids, missing_sv) go into the ledger row with the reason."""
+    supervoxels the graph has that the segmentation lacks). ``counts`` (orphan_sv,
+    stray_ids, ghost_sv) go into the ledger row with the reason."""
 
     def __init__(self, message: str, **counts: int) -> None:
         super().__init__(message)
