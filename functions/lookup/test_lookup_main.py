@@ -165,6 +165,8 @@ def test_cors_preflight_and_simple_requests(main):
         assert "Origin" in r.headers.getlist("Vary")
     exposed = {h.strip() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
     assert {"WWW-Authenticate", "X-L2Cache-Missing-Ids", "X-L2Cache-Queue"} <= exposed
+    # a browser tool reads the revalidation tag, the back-off and the wait's outcome too
+    assert {"ETag", "Retry-After", "X-L2Cache-Wait", "X-L2Cache-Wait-Reads"} <= exposed
     error = call(main, f"{API}/nothing-here", headers={"Origin": origin})  # errors too
     assert error.status_code == 404 and "Access-Control-Allow-Origin" in error.headers
 

@@ -90,6 +90,10 @@ EXPOSED_HEADERS = [
     "X-L2Cache-Queued-Chunks",
     "ETag",
     "Retry-After",
+    "X-L2Cache-Wait",
+    "X-L2Cache-Waited-Ms",
+    "X-L2Cache-Wait-Reads",
+    "X-L2Cache-State-Reads",
 ]
 
 

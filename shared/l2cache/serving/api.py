@@ -82,6 +82,9 @@ PREFIX = "/l2cache/api"
 _ATTRIBUTES_ROUTE = re.compile(r"^/l2cache/api/v1/table/(?P<table>[^/]+)/attributes$")
 _DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: "²".isdigit() is True
 GZIP_MIN_BYTES = 1024
+# Answers depend on both: compressed or not, and JSON or .npz (``Accept``), so a cache
+# must key on each.
+VARY = "Accept-Encoding, Accept"
 # Cloud Run refuses responses over 32 MiB; keep room for headers.
 RESPONSE_LIMIT_BYTES = 32 * 2**20 - 64 * 2**10
 # Longest JSON spelling of one id: 20 digits, quotes, comma and a space, with slack.
@@ -767,7 +770,7 @@ class LookupService:
         Run could not send. A streamed answer is encoded as it is made; a 304 has no
         body."""
         if response.stream is not None or response.status == 304:
-            response.headers["Vary"] = "Accept-Encoding"
+            response.headers["Vary"] = VARY
             return response
         coding = response_coding(headers.get("Accept-Encoding", "") or "")
         size = len(response.body)
@@ -784,7 +787,7 @@ class LookupService:
                 f"response may have {how}{tail}",
             )
         if varies:
-            response.headers["Vary"] = "Accept-Encoding"
+            response.headers["Vary"] = VARY
         return response
 
 
