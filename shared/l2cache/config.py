@@ -212,6 +212,30 @@ class MissingIdPolicy:
 
 
 @dataclass(frozen=True)
+class LookupWaitPolicy:
+    """The lookup's opt-in ``?wait=S`` and ``?state=true`` (the map's ``lookup_wait:``;
+    :mod:`l2cache.serving.wait`), checked when the map is read so a bad value fails the
+    load, never a request.
+
+    A waiting request holds one of the instance's request threads for up to ``max_s``
+    (at most 60 s, half the function's timeout); at most ``max_concurrent`` requests
+    with a wait run at once per instance (``None``: half its threads, at least 1), and
+    at most ``max_per_caller`` of them for one caller (``None``: half of
+    ``max_concurrent``, at least 1), so waits never take every thread from plain
+    lookups, nor one caller every wait. ``max_ids``: ids per request with ``state`` or
+    ``wait`` (that answer is built whole).
+    """
+
+    max_s: float = 30.0
+    max_ids: int = 75_000
+    max_concurrent: int | None = None
+    max_per_caller: int | None = None
+
+
+MAX_WAIT_S = 60.0  # lookup_wait.max_s at most: half the lookup function's 120 s timeout
+
+
+@dataclass(frozen=True)
 class L2CacheConfig:
     """The whole map: shared services plus the datasets by name."""
 
@@ -227,6 +251,8 @@ class L2CacheConfig:
     virtual_tables: dict[str, str] = field(default_factory=dict)
     # The lookup's budgets of recompute work for missing ids (the map's ``missing_ids:``).
     missing_ids: MissingIdPolicy = field(default_factory=MissingIdPolicy)
+    # The lookup's ?wait= and ?state= bounds (the map's ``lookup_wait:``).
+    lookup_wait: LookupWaitPolicy = field(default_factory=LookupWaitPolicy)
     # The parsed YAML document as read: the operations side reads its own sections
     # (``qc:``, ``slo:``, see l2cache_ops.settings) from it; the core never does.
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -362,6 +388,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> L2CacheConfig:
         auth=_auth(raw, source),
         virtual_tables=_virtual_tables(raw, datasets, source),
         missing_ids=_missing_ids(raw, source),
+        lookup_wait=_lookup_wait(raw, source),
         raw=raw,
     )
 
@@ -398,6 +425,32 @@ def _missing_ids(raw: Mapping, source: str) -> MissingIdPolicy:
     }
     table = _optional_str(section, "guard_table_id", where) or base.guard_table_id
     return MissingIdPolicy(**values, guard_table_id=table)
+
+
+def _lookup_wait(raw: Mapping, source: str) -> LookupWaitPolicy:
+    """``lookup_wait:``: every key optional (:class:`LookupWaitPolicy`'s defaults)."""
+    section = config_section(raw, "lookup_wait", source)
+    where = f"{source}: lookup_wait"
+    unknown = set(section) - set(LookupWaitPolicy.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    base = LookupWaitPolicy()
+    max_s = section.get("max_s", base.max_s)
+    if isinstance(max_s, bool) or not isinstance(max_s, int | float) or not 0 <= max_s:
+        raise ConfigError(f"{where}: max_s must be a number of seconds >= 0, got {max_s!r}")
+    if max_s > MAX_WAIT_S:
+        raise ConfigError(
+            f"{where}: max_s is at most {MAX_WAIT_S:g} s (half the lookup's timeout), got {max_s!r}"
+        )
+    optional = {
+        key: _positive_int(section, key, 1, where) if section.get(key) is not None else None
+        for key in ("max_concurrent", "max_per_caller")
+    }
+    return LookupWaitPolicy(
+        max_s=float(max_s),
+        max_ids=_positive_int(section, "max_ids", base.max_ids, where),
+        **optional,
+    )
 
 
 def _virtual_tables(raw: Mapping, datasets: Mapping, source: str) -> dict[str, str]:

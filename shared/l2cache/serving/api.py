@@ -26,6 +26,7 @@ every missing id ``{}`` whatever was queued.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import itertools
@@ -66,6 +67,7 @@ from l2cache.serving.respond import (
     Compressor,
     NpzBuilder,
     StreamBody,
+    accepts_json,
     accepts_npz,
     etag,
     if_none_match,
@@ -473,6 +475,20 @@ class LookupService:
                 )
         int64_as_str = _truthy(query.get("int64_as_str"), False)
         update_cache = _truthy(query.get("update_cache"), True)
+        opts = None
+        if "state" in query or "wait" in query:  # checked before anything is read
+            try:
+                opts = wait.options(query, self.config)
+            except wait.WaitError as exc:
+                raise ApiError(400, str(exc)) from None
+            accept = headers.get("Accept")
+            if opts.with_state and accepts_npz(accept) and not accepts_json(accept):
+                raise ApiError(
+                    406,
+                    "state=true is answered as JSON only (per-id states have no .npz "
+                    f"layout); accept {JSON_MEDIA_TYPE}, or ask without state (wait alone "
+                    f"answers {NPZ_MEDIA_TYPE})",
+                )
         body = self._decompress(reader(self.body_limit), headers)
         l2ids = parse_l2_ids(body, headers.get("Content-Type", "") or "")
         if l2ids.size > self.config.max_ids_per_request:
@@ -482,13 +498,78 @@ class LookupService:
                 f"{self.config.max_ids_per_request} (split the request)",
             )
         l2ids = np.unique(l2ids)  # upstream answers each id once, in id order
-        if "state" not in query and "wait" not in query:  # those are answered below
+        if opts is None:
             return self._answer(
                 ds, l2ids, names, int64_as_str, update_cache, headers, timings, caller
             )
+        return self._answer_state(
+            ds, l2ids, names, int64_as_str, update_cache, headers, timings, caller, opts
+        )
+
+    def _answer_state(
+        self,
+        ds: DatasetConfig,
+        l2ids: np.ndarray,
+        names: list[str] | None,
+        int64_as_str: bool,
+        update_cache: bool,
+        headers: Mapping[str, str],
+        timings: dict[str, float],
+        caller: Caller | None,
+        opts: wait.Options,
+    ) -> Response:
+        """The answer to a request with ``state`` or ``wait`` (:mod:`l2cache.serving.wait`).
+
+        Bounded before any read, cheapest refusal first: more than
+        ``lookup_wait.max_ids`` ids is a 400; a wait when this instance (or this
+        caller) already runs its share of waits is a 429 + ``Retry-After``
+        (:func:`wait.wait_slot`: waits hold request threads, plain lookups must keep
+        some); then the ids-in-flight admission as for every answer (429). The slot
+        and the admission are held until the answer is built (it is built whole).
+        """
+        limit = wait.max_ids(self.config)
+        if l2ids.size > limit:
+            raise ApiError(
+                400,
+                f"state and wait take at most {limit} ids per request, not {l2ids.size} "
+                "(split the request; without them any size is answered)",
+            )
+        who = (caller() if caller is not None else None) or ANONYMOUS
+        n = int(l2ids.size)
+        with contextlib.ExitStack() as held:
+            if opts.seconds > 0:
+                try:
+                    held.enter_context(wait.wait_slot(self.config, who))
+                except wait.WaitBusy as exc:
+                    retry = {"Retry-After": str(wait.BUSY_RETRY_AFTER_S)}
+                    raise ApiError(429, exc.message, retry) from None
+            if not self.admission.admit(n):
+                raise ApiError(
+                    429,
+                    f"this instance is answering {self.admission.in_flight} ids already; "
+                    f"{n} more would pass its {self.admission.limit} (retry after "
+                    f"{RETRY_AFTER_S} s)",
+                    {"Retry-After": str(RETRY_AFTER_S)},
+                )
+            held.callback(self.admission.release, n)
+            return self._state_admitted(
+                ds, l2ids, names, int64_as_str, update_cache, headers, timings, who, opts
+            )
+
+    def _state_admitted(
+        self,
+        ds: DatasetConfig,
+        l2ids: np.ndarray,
+        names: list[str] | None,
+        int64_as_str: bool,
+        update_cache: bool,
+        headers: Mapping[str, str],
+        timings: dict[str, float],
+        who: str,
+        opts: wait.Options,
+    ) -> Response:
         is_l2 = idlib.get_layer(l2ids) == 2 if l2ids.size else np.zeros(0, bool)
         found = self.store(ds.name).read_features(l2ids[is_l2], names, int64_as_str, timings)
-        result: dict[str, Any] = {str(node): found.get(node, {}) for node in l2ids.tolist()}
         headers_out = {"X-L2Cache-Non-L2-Ids": str(int((~is_l2).sum()))}
         candidates = l2ids[is_l2]
         missing = candidates[[n not in found for n in candidates.tolist()]]
@@ -496,20 +577,12 @@ class LookupService:
         if ds.existing_cache_table:  # another service owns that table: nothing to queue
             update_cache = False
         if update_cache and missing.size and self._publish_missing is not None:
-            who = (caller() if caller is not None else None) or ANONYMOUS
             headers_out.update(self._queue_missing(missing, ds, who))
-        if "state" in query or "wait" in query:  # opt-in: per-id state, bounded wait
-            try:
-                extra = wait.answer(
-                    self, ds, l2ids, found, names, int64_as_str, query, headers_out, timings
-                )
-            except wait.WaitError as exc:
-                raise ApiError(400, str(exc)) from None
-            return Response(200, *extra)
-        t0 = time.perf_counter()
-        response = _json(200, result, headers_out)
-        timings["encode"] = time.perf_counter() - t0
-        return response
+        binary = accepts_npz(headers.get("Accept")) and not opts.with_state
+        body, out = wait.answer(
+            self, ds, l2ids, found, names, int64_as_str, opts, headers_out, timings, binary
+        )
+        return Response(200, body, out)
 
     def _answer(
         self,

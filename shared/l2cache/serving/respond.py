@@ -197,6 +197,29 @@ def accepts_npz(accept: str | None) -> bool:
     return False
 
 
+def accepts_json(accept: str | None) -> bool:
+    """Whether ``Accept`` allows JSON: no header, or ``application/json``,
+    ``application/*`` or ``*/*`` listed with q > 0 (an answer that exists only as
+    JSON, such as ``?state=true``'s, is refused 406 otherwise)."""
+    if not (accept or "").strip():
+        return True
+    for part in (accept or "").lower().split(","):
+        media, _, params = part.partition(";")
+        if media.strip() not in (JSON_MEDIA_TYPE, "application/*", "*/*"):
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            return True
+    return False
+
+
 def npz_layout(names: Sequence[str], integral_resolution: bool) -> dict[str, tuple[Any, tuple]]:
     """``{attribute: (dtype, per-id shape)}`` of the ``.npz`` answer.
 

@@ -34,8 +34,13 @@ to a Bigtable node.
 from __future__ import annotations
 
 import math
+import os
+import re
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,15 +48,18 @@ import orjson
 
 from l2cache.config import DatasetConfig, L2CacheConfig
 from l2cache.domain import ids as idlib
+from l2cache.domain.attributes import ATTRIBUTE_NAMES
 from l2cache.gcp.bigtable import RowReader
 from l2cache.serving.id_state import StateContext, states, summary
+from l2cache.serving.respond import JSON_MEDIA_TYPE, NPZ_MEDIA_TYPE, NpzBuilder
 from l2cache.store.cache import CacheStore
 
-DEFAULT_MAX_WAIT_S = 30.0
-# Ids a request with ``state`` or ``wait`` may name: its answer is built whole in memory
-# (the default answer streams), so it keeps the old per-request cap.
-DEFAULT_MAX_IDS = 75_000
-HARD_MAX_WAIT_S = 60.0  # half the lookup function's 120 s timeout
+# A refused wait (every wait slot taken) is told to come back after about a chunk's
+# compute (1.5-3 s at 256x256x512), the usual length of a wait that ends ``ready``.
+BUSY_RETRY_AFTER_S = 2
+# A number of seconds as clients write it (``5``, ``2.5``, ``1e9``): ASCII only, so
+# Python's ``float`` extras (``nan``, ``inf``, ``5_0``, non-ASCII digits) are refused.
+_SECONDS = re.compile(r"[0-9.eE+-]{1,40}")
 FIRST_POLL_S = 0.1
 MAX_POLL_S = 1.0
 FIRST_CHECK_S = 2.0
@@ -75,36 +83,78 @@ class WaitError(ValueError):
 
 
 def max_wait_s(config: L2CacheConfig) -> float:
-    """The map's ``lookup_wait: {max_s}`` (default 30 s, at most 60 s: the lookup
-    function's timeout is 120 s, and a held request holds one of its threads)."""
-    section = config.raw.get("lookup_wait") or {}
-    value = section.get("max_s", DEFAULT_MAX_WAIT_S) if isinstance(section, Mapping) else None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value:
-        raise ValueError(f"lookup_wait.max_s must be a number of seconds, got {value!r}")
-    return float(min(value, HARD_MAX_WAIT_S))
+    """The map's ``lookup_wait.max_s`` (default 30 s, at most 60 s: checked when the map
+    is read; a held request holds one of the instance's threads)."""
+    return config.lookup_wait.max_s
 
 
 def max_ids(config: L2CacheConfig) -> int:
-    """The map's ``lookup_wait: {max_ids}`` (default 75,000, the cap the lookup had
-    before its answers streamed): ids per request with ``state`` or ``wait``."""
-    section = config.raw.get("lookup_wait") or {}
-    value = section.get("max_ids", DEFAULT_MAX_IDS) if isinstance(section, Mapping) else None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"lookup_wait.max_ids must be a positive integer, got {value!r}")
-    return value
+    """The map's ``lookup_wait.max_ids`` (default 75,000, the cap the lookup had before
+    its answers streamed): ids per request with ``state`` or ``wait``."""
+    return config.lookup_wait.max_ids
+
+
+def instance_threads() -> int:
+    """The request threads of this instance, as functions-framework sizes its gunicorn
+    gthread pool (``THREADS``, else 4 per CPU: 4 on the lookup's 1 vCPU). These, not
+    Cloud Run's concurrency of 8, are what requests hold: a ninth is queued inside."""
+    raw = os.environ.get("THREADS", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else (os.cpu_count() or 1) * 4
+
+
+def wait_limits(config: L2CacheConfig) -> tuple[int, int]:
+    """(waits at once on this instance, waits at once of one caller): the map's
+    ``lookup_wait.max_concurrent`` (default half the instance's threads, at least 1:
+    2 of the 4, so plain lookups always keep the other half) and ``max_per_caller``
+    (default half of that, at least 1: one caller cannot take every wait slot)."""
+    policy = config.lookup_wait
+    total = policy.max_concurrent or max(1, instance_threads() // 2)
+    per_caller = policy.max_per_caller or max(1, total // 2)
+    return total, min(per_caller, total)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asked of this module, parsed before any body is read or any row
+    is: a bad value costs a 400 and nothing else."""
+
+    seconds: float  # 0: no wait
+    with_state: bool
+
+
+def _single(query: Mapping[str, str], name: str) -> str | None:
+    """``query[name]``, refusing a parameter given twice (which one would win differs
+    between servers and proxies; the client must say one)."""
+    getlist = getattr(query, "getlist", None)
+    if getlist is not None and len(getlist(name)) > 1:
+        raise WaitError(f"{name} is given {len(getlist(name))} times; give it once")
+    return query.get(name)
+
+
+def options(query: Mapping[str, str], config: L2CacheConfig) -> Options:
+    """The request's ``wait`` and ``state``; raises :class:`WaitError` for a bad one."""
+    return Options(
+        seconds=parse_wait(_single(query, "wait"), max_wait_s(config)),
+        with_state=parse_state(_single(query, "state")),
+    )
 
 
 def parse_wait(value: str | None, cap: float) -> float:
     """Seconds to wait at most (0: no wait), the client's ``wait`` cut to ``cap``."""
     if value is None or value.strip() == "":
         return 0.0
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise WaitError(f"wait must be a number of seconds, got {value[:40]!r}") from None
-    if not math.isfinite(seconds) or seconds < 0:
+    text = value.strip()
+    seconds = math.nan
+    if _SECONDS.fullmatch(text):
+        try:
+            seconds = float(text)
+        except ValueError:
+            pass
+    if math.isnan(seconds):
+        raise WaitError(f"wait must be a number of seconds, got {value[:40]!r}")
+    if seconds < 0:
         raise WaitError(f"wait must be a non-negative number of seconds, got {value[:40]!r}")
-    return min(seconds, cap)
+    return min(seconds, cap)  # a huge (or overflowing: inf) value is the cap
 
 
 def parse_state(value: str | None) -> bool:
@@ -117,6 +167,75 @@ def parse_state(value: str | None) -> bool:
     if v in ("0", "false", "no", "off"):
         return False
     raise WaitError(f"state must be true or false, got {value[:40]!r}")
+
+
+class WaitSlots:
+    """Requests with a wait running on this instance, in all and per caller.
+
+    A waiting request holds a request thread for up to the cap while it does almost
+    nothing (a read a second), so without a bound a few callers asking ``wait=30``
+    would hold every thread and plain lookups would queue behind them. One per process
+    (a map reload does not make a second count); the limits are read per request from
+    the current map. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+        self.by_caller: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, caller: str, total: int, per_caller: int) -> str | None:
+        """Take a slot for ``caller``: ``None`` when taken, else why not (then nothing
+        was taken)."""
+        with self._lock:
+            mine = self.by_caller.get(caller, 0)
+            if self.running >= total:
+                return f"this instance is running its {total} waiting requests already"
+            if mine >= per_caller:
+                return f"this caller has {mine} waiting requests on this instance already"
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.by_caller[caller] = mine + 1
+            return None
+
+    def give_back(self, caller: str) -> None:
+        """Return what :meth:`take` took, exactly once per successful take."""
+        with self._lock:
+            self.running -= 1
+            left = self.by_caller.get(caller, 1) - 1
+            if left > 0:
+                self.by_caller[caller] = left
+            else:
+                self.by_caller.pop(caller, None)
+
+
+SLOTS = WaitSlots()
+
+
+class WaitBusy(Exception):
+    """Every wait slot this request could use is taken: the lookup answers 429."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@contextmanager
+def wait_slot(config: L2CacheConfig, caller: str, slots: WaitSlots = SLOTS) -> Iterator[None]:
+    """Hold a wait slot for the body of the ``with`` (raises :class:`WaitBusy` when
+    none is free; nothing is read before that)."""
+    total, per_caller = wait_limits(config)
+    refusal = slots.take(caller, total, per_caller)
+    if refusal is not None:
+        raise WaitBusy(
+            f"{refusal} (at most {total} per instance, {per_caller} per caller); "
+            f"retry after {BUSY_RETRY_AFTER_S} s, or ask without wait"
+        )
+    try:
+        yield
+    finally:
+        slots.give_back(caller)
 
 
 def runs_reader(config: L2CacheConfig) -> RowReader:
@@ -182,21 +301,19 @@ def answer(
     found: dict[int, dict[str, Any]],
     names: Sequence[str] | None,
     int64_as_str: bool,
-    query: Mapping[str, str],
+    opts: Options,
     headers: dict[str, str],
     timings: dict[str, float],
+    binary: bool = False,
 ) -> tuple[bytes, dict[str, str]]:
     """The lookup's answer (body, headers) when ``wait`` or ``state`` is asked, after
-    the normal lookup read ``found`` and queued what it queues. Raises
-    :class:`WaitError` for a bad ``wait`` or ``state`` value."""
-    seconds = parse_wait(query.get("wait"), max_wait_s(service.config))
-    with_state = parse_state(query.get("state"))
-    limit = max_ids(service.config)
-    if l2ids.size > limit:
-        raise WaitError(
-            f"state and wait take at most {limit} ids per request, not {l2ids.size} "
-            "(split the request; without them any size is answered)"
-        )
+    the normal lookup read ``found`` and queued what it queues (``opts`` parsed and
+    the ids counted against ``lookup_wait.max_ids`` before that, by the caller).
+
+    ``binary``: the ``.npz`` answer (:class:`~l2cache.serving.respond.NpzBuilder`'s
+    layout, the default answer's): a wait changes when the answer comes, not what it
+    is. A ``state`` answer is JSON only (the caller refuses ``.npz`` with a 406 first).
+    """
     ctx = StateContext(
         config=service.config,
         store=service.store(ds.name),
@@ -206,21 +323,21 @@ def answer(
     t0 = time.perf_counter()
     outcome, wait_reads = "none", 0
     missing = [n for n in l2ids.tolist() if n not in found]
-    if seconds > 0 and missing:
+    if opts.seconds > 0 and missing:
         first = states(ctx, ds, np.array(missing, dtype=np.uint64), found, names, int64_as_str)
         waiting = [n for n in missing if first[n]["state"] == "pending" and n not in found]
         if waiting:
             before = ctx.reads
-            outcome, polls = wait_for_rows(ctx, ds, waiting, found, names, int64_as_str, seconds)
+            outcome, polls = wait_for_rows(
+                ctx, ds, waiting, found, names, int64_as_str, opts.seconds
+            )
             wait_reads = polls + ctx.reads - before
     waited = time.perf_counter() - t0
-    result = {str(node): found.get(node, {}) for node in l2ids.tolist()}
-    body: Any = result
-    if with_state:
+    body: Any = None
+    if opts.with_state:
         by_id = states(ctx, ds, l2ids, found, names, int64_as_str)
-        result = {str(node): found.get(node, {}) for node in l2ids.tolist()}  # late rows
         body = {
-            "attributes": result,
+            "attributes": {str(node): found.get(node, {}) for node in l2ids.tolist()},
             "state": {str(n): by_id[n] for n in l2ids.tolist()},
             "summary": summary(by_id),
         }
@@ -234,9 +351,18 @@ def answer(
         "X-L2Cache-Waited-Ms": str(round(waited * 1000)),
         "X-L2Cache-Wait-Reads": str(wait_reads),
         "X-L2Cache-State-Reads": str(ctx.reads),
-        "Content-Type": "application/json",
+        "Content-Type": JSON_MEDIA_TYPE,
     }
     t1 = time.perf_counter()
-    payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    if binary and body is None:
+        wanted = list(names) if names else list(ATTRIBUTE_NAMES)
+        npz = NpzBuilder(l2ids, wanted, ds.integral_resolution)
+        npz.fill(0, l2ids, found)
+        payload = npz.to_bytes()
+        out_headers["Content-Type"] = NPZ_MEDIA_TYPE
+    else:
+        if body is None:
+            body = {str(node): found.get(node, {}) for node in l2ids.tolist()}
+        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
     timings["encode"] = time.perf_counter() - t1
     return payload, out_headers
