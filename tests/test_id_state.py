@@ -219,9 +219,10 @@ def test_computed_empty_not_l2_unknown_and_an_edit_in_flight(stack):
         "not_l2": 2,
         "unknown": 2,
     }
-    # update_cache=false: nothing was queued, so nothing to pull; the graph was read once,
-    # the guard once: bounded, by key
-    assert int(r.headers["X-L2Cache-State-Reads"]) == 2
+    # update_cache=false: nothing was queued, so nothing to pull; the guard was read once,
+    # the runs table's index rows once (l2edit:, chunkfail:), the graph once: by key
+    assert int(r.headers["X-L2Cache-State-Reads"]) == 3
+    assert st[str(EDITED)]["by"]["received"] is False  # no l2edit row: the graph's guess
     assert r.headers["X-L2Cache-Wait"] == "none"
 
 

@@ -29,6 +29,12 @@ Size: a message whose ids lie in one chunk is computed here (an edit, typically)
 spanning several chunks is fanned out as one compute_chunk task per chunk, so no message
 needs more than one chunk's work within on_edit's timeout.
 
+Per-id index: once an edit is accepted (its run and event known), each of its new L2
+ids gets an ``l2edit:`` row in the runs table naming the event (run, key, operation,
+message, publish time), in one MutateRows with the event row's ``received_at``: the
+lookup's per-id state follows it to the event and its chunks' rows (pending while they
+are unfinished, failed with their reason).
+
 Idempotence: the graph is read and every cell is written at the message's publish
 time, and the event row is keyed by the PCG operation id (or the message id; operation
 id 0 is PCG's "no operation"), so a redelivered message rewrites the same bytes at the
@@ -276,6 +282,8 @@ def handle_message(
             raise
         to_dead_letter(describe(exc))
         return {"status": "dead_lettered", "reason": describe(exc)}
+    if request.kind == "edit":
+        _index_edit(ctx, run, key, request, message_id, when)
     max_attempts = config.pubsub.max_delivery_attempts if config.pubsub else None
     reuse = {"reused_operation_id": True, "reused_from": reused_from} if reused_from else {}
 
@@ -344,6 +352,37 @@ def handle_message(
         errors=[f["error"] for f in result["failed"]][:10],
     )
     return {"status": status, **reuse, **result}
+
+
+def _index_edit(
+    ctx: DatasetContext,
+    run: RunRecord,
+    key: str,
+    request: RecomputeRequest,
+    message_id: str,
+    when: datetime,
+) -> None:
+    """Point each new L2 id of an accepted edit at its event (``l2edit:`` rows, see
+    :meth:`RunLedger.edit_received`), so the lookup's per-id state says pending (by
+    this operation) while the event is unfinished and failed (its reason) once it
+    failed. Best effort: the index only informs the state, so a failed write is logged
+    and the edit is computed all the same (its ids then read as an edit l2cache has no
+    record of, the state's fallback)."""
+    ids = (
+        request.l2ids[idlib.get_layer(request.l2ids) == 2] if request.l2ids.size else request.l2ids
+    )
+    try:
+        ctx.ledger.edit_received(
+            run.run_id,
+            key,
+            ctx.dataset.name,
+            ids.tolist(),
+            request.operation_id,
+            message_id,
+            when,
+        )
+    except Exception as exc:  # noqa: BLE001 - the state falls back; the edit goes on
+        log.warning("could not index the ids of event %s: %s", key, describe(exc))
 
 
 def _claim_operation(

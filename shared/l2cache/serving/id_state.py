@@ -8,10 +8,17 @@ alike. With ``?state=true`` the lookup answers, per requested id, one of:
   voxels (only ``size_nm3``, zero: :mod:`l2cache.store.rowformat`);
 - ``pending``: queued and not computed yet: ``since`` (ISO time) and ``by``: a lookup's
   missing-id message (``{"queue": "missing_ids", "message_id", "run", "event"}``; run
-  and event once on_edit recorded the message) or an edit (``{"queue": "edit"}``: the
-  graph created the node less than ``pending_ttl_s`` ago and no row exists yet);
+  and event once on_edit recorded the message) or an edit on_edit accepted
+  (``{"queue": "edit", "operation_id", "message_id", "run", "event"}``, since its
+  publish time, found by the id's ``l2edit:`` row) while that event is unfinished. An
+  edit l2cache has no record of (not received yet, or over the index's cap) is guessed
+  from the graph: a ``children`` cell younger than ``pending_ttl_s`` reads pending
+  ``{"queue": "edit", "received": false, "created_at"}``;
 - ``failed``: its recompute ended without a row: ``reason`` (the ledger's error), ``at``
-  and ``by`` (run, event);
+  and ``by`` (the queue's or the edit's run and event), or a bulk or region run failed
+  its chunk for good and no later run computed it (``chunkfail:`` row: ``by`` names
+  the run, its kind and the chunk; only for ids the graph made before that run's
+  snapshot);
 - ``not_l2``: not a layer-2 id, or its chunk lies outside the volume;
 - ``unknown``: the graph has no such node (``reason``), or it has it (``in_graph``) but
   nobody queued it (over a budget, ``update_cache=false``, or its queue mark expired).
@@ -19,11 +26,14 @@ alike. With ``?state=true`` the lookup answers, per requested id, one of:
 Every read is by key and bounded by the request: the cache rows the lookup already
 read (plus, when ``attribute_names`` leaves out ``size_nm3``, the raw rows of the ids
 without the requested columns, to tell a placeholder), one ReadRows of the guard table
-(negative entries, pending marks with their message ids), one keys-only ReadRows of
-PCG's graph (the ``children`` cell's time: does the node exist, when was it made), one
-ReadRows of the runs table's ``msg:<message id>`` rows and one of the events' and their
-chunks' rows (``event:<run>:<key>``, ``evchunk:<run>:<key>:<chunk>``). Each is skipped
-when nothing needs it; none grows with a table.
+(negative entries, pending marks with their message ids), one ReadRows of the runs
+table's index rows (``msg:<message id>`` of the marks, ``l2edit:<dataset>:<id>`` and
+``chunkfail:<dataset>:<chunk>`` of the ids without a fresh mark), one keys-only
+ReadRows of PCG's graph for the ids no index row placed (the ``children`` cell's time:
+does the node exist, when was it made), one ReadRows of the events' and their chunks'
+rows (``event:<run>:<key>``, ``evchunk:<run>:<key>:<chunk>``) and, when an event says
+it ended without the row, one re-read of those cache rows. Each is skipped when nothing
+needs it; none grows with a table: at most 6 reads (5 without an attribute filter).
 
 The state is computed after this request queued what it queues, so an id the request
 itself queued reads ``pending`` (by this request's message).
@@ -47,7 +57,13 @@ from l2cache.gcp.bigtable import CellFilter, RowReader
 from l2cache.inputs.volume import in_volume
 from l2cache.serving.missing import graph_table_name
 from l2cache.store.cache import CacheStore
-from l2cache.store.ledger import LEDGER_FAMILY, message_key
+from l2cache.store.ledger import (
+    INDEX_FAMILY,
+    LEDGER_FAMILY,
+    chunk_failure_key,
+    edit_index_key,
+    message_key,
+)
 from l2cache.store.missing_guard import GRAPH_CHILDREN, GRAPH_FAMILY, MissingIdGuard
 
 log = logging.getLogger(__name__)
@@ -163,7 +179,13 @@ def _missing_states(
     int64_as_str: bool,
     out: dict[int, dict[str, Any]],
 ) -> None:
-    """States of ids without a row: guard marks, then the graph, then the ledger."""
+    """States of ids without a row, from recorded facts, in this order: a lookup's
+    fresh queue mark (pending, or failed once its event failed), the edit that made the
+    id (``l2edit:``: pending while its event is unfinished, failed with its reason), a
+    negative entry (unknown), the graph (not in it: unknown), a run that failed the
+    id's chunk for good (``chunkfail:``: failed), an edit l2cache has no record of (the
+    ``children`` cell younger than ``pending_ttl_s``: pending), else unknown. An
+    expired queue mark whose event failed turns the state into that failure."""
     negative: dict[int, tuple[int, str]] = {}
     claims: dict[int, tuple[int, str, bool]] = {}
     if ctx.guard is not None:
@@ -173,22 +195,39 @@ def _missing_states(
         except Exception as exc:  # noqa: BLE001 - said in the answer
             log.warning("guard read for states failed: %r", exc)
     fresh = {n for n, claim in claims.items() if claim[2]}
-    unclaimed = [n for n in missing if n not in fresh and n not in negative]
+    rest = [n for n in missing if n not in fresh]
+    sources = sorted({src for _, src, _ in claims.values() if src})
+    index = _index(ctx, ds, sources, rest, chunk_of)
+    events, edits, chunk_fails = index.events, index.edits, index.chunk_fails
+    outcome_keys: set[bytes] = set()
+    for node, (_, src, _) in claims.items():
+        if src in events:
+            outcome_keys.update(_outcome_keys(*events[src], chunk_of[node]))
+    for node, pointer in edits.items():
+        outcome_keys.update(_outcome_keys(str(pointer["run"]), str(pointer["key"]), chunk_of[node]))
+    outcomes = _ledger_rows(ctx, sorted(outcome_keys))
+    ended: dict[int, dict[str, Any]] = {}
+    for node, pointer in edits.items():
+        _edit_state(node, pointer, outcomes, chunk_of[node], out, ended)
+    unclaimed = [n for n in rest if n not in negative and n not in edits]
     for node, (ms, why) in negative.items():
-        if node not in fresh:
+        if node not in fresh and node not in edits:
             out[node] = {"state": "unknown", "reason": why or "not in the graph", "at": iso_ms(ms)}
     created = _created(ctx, ds, unclaimed)
     window_ms = ctx.config.missing_ids.pending_ttl_s * 1000
     now_ms = int(ctx.clock() * 1000)
     for node in unclaimed:
         made = created.get(node) if created is not None else None
+        failure = chunk_fails.get(chunk_of[node])
         if created is not None and made is None:
             out[node] = {"state": "unknown", "reason": "not in the graph"}
+        elif failure is not None and (made is None or made <= int(failure.get("snapshot_ms", 0))):
+            out[node] = _chunk_failed(failure, chunk_of[node])
         elif made is not None and now_ms - made < window_ms:
-            out[node] = {
+            out[node] = {  # an edit l2cache has not received (yet): no l2edit row
                 "state": "pending",
                 "since": iso_ms(made),
-                "by": {"queue": "edit", "created_at": iso_ms(made)},
+                "by": {"queue": "edit", "received": False, "created_at": iso_ms(made)},
             }
         else:
             state: dict[str, Any] = {"state": "unknown", "reason": "not queued"}
@@ -200,7 +239,116 @@ def _missing_states(
                 state["queued_at"] = iso_ms(claims[node][0])
             out[node] = state
     if claims:
-        _claimed_states(ctx, ds, claims, chunk_of, found, names, int64_as_str, out)
+        _claimed_states(claims, chunk_of, events, outcomes, out, ended)
+    if not ended:
+        return
+    # "done" and the row is missing: it may have been written after the lookup's read
+    late = ctx.store.read_features(list(ended), names, int64_as_str)
+    ctx.reads += 1
+    for node, state in ended.items():
+        if node in late:
+            found[node] = late[node]
+            out[node] = {"state": "empty" if is_placeholder_value(late[node]) else "computed"}
+        else:
+            out[node] = state
+
+
+def _outcome_keys(run: str, key: str, chunk_id: int) -> tuple[bytes, bytes]:
+    """The ledger rows that say how an event ended for one chunk: the event's own row
+    (inline events) and its chunk's ``evchunk`` row (fanned-out ones)."""
+    return (
+        f"event:{run}:{key}".encode(),
+        b"evchunk:%s:%s:%020d" % (run.encode(), key.encode(), chunk_id),
+    )
+
+
+def _edit_state(
+    node: int,
+    pointer: Mapping[str, Any],
+    outcomes: Mapping[bytes, dict[str, Any]],
+    chunk_id: int,
+    out: dict[int, dict[str, Any]],
+    ended: dict[int, dict[str, Any]],
+) -> None:
+    """An id an accepted edit made: pending since the edit while its event is
+    unfinished, else failed with the event's (or its chunk's) reason."""
+    run, key = str(pointer["run"]), str(pointer["key"])
+    by = {
+        "queue": "edit",
+        "operation_id": pointer.get("op"),
+        "message_id": pointer.get("msg"),
+        "run": run,
+        "event": key,
+    }
+    event_key, chunk_key = _outcome_keys(run, key, chunk_id)
+    verdict = _verdict(outcomes.get(event_key, {}), outcomes.get(chunk_key, {}))
+    if verdict is None:
+        out[node] = {"state": "pending", "since": pointer.get("at"), "by": by}
+    else:
+        ended[node] = {"state": "failed", **verdict, "by": by}
+
+
+def _chunk_failed(failure: Mapping[str, Any], chunk_id: int) -> dict[str, Any]:
+    """The state of an id whose chunk a run failed for good (its ``chunkfail:`` row)."""
+    by = {"run": failure.get("run"), "kind": failure.get("kind"), "chunk": chunk_id}
+    return {
+        "state": "failed",
+        "reason": str(failure.get("error")),
+        "at": failure.get("at"),
+        "by": by,
+    }
+
+
+@dataclass
+class _Index:
+    """What one by-key read of the runs table's index rows found for a request."""
+
+    events: dict[str, tuple[str, str]]  # missing-id message id -> (run, event key)
+    edits: dict[int, dict[str, Any]]  # L2 id -> its edit event (l2edit: row)
+    chunk_fails: dict[int, dict[str, Any]]  # chunk id -> its chunkfail: row
+
+
+def _index(
+    ctx: StateContext,
+    ds: DatasetConfig,
+    sources: list[str],
+    nodes: list[int],
+    chunk_of: Mapping[int, int],
+) -> _Index:
+    """One ReadRows of the runs table by key: ``msg:<message id>`` of the queue marks'
+    messages, ``l2edit:<dataset>:<id>`` of the ids and ``chunkfail:<dataset>:<chunk>``
+    of their chunks (absent rows are simply not returned)."""
+    found = _Index({}, {}, {})
+    if ctx.runs is None or not (sources or nodes):
+        return found
+    msg_keys = {message_key(s): s for s in sources}
+    edit_keys = {edit_index_key(ds.name, n): n for n in nodes}
+    fail_keys = {chunk_failure_key(ds.name, chunk_of[n]): chunk_of[n] for n in nodes}
+    keys = sorted({*msg_keys, *edit_keys, *fail_keys})
+    try:
+        rows = ctx.runs.rows(
+            keys=keys,
+            cells=CellFilter(columns={LEDGER_FAMILY: None, INDEX_FAMILY: None}, per_column=1),
+        )
+        ctx.reads += 1
+    except Exception as exc:  # noqa: BLE001 - pending stays pending
+        log.warning("runs-table read for states failed: %r", exc)
+        return found
+    for key, row in rows.items():
+        try:
+            if key in msg_keys:
+                where = json.loads(row.get(LEDGER_FAMILY, {})[b"event"])
+                found.events[msg_keys[key]] = (str(where["run"]), str(where["key"]))
+            elif key in edit_keys:
+                found.edits[edit_keys[key]] = json.loads(row.get(INDEX_FAMILY, {})[b"event"])
+            elif key in fail_keys:
+                cells = row.get(LEDGER_FAMILY, {})
+                found.chunk_fails[fail_keys[key]] = {
+                    k.decode(): json.loads(v) for k, v in cells.items()
+                }
+        except (KeyError, ValueError) as exc:  # a row of another shape: not an answer
+            log.warning("runs-table row %r unreadable for states: %r", key, exc)
+    return found
 
 
 def _created(ctx: StateContext, ds: DatasetConfig, nodes: list[int]) -> dict[int, int] | None:
@@ -230,32 +378,17 @@ def _created(ctx: StateContext, ds: DatasetConfig, nodes: list[int]) -> dict[int
 
 
 def _claimed_states(
-    ctx: StateContext,
-    ds: DatasetConfig,
     claims: Mapping[int, tuple[int, str, bool]],
     chunk_of: Mapping[int, int],
-    found: dict[int, dict[str, Any]],
-    names: Sequence[str] | None,
-    int64_as_str: bool,
+    events: Mapping[str, tuple[str, str]],
+    outcomes: Mapping[bytes, dict[str, Any]],
     out: dict[int, dict[str, Any]],
+    ended: dict[int, dict[str, Any]],
 ) -> None:
     """Ids a lookup queued: pending until the ledger says their event ended without
     their row (failed, with the reason). A mark older than ``pending_ttl_s`` (expired:
     the next request with ``update_cache`` queues the id again) only turns the state
-    the caller already set into ``failed`` when its event failed."""
-    sources = sorted({src for _, src, _ in claims.values() if src})
-    events = _events(ctx, sources)
-    outcome_keys: list[bytes] = []
-    for run, key in events.values():
-        outcome_keys.append(f"event:{run}:{key}".encode())
-    for node, (_, src, _) in claims.items():
-        if src in events:
-            run, key = events[src]
-            outcome_keys.append(
-                b"evchunk:%s:%s:%020d" % (run.encode(), key.encode(), chunk_of[node])
-            )
-    outcomes = _ledger_rows(ctx, sorted(set(outcome_keys)))
-    ended: dict[int, dict[str, Any]] = {}
+    already set into ``failed`` when its event failed."""
     for node, (ms, src, fresh) in claims.items():
         by: dict[str, Any] = {"queue": "missing_ids", "message_id": src or None}
         where = events.get(src)
@@ -263,47 +396,13 @@ def _claimed_states(
         if where is not None:
             run, key = where
             by.update(run=run, event=key)
-            event = outcomes.get(f"event:{run}:{key}".encode(), {})
-            chunk = outcomes.get(
-                b"evchunk:%s:%s:%020d" % (run.encode(), key.encode(), chunk_of[node]), {}
-            )
-            verdict = _verdict(event, chunk)
+            event_key, chunk_key = _outcome_keys(run, key, chunk_of[node])
+            verdict = _verdict(outcomes.get(event_key, {}), outcomes.get(chunk_key, {}))
         if verdict is None:
             if fresh:
                 out[node] = {"state": "pending", "since": iso_ms(ms), "by": by}
         else:
             ended[node] = {"state": "failed", **verdict, "by": by, "queued_at": iso_ms(ms)}
-    if not ended:
-        return
-    # "done" and the row is missing: it may have been written after the lookup's read
-    late = ctx.store.read_features(list(ended), names, int64_as_str)
-    ctx.reads += 1
-    for node, state in ended.items():
-        if node in late:
-            found[node] = late[node]
-            out[node] = {"state": "empty" if is_placeholder_value(late[node]) else "computed"}
-        else:
-            out[node] = state
-
-
-def _events(ctx: StateContext, sources: list[str]) -> dict[str, tuple[str, str]]:
-    """``{message id: (run, event key)}`` of the messages on_edit has recorded."""
-    if not sources or ctx.runs is None:
-        return {}
-    keys = [message_key(s) for s in sources]
-    try:
-        rows = ctx.runs.rows(keys=keys, cells=CellFilter(columns={LEDGER_FAMILY: [b"event"]}))
-        ctx.reads += 1
-    except Exception as exc:  # noqa: BLE001 - pending stays pending
-        log.warning("runs-table read for states failed: %r", exc)
-        return {}
-    out = {}
-    for src, key in zip(sources, keys, strict=True):
-        cell = rows.get(key, {}).get(LEDGER_FAMILY, {}).get(b"event")
-        if cell:
-            where = json.loads(cell)
-            out[src] = (str(where["run"]), str(where["key"]))
-    return out
 
 
 def _ledger_rows(ctx: StateContext, keys: list[bytes]) -> dict[bytes, dict[str, Any]]:

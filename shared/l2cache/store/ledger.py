@@ -11,8 +11,14 @@ Row keys: ``run:<run_id>``, ``chunk:<run_id>:<chunk_id %020d>``,
 ``task:<run_id>:<region>`` (split tasks that gave up), ``event:<run_id>:<event key>``
 (one per PCG operation or missing-id message), ``evchunk:<run_id>:<event key>:<chunk>``
 (chunks of an event already written, so a redelivery computes each chunk once) and
-``ignored:<table_id>`` (edits for tables without a cache, counted) and
-``msg:<message id>`` (the run and event a missing-id message became).
+``ignored:<table_id>`` (edits for tables without a cache, counted),
+``msg:<message id>`` (the run and event a missing-id message became),
+``l2edit:<dataset>:<L2 id %020d>`` (family ``idx``, GC'd after :data:`INDEX_MAX_AGE`:
+the edit event that made the id, written when on_edit accepts the edit) and
+``chunkfail:<dataset>:<chunk id %020d>`` (the run whose chunk failed for good, with the
+reason; deleted when a later run computes the chunk). The last two are what the lookup's
+per-id state reads by key (l2cache.serving.id_state); they point at the event, chunk and
+``fail:`` rows, which hold the rest.
 
 Every read goes through :mod:`l2cache.gcp.bigtable`'s one read path and every write
 through :mod:`l2cache.gcp.bigtable_write`: plain rows with ``write_rows`` (each row's
@@ -29,7 +35,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from google.cloud.bigtable import column_family
@@ -51,6 +57,13 @@ if TYPE_CHECKING:  # annotations only
 RUN_FAMILY = "run"
 LEDGER_FAMILY = "ledger"
 SUM_FAMILY = "sum"  # the run's counters (l2cache.store.runstate): int64 sum aggregates
+# Per-id pointers to edit events (``l2edit:`` rows): one version, collected after
+# INDEX_MAX_AGE (infra/storage.py: RUNS_INDEX_GC_MAX_AGE), so they never accumulate.
+INDEX_FAMILY = "idx"
+INDEX_MAX_AGE = timedelta(days=30)
+# An edit names tens of new ids; a message naming more (PCG's manual remesh, operation
+# 0) indexes only this many: the others read as an edit l2cache has no record of.
+INDEX_MAX_IDS = 10_000
 DEFAULT_RUNS_TABLE = "l2cache_runs"
 
 
@@ -177,10 +190,16 @@ def create_runs_table(instance: Instance, table_id: str = DEFAULT_RUNS_TABLE) ->
     with one blind AddToCell and the server merges every add into one cell.
     """
     table = instance.table(table_id)
+    index_gc = column_family.GCRuleUnion(
+        [column_family.MaxVersionsGCRule(1), column_family.MaxAgeGCRule(INDEX_MAX_AGE)]
+    )
     if not table.exists():
         gc = column_family.MaxVersionsGCRule(1)
-        table.create(column_families={RUN_FAMILY: gc, LEDGER_FAMILY: gc})
-    if SUM_FAMILY not in table.list_column_families():
+        table.create(column_families={RUN_FAMILY: gc, LEDGER_FAMILY: gc, INDEX_FAMILY: index_gc})
+    families = table.list_column_families()
+    if INDEX_FAMILY not in families:
+        table.column_family(INDEX_FAMILY, index_gc).create()
+    if SUM_FAMILY not in families:
         _add_sum_family(table)
     return table
 
@@ -227,6 +246,19 @@ def message_key(message_id: str) -> bytes:
     return f"msg:{message_id}".encode()
 
 
+def edit_index_key(dataset: str, l2id: int) -> bytes:
+    """Row ``l2edit:<dataset>:<L2 id>``: the edit event that made the id (family
+    :data:`INDEX_FAMILY`, column ``event``: ``{"run", "key", "op", "msg", "at"}``)."""
+    return b"l2edit:%s:%020d" % (dataset.encode(), int(l2id))
+
+
+def chunk_failure_key(dataset: str, chunk_id: int) -> bytes:
+    """Row ``chunkfail:<dataset>:<chunk id>``: the last run that failed the chunk for
+    good (columns ``run``, ``error``, ``at``, ``snapshot_ms``, ``permanent``), deleted
+    when a run computes the chunk."""
+    return b"chunkfail:%s:%020d" % (dataset.encode(), int(chunk_id))
+
+
 def prefix_rows(table: Table | str, prefix: bytes) -> dict[bytes, RowCells]:
     """Every row whose key starts with ``prefix``, newest cells, in key order."""
     return read_rows(table, prefix=prefix)
@@ -244,6 +276,37 @@ def _run_id(run: RunRecord | str) -> str:
 def _grid(run: RunRecord | str) -> StatGrid | None:
     """A run's counter grid; a bare run id (older callers, tests) counts ungridded."""
     return None if isinstance(run, str) else run.stat_grid
+
+
+def _failure_index(
+    run: RunRecord | str, chunk_id: int, status: str, at: str, fields: Mapping[str, Any]
+) -> Row | None:
+    """The chunk's ``chunkfail:`` row for a chunk state change: set when it failed for
+    good, deleted when it is done; None for a retry, or a bare run id (no dataset).
+
+    Sent once with the writes the transition makes anyway (the ``fail:`` row, the
+    counters), so it costs no request of its own: a done chunk's deletion is one more
+    mutation in the counters' MutateRows (a chunk that never failed has no row; the
+    delete is then a no-op)."""
+    if isinstance(run, str) or status not in ("done", "failed"):
+        return None
+    row = Row(chunk_failure_key(run.dataset, chunk_id))
+    if status == "done":
+        row.delete_row()
+        row.idempotent = False  # rides in the counters' request (sent once) instead of its own
+        return row
+    snapshot_ms = int(run.snapshot.timestamp() * 1000)
+    values = {
+        "run": run.run_id,
+        "kind": run.kind,
+        "error": str(fields.get("error", "failed"))[:MAX_REASON],
+        "at": at,
+        "snapshot_ms": snapshot_ms,
+        "permanent": bool(fields.get("permanent", False)),
+    }
+    for name, value in values.items():
+        row.set_cell(LEDGER_FAMILY, name.encode(), json.dumps(value).encode())
+    return row
 
 
 class RunLedger:
@@ -504,7 +567,9 @@ class RunLedger:
             return False
         if status != "done":
             self._first_failure(run_id, chunk_id)
-        self._count(run, chunk_id, coords, old, new, now, qc_bins, fields, ended)
+        index = _failure_index(run, chunk_id, status, at, fields)
+        cleared = [index] if index is not None and status == "done" else []
+        self._count(run, chunk_id, coords, old, new, now, qc_bins, fields, ended, cleared)
         marks = []
         if status == "done":
             if old is not None:
@@ -512,6 +577,8 @@ class RunLedger:
         else:
             record = {**fields, "attempts": attempt} if attempt else fields
             marks.append(runstate.failure_row(run_id, chunk_id, status, coords, at, record))
+            if index is not None and status == "failed":
+                marks.append(index)
         if marks:
             write_rows(self.table, marks, "ledger")
         return True
@@ -527,9 +594,11 @@ class RunLedger:
         qc_bins: Mapping[bytes, int] | None,
         fields: Mapping[str, Any],
         ended: Mapping[bytes, int],
+        extra: Sequence[Row] = (),
     ) -> None:
         """Move the run's counters for one transition of one chunk (``ended``: the
-        attempt's in-flight counts taken back, in the same request)."""
+        attempt's in-flight counts taken back, in the same request; ``extra``: rows
+        sent with them, e.g. the deletion of the chunk's ``chunkfail:`` row)."""
         run_id = _run_id(run)
         cell = runstate.cell_of(_grid(run), coords, chunk_id)
         box = {**runstate.state_deltas(old, new), **ended}
@@ -559,7 +628,7 @@ class RunLedger:
         if new == b"d" and qc_bins:
             qc = runstate.qc_key(run_id, runstate.shard_of(chunk_id, runstate.QC_SHARDS))
             counts[qc] = qc_bins
-        runstate.add_many(self.table, counts)
+        runstate.add_many(self.table, counts, extra=extra)
 
     def _since_first_failure(self, run_id: str, chunk_id: int, now: datetime) -> float:
         """Seconds since the chunk first failed (0 when no failure was stamped)."""
@@ -646,6 +715,45 @@ class RunLedger:
         minute = runstate.minute_of(utc_now())
         hist = runstate.hist_key(run_id, minute, cell % runstate.HIST_SHARDS)
         runstate.add_many(self.table, {runstate.stat_key(run_id, cell): amounts, hist: amounts})
+
+    def edit_received(
+        self,
+        run_id: str,
+        event_key: str,
+        dataset: str,
+        l2ids: Sequence[int],
+        operation_id: int | None,
+        message_id: str,
+        published: datetime,
+    ) -> int:
+        """Record that on_edit accepted an edit: ``received_at`` on the event row and,
+        per new L2 id (at most :data:`INDEX_MAX_IDS`), an ``l2edit:`` row naming the
+        event, in one MutateRows. Every cell carries the message's publish time, so a
+        redelivery rewrites the same bytes at the same version (the rows are retried,
+        never doubled) and the index's GC age counts from the edit. Returns the number
+        of ids indexed.
+
+        What the lookup's per-id state reads: from an id to its event (run, key), whose
+        ``event:`` and ``evchunk:`` rows say whether it is still in flight or failed and
+        why, instead of guessing an edit from the age of the graph's ``children`` cell.
+        """
+        ids = sorted({int(i) for i in l2ids})[:INDEX_MAX_IDS]
+        at = published.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        pointer = json.dumps(
+            {"run": run_id, "key": event_key, "op": operation_id, "msg": message_id, "at": at},
+            separators=(",", ":"),
+        ).encode()
+        event = Row(self._event_key(run_id, event_key))
+        event.set_cell(LEDGER_FAMILY, b"received_at", json.dumps(at).encode(), published)
+        rows = [event]
+        for l2id in ids:
+            rows.append(
+                Row(edit_index_key(dataset, l2id)).set_cell(
+                    INDEX_FAMILY, b"event", pointer, published
+                )
+            )
+        write_rows(self.table, rows, "event")
+        return len(ids)
 
     def claim_event_content(self, run_id: str, event_key: str, digest: str) -> str | None:
         """Record ``digest`` as the content of an event unless one is recorded (one

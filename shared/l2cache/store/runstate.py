@@ -203,12 +203,17 @@ def add_counts(
 
 
 def add_many(
-    table: Table | str, counts: Mapping[bytes, Mapping[bytes, int]], what: str = "ledger"
+    table: Table | str,
+    counts: Mapping[bytes, Mapping[bytes, int]],
+    what: str = "ledger",
+    extra: Sequence[Row] = (),
 ) -> None:
     """Add to the counters of several rows in one MutateRows request: blind AddToCell
     writes into the sum family (no read, no version per add), each row's status
-    checked, sent once (an add repeated would count twice)."""
+    checked, sent once (an add repeated would count twice). ``extra`` rows (sent-once
+    marks of the same state change) ride in the same request."""
     rows = [r for key, amounts in counts.items() if (r := counts_row(key, amounts)) is not None]
+    rows.extend(extra)
     if rows:
         write_rows(table, rows, what)
 
