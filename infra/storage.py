@@ -20,6 +20,10 @@ RUNS_FAMILIES = ("run", "ledger")  # l2cache.store.ledger: RUN_FAMILY, LEDGER_FA
 # l2cache.store.ledger.SUM_FAMILY: the run's counters, an int64 sum aggregate family, so
 # every worker's AddToCell merges into one cell (l2cache.store.runstate)
 RUNS_SUM_FAMILY = "sum"
+# l2cache.store.ledger.INDEX_FAMILY: per-id pointers from an edit's new L2 ids to its
+# event (what the lookup's per-id state reads), collected after INDEX_MAX_AGE
+RUNS_INDEX_FAMILY = "idx"
+RUNS_INDEX_GC_MAX_AGE = "720h"  # l2cache.store.ledger.INDEX_MAX_AGE
 # l2cache.store.missing_guard: the lookup's negative entries, pending marks, callers'
 # budgets. Freshness is read from cell timestamps; GC only reclaims the space.
 GUARD_FAMILIES = ("neg", "pend", "rate")
@@ -36,6 +40,7 @@ class Storage(pulumi.ComponentResource):
     existing_tables: dict[str, str]  # dataset -> table id, served but not managed here
     gc_policies: list[gcp.bigtable.GCPolicy]
     runs: gcp.bigtable.Table
+    runs_index_gc: gcp.bigtable.GCPolicy  # the runs table's per-id index: 30 days
     guard: gcp.bigtable.Table  # the lookup's missing-id guard (lookup reads and writes it)
     guard_gc: list[gcp.bigtable.GCPolicy]
     bucket: gcp.storage.Bucket
@@ -109,9 +114,22 @@ class Storage(pulumi.ComponentResource):
             column_families=[
                 *({"family": f} for f in RUNS_FAMILIES),
                 {"family": RUNS_SUM_FAMILY, "type": "intsum"},
+                {"family": RUNS_INDEX_FAMILY},
             ],
             deletion_protection="PROTECTED" if protect else "UNPROTECTED",
             opts=child_opts(self),
+        )
+        self.runs_index_gc = gcp.bigtable.GCPolicy(
+            "gc-runs-idx",
+            instance_name=self.instance_name,
+            table=self.runs.name,
+            column_family=RUNS_INDEX_FAMILY,
+            project=cfg.bigtable_project,
+            mode="UNION",
+            max_age={"duration": RUNS_INDEX_GC_MAX_AGE},
+            max_versions=[{"number": 1}],
+            deletion_policy="ABANDON",
+            opts=child_opts(self, depends_on=[self.runs]),
         )
         missing = cfg.datasets.get("missing_ids") or {}
         self.guard = gcp.bigtable.Table(

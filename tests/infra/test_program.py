@@ -216,6 +216,7 @@ def test_bigtable_tables_families_and_gc_rules(built):
             {"family": "run"},
             {"family": "ledger"},
             {"family": "sum", "type": "intsum"},
+            {"family": "idx"},
         ]
         guard = tables.pop("l2cache_lookup_guard")  # marks and counters: nothing to protect
         assert guard["columnFamilies"] == [{"family": f} for f in ("neg", "pend", "rate")]
@@ -232,7 +233,13 @@ def test_bigtable_tables_families_and_gc_rules(built):
         guard_gc = [p for p in everything if p.inputs["table"] == "l2cache_lookup_guard"]
         assert sorted(p.inputs["columnFamily"] for p in guard_gc) == ["neg", "pend", "rate"]
         assert all(p.inputs["maxAge"] == {"duration": "168h"} for p in guard_gc)
-        policies = [p for p in everything if p not in guard_gc]
+        # the runs table's per-id index (l2edit: rows) is collected after 30 days
+        (runs_idx,) = [p for p in everything if p.inputs["table"] == "l2cache_runs"]
+        assert runs_idx.inputs["columnFamily"] == "idx"
+        assert runs_idx.inputs["maxAge"] == {"duration": "720h"}
+        assert runs_idx.inputs["maxVersions"] == [{"number": 1}]
+        assert runs_idx.inputs["mode"] == "UNION"
+        policies = [p for p in everything if p not in guard_gc and p is not runs_idx]
         assert sorted((p.inputs["table"], p.inputs["columnFamily"]) for p in policies) == sorted(
             (t, f) for t in ("l2cache_minnie_v1", "l2cache_pinky_v1") for f in ("0", "lineage")
         )
@@ -304,6 +311,7 @@ CHILDREN = {
         "runs",
         "lookup-guard",
         *(f"gc-lookup-guard-{f}" for f in ("neg", "pend", "rate")),
+        "gc-runs-idx",
         "source",
     },
     "l2cache:index:Messaging": {
@@ -407,7 +415,7 @@ def test_every_resource_keeps_the_urn_it_had_at_the_stack_root(built):
             assert ("", True) in r.program_aliases, r.name
             assert all(no_parent for _, no_parent in r.program_aliases), r.name
             older = {name for name, _ in r.program_aliases if name}
-            if r.name == "lookup-guard" or r.name.startswith("gc-lookup-guard-"):
+            if r.name in ("lookup-guard", "gc-runs-idx") or r.name.startswith("gc-lookup-guard-"):
                 assert older == set(), r.name  # new
             elif r.type == "gcp:bigtable/table:Table" and r.name != "runs":
                 dataset = r.name.split("_")[1]  # cache-l2cache_<dataset>_v1

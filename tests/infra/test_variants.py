@@ -237,6 +237,7 @@ def test_existing_tables_and_instance_are_served_not_owned():
     assert gc == {
         "l2cache_pinky_v1",
         "l2cache_lookup_guard",
+        "l2cache_runs",  # its per-id index family (idx)
     }  # the existing table's GC rules stay as they are
     grants = {
         (r["name"], r["inputs"]["table"], r["inputs"]["role"])
@@ -294,5 +295,5 @@ def test_existing_tables_from_the_stack_config_list():
     tables = [r["inputs"]["name"] for r in b.of("gcp:bigtable/table:Table")]
     assert tables == ["l2cache_runs", "l2cache_lookup_guard"]
     gc = {r["inputs"]["table"] for r in b.of("gcp:bigtable/gCPolicy:GCPolicy")}
-    assert gc == {"l2cache_lookup_guard"}  # the lookup's guard only
+    assert gc == {"l2cache_lookup_guard", "l2cache_runs"}  # the guard and the runs index only
     assert len(b.of("gcp:bigtable/instance:Instance")) == 1  # the instance is still ours
