@@ -243,6 +243,7 @@ def stack(bigtable_emulator, pubsub_emulator, tmp_path_factory):
         "subscriber": subscriber,
         "sub": sub,
         "statuses": [],
+        "costs": [],  # (case, status, ReadRows made, ids published) of each one-request case
     }
     fn.stop()
 
@@ -507,6 +508,7 @@ def test_state_and_wait_values_cost_what_they_are_worth(stack, case: Case):
     )
     evs = since(stack, start)
     queued = published(stack, settle_s=0.3)
+    stack["costs"].append((case.name, r.status_code, len(reads(evs)), len(queued)))
     assert r.status_code < 500, r.text[:300]
     if case.status != 200:
         is_error(r, case.status)
@@ -714,3 +716,6 @@ def test_no_answer_was_a_5xx(stack):
     """Every answer of this module's requests: 200, 4xx; never a 5xx."""
     assert stack["statuses"], "no request was made"
     assert all(s < 500 for s in stack["statuses"]), sorted(set(stack["statuses"]))
+    print(f"\n{len(stack['statuses'])} answers: {sorted(set(stack['statuses']))}")
+    for name, status, read, queued in stack["costs"]:
+        print(f"{status}  {read:2d} reads  {queued} queued  {name}")
