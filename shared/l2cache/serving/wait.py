@@ -14,7 +14,21 @@
 - either takes at most ``lookup_wait.max_ids`` ids (default 75,000; the answer is
   built whole, where the default one streams); more is a 400.
 - ``state=true``: the body becomes ``{"attributes": <the default body>, "state":
-  {id: {...}}, "summary": {state: count}}`` (:mod:`l2cache.serving.id_state`).
+  {id: {...}}, "summary": {state: count}}`` (:mod:`l2cache.serving.id_state`), JSON
+  only: with an ``Accept`` that allows ``.npz`` and not JSON it is a 406. ``wait``
+  alone answers ``.npz`` by ``Accept`` as the default answer does.
+
+What a request costs is settled before anything is read (:func:`options`, then the
+lookup's dispatch): a bad, repeated or non-ASCII ``wait`` / ``state`` value, or too
+many ids, is a 400 with no read, no publish and no slot. A request with a wait takes a
+slot (:class:`WaitSlots`, one per process) for its whole length: at most
+``lookup_wait.max_concurrent`` per instance (default half its request threads: 2 of
+the 4 functions-framework runs on 1 vCPU) and ``max_per_caller`` per caller (default
+half of that: 1), else 429 with ``Retry-After: 2``. A 429 and not an immediate answer
+marked busy: a client that asked to wait has no sleep of its own in its loop (the wait
+is its sleep), so an immediate answer would turn that loop into back-to-back full
+lookups, while a 429 costs no read and every HTTP client knows to back off on it.
+Then the ids-in-flight admission of every lookup answer (429, ``Retry-After: 1``).
 
 Headers: ``X-L2Cache-Wait`` (``none``: nothing to wait for or not asked; ``ready``:
 every waited id has its row; ``settled``: none is pending any more, some failed or
