@@ -61,7 +61,7 @@ def _config(tmp) -> dict:
         "lookup_wait": {"max_s": 3, "max_ids": 50},
         "missing_ids": {"guard_table_id": "idfacts_guard"},
         "datasets": {
-            "pinky": {
+            "facts": {
                 "segmentation": f"file://{tmp}/no-such-segmentation",
                 "graph": {
                     "kind": "bigtable",
@@ -80,7 +80,7 @@ def _config(tmp) -> dict:
     }
 
 
-SPATIAL = parse_config(_config("/x")).dataset("pinky").spatial_bits
+SPATIAL = parse_config(_config("/x")).dataset("facts").spatial_bits
 
 
 def l2(chunk, seg: int) -> int:
@@ -107,7 +107,7 @@ def stack(bigtable_emulator, pubsub_emulator, tmp_path_factory):
     cfg = _config(tmp)
     (tmp / "l2cache.yaml").write_text(yaml.safe_dump(cfg))
     config = parse_config(cfg)
-    dataset = config.dataset("pinky")
+    dataset = config.dataset("facts")
     instance = bigtable_instance(PROJECT, INSTANCE, admin=True)
     cache = create_cache_table(instance, "idfacts_cache")
     create_guard_table(instance, "idfacts_guard")
@@ -151,7 +151,7 @@ def stack(bigtable_emulator, pubsub_emulator, tmp_path_factory):
         log_dir=tmp,
     )
     yield {
-        "url": f"http://{fn.host}/l2cache/api/v1/table/pinky/attributes",
+        "url": f"http://{fn.host}/l2cache/api/v1/table/facts/attributes",
         "config": config,
         "dataset": dataset,
         "store": CacheStore(cache, dataset),
@@ -184,7 +184,7 @@ def test_an_edit_whose_chunk_fails_for_good_reads_failed_with_the_reason(stack):
     result = handle_message(
         stack["config"],
         edit_message(OP_STRAY, STRAY),
-        {"table_id": "pinky"},
+        {"table_id": "facts"},
         "m-stray",
         None,
         published,
@@ -202,12 +202,12 @@ def test_an_edit_whose_chunk_fails_for_good_reads_failed_with_the_reason(stack):
             "run": s["by"]["run"],
             "event": f"op-{OP_STRAY}",
         }
-        assert s["by"]["run"].startswith("edit_stream-pinky-")
+        assert s["by"]["run"].startswith("edit_stream-facts-")
     # guard, the runs table's index rows, the event's rows, the failed ids' cache rows
     # again (written late?); the graph not at all (every id placed by its l2edit row)
     assert int(r.headers["X-L2Cache-State-Reads"]) == 4
     # the index: one row per new id, one cell, at the message's publish time
-    keys = [edit_index_key("pinky", n) for n in STRAY]
+    keys = [edit_index_key("facts", n) for n in STRAY]
     rows = read_rows(stack["runs"], keys=keys)
     assert sorted(rows) == sorted(keys)
     sizes = []
@@ -239,7 +239,7 @@ def test_an_edit_in_flight_is_pending_by_its_operation_then_failed_when_it_gives
     result = on_edit.handle_message(
         stack["config"],
         edit_message(OP_SLOW, SLOW),
-        {"table_id": "pinky"},
+        {"table_id": "facts"},
         "m-slow",
         None,
         published,
@@ -261,7 +261,7 @@ def test_an_edit_in_flight_is_pending_by_its_operation_then_failed_when_it_gives
 
 
 def _bulk_run(stack):
-    ctx = dataset_context(stack["config"], "pinky")
+    ctx = dataset_context(stack["config"], "facts")
     run = new_run("bulk_ingest", stack["dataset"], region=[0, 0, 0, GRID, GRID, GRID])
     ctx.ledger.create_run(run)
     return ctx, run
@@ -283,7 +283,7 @@ def test_a_bulk_runs_failed_chunk_reads_failed_until_a_later_run_computes_it(sta
     assert st[str(AFTER_RUN)]["state"] == "pending"
     assert st[str(AFTER_RUN)]["by"]["received"] is False
     assert int(r.headers["X-L2Cache-State-Reads"]) == 3  # guard, runs index, graph
-    assert read_rows(stack["runs"], keys=[chunk_failure_key("pinky", cid)])
+    assert read_rows(stack["runs"], keys=[chunk_failure_key("facts", cid)])
 
     # a later run computes the chunk: its rows are written, the ledger records it done
     later = new_run("region_reprocess", stack["dataset"], region=[3, 3, 0, 4, 4, 1])
@@ -295,7 +295,7 @@ def test_a_bulk_runs_failed_chunk_reads_failed_until_a_later_run_computes_it(sta
         labels[i * 6 : i * 6 + 5, 2:20, 1:11] = node
     stack["store"].write_features(compute_features(labels, RES), Lineage(later.run_id))
     assert ledger.chunk_finished(later, cid, BULK_CHUNK, "done", attempt=1, l2_count=2)
-    assert not read_rows(stack["runs"], keys=[chunk_failure_key("pinky", cid)])  # cleared
+    assert not read_rows(stack["runs"], keys=[chunk_failure_key("facts", cid)])  # cleared
     st, _ = states_of(stack, BULK)
     assert st[str(BULK[0])] == {"state": "computed"}
     assert st[str(BULK[1])] == {"state": "computed"}
@@ -307,12 +307,12 @@ def test_a_bulk_runs_failed_chunk_reads_failed_until_a_later_run_computes_it(sta
 def test_a_retry_leaves_no_failure_and_a_failure_names_the_last_run(stack):
     ledger = RunLedger(stack["runs"])
     coords = (0, 3, 2)
-    cid = chunk_id(dataset_context(stack["config"], "pinky"), coords)
+    cid = chunk_id(dataset_context(stack["config"], "facts"), coords)
     first = new_run("bulk_ingest", stack["dataset"], region=[0, 0, 0, GRID, GRID, GRID])
     ledger.create_run(first)
     ledger.chunk_started(first, cid, coords)
     ledger.chunk_finished(first, cid, coords, "retrying", attempt=1, error="transient")
-    assert not read_rows(stack["runs"], keys=[chunk_failure_key("pinky", cid)])
+    assert not read_rows(stack["runs"], keys=[chunk_failure_key("facts", cid)])
     ledger.chunk_started(first, cid, coords)
     ledger.chunk_finished(
         first, cid, coords, "failed", attempt=2, error="bad input", permanent=True
@@ -321,7 +321,26 @@ def test_a_retry_leaves_no_failure_and_a_failure_names_the_last_run(stack):
     ledger.create_run(second)
     ledger.chunk_started(second, cid, coords)
     ledger.chunk_finished(second, cid, coords, "failed", attempt=1, error="still bad")
-    (row,) = read_rows(stack["runs"], keys=[chunk_failure_key("pinky", cid)]).values()
+    (row,) = read_rows(stack["runs"], keys=[chunk_failure_key("facts", cid)]).values()
     cells = {k.decode(): json.loads(v) for k, v in row[LEDGER_FAMILY].items()}
     assert cells["run"] == second.run_id and cells["error"] == "still bad"
     assert cells["kind"] == "region_reprocess" and cells["permanent"] is False
+
+
+def test_an_edit_received_that_never_recorded_an_outcome_is_not_pending_for_ever(stack):
+    from l2cache.serving.id_state import EDIT_OUTCOME_WINDOW_S
+
+    # on_edit's first step for each delivery, then every delivery timed out (no record)
+    ledger = RunLedger(stack["runs"])
+    lost, fresh = l2((3, 0, 3), 11), l2((3, 0, 3), 12)
+    long_ago = datetime.now(UTC) - timedelta(seconds=EDIT_OUTCOME_WINDOW_S + 60)
+    ledger.edit_received("edit_stream-facts-x", "op-7003", "facts", [lost], 7003, "m-l", long_ago)
+    ledger.edit_received(
+        "edit_stream-facts-x", "op-7004", "facts", [fresh], 7004, "m-f", datetime.now(UTC)
+    )
+    st, _ = states_of(stack, [lost, fresh])
+    assert st[str(lost)]["state"] == "unknown"
+    assert "recorded no outcome" in st[str(lost)]["reason"]
+    assert st[str(lost)]["by"]["operation_id"] == 7003
+    assert st[str(fresh)]["state"] == "pending"
+    assert st[str(fresh)]["by"]["operation_id"] == 7004

@@ -21,7 +21,8 @@ alike. With ``?state=true`` the lookup answers, per requested id, one of:
   snapshot);
 - ``not_l2``: not a layer-2 id, or its chunk lies outside the volume;
 - ``unknown``: the graph has no such node (``reason``), or it has it (``in_graph``) but
-  nobody queued it (over a budget, ``update_cache=false``, or its queue mark expired).
+  nobody queued it (over a budget, ``update_cache=false``, or its queue mark expired),
+  or its edit was received :data:`EDIT_OUTCOME_WINDOW_S` ago and recorded no outcome.
 
 Every read is by key and bounded by the request: the cache rows the lookup already
 read (plus, when ``attribute_names`` leaves out ``size_nm3``, the raw rows of the ids
@@ -73,6 +74,10 @@ STATES = ("computed", "empty", "pending", "failed", "not_l2", "unknown")
 # own rows say the rest).
 _FAILED_EVENTS = ("failed", "dead_lettered", "partial")
 _SIZE = b"size_nm3"
+# An edit on_edit accepted is pending until its event records an outcome; one that has
+# none this long after the edit (Pub/Sub stopped redelivering a message whose every
+# delivery timed out, so on_edit's last-attempt record never ran) reads unknown.
+EDIT_OUTCOME_WINDOW_S = 6 * 3600
 
 
 def iso_ms(ms: int) -> str:
@@ -207,15 +212,15 @@ def _missing_states(
         outcome_keys.update(_outcome_keys(str(pointer["run"]), str(pointer["key"]), chunk_of[node]))
     outcomes = _ledger_rows(ctx, sorted(outcome_keys))
     ended: dict[int, dict[str, Any]] = {}
+    now_ms = int(ctx.clock() * 1000)
     for node, pointer in edits.items():
-        _edit_state(node, pointer, outcomes, chunk_of[node], out, ended)
+        _edit_state(node, pointer, outcomes, chunk_of[node], now_ms, out, ended)
     unclaimed = [n for n in rest if n not in negative and n not in edits]
     for node, (ms, why) in negative.items():
         if node not in fresh and node not in edits:
             out[node] = {"state": "unknown", "reason": why or "not in the graph", "at": iso_ms(ms)}
     created = _created(ctx, ds, unclaimed)
     window_ms = ctx.config.missing_ids.pending_ttl_s * 1000
-    now_ms = int(ctx.clock() * 1000)
     for node in unclaimed:
         made = created.get(node) if created is not None else None
         failure = chunk_fails.get(chunk_of[node])
@@ -267,11 +272,14 @@ def _edit_state(
     pointer: Mapping[str, Any],
     outcomes: Mapping[bytes, dict[str, Any]],
     chunk_id: int,
+    now_ms: int,
     out: dict[int, dict[str, Any]],
     ended: dict[int, dict[str, Any]],
 ) -> None:
     """An id an accepted edit made: pending since the edit while its event is
-    unfinished, else failed with the event's (or its chunk's) reason."""
+    unfinished, else failed with the event's (or its chunk's) reason. An event with no
+    outcome :data:`EDIT_OUTCOME_WINDOW_S` after the edit (every delivery timed out or
+    crashed before on_edit could record anything) is not pending for ever: unknown."""
     run, key = str(pointer["run"]), str(pointer["key"])
     by = {
         "queue": "edit",
@@ -282,10 +290,30 @@ def _edit_state(
     }
     event_key, chunk_key = _outcome_keys(run, key, chunk_id)
     verdict = _verdict(outcomes.get(event_key, {}), outcomes.get(chunk_key, {}))
-    if verdict is None:
-        out[node] = {"state": "pending", "since": pointer.get("at"), "by": by}
+    since = str(pointer.get("at") or "")
+    if verdict is None and _age_s(since, now_ms) > EDIT_OUTCOME_WINDOW_S:
+        out[node] = {  # received, never finished: a caller's retry loop must end
+            "state": "unknown",
+            "reason": "its edit was received but recorded no outcome within "
+            f"{EDIT_OUTCOME_WINDOW_S // 3600} h (its deliveries stopped unanswered)",
+            "by": by,
+            "received_at": since,
+        }
+    elif verdict is None:
+        out[node] = {"state": "pending", "since": since, "by": by}
     else:
         ended[node] = {"state": "failed", **verdict, "by": by}
+
+
+def _age_s(iso: str, now_ms: int) -> float:
+    """Seconds from an ISO time to ``now_ms`` (0 when the time cannot be read)."""
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return now_ms / 1000 - then.timestamp()
 
 
 def _chunk_failed(failure: Mapping[str, Any], chunk_id: int) -> dict[str, Any]:
