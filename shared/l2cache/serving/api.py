@@ -8,7 +8,8 @@ Flask request, CORS and CAVE auth around :meth:`LookupService.handle`.
 
 Failure contract: every bad request gets a 4xx JSON ``{"code", "message"}`` saying what
 to fix (nothing a client sends can make it a 5xx); overload (the instance's ids in
-flight, Bigtable throttling with RESOURCE_EXHAUSTED) a 429 with ``Retry-After``; a
+flight, its slots for ``?wait=`` requests (:mod:`l2cache.serving.wait`), Bigtable
+throttling with RESOURCE_EXHAUSTED) a 429 with ``Retry-After``; a
 server-side failure (Bigtable down) a 503 with ``Retry-After`` so clients retry.
 Request bodies are read and decompressed within a bound derived from the id cap
 before memory is spent; responses are compressed (brotli or gzip) when the client
