@@ -344,3 +344,42 @@ def test_an_edit_received_that_never_recorded_an_outcome_is_not_pending_for_ever
     assert st[str(lost)]["by"]["operation_id"] == 7003
     assert st[str(fresh)]["state"] == "pending"
     assert st[str(fresh)]["by"]["operation_id"] == 7004
+
+
+def test_the_indexes_ride_in_requests_the_writers_make_anyway(stack, monkeypatch):
+    """Counted at the MutateRows call: an edit's index is one request for the event row
+    and every new id; a chunk's failure index goes with its ``fail:`` row, and a done
+    chunk's deletion of it with the run's counters (no request of its own)."""
+    from l2cache.gcp import bigtable_write
+
+    sent: list[list[bytes]] = []
+    real = bigtable_write.mutate_entries
+
+    def counting(channel, table, entries, *args, **kwargs):
+        sent.append([key for key, _ in entries])
+        return real(channel, table, entries, *args, **kwargs)
+
+    monkeypatch.setattr(bigtable_write, "mutate_entries", counting)
+    ledger = RunLedger(stack["runs"])
+    ids = [l2((2, 2, 3), s) for s in range(1, 31)]  # an edit of 30 new ids
+    assert ledger.edit_received("r", "op-1", "facts", ids, 1, "m", datetime.now(UTC)) == 30
+    assert len(sent) == 1 and len(sent[0]) == 31  # the event row and 30 index rows
+    sent.clear()
+
+    coords = (2, 3, 3)
+    cid = chunk_id(dataset_context(stack["config"], "facts"), coords)
+    run = new_run("bulk_ingest", stack["dataset"], region=[0, 0, 0, GRID, GRID, GRID])
+    ledger.create_run(run)
+    ledger.chunk_started(run, cid, coords)
+    sent.clear()
+    ledger.chunk_finished(run, cid, coords, "failed", attempt=1, error="bad", permanent=True)
+    (with_fail,) = [keys for keys in sent if chunk_failure_key("facts", cid) in keys]
+    assert any(k.startswith(b"fail:") for k in with_fail)
+    later = new_run("bulk_ingest", stack["dataset"], region=[0, 0, 0, GRID, GRID, GRID])
+    ledger.create_run(later)
+    ledger.chunk_started(later, cid, coords)
+    sent.clear()
+    ledger.chunk_finished(later, cid, coords, "done", attempt=1, l2_count=0)
+    (with_counts,) = [keys for keys in sent if chunk_failure_key("facts", cid) in keys]
+    assert any(k.startswith(b"stat:") for k in with_counts)
+    assert not read_rows(stack["runs"], keys=[chunk_failure_key("facts", cid)])
