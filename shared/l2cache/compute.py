@@ -104,8 +104,10 @@ def load_chunk_l2(
 ) -> ChunkLabels:
     """Read, relabel and check one chunk; raises a PermanentError for bad input.
 
-    Orphans are background and ghosts counted (``ghost_sv`` of the result) unless the
-    dataset map asks for strict input, which fails the chunk on either."""
+    Orphans are background and ghosts counted (``ghost_sv`` of the result) within the
+    map's per-chunk limits (:func:`check_input`); the result also carries the graph's own
+    count of the chunk's supervoxels and L2 nodes (``graph_sv``, ``graph_l2``), which QC
+    compares the written rows with."""
     coords = [int(c) for c in coords]
     sv = read_chunk(
         ctx.dataset,
@@ -115,9 +117,9 @@ def load_chunk_l2(
     faces = chunk_faces(sv)  # for check_geometry, before the supervoxels are relabelled
     chunk = labels_from_supervoxels(sv, lambda ids: ctx.graph.l2_parents(ids, timestamp))
     check_consistency(ctx, chunk, coords, timestamp)
-    ghosts = check_complete(ctx, chunk, coords)
+    chunk = check_complete(ctx, chunk, coords, timestamp)
     check_geometry(ctx.graph, faces, coords, ctx.dataset.spatial_bits)
-    return replace(chunk, ghost_sv=ghosts) if ghosts else chunk
+    return chunk
 
 
 def input_counts(chunk: ChunkLabels) -> dict[str, int]:
@@ -129,30 +131,110 @@ def input_counts(chunk: ChunkLabels) -> dict[str, int]:
     }
 
 
-def _strict(ctx: DatasetContext) -> bool:
-    return ctx.dataset.strict_input
-
-
-def check_complete(ctx: DatasetContext, chunk: ChunkLabels, coords: Sequence[int]) -> int:
-    """Ghosts: supervoxels the graph has in the chunk that its segmentation lacks.
-
-    Returns their number (0 when the graph cannot tell). They have no voxel, so the
-    features do not change; they are counted because many of them mean lost input (a
-    file that decodes but lost part of its content), which QC's ``max_ghost_sv_fraction``
-    catches. With strict input they fail the chunk, as they always did before.
+def ghosts_over_limit(dataset: DatasetConfig, ghosts: int, graph_sv: int | None) -> bool:
+    """Whether a chunk's ghosts mean lost input: more than ``input.ghost_sv_allowance``
+    (a handful, what the existing service meets: supervoxels without a voxel) *and* more
+    than ``input.max_ghost_sv_fraction`` of the graph's supervoxels in the chunk. So one
+    ghost never fails a chunk, and a chunk that lost a real share of its supervoxels
+    (a file that decodes but lost its inside, which the geometry check cannot see) does.
     """
-    expected = ctx.graph.chunk_supervoxels(coords, ctx.dataset.spatial_bits)
-    if expected is None:
-        return 0
-    absent = np.setdiff1d(expected, chunk.sv_ids, assume_unique=True)
-    if absent.size and _strict(ctx):
+    if ghosts <= dataset.ghost_sv_allowance:
+        return False
+    return not graph_sv or ghosts > dataset.max_ghost_sv_fraction * graph_sv
+
+
+def check_input(
+    ctx: DatasetContext,
+    coords: Sequence[int],
+    *,
+    supervoxels: int,
+    orphans: np.ndarray,
+    orphan_voxels: int,
+    orphans_are: str,
+    ghosts: np.ndarray,
+    graph_sv: int | None,
+) -> None:
+    """The one verdict on a chunk's orphans and ghosts, for the whole-chunk and ids paths.
+
+    Orphans (segmentation supervoxels the graph does not map) fail the chunk only with
+    strict input; ghosts (graph supervoxels without a voxel) fail it with strict input or
+    when :func:`ghosts_over_limit`. Either failure is :class:`InconsistentInput` with the
+    counts (the ledger row keeps them), so lost input is a permanent, named failure.
+    """
+    ds = ctx.dataset
+    where = f"chunk {tuple(int(c) for c in coords)}"
+    counts = {
+        "orphan_sv": int(orphans.size),
+        "orphan_voxels": int(orphan_voxels),
+        "ghost_sv": int(ghosts.size),
+    }
+    if ds.strict_input and orphans.size:
         raise InconsistentInput(
-            f"chunk {tuple(coords)}: {absent.size} of the graph's {expected.size} supervoxels "
-            f"are absent from the segmentation (e.g. {absent[:3].tolist()}); the input is "
-            "incomplete",
-            ghost_sv=int(absent.size),
+            f"{where}: {orphans.size} of {supervoxels} supervoxels {orphans_are} "
+            f"(e.g. {orphans[:3].tolist()})",
+            **counts,
         )
-    return int(absent.size)
+    if not ghosts.size:
+        return
+    over = ghosts_over_limit(ds, int(ghosts.size), graph_sv)
+    if ds.strict_input or over:
+        why = (
+            f" (over input.ghost_sv_allowance {ds.ghost_sv_allowance} and "
+            f"input.max_ghost_sv_fraction {ds.max_ghost_sv_fraction:g} of the chunk)"
+            if over and not ds.strict_input
+            else ""
+        )
+        raise InconsistentInput(
+            f"{where}: {ghosts.size} of the graph's {graph_sv} supervoxels are absent from "
+            f"the segmentation (e.g. {ghosts[:3].tolist()}); the input is incomplete{why}",
+            **counts,
+            graph_sv=int(graph_sv or 0),
+        )
+
+
+def check_complete(
+    ctx: DatasetContext, chunk: ChunkLabels, coords: Sequence[int], timestamp: datetime | None
+) -> ChunkLabels:
+    """Ghosts (supervoxels the graph has in the chunk that its segmentation lacks) and the
+    graph's own count of the chunk's L2 nodes; :func:`check_input` judges them.
+
+    Returns ``chunk`` with ``ghost_sv``, ``graph_sv`` and ``graph_l2`` set (left at 0 /
+    None when the graph cannot list the chunk). ``graph_l2`` is the segmentation's L2
+    parents plus the ghosts' parents at ``timestamp`` (one read of the ghosts' rows,
+    usually none or a handful), so a node all of whose supervoxels were lost counts as
+    missing in QC's coverage instead of vanishing from both sides of it.
+    """
+    bits = ctx.dataset.spatial_bits
+    expected = ctx.graph.chunk_supervoxels(coords, bits)
+    ghosts = (
+        np.zeros(0, np.uint64)
+        if expected is None
+        else np.setdiff1d(expected, chunk.sv_ids, assume_unique=True)
+    )
+    at = timestamp.isoformat() if timestamp else "now"
+    check_input(
+        ctx,
+        coords,
+        supervoxels=int(chunk.sv_ids.size),
+        orphans=chunk.sv_ids[chunk.parents == 0],
+        orphan_voxels=chunk.orphan_voxels,
+        orphans_are=f"have no L2 parent in the graph at {at}",
+        ghosts=ghosts,
+        graph_sv=None if expected is None else int(expected.size),
+    )
+    if expected is None:
+        return chunk
+    graph_l2 = chunk.l2_ids
+    if ghosts.size:
+        parents = ctx.graph.l2_parents(ghosts, timestamp)
+        mine = parents[parents != 0]
+        here = (idlib.get_layer(mine) == 2) & (
+            idlib.get_chunk_coords(mine, bits) == np.asarray(coords)
+        ).all(1)
+        graph_l2 = np.union1d(graph_l2, mine[here])
+    return replace(
+        chunk, ghost_sv=int(ghosts.size), graph_sv=int(expected.size), graph_l2=int(graph_l2.size)
+    )
 
 
 def check_consistency(
@@ -160,17 +242,10 @@ def check_consistency(
 ) -> None:
     """Supervoxels and graph must agree: every L2 parent is a layer-2 node of this chunk.
 
-    Orphans (no L2 parent) are background and only counted, unless strict input is set.
+    Orphans (no L2 parent) are judged by :func:`check_input` (background and counted,
+    unless strict input is set).
     """
-    at = timestamp.isoformat() if timestamp else "now"
-    if chunk.unmapped_sv and _strict(ctx):
-        sample = chunk.sv_ids[chunk.parents == 0][:3].tolist()
-        raise InconsistentInput(
-            f"chunk {tuple(coords)}: {chunk.unmapped_sv} of {chunk.sv_ids.size} supervoxels "
-            f"have no L2 parent in the graph at {at} (e.g. {sample})",
-            orphan_sv=chunk.unmapped_sv,
-            orphan_voxels=chunk.orphan_voxels,
-        )
+    del timestamp  # the parents were read at it; kept for the callers' signature
     l2 = chunk.l2_ids
     if l2.size == 0:
         return
@@ -238,19 +313,16 @@ def load_chunk_ids(ctx: DatasetContext, coords: Sequence[int], members: np.ndarr
             "orphan_voxels": labels.voxels_of(orphans),
             "ghost_sv": int(ghosts.size),
         }
-        if _strict(ctx) and orphans.size:
-            raise InconsistentInput(
-                f"chunk {tuple(coords)}: {orphans.size} of {labels.sv_ids.size} supervoxels "
-                f"have no row in the graph (e.g. {orphans[:3].tolist()})",
-                **counts,
-            )
-        if _strict(ctx) and ghosts.size:
-            raise InconsistentInput(
-                f"chunk {tuple(coords)}: {ghosts.size} of the graph's {expected.size} "
-                f"supervoxels are absent from the segmentation (e.g. {ghosts[:3].tolist()}); "
-                "the input is incomplete",
-                **counts,
-            )
+        check_input(
+            ctx,
+            coords,
+            supervoxels=int(labels.sv_ids.size),
+            orphans=orphans,
+            orphan_voxels=counts["orphan_voxels"],
+            orphans_are="have no row in the graph",
+            ghosts=ghosts,
+            graph_sv=int(expected.size),
+        )
     check_geometry(ctx.graph, faces, coords, bits)
     return ChunkIds(labels, no_row, counts)
 
@@ -308,11 +380,25 @@ def compute_chunk(
         qc = chunk_qc(
             feats,
             ctx.dataset,
-            graph_l2=int(chunk.l2_ids.size),
+            graph_l2=int(chunk.l2_ids.size if chunk.graph_l2 is None else chunk.graph_l2),
             inputs={**counts, "supervoxels": int(chunk.sv_ids.size)},
         )
+        current = int(feats["l2id"].size)
+        superseded: dict[str, int] = {}
+        if run.kind in REPROCESS_KINDS:  # with the chunk's rows, written in the same write
+            chunk_facts = (chunk.checksum, int(chunk.dense.size), int(chunk.sv_ids.size))
+            l2_now = chunk.l2_ids
+            del chunk  # the ids path reads the chunk again: one volume in memory at a time
+            feats, superseded = with_superseded(ctx, coords, l2_now, feats)
+            checksum, voxels, supervoxels = chunk_facts
+        else:
+            checksum, voxels, supervoxels = (
+                chunk.checksum,
+                int(chunk.dense.size),
+                int(chunk.sv_ids.size),
+            )
         ctx.ledger.check_open(run)  # the fence: after the live mark, before any cell
-        written = ctx.store.write_features(feats, run.lineage(chunk.checksum, input_counts=counts))
+        ctx.store.write_features(feats, run.lineage(checksum, input_counts=counts))
     except Exception as exc:
         permanent = classify(exc) == PERMANENT
         if permanent or last_attempt:
@@ -340,18 +426,63 @@ def compute_chunk(
         coords,
         "done",
         attempt=attempt,
-        l2_count=written,
-        input_checksum=chunk.checksum,
+        l2_count=current,
+        input_checksum=checksum,
         duration_s=round(duration, 4),
-        voxels=int(chunk.dense.size),
-        supervoxels=int(chunk.sv_ids.size),
+        voxels=voxels,
+        supervoxels=supervoxels,
         **counts,
+        **superseded,
         stray_ids=0,
         code_revision=run.lineage().code_revision,
         qc=qc.summary,
         qc_bins=qc.bins,
     )
-    return {"chunk": list(coords), "status": "done", "l2_count": written, "attempt": attempt}
+    out = {"chunk": list(coords), "status": "done", "l2_count": current, "attempt": attempt}
+    return {**out, **superseded}
+
+
+# A reprocess also recomputes the ids an edit or missing-id request computed in the chunk
+# that the graph has since replaced (their rows would keep old-parameter values, which
+# pcg_skel still reads at past timestamps). At most this many per chunk, the newest ids
+# first; the rest are counted (``superseded_left``) and keep their values.
+REPROCESS_KINDS = ("region_reprocess",)
+SUPERSEDED_MAX_IDS = 1_000
+
+
+def with_superseded(
+    ctx: DatasetContext, coords: Sequence[int], current: np.ndarray, feats: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The chunk's features plus those of its superseded ids, and the counts for the ledger.
+
+    Superseded: ids with a row in the cache table's chunk range (one keys-only range
+    read) that are not among the chunk's current L2 nodes. They go through the ids path
+    (:func:`load_chunk_ids`: their ``children`` cells, a second read of the chunk, one
+    engine pass per group of ids with disjoint children), and are written with the
+    chunk's rows in one write: the run's timestamp and lineage row, so a rollback of the
+    run takes them back too. Counts: ``superseded`` (written), ``superseded_passes``
+    (engine passes spent on them), ``superseded_left`` (over :data:`SUPERSEDED_MAX_IDS`,
+    not recomputed), ``superseded_not_found`` (no children row, or no voxel here).
+    """
+    old = np.setdiff1d(ctx.store.chunk_row_ids(coords), current, assume_unique=True)
+    if old.size == 0:
+        return feats, {"superseded": 0}
+    take = old[-SUPERSEDED_MAX_IDS:]
+    data = load_chunk_ids(ctx, coords, take)
+    counts = {"superseded": 0, "superseded_passes": 0}
+    if int(old.size - take.size):
+        counts["superseded_left"] = int(old.size - take.size)
+    if data.labels is None:
+        counts["superseded_not_found"] = len(data.no_row)
+        return feats, counts
+    extra = features_of_ids(data.labels, ctx.dataset.resolution)
+    counts["superseded"] = int(extra["l2id"].size)
+    counts["superseded_passes"] = len(data.labels.groups)
+    if int(take.size) - counts["superseded"]:
+        counts["superseded_not_found"] = int(take.size) - counts["superseded"]
+    merged = {key: np.concatenate([feats[key], extra[key]]) for key in feats}
+    order = np.argsort(merged["l2id"], kind="stable")
+    return {key: value[order] for key, value in merged.items()}, counts
 
 
 def compute_chunks(

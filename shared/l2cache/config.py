@@ -31,7 +31,9 @@ to name the paths. Example::
         resolution: [8, 8, 40]              # optional: else from the segmentation info
         row_format: current                 # optional: or legacy_nm (pre-2022 rows)
         auth_dataset: minnie65_phase3       # optional: else asked from the auth service
-        input: {strict: false}              # optional: true fails chunks with orphan/ghost svs
+        input: {strict: false}              # optional: true fails chunks with orphan/ghost svs;
+                                            # ghost_sv_allowance: 5, max_ghost_sv_fraction:
+                                            # 0.05 (a chunk over both fails: lost input)
 """
 
 from __future__ import annotations
@@ -114,6 +116,13 @@ class DatasetConfig:
     # ones (in the graph, no voxel) fails as InconsistentInput; by default they are
     # background and counted (l2cache.compute), as the existing service treats them.
     strict_input: bool = False
+    # ``input: {ghost_sv_allowance, max_ghost_sv_fraction}``: lost input, per chunk. A
+    # chunk whose ghosts exceed both the allowance (a handful: the existing service's
+    # ghosts are supervoxels without voxels, a few per chunk) and the fraction of the
+    # graph's supervoxels in the chunk fails as InconsistentInput (incomplete input);
+    # a run-wide QC threshold alone cannot see one chunk that lost 20 % of its content.
+    ghost_sv_allowance: int = 5
+    max_ghost_sv_fraction: float = 0.05
     # The switch-over (README, "Switching"): an existing table (the existing service's)
     # read for the ids ``cache_table_id`` lacks, never written. Ids in neither are queued
     # and computed into ``cache_table_id``, so the new table heals while it takes over.
@@ -624,20 +633,37 @@ def _dataset(name: str, entry: Any, source: str) -> DatasetConfig:
         auth_dataset=auth_dataset,
         integral_resolution=integral,
         existing_cache_table=existing,
-        strict_input=_strict_input(entry, where),
+        **_input_section(entry, where),
         fallback_table_id=fallback,
     )
 
 
-def _strict_input(entry: Mapping, where: str) -> bool:
-    """``input: {strict: true|false}`` (optional; no other key)."""
+def _input_section(entry: Mapping, where: str) -> dict[str, Any]:
+    """``input: {strict, ghost_sv_allowance, max_ghost_sv_fraction}`` (all optional; no
+    other key), as DatasetConfig fields: the per-chunk tolerance of orphans and ghosts."""
     section = entry.get("input") or {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: input must be a mapping, got {section!r}")
-    unknown = sorted(set(section) - {"strict"})
+    known = ("strict", "ghost_sv_allowance", "max_ghost_sv_fraction")
+    unknown = sorted(set(section) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: input: unknown key {unknown[0]!r} (known: strict)")
-    return _flag(section, "strict", f"{where}: input")
+        raise ConfigError(f"{where}: input: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+    out: dict[str, Any] = {"strict_input": _flag(section, "strict", f"{where}: input")}
+    allowance = section.get("ghost_sv_allowance", 5)
+    if isinstance(allowance, bool) or not isinstance(allowance, int) or allowance < 0:
+        raise ConfigError(
+            f"{where}: input: ghost_sv_allowance must be a count >= 0, got {allowance!r}"
+        )
+    fraction = section.get("max_ghost_sv_fraction", 0.05)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise ConfigError(f"{where}: input: max_ghost_sv_fraction must be a number")
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ConfigError(
+            f"{where}: input: max_ghost_sv_fraction must be in [0, 1], got {fraction!r}"
+        )
+    out["ghost_sv_allowance"] = int(allowance)
+    out["max_ghost_sv_fraction"] = float(fraction)
+    return out
 
 
 def _geometry_from_info(segmentation: str, where: str) -> dict[str, Any]:

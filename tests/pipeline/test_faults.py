@@ -609,11 +609,12 @@ def test_a_chunk_whose_next_attempt_never_came_is_presumed_failed(env):
     assert later.failures[0]["error"].startswith("gave up after 3 attempts: no answer")
 
 
-def test_a_partly_zeroed_chunk_is_counted_and_fails_qc_or_is_refused_when_strict(env, tmp_path):
-    """The file decodes, but part of it was lost: the graph's supervoxels say so. By
-    default the absent supervoxels are ghosts: the chunk is done, they are counted in its
-    ledger row, and the run fails QC (``max_ghost_sv_fraction``) with the reason; with
-    ``input: {strict: true}`` the chunk is refused with the count, as it always was."""
+def test_a_partly_zeroed_chunk_is_refused_or_counted_and_fails_qc(env, tmp_path):
+    """The file decodes, but part of it was lost: the graph's supervoxels say so. With
+    ``input: {strict: true}`` the chunk is refused with the count, as it always was; by
+    default too, since it lost more than the map's per-chunk ghost limits (allowance
+    and fraction); a map whose allowance covers the loss computes it, counts the ghosts
+    in its ledger row, and the run fails QC (``max_ghost_sv_fraction``) with the reason."""
     from dataclasses import replace
 
     from cloudvolume import CloudVolume
@@ -649,6 +650,13 @@ def test_a_partly_zeroed_chunk_is_counted_and_fails_qc_or_is_refused_when_strict
         run = new_run("region_reprocess", ctx.dataset, [1, 0, 1, 2, 1, 2], 1)
         ctx.ledger.create_run(run)
         result = compute_chunk(ctx, run, (1, 0, 1))
+        assert result["status"] == "failed" and "input.ghost_sv_allowance" in result["error"]
+        (row,) = chunk_rows(ctx.ledger, run.run_id)
+        assert row["permanent"] is True and row["ghost_sv"] == lost.size
+        loose = replace(ctx, dataset=replace(ctx.dataset, ghost_sv_allowance=int(lost.size)))
+        run = new_run("region_reprocess", ctx.dataset, [1, 0, 1, 2, 1, 2], 1)
+        ctx.ledger.create_run(run)
+        result = compute_chunk(loose, run, (1, 0, 1))
         assert result["status"] == "done"
         (row,) = chunk_rows(ctx.ledger, run.run_id)
         assert row["ghost_sv"] == lost.size and row["orphan_sv"] == 0

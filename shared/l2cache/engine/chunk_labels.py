@@ -54,6 +54,10 @@ class ChunkLabels:
     unmapped_sv: int  # supervoxels present in the chunk with no L2 parent (orphans)
     orphan_voxels: int = 0  # their voxels: background in ``dense``
     ghost_sv: int = 0  # supervoxels the graph has in the chunk without a voxel (set by the caller)
+    graph_sv: int | None = None  # the graph's supervoxels in the chunk (None: it cannot list them)
+    # the graph's L2 nodes in the chunk at the read's time: the segmentation's parents plus
+    # the ghosts' parents (set by the caller; None: the graph cannot list the chunk)
+    graph_l2: int | None = None
 
     @property
     def labels(self) -> np.ndarray:

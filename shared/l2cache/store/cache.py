@@ -135,6 +135,19 @@ class CacheStore:
         return lineage_rows.lineage_of(self.reader, l2ids, self.dataset.spatial_bits, stamps)
 
     # -- reading ---------------------------------------------------------------
+    def chunk_row_ids(self, coords: Sequence[int]) -> np.ndarray:
+        """The L2 ids that have a row in this table in chunk ``coords`` (ascending): one
+        keys-only range read of the chunk's id range (a chunk's L2 ids share its chunk id
+        in their high bits, so their ``%020d`` keys are one range; lineage rows sort
+        after every digit and are never in it). What a reprocess reads to find the ids
+        an edit computed earlier that the graph has since replaced."""
+        bits = self.dataset.spatial_bits
+        first = int(idlib.chunk_id_from_coords(2, np.asarray([coords]), bits)[0])
+        seg_bits = 64 - 8 - 3 * int(bits.bits_for(np.array([2]))[0])  # id - layer - xyz
+        end = first + (1 << seg_bits)
+        keys = self.reader.keys_in_range(idlib.row_key(first), idlib.row_key(end))
+        return np.array([int(k) for k in keys], dtype=np.uint64)
+
     @property
     def reader(self) -> RowReader:
         """The table's reader, made on first read (a store that only writes, as a
