@@ -544,14 +544,7 @@ class LookupService:
                 except wait.WaitBusy as exc:
                     retry = {"Retry-After": str(wait.BUSY_RETRY_AFTER_S)}
                     raise ApiError(429, exc.message, retry) from None
-            if not self.admission.admit(n):
-                raise ApiError(
-                    429,
-                    f"this instance is answering {self.admission.in_flight} ids already; "
-                    f"{n} more would pass its {self.admission.limit} (retry after "
-                    f"{RETRY_AFTER_S} s)",
-                    {"Retry-After": str(RETRY_AFTER_S)},
-                )
+            self._admit(n)
             held.callback(self.admission.release, n)
             return self._state_admitted(
                 ds, l2ids, names, int64_as_str, update_cache, headers, timings, who, opts
@@ -607,14 +600,7 @@ class LookupService:
         once the last window is read.
         """
         n = int(l2ids.size)
-        if not self.admission.admit(n):
-            raise ApiError(
-                429,
-                f"this instance is answering {self.admission.in_flight} ids already; "
-                f"{n} more would pass its {self.admission.limit} (retry after "
-                f"{RETRY_AFTER_S} s)",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            )
+        self._admit(n)
         streaming = False
         try:
             response = self._answer_admitted(
@@ -625,6 +611,19 @@ class LookupService:
         finally:
             if not streaming:
                 self.admission.release(n)
+
+    def _admit(self, n: int) -> None:
+        """Take ``n`` ids in flight on this instance (the memory bound every attribute
+        answer passes, default, state or wait alike), or refuse with 429 +
+        ``Retry-After`` before anything is read. The caller releases them."""
+        if not self.admission.admit(n):
+            raise ApiError(
+                429,
+                f"this instance is answering {self.admission.in_flight} ids already; "
+                f"{n} more would pass its {self.admission.limit} (retry after "
+                f"{RETRY_AFTER_S} s)",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
 
     def _answer_admitted(
         self,
