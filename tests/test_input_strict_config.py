@@ -64,3 +64,20 @@ def test_input_thresholds_layer_over_the_top_level_and_refuse_bad_values(tmp_pat
     ):
         with pytest.raises(ValueError, match=words):
             QcThresholds.from_mapping(bad)
+
+
+def test_the_per_chunk_ghost_limits_default_and_parse_and_refuse_bad_values():
+    ds = parse_config(BASE).dataset("ds")
+    assert (ds.ghost_sv_allowance, ds.max_ghost_sv_fraction) == (5, 0.05)
+    ds = parse_config(
+        with_dataset(input={"ghost_sv_allowance": 0, "max_ghost_sv_fraction": 0.2})
+    ).dataset("ds")
+    assert (ds.ghost_sv_allowance, ds.max_ghost_sv_fraction) == (0, 0.2)
+    for section, words in (
+        ({"ghost_sv_allowance": -1}, "ghost_sv_allowance must be a count"),
+        ({"ghost_sv_allowance": 2.5}, "ghost_sv_allowance must be a count"),
+        ({"max_ghost_sv_fraction": 1.5}, r"must be in \[0, 1\]"),
+        ({"max_ghost_sv_fraction": "x"}, "must be a number"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            parse_config(with_dataset(input=section))
