@@ -276,8 +276,13 @@ def test_the_existing_frontend_reads_rows_l2cache_wrote(env, monkeypatch):
 
 def write_older_layout(env, coords, run_id: str) -> np.ndarray:
     """Rows of one chunk as l2cache wrote them before lineage rows: lineage cells in
-    every feature row, at one timestamp."""
+    every feature row, at one timestamp. Such rows are only in tables not (yet) marked
+    migrated (a whole-table ``lineage migrate`` marks it, as the CLI test here does), so
+    the mark goes."""
     ctx = env["ctx"]
+    marker = ctx.store.table.direct_row(lineage_rows.MIGRATED_KEY)
+    marker.delete()
+    marker.commit()
     feats = env["direct"](coords)
     nodes = feats["l2id"].astype(np.uint64)
     at = datetime(2026, 1, 15, tzinfo=UTC)
@@ -475,15 +480,20 @@ def test_prune_deletes_only_lineage_rows_whose_versions_are_gone(env, tmp_path, 
     assert all(s.code == 0 for s in ctx.store.table.mutate_rows(rows))
     path = tmp_path / "map.yaml"
     path.write_text(yaml.safe_dump(env["config_dict"]))
-    assert main(["lineage", "prune", DS, "--dry-run", "--config", str(path)]) == 0
+    prune = ["lineage", "prune", DS, "--config", str(path)]
+    # written just now: within the default grace period (24 h) nothing is pruned
+    assert main([*prune, "--dry-run"]) == 0
+    assert "would delete 0 naming no version left" in capsys.readouterr().out
+    # past it (grace 0 here), the row whose versions are all gone
+    assert main([*prune, "--dry-run", "--grace-hours", "0"]) == 0
     assert "would delete 1 naming no version left" in capsys.readouterr().out
     runs_before = {r: run_versions(ctx.store.table, r) for r in ("stream-1", "stream-2")}
-    assert main(["lineage", "prune", DS, "--config", str(path)]) == 0
+    assert main([*prune, "--grace-hours", "0"]) == 0
     assert "deleted 1 naming" in capsys.readouterr().out
     assert not run_versions(ctx.store.table, "stream-0")
     assert {r: run_versions(ctx.store.table, r) for r in runs_before} == runs_before
     assert len(runs_before["stream-1"]) == 1  # the one row that still has that version
-    assert lineage_rows.prune_rows(ctx.store.table).deleted == 0  # nothing left to prune
+    assert lineage_rows.prune_rows(ctx.store.table, grace_s=0).deleted == 0  # none left
 
 
 def _window(at: datetime):

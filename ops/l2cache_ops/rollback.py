@@ -1,7 +1,11 @@
 """Roll back a run: delete exactly the cell versions it wrote, so older values show again.
 
-Selection is by lineage, for every kind of run: each cell a run writes is written in
-the same mutation as a ``lineage:run`` cell naming the run, at the same timestamp.
+Selection is by lineage, for every kind of run: each write stores, before its cells,
+one lineage row per chunk naming the run and the ids written, at the cells' timestamp
+(rows written before lineage rows: a ``lineage:run`` cell in the same mutation). Two
+runs writing one cell in the same millisecond leave one value and two lineage rows
+naming it; a rollback of either deletes that version and counts and logs it as a
+collision (``collisions``), since the value kept may have been the other run's.
 Bulk and region runs write all their cells at the run's one timestamp; stream runs
 (edits, missing ids) write each message's cells at that message's publish time, so one
 row can hold several of a stream run's versions. Versions written by other runs are
@@ -40,6 +44,7 @@ ledger has no row (a write whose ledger record was lost), at O(table) cost.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +72,8 @@ from l2cache.handlers.rollback_task import (
 from l2cache.store import lineage_rows
 from l2cache.store.ledger import LEDGER_FAMILY, RunLedger, RunRecord, prefix_rows, row_cells
 from l2cache_ops.ledger import put_record, records
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.table import Table
@@ -467,6 +474,7 @@ def rollback_run(table: Table | str, run: RunRecord) -> int:
     """Delete every cell version the run wrote, found by a scan of the whole table;
     returns the number of rows touched. O(table): ``runs rollback --full-scan`` only."""
     found = lineage_rows.run_versions(RowReader(table), [run.run_id], None)
+    _report_collisions(run.run_id, found.collisions)
     rows = []
     for key, by_run in found.rows.items():
         row = Row(key)
@@ -476,6 +484,21 @@ def rollback_run(table: Table | str, run: RunRecord) -> int:
     write_rows(table, rows, "rollback")
     write_rows(table, lineage_rows.delete_lineage_rows(found.lineage), "rollback")
     return len(rows)
+
+
+def _report_collisions(runs: str, collisions: dict[tuple[bytes, int], set[str]]) -> None:
+    """Log the versions a rollback deletes that another run also wrote in the same
+    millisecond (Bigtable kept one of the values, not recorded which): those ids may
+    have lost the other run's value and should be recomputed."""
+    for (key, micros), others in sorted(collisions.items()):
+        log.warning(
+            "rollback of %s: version %s of row %s was also written by %s in the same "
+            "millisecond; one value was kept, deleted anyway",
+            runs,
+            micros,
+            key.decode(),
+            ",".join(sorted(others)),
+        )
 
 
 def _micros(ts: datetime) -> int:
@@ -497,6 +520,7 @@ class RangeRollback:
     rows_touched: int  # rows mutated
     versions_deleted: int  # (row, timestamp) versions removed
     runs: dict[str, int]  # run id -> versions deleted
+    collisions: int = 0  # of those, also named by another run's lineage (same millisecond)
 
 
 def versions_in_ranges(
@@ -508,13 +532,26 @@ def versions_in_ranges(
     """Row key -> {run id: timestamps} of the versions one of ``run_ids`` wrote (by
     lineage), newer than ``after``, within ``ranges`` (chunk key ranges) only; plus the
     rows scanned and the lineage rows naming them (to delete after the versions)."""
+    out, scanned, lineage, _ = _versions_in_ranges(table, run_ids, ranges, after)
+    return out, scanned, lineage
+
+
+def _versions_in_ranges(
+    table: Table | str,
+    run_ids: Iterable[str],
+    ranges: list[KeyRange],
+    after: datetime | None,
+) -> tuple[dict[bytes, dict[str, list[int]]], int, dict[bytes, int], int]:
+    """:func:`versions_in_ranges` and the number of collisions (reported here)."""
     start = None if after is None else _micros(after) + MS
-    found = lineage_rows.run_versions(RowReader(table), run_ids, ranges, start_micros=start)
+    runs = sorted(set(run_ids))
+    found = lineage_rows.run_versions(RowReader(table), runs, ranges, start_micros=start)
+    _report_collisions(",".join(runs), found.collisions)
     out = {
         key: {run: sorted(stamps) for run, stamps in by_run.items()}
         for key, by_run in sorted(found.rows.items())
     }
-    return out, found.scanned, found.lineage
+    return out, found.scanned, found.lineage, len(found.collisions)
 
 
 def rollback_runs_in_ranges(
@@ -526,7 +563,7 @@ def rollback_runs_in_ranges(
 ) -> RangeRollback:
     """Delete, within ``ranges`` only, every cell version written by one of ``run_ids``
     (selected by ``lineage:run``), newer than ``after``; ``dry_run`` counts only."""
-    versions, scanned, lineage = versions_in_ranges(table, run_ids, ranges, after)
+    versions, scanned, lineage, collisions = _versions_in_ranges(table, run_ids, ranges, after)
     rows, per_run, deleted = [], {}, 0
     for key, by_run in versions.items():
         row = Row(key)
@@ -539,4 +576,4 @@ def rollback_runs_in_ranges(
     if not dry_run:
         write_rows(table, rows, "rollback")
         write_rows(table, lineage_rows.delete_lineage_rows(lineage), "rollback")
-    return RangeRollback(len(ranges), scanned, len(rows), deleted, per_run)
+    return RangeRollback(len(ranges), scanned, len(rows), deleted, per_run, collisions)

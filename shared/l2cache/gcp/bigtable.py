@@ -207,7 +207,8 @@ def read_failure(exc: grpc.RpcError) -> BaseException:
 class CellFilter:
     """Which cells of a row to return, applied by the server (one ``RowFilter``).
 
-    Applied in this order: ``[start_micros, end_micros)`` cell timestamps (first: the
+    Applied in this order: ``key_regex`` (rows whose key matches: RE2, anchor it with
+    ``^...$``), ``[start_micros, end_micros)`` cell timestamps (first: the
     cheapest cut), ``columns`` (family -> qualifiers, ``None`` or empty for the whole
     family), the newest ``per_column`` cells of each column, ``values`` (exact values,
     any of them: with ``per_column=1`` a predicate on the *current* value, since a
@@ -223,11 +224,14 @@ class CellFilter:
     per_column: int = 0
     per_row: int = 0
     strip_values: bool = False
+    key_regex: bytes | None = None  # RE2 on the row key, applied first (e.g. one run's rows)
 
     def to_pb(self) -> Message | None:
         """The generated ``RowFilter`` message; ``None`` when nothing is filtered.
         Bigtable wants chains and interleaves of >= 2 filters."""
         parts: list[Message] = []
+        if self.key_regex is not None:
+            parts.append(_RowFilter(row_key_regex_filter=self.key_regex))
         if self.start_micros is not None or self.end_micros is not None:
             window = _RowFilter()
             window.timestamp_range_filter.start_timestamp_micros = self.start_micros or 0

@@ -2,8 +2,10 @@
 
 A rollback is proportional to what the run touched: the ledger names its chunks, the
 L2 ids of one chunk are one contiguous row-key range of the cache table, so deleting a
-run's cells reads only those ranges (with a server-side filter that keeps nothing but
-the run's own ``lineage:run`` versions) and deletes exactly those versions. The
+run's cells reads only the lineage rows of those chunks whose key names the run (a
+server-side row-key filter), expands them by the ids each names, and deletes exactly
+those versions (:func:`l2cache.store.lineage_rows.run_versions`; rows written before
+lineage rows: their own ``lineage:run`` cells, a scan skipped on a migrated table). The
 operator side (:mod:`l2cache_ops.rollback`) streams the ledger; a large rollback is
 fanned out through the queue as tasks of this kind, which :func:`handle_rollback_task`
 runs inside the compute function::
@@ -13,8 +15,8 @@ runs inside the compute function::
 
 The body is validated strictly before anything is read: a malformed task is permanent
 (answered 200 and logged, never retried), as every task that no retry can run. What a
-task deletes never comes from its body: the versions are those whose ``lineage:run``
-names the run, and for a bulk or region run only at the run's own cell timestamp (a
+task deletes never comes from its body: the versions are those the run's lineage
+rows name, and for a bulk or region run only at the run's own cell timestamp (a
 stream run writes each message's cells at that message's time, so its versions are
 selected by lineage alone). A repeated task finds nothing left and deletes nothing.
 """
@@ -127,6 +129,10 @@ class ChunkRollback:
     rows_touched: int = 0  # rows mutated (dry run: that would be)
     versions_deleted: int = 0  # (row, timestamp) versions removed (dry run: that would be)
     runs: dict[str, int] = field(default_factory=dict)  # run id -> its versions deleted
+    # deleted versions another run's lineage row names too: that run wrote the same cell
+    # in the same millisecond, Bigtable kept one of the two values (not recorded which),
+    # so the deletion may have removed the other run's value: recompute those ids
+    collisions: int = 0
 
     def add(self, other: ChunkRollback) -> None:
         """Fold another batch's counts in."""
@@ -184,6 +190,16 @@ def rollback_chunks(
         done.ranges += len(ranges)
         done.rows_scanned += found.scanned
         done.rows_touched += len(rows)
+        done.collisions += len(found.collisions)
+        for (key, micros), others in sorted(found.collisions.items()):
+            log.warning(
+                "rollback of %s: version %s of row %s was also written by %s in the same "
+                "millisecond; one value was kept, deleted anyway",
+                ",".join(run_ids),
+                micros,
+                key.decode(),
+                ",".join(sorted(others)),
+            )
     return done
 
 

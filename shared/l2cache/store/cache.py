@@ -4,8 +4,10 @@ Row key ``%020d`` of the L2 id; family ``0`` holds the eight attributes in the e
 bytes of :mod:`l2cache.domain.attributes` (byte-compatible with tables of the existing
 service) and nothing else, so the existing service's frontend and any kvdbclient reader
 can read a table l2cache wrote. The lineage of each write (run id and friends) is one
-row per written chunk beside them, written first, so no feature version is ever
-without provenance (:mod:`l2cache.store.lineage_rows`).
+row per written chunk beside them, written first: a feature version is stored only
+after its lineage row (a crash between the two leaves a lineage row naming versions
+that do not exist, never the reverse; :mod:`l2cache.store.lineage_rows` says what can
+still separate them).
 
 A dataset with a ``fallback_table_id`` (the switch-over) is read from its cache table
 first and from the fallback table for the ids the cache table has no row for.
@@ -94,8 +96,10 @@ class CacheStore:
 
         The write's lineage rows (one per chunk, :mod:`.lineage_rows`) go first, then
         the feature rows (family ``0`` only). Idempotent: the same features and lineage
-        write the same cells at the same version, so a retried task leaves identical
-        bytes. A table another service owns (``existing_cache_table``) is refused here,
+        write the same cells at the same version (the lineage row's key names the ids
+        written), so a retried task leaves identical bytes, except the lineage row's
+        ``written`` (the wall clock of the latest attempt, what prune's grace counts
+        from). A table another service owns (``existing_cache_table``) is refused here,
         whichever path tries to write it.
         """
         if not isinstance(lineage, Lineage) or not lineage.run_id:
