@@ -383,3 +383,34 @@ def test_the_indexes_ride_in_requests_the_writers_make_anyway(stack, monkeypatch
     (with_counts,) = [keys for keys in sent if chunk_failure_key("facts", cid) in keys]
     assert any(k.startswith(b"stat:") for k in with_counts)
     assert not read_rows(stack["runs"], keys=[chunk_failure_key("facts", cid)])
+
+
+def test_a_region_task_that_gave_up_makes_its_chunks_ids_failed(stack):
+    """The worker's own handler: a split region task in a map without a ``tasks``
+    section cannot enqueue its parts and gives up for good; its ``task:`` row is per
+    region, so the handler also writes its chunks' ``chunkfail:`` rows."""
+    from l2cache.handlers.compute_chunk import handle_task
+
+    region = [0, 2, 0, 2, 3, 1]  # chunks (0,2,0) and (1,2,0): a split with batch 1
+    run = new_run("region_reprocess", stack["dataset"], region=region)
+    RunLedger(stack["runs"]).create_run(run)
+    body = {"dataset": "facts", "run_id": run.run_id, "region": region, "batch": 1}
+    status, answer = handle_task(stack["config"], json.dumps(body).encode(), {})
+    assert (status, answer["status"]) == (200, "rejected"), answer
+    nodes = [l2((0, 2, 0), 21), l2((1, 2, 0), 22)]
+    old = datetime(2026, 1, 1, tzinfo=UTC)
+    graph = bigtable_instance(PROJECT, INSTANCE).table("idfacts_graph")
+    write_rows(
+        graph, [Row(idlib.row_key(n)).set_cell("0", b"children", b"\x01" * 8, old) for n in nodes]
+    )
+    st, _ = states_of(stack, nodes)
+    for node, chunk in zip(nodes, [(0, 2, 0), (1, 2, 0)], strict=True):
+        s = st[str(node)]
+        assert s["state"] == "failed", s
+        assert "cannot enqueue its parts" in s["reason"]
+        ctx = dataset_context(stack["config"], "facts")
+        assert s["by"] == {
+            "run": run.run_id,
+            "kind": "region_reprocess",
+            "chunk": chunk_id(ctx, chunk),
+        }

@@ -72,13 +72,13 @@ from l2cache.domain.failures import (
 )
 from l2cache.domain.lineage import utc_now
 from l2cache.domain.permutation import permutation_key
-from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_size
+from l2cache.domain.regions import DEFAULT_BATCH, plan_task, region_chunks, region_size
 from l2cache.domain.spans import plan_span, ramp_offset_s, span_chunks
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.tasks import MAX_TASK_CHUNKS, enqueue_region, enqueue_span, tasks_client
 from l2cache.handlers.rollback_task import handle_rollback_task
 from l2cache.inputs.volume import in_volume
-from l2cache.store.ledger import RunLedger, RunRecord
+from l2cache.store.ledger import REGION_INDEX_MAX_CHUNKS, RunLedger, RunRecord
 from l2cache.support import logs
 
 log = logging.getLogger(__name__)
@@ -659,6 +659,12 @@ def _give_up_region(
     except Exception:
         log.exception("could not record that the task gave up")
         return (200 if final else 503), {"status": "error", "error": reason}
+    try:  # the per-chunk index the lookup's per-id state reads (best effort)
+        if region_size(region) <= REGION_INDEX_MAX_CHUNKS:
+            cids = [chunk_id(ctx, c) for c in region_chunks(region)]
+            ctx.ledger.region_gave_up(run, cids, reason)
+    except Exception as exc:  # noqa: BLE001 - the region's failure is recorded above
+        log.warning("could not index the chunks of the region that gave up: %s", describe(exc))
     return 200, {"status": "failed", "error": reason}
 
 

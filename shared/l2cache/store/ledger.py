@@ -64,6 +64,8 @@ INDEX_MAX_AGE = timedelta(days=30)
 # An edit names tens of new ids; a message naming more (PCG's manual remesh, operation
 # 0) indexes only this many: the others read as an edit l2cache has no record of.
 INDEX_MAX_IDS = 10_000
+# A region task that gave up gets per-chunk failure rows only up to this many chunks.
+REGION_INDEX_MAX_CHUNKS = 1024
 DEFAULT_RUNS_TABLE = "l2cache_runs"
 
 
@@ -658,6 +660,26 @@ class RunLedger:
         row.set_cell(LEDGER_FAMILY, b"error", json.dumps(reason).encode())
         row.set_cell(LEDGER_FAMILY, b"attempts", json.dumps(attempts).encode())
         write_rows(self.table, [row], "ledger")
+
+    def region_gave_up(self, run: RunRecord, chunk_ids: Sequence[int], reason: str) -> int:
+        """``chunkfail:`` rows for the chunks of a region whose task gave up (the
+        ``task:`` row is per region, which the lookup cannot find from an id), except
+        the run's chunks already done: one read of their rows, one MutateRows. Only for
+        a few chunks (at most :data:`REGION_INDEX_MAX_CHUNKS`, a leaf's batch; a split's
+        region may span a dataset): returns how many were indexed (0 above the cap)."""
+        if not chunk_ids or len(chunk_ids) > REGION_INDEX_MAX_CHUNKS:
+            return 0
+        done = self.done_among(run.run_id, list(chunk_ids))
+        at = utc_now().isoformat()
+        rows = [
+            row
+            for cid in chunk_ids
+            if cid not in done
+            and (row := _failure_index(run, cid, "failed", at, {"error": reason})) is not None
+        ]
+        if rows:
+            write_rows(self.table, rows, "ledger")
+        return len(rows)
 
     def done_among(self, run_id: str, chunk_ids: list[int]) -> set[int]:
         """Which of ``chunk_ids`` are done: reads only their rows, not the run's ledger.
