@@ -189,3 +189,38 @@ def test_a_rollbacks_lineage_read_returns_only_the_runs_rows(inst):
     assert found.lineage_rows_read == 1  # the run's row only: the others stay on the server
     assert found.old_layout_read is False  # a migrated table has no lineage:run cells
     assert sorted(found.rows) == [b"%020d" % ids[0]]
+
+
+def test_which_kvdbclient_reads_reach_lineage_rows(inst, monkeypatch):
+    """kvdbclient 0.7's ``BigTableClient`` (the existing frontend's) on a table l2cache
+    wrote: reads by id and id ranges never return a lineage row (``read_nodes`` refuses a
+    range without both ends, and every ``%020d`` key sorts before ``l``); only the raw
+    whole-table ``read_all_rows`` returns them, and their keys are no node ids."""
+    from kvdbclient import BigTableClient, get_default_client_info
+    from kvdbclient.exceptions import PreconditionError
+    from kvdbclient.serializers import deserialize_uint64
+
+    monkeypatch.setenv("BIGTABLE_PROJECT", PROJECT)
+    monkeypatch.setenv("BIGTABLE_INSTANCE", "inst")
+    store = _store(inst, "kvdb_reach")
+    ids = _ids(store, 3)
+    store.write_features(_feats(ids), Lineage("bulk-k", "p", "c", "i", AT))
+    lineage_rows.mark_migrated(store.table)
+    client = BigTableClient("kvdb_reach", config=get_default_client_info().CONFIG)
+    with pytest.raises(PreconditionError):
+        client.read_nodes(start_id=np.uint64(ids[0]))  # open-ended: refused, reads nothing
+    everything = client.read_nodes(
+        start_id=np.uint64(0),
+        end_id=np.uint64(np.iinfo(np.uint64).max),
+        end_id_inclusive=True,
+        attr_keys=False,
+    )
+    assert sorted(int(k) for k in everything) == ids  # the widest id range: no lineage row
+    raw = sorted(client.read_all_rows().rows)
+    assert [k for k in raw if not k.isdigit()] == [
+        lineage_rows.MIGRATED_KEY,  # '!' sorts before '#'
+        *sorted(k for k in raw if lineage_rows.is_lineage_key(k)),
+    ]
+    assert len([k for k in raw if lineage_rows.is_lineage_key(k)]) == 1
+    with pytest.raises(ValueError):
+        deserialize_uint64(raw[-1])  # a caller turning raw keys into ids trips here
