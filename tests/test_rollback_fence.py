@@ -115,6 +115,7 @@ def slow_load(coords, delay_s: float):
             unmapped_sv=0,
             orphan_voxels=0,
             ghost_sv=0,
+            graph_l2=None,  # the graph could not list the chunk: QC counts its nodes
             l2_ids=np.zeros(0, dtype=np.uint64),
         )
 

@@ -383,7 +383,6 @@ def compute_chunk(
             graph_l2=int(chunk.l2_ids.size if chunk.graph_l2 is None else chunk.graph_l2),
             inputs={**counts, "supervoxels": int(chunk.sv_ids.size)},
         )
-        current = int(feats["l2id"].size)
         superseded: dict[str, int] = {}
         if run.kind in REPROCESS_KINDS:  # with the chunk's rows, written in the same write
             chunk_facts = (chunk.checksum, int(chunk.dense.size), int(chunk.sv_ids.size))
@@ -398,7 +397,8 @@ def compute_chunk(
                 int(chunk.sv_ids.size),
             )
         ctx.ledger.check_open(run)  # the fence: after the live mark, before any cell
-        ctx.store.write_features(feats, run.lineage(checksum, input_counts=counts))
+        written = ctx.store.write_features(feats, run.lineage(checksum, input_counts=counts))
+        current = written - superseded.get("superseded", 0)  # the chunk's own nodes
     except Exception as exc:
         permanent = classify(exc) == PERMANENT
         if permanent or last_attempt:
