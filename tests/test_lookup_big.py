@@ -7,6 +7,7 @@ streamed answer.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -26,10 +27,10 @@ from lookup_support import assert_same_json, upstream_json
 
 from l2cache.config import parse_config
 from l2cache.domain import ids
-from l2cache.domain.lineage import Lineage
+from l2cache.domain.lineage import Lineage, code_revision
 from l2cache.gcp.bigtable import RowReader, bigtable_instance
 from l2cache.serving.api import LookupService
-from l2cache.serving.respond import SPILL_BYTES, Admission
+from l2cache.serving.respond import SPILL_BYTES, Admission, etag, serving_identity
 from l2cache.store.cache import CacheStore, create_cache_table
 from l2cache_tools.local.functions import start_function
 
@@ -259,6 +260,29 @@ def test_etag_and_if_none_match(big):
     computed = post(big, ids_, headers={"If-None-Match": tag2})
     assert computed.status_code == 200 and computed.headers["ETag"] != tag2
     assert computed.json()[str(big["missing"][-1])] != {}
+
+
+def test_etag_names_the_code_and_the_maps_serving_fields(big):
+    """Cells unchanged but decoded differently (a corrected row_format, another
+    geometry or fallback table, a new lookup revision): another tag, never a 304 with
+    the old values."""
+    ds = big["config"].dataset("big")
+    ids_ = np.sort(big["written"][:5])
+    stamps = np.arange(1, 6, dtype=np.uint64)
+
+    def tag(d):
+        return etag("application/json", ids_, stamps, serving_identity(d))
+
+    assert tag(ds) == tag(dataclasses.replace(ds))  # a map read again: same tag
+    others = [
+        dataclasses.replace(ds, row_format="legacy_nm"),
+        dataclasses.replace(ds, voxel_offset=(1, 0, 0)),
+        dataclasses.replace(ds, resolution=(4.0, 4.0, 40.0)),
+        dataclasses.replace(ds, fallback_table_id="pcgl2cache_old"),
+    ]
+    tags = {tag(d) for d in others}
+    assert len(tags) == len(others) and tag(ds) not in tags
+    assert serving_identity(ds)[0] == code_revision()
 
 
 def npz_of(response: requests.Response) -> dict[str, np.ndarray]:

@@ -72,6 +72,8 @@ from l2cache.serving.respond import (
     accepts_npz,
     etag,
     if_none_match,
+    q_values,
+    serving_identity,
 )
 from l2cache.store.cache import CacheStore
 from l2cache.store.missing_guard import MissingIdGuard
@@ -723,7 +725,7 @@ class LookupService:
         tag = None
         if tagged[0]:
             shape = (",".join(sorted(wanted)), str(int64_as_str), ds.name, ds.cache_table_id)
-            tag = etag(kind, l2ids, stamps, (*shape, __version__))
+            tag = etag(kind, l2ids, stamps, (*shape, *serving_identity(ds)))
             headers_out["ETag"] = tag
             headers_out["Cache-Control"] = "no-cache"  # may be kept, always revalidated
         if if_none_match(headers.get("If-None-Match"), tag):
@@ -877,19 +879,7 @@ def response_coding(header: str) -> str | None:
     name. Among the allowed ones the server's preference order decides (RFC 9110 lets
     it), not the client's q ranking. ``None``: send the body as it is.
     """
-    q_of: dict[str, float] = {}
-    for part in header.lower().split(","):
-        coding, _, params = part.partition(";")
-        q = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if coding.strip():
-            q_of[coding.strip()] = q
+    q_of = dict(q_values(header))
     star = q_of.get("*", 0.0)
     return next((c for c in RESPONSE_CODINGS if q_of.get(c, star) > 0), None)
 

@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from l2cache.config import DatasetConfig
 from l2cache.domain.attributes import BY_NAME
+from l2cache.domain.lineage import code_revision
 
 WINDOW_IDS = 10_000  # ids per Bigtable read and JSON fragment (the store's READ_BATCH)
 READ_AHEAD = 4  # windows read concurrently ahead of the one being encoded
@@ -150,7 +152,7 @@ def etag(
 ) -> str:
     """A weak ``ETag`` for an answer: ``ids`` (ascending, uint64), each id's newest cell
     timestamp (0: no row), and what else shapes the bytes (``identity``: format,
-    attribute set, ``int64_as_str``, dataset, table, code version).
+    attribute set, ``int64_as_str``, dataset, table, :func:`serving_identity`).
 
     Sound because a row's answer is a function of its newest cells and every write
     changes a row's newest timestamp: l2cache writes all cells of a row at the run's
@@ -163,6 +165,23 @@ def etag(
     h.update(np.ascontiguousarray(ids, dtype="<u8").tobytes())
     h.update(np.ascontiguousarray(stamps, dtype="<u8").tobytes())
     return f'W/"{h.hexdigest()}"'
+
+
+def serving_identity(ds: DatasetConfig) -> tuple[str, ...]:
+    """What turns a dataset's stored cells into answer bytes, besides the cells: the
+    lookup's code revision (a deploy may decode rows differently) and the map's serving
+    fields (row format, geometry, the fallback table). Part of every ``ETag``, so a
+    corrected map entry or a new decoder is never answered 304 with the old values."""
+    fields = (
+        ds.row_format,
+        ds.resolution,
+        ds.integral_resolution,
+        ds.voxel_offset,
+        ds.chunk_size,
+        ds.spatial_bits,
+        ds.fallback_table_id,
+    )
+    return code_revision(), hashlib.blake2b(repr(fields).encode(), digest_size=8).hexdigest()
 
 
 def if_none_match(header: str | None, tag: str | None) -> bool:
@@ -178,13 +197,12 @@ def if_none_match(header: str | None, tag: str | None) -> bool:
 # -- the binary (.npz) answer ---------------------------------------------------------------
 
 
-def accepts_npz(accept: str | None) -> bool:
-    """Whether ``Accept`` asks for the ``.npz`` answer (listed with q > 0). JSON stays
-    the default: ``*/*``, ``application/json`` or no header get JSON."""
-    for part in (accept or "").lower().split(","):
-        media, _, params = part.partition(";")
-        if media.strip() != NPZ_MEDIA_TYPE:
-            continue
+def q_values(header: str | None) -> list[tuple[str, float]]:
+    """``[(token, q)]`` of an ``Accept`` or ``Accept-Encoding`` header, in its order,
+    tokens lowercased; a missing ``q`` is 1, an unreadable one 0 (refused)."""
+    out: list[tuple[str, float]] = []
+    for part in (header or "").lower().split(","):
+        token, _, params = part.partition(";")
         q = 1.0
         for param in params.split(";"):
             name, _, value = param.strip().partition("=")
@@ -193,8 +211,15 @@ def accepts_npz(accept: str | None) -> bool:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        return q > 0
-    return False
+        if token.strip():
+            out.append((token.strip(), q))
+    return out
+
+
+def accepts_npz(accept: str | None) -> bool:
+    """Whether ``Accept`` asks for the ``.npz`` answer (listed with q > 0). JSON stays
+    the default: ``*/*``, ``application/json`` or no header get JSON."""
+    return next((q > 0 for media, q in q_values(accept) if media == NPZ_MEDIA_TYPE), False)
 
 
 def accepts_json(accept: str | None) -> bool:
@@ -203,21 +228,8 @@ def accepts_json(accept: str | None) -> bool:
     JSON, such as ``?state=true``'s, is refused 406 otherwise)."""
     if not (accept or "").strip():
         return True
-    for part in (accept or "").lower().split(","):
-        media, _, params = part.partition(";")
-        if media.strip() not in (JSON_MEDIA_TYPE, "application/*", "*/*"):
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            return True
-    return False
+    allowed = (JSON_MEDIA_TYPE, "application/*", "*/*")
+    return any(q > 0 for media, q in q_values(accept) if media in allowed)
 
 
 def npz_layout(names: Sequence[str], integral_resolution: bool) -> dict[str, tuple[Any, tuple]]:
