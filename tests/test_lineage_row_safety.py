@@ -32,6 +32,7 @@ from l2cache.store.cache import CacheStore, create_cache_table
 
 AT = datetime(2026, 6, 1, 12, 0, 0, 123000, tzinfo=UTC)  # one publish millisecond
 STREAM = "missing_ids-d-abc-123"
+AT_US = int(AT.timestamp() * 1000) * 1000
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +225,22 @@ def test_which_kvdbclient_reads_reach_lineage_rows(inst, monkeypatch):
     assert len([k for k in raw if lineage_rows.is_lineage_key(k)]) == 1
     with pytest.raises(ValueError):
         deserialize_uint64(raw[-1])  # a caller turning raw keys into ids trips here
+
+
+def test_release_and_full_scan_rollbacks_count_collisions_too(inst):
+    from l2cache_ops.rollback import rollback_runs_in_ranges, run_versions
+
+    store = _store(inst, "collide_release")
+    a, b = _ids(store, 2)
+    bits = store.dataset.spatial_bits
+    store.write_features(_feats([a]), Lineage(STREAM, "p", "c", "in-A", AT))
+    store.write_features(_feats([b]), Lineage(STREAM, "p", "c", "in-B", AT))
+    store.write_features(_feats([b], 2), Lineage("other", "p", "c", "in-O", AT))
+    assert run_versions(store.table, STREAM) == {
+        b"%020d" % a: [AT_US],
+        b"%020d" % b: [AT_US],
+    }
+    ranges = chunk_key_ranges([_chunk(store, a)], bits)
+    done = rollback_runs_in_ranges(store.table, [STREAM], ranges)
+    assert (done.versions_deleted, done.collisions) == (2, 1)
+    assert _feature_rows(store, [a, b]) == []
