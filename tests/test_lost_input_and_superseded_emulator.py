@@ -221,3 +221,28 @@ def test_a_reprocess_recomputes_the_superseded_ids_of_its_chunks(env):
     raw = ctx.store.read_raw([merged, a, b])
     for node in (merged, a, b):
         assert raw[node]["0"] == direct_cells(ctx, node), node
+
+
+def test_the_superseded_pass_is_bounded_in_ids_and_engine_passes(env, monkeypatch):
+    """After the test above the chunk holds 3 superseded rows (a, b, and their merge):
+    with at most 2 ids and 1 pass, the newest 2 are taken, the merged id overlaps the
+    other so it needs a second pass, and is left with the oldest id; all counted."""
+    import l2cache.compute as compute
+
+    ctx = env["ctx"]
+    current = load_chunk_l2(ctx, EDIT_CHUNK, None).l2_ids
+    old = np.setdiff1d(ctx.store.chunk_row_ids(EDIT_CHUNK), current)
+    assert old.size == 3
+    monkeypatch.setattr(compute, "SUPERSEDED_MAX_IDS", 2)
+    monkeypatch.setattr(compute, "SUPERSEDED_MAX_PASSES", 1)
+    run, result = reprocess(ctx, EDIT_CHUNK)
+    assert result["status"] == "done", result
+    assert (result["superseded"], result["superseded_passes"], result["superseded_left"]) == (
+        1,
+        1,
+        2,
+    )
+    (row,) = chunk_rows(ctx.ledger, run.run_id)
+    assert row["superseded_left"] == 2 and row["l2_count"] == current.size
+    runs = {n: c[b"run"].decode() for n, c in ctx.store.read_lineage(old).items()}
+    assert sorted(n for n, r in runs.items() if r == run.run_id) == [int(old[1])]

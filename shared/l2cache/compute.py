@@ -445,9 +445,12 @@ def compute_chunk(
 # A reprocess also recomputes the ids an edit or missing-id request computed in the chunk
 # that the graph has since replaced (their rows would keep old-parameter values, which
 # pcg_skel still reads at past timestamps). At most this many per chunk, the newest ids
-# first; the rest are counted (``superseded_left``) and keep their values.
+# first, in at most this many engine passes (ids whose children overlap, as a merged node
+# and its split parts, need one pass each: ~0.5x the chunk's engine per pass); the rest
+# are counted (``superseded_left``) and keep their values.
 REPROCESS_KINDS = ("region_reprocess",)
 SUPERSEDED_MAX_IDS = 1_000
+SUPERSEDED_MAX_PASSES = 4
 
 
 def with_superseded(
@@ -458,11 +461,13 @@ def with_superseded(
     Superseded: ids with a row in the cache table's chunk range (one keys-only range
     read) that are not among the chunk's current L2 nodes. They go through the ids path
     (:func:`load_chunk_ids`: their ``children`` cells, a second read of the chunk, one
-    engine pass per group of ids with disjoint children), and are written with the
+    engine pass per group of ids with disjoint children, at most
+    :data:`SUPERSEDED_MAX_PASSES`), and are written with the
     chunk's rows in one write: the run's timestamp and lineage row, so a rollback of the
     run takes them back too. Counts: ``superseded`` (written), ``superseded_passes``
-    (engine passes spent on them), ``superseded_left`` (over :data:`SUPERSEDED_MAX_IDS`,
-    not recomputed), ``superseded_not_found`` (no children row, or no voxel here).
+    (engine passes spent on them), ``superseded_left`` (over :data:`SUPERSEDED_MAX_IDS`
+    or the passes, not recomputed), ``superseded_not_found`` (no children row, or no
+    voxel here).
     """
     old = np.setdiff1d(ctx.store.chunk_row_ids(coords), current, assume_unique=True)
     if old.size == 0:
@@ -470,16 +475,24 @@ def with_superseded(
     take = old[-SUPERSEDED_MAX_IDS:]
     data = load_chunk_ids(ctx, coords, take)
     counts = {"superseded": 0, "superseded_passes": 0}
-    if int(old.size - take.size):
-        counts["superseded_left"] = int(old.size - take.size)
+    left = int(old.size - take.size)
     if data.labels is None:
         counts["superseded_not_found"] = len(data.no_row)
+        if left:
+            counts["superseded_left"] = left
         return feats, counts
+    groups = data.labels.groups
+    if len(groups) > SUPERSEDED_MAX_PASSES:  # the groups past the cap keep their values
+        left += sum(int(g.size) for g in groups[SUPERSEDED_MAX_PASSES:])
+        data.labels.groups = groups[:SUPERSEDED_MAX_PASSES]
+    tried = sum(int(g.size) for g in data.labels.groups)
     extra = features_of_ids(data.labels, ctx.dataset.resolution)
     counts["superseded"] = int(extra["l2id"].size)
     counts["superseded_passes"] = len(data.labels.groups)
-    if int(take.size) - counts["superseded"]:
-        counts["superseded_not_found"] = int(take.size) - counts["superseded"]
+    if left:
+        counts["superseded_left"] = left
+    if len(data.no_row) + tried - counts["superseded"]:
+        counts["superseded_not_found"] = len(data.no_row) + tried - counts["superseded"]
     merged = {key: np.concatenate([feats[key], extra[key]]) for key in feats}
     order = np.argsort(merged["l2id"], kind="stable")
     return {key: value[order] for key, value in merged.items()}, counts
