@@ -14,7 +14,11 @@ graph gives no L2 parent (orphan) is background, a graph supervoxel with no voxe
 (ghost) is simply absent; both are counted per chunk (ledger row, each written row's
 ``lineage:input``, QC with the dataset map's ``qc:`` thresholds), and no chunk fails for
 them unless the map sets ``input: {strict: true}``, which keeps the old contract (both
-are :class:`~l2cache.domain.failures.InconsistentInput`). A supervoxel whose L2 parent
+are :class:`~l2cache.domain.failures.InconsistentInput`), or the chunk lost a real share
+of its supervoxels: ghosts over both ``input.ghost_sv_allowance`` and
+``input.max_ghost_sv_fraction`` of the chunk fail it as incomplete input
+(:func:`check_input`, one verdict for both paths). A region reprocess also recomputes
+the chunk's superseded ids that have rows (:func:`with_superseded`). A supervoxel whose L2 parent
 belongs to another chunk or layer (a "stray" parent; for the ids path, a child outside
 the id's chunk) is graph/segmentation disagreement and always fails the chunk, as does
 a chunk whose faces do not match the graph's cross-chunk edges (mirrored, transposed:
