@@ -32,6 +32,10 @@ def start_ingest(
 
     A new run's tasks are generation 0; a resume gets a fresh generation (task names
     stay unique per (run, span, generation), see :func:`l2cache.gcp.tasks.span_task_id`).
+    A bbox makes the run a ``region_reprocess``: besides its chunks' current nodes, its
+    workers recompute the ids with rows there that later edits superseded
+    (:func:`l2cache.compute.with_superseded`); a run without a bbox (``bulk_ingest``,
+    for a new table) does not look for them.
     """
     if config.tasks is None:
         raise ValueError("the dataset map has no 'tasks' section: nowhere to enqueue")
