@@ -31,7 +31,7 @@ from l2cache.engine.features import compute_features
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.gcp.bigtable_write import Row, write_rows
 from l2cache.store.cache import CacheStore, create_cache_table
-from l2cache.store.ledger import create_runs_table
+from l2cache.store.ledger import INDEX_FAMILY, create_runs_table, message_key
 from l2cache.store.missing_guard import create_guard_table
 from l2cache_tools.local.functions import start_function
 
@@ -282,6 +282,10 @@ def test_a_recompute_that_fails_is_failed_with_the_ledgers_reason(stack):
     assert st["by"]["message_id"] == message.message_id
     assert st["by"]["event"] == f"msg-{message.message_id}"
     assert st["by"]["run"].startswith("missing_ids-pinky-")
+    # the message's index row lives in the idx family, which Bigtable GCs by age
+    table = bigtable_instance(PROJECT, INSTANCE).table("idstate_runs")
+    index = table.read_row(message_key(message.message_id))
+    assert set(index.cells) == {INDEX_FAMILY}
     # a wait on a failed id does not wait: it is not pending
     w = post(stack, [FAILS], state="true", wait="3", update_cache="false")
     assert w.headers["X-L2Cache-Wait"] == "none"

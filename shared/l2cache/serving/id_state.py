@@ -365,7 +365,10 @@ def _index(
     for key, row in rows.items():
         try:
             if key in msg_keys:
-                where = json.loads(row.get(LEDGER_FAMILY, {})[b"event"])
+                cell = row.get(INDEX_FAMILY, {}).get(b"event")  # older rows: ledger family
+                where = json.loads(
+                    cell if cell is not None else row.get(LEDGER_FAMILY, {})[b"event"]
+                )
                 found.events[msg_keys[key]] = (str(where["run"]), str(where["key"]))
             elif key in edit_keys:
                 found.edits[edit_keys[key]] = json.loads(row.get(INDEX_FAMILY, {})[b"event"])
@@ -468,8 +471,8 @@ def _verdict(event: Mapping[str, Any], chunk: Mapping[str, Any]) -> dict[str, An
         return {"reason": str(chunk.get("error", "failed")), "at": event.get("recorded_at")}
     if chunk.get("status") == "done":
         return {
-            "reason": "its recompute finished without this node (not found in the "
-            "segmentation at the message's time)",
+            "reason": "its recompute finished without this node (the graph has no "
+            "children for it, or none of its supervoxels has voxels in the chunk)",
             "at": event.get("recorded_at"),
         }
     if status in _FAILED_EVENTS:
@@ -477,8 +480,8 @@ def _verdict(event: Mapping[str, Any], chunk: Mapping[str, Any]) -> dict[str, An
         return {"reason": "; ".join(str(e) for e in errors)[:1000], "at": event.get("recorded_at")}
     if status == "ok":
         return {
-            "reason": "its recompute finished without this node (not found in the "
-            "segmentation at the message's time)",
+            "reason": "its recompute finished without this node (the graph has no "
+            "children for it, or none of its supervoxels has voxels in the chunk)",
             "at": event.get("recorded_at"),
         }
     return None  # in flight, or fanned out and its chunk not finished yet

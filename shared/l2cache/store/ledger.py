@@ -243,8 +243,10 @@ FIRST_FAILED = CellFilter(columns={LEDGER_FAMILY: [b"first_failed_at"]})
 
 def message_key(message_id: str) -> bytes:
     """Row ``msg:<Pub/Sub message id>``: which run and event a missing-id message became
-    (column ``event``, ``{"run", "key"}``), written with the event's record; the lookup's
-    per-id state reads it by key (l2cache.serving.id_state)."""
+    (family :data:`INDEX_FAMILY`, GC'd after :data:`INDEX_MAX_AGE`; column ``event``,
+    ``{"run", "key"}``), written with the event's record; the lookup's per-id state
+    reads it by key (l2cache.serving.id_state). Rows written before the family held
+    them carry the cell in the ledger family, and are read there too."""
     return f"msg:{message_id}".encode()
 
 
@@ -709,7 +711,8 @@ class RunLedger:
             # the lookup knows a queued id's message, not the run: it finds the event here
             index = Row(message_key(str(fields["message_id"])))
             where = {"run": run_id, "key": event_key}
-            rows.append(index.set_cell(LEDGER_FAMILY, b"event", json.dumps(where).encode()))
+            # family idx: GC'd after INDEX_MAX_AGE like the edit index (one per message)
+            rows.append(index.set_cell(INDEX_FAMILY, b"event", json.dumps(where).encode()))
         write_rows(self.table, rows, "event")
         self._count_event(run_id, event_key, fields)
 
