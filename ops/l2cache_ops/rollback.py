@@ -445,13 +445,14 @@ def queue_enqueuer(tasks: TasksConfig, dataset: str) -> Enqueue:
 
 def rollback_history(ledger: RunLedger, dataset: str) -> list[dict[str, Any]]:
     """Every recorded rollback of ``dataset``, oldest first, with the fanned-out tasks'
-    progress (``tasks_done``, ``versions_done``: counted by the tasks as they finish)."""
+    progress (``tasks_done``, ``queued_versions_deleted``, ``queued_rows_touched``,
+    ``queued_collisions``: counted by the tasks as they finish)."""
     out = []
     for _, cells in records(ledger, f"rollback:{dataset}:"):
         if "meta" not in cells:
             continue  # a task's counters arrived before the record: not listed yet
         entry = json.loads(cells["meta"])
-        for column in ("tasks_done", "versions_deleted", "rows_touched"):
+        for column in ("tasks_done", "versions_deleted", "rows_touched", "collisions"):
             if column in cells:
                 done = struct.unpack(">q", cells[column])[0]
                 entry["tasks_done" if column == "tasks_done" else f"queued_{column}"] = done

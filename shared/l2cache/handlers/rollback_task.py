@@ -342,6 +342,7 @@ def handle_rollback_task(
                     b"tasks_done": 1,
                     b"versions_deleted": done.versions_deleted,
                     b"rows_touched": done.rows_touched,
+                    b"collisions": done.collisions,
                 },
                 what="record",
             )
