@@ -32,6 +32,7 @@ from lookup_support import (
     lookup_client,
     upstream_features,
     upstream_json,
+    write_placeholder,
     write_upstream_rows,
 )
 
@@ -527,3 +528,44 @@ def test_a_fallback_table_the_map_cannot_mean_is_refused(extra):
         parse_config(
             {"bigtable": {"project": PROJECT, "instance": INSTANCE}, "datasets": {DS: entry}}
         )
+
+
+PLACEHOLDERS = (0, 0, 1)  # a chunk the existing worker could not compute
+
+
+def test_fallback_placeholders_are_served_as_is_and_healed_into_the_new_table(env):
+    """The existing worker's placeholder ({size_nm3: 0}) for ids it could not compute is
+    answered as its frontend answers it, and queued: the children path computes them
+    into the new table, so the switch-over heals these gaps too."""
+    ids = chunk_ids(env, PLACEHOLDERS)
+    healed, empty = ids[0], ids[1]
+    new_table = env["ctx"].store.table  # earlier tests wrote this chunk: these ids not
+    for node in (healed, empty):
+        row = new_table.direct_row(b"%020d" % node)
+        row.delete()
+        status = row.commit()
+        assert status is None or status.code == 0
+    assert table_cells(NEW, [healed, empty]) == {}
+    for node in (healed, empty):
+        write_placeholder(env["old"], node)
+    # the state of a fallback placeholder under an attribute filter that leaves it {}
+    st = lookup(env, [empty], state="true", update_cache="false", attribute_names="area_nm2")
+    assert st.get_json()["state"][str(empty)]["state"] == "empty"
+    r = lookup(env, [healed])
+    assert_same_json(r.get_json(), expected_from(env, OLD, [healed]))
+    assert r.get_json()[str(healed)] == {"size_nm3": 0}
+    assert r.headers["X-L2Cache-Missing-Ids"] == "0"
+    assert r.headers["X-L2Cache-Fallback-Placeholder-Ids"] == "1"
+    assert r.headers["X-L2Cache-Queued-Ids"] == "1"
+    (message,) = pull(env)
+    assert np.frombuffer(message.data, "<u8").tolist() == [healed]
+    assert dict(message.attributes) == {"table_id": DS, "l2_cache_id": NEW}
+    assert push_to_on_edit(message) == 200
+    after = lookup(env, [healed], update_cache="false")
+    assert after.headers.get("X-L2Cache-Fallback-Placeholder-Ids") is None
+    assert_same_json(after.get_json(), expected_from(env, NEW, [healed]))
+    feats = env["direct"](PLACEHOLDERS)
+    i = feats["l2id"].tolist().index(healed)
+    cells = table_cells(NEW, [healed])[healed]
+    assert all(cells[a.key] == encode_column(a, feats[a.name][i : i + 1])[0] for a in ATTRIBUTES)
+    assert table_cells(OLD, [healed])[healed] == {b"size_nm3": bytes(8)}  # never written

@@ -38,7 +38,7 @@ import re
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,7 +272,10 @@ def _short(value: Any) -> str:
 
 
 # (window start, its ids, their decoded rows, their newest cell timestamps, phase times)
-_Window = tuple[int, np.ndarray, dict[int, dict[str, Any]], dict[int, int], dict[str, float]]
+# (start, ids, found rows, their stamps, phase seconds, fallback placeholders to heal)
+_Window = tuple[
+    int, np.ndarray, dict[int, dict[str, Any]], dict[int, int], dict[str, float], list[int]
+]
 
 
 def _coding_header(coding: str | None) -> dict[str, str]:
@@ -565,15 +568,14 @@ class LookupService:
         opts: wait.Options,
     ) -> Response:
         is_l2 = idlib.get_layer(l2ids) == 2 if l2ids.size else np.zeros(0, bool)
-        found = self.store(ds.name).read_features(l2ids[is_l2], names, int64_as_str, timings)
+        heal: list[int] = []
+        found = self.store(ds.name).read_features(
+            l2ids[is_l2], names, int64_as_str, timings, heal=heal
+        )
         headers_out = {"X-L2Cache-Non-L2-Ids": str(int((~is_l2).sum()))}
         candidates = l2ids[is_l2]
         missing = candidates[[n not in found for n in candidates.tolist()]]
-        headers_out["X-L2Cache-Missing-Ids"] = str(missing.size)
-        if ds.existing_cache_table:  # another service owns that table: nothing to queue
-            update_cache = False
-        if update_cache and missing.size and self._publish_missing is not None:
-            headers_out.update(self._queue_missing(missing, ds, who))
+        headers_out.update(self._account_missing(ds, missing, update_cache, who, heal))
         binary = accepts_npz(headers.get("Accept")) and not opts.with_state
         body, out = wait.answer(
             self, ds, l2ids, found, names, int64_as_str, opts, headers_out, timings, binary
@@ -645,12 +647,15 @@ class LookupService:
         npz = NpzBuilder(l2ids, wanted, ds.integral_resolution) if binary else None
         stamps = np.zeros(n, dtype=np.uint64)
         missing: list[np.ndarray] = []
+        healing: list[int] = []  # fallback placeholders: served, and queued for this table
         tagged = [True]  # every found row has a timestamp (a fallback row may not)
         encode_s = [0.0]
 
         def take(window: _Window) -> bytes:
             """Account one window (missing ids, stamps, timings); its JSON fragment."""
-            start, ids, found, row_stamps, spent = window
+            start, ids, found, row_stamps, spent, heal = window
+            if heal:
+                healing.extend(heal)
             for phase, seconds in spent.items():
                 timings[phase] = timings.get(phase, 0.0) + seconds
             ids_list = ids.tolist()
@@ -700,7 +705,7 @@ class LookupService:
                                 yield out
                         tail = compressor.feed(b"}\n") + compressor.finish()
                         lost = np.concatenate(missing) if missing else np.zeros(0, np.uint64)
-                        account = self._account_missing(ds, lost, update_cache, who)
+                        account = self._account_missing(ds, lost, update_cache, who, healing)
                         log.info("streamed lookup of %d ids: %s", n, account)
                         yield tail
                     finally:
@@ -711,9 +716,9 @@ class LookupService:
                 return Response(200, b"", headers_out, StreamBody(rest(), release))
         lost = np.concatenate(missing) if missing else np.zeros(0, np.uint64)
         who = None
-        if lost.size and update_cache and not ds.existing_cache_table:
+        if (lost.size or healing) and update_cache and not ds.existing_cache_table:
             who = (caller() if caller is not None else None) or ANONYMOUS
-        headers_out.update(self._account_missing(ds, lost, update_cache, who))
+        headers_out.update(self._account_missing(ds, lost, update_cache, who, healing))
         t0 = time.perf_counter()
         if npz is not None:
             body, kind = npz.to_bytes(), NPZ_MEDIA_TYPE
@@ -758,12 +763,13 @@ class LookupService:
             spent: dict[str, float] = {}
             stamps: dict[int, int] = {}
             found: dict[int, dict[str, Any]] = {}
+            heal: list[int] = []
             if layer2.size:
                 with gc_deferred():  # decoding rows to API values allocates, in no cycle
                     found = store.read_features(
-                        layer2, names, int64_as_str, timings=spent, stamps=stamps
+                        layer2, names, int64_as_str, timings=spent, stamps=stamps, heal=heal
                     )
-            return start, ids, found, stamps, spent
+            return start, ids, found, stamps, spent, heal
 
         starts = range(0, int(l2ids.size), WINDOW_IDS)
         if len(starts) <= 1:
@@ -783,11 +789,24 @@ class LookupService:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _account_missing(
-        self, ds: DatasetConfig, missing: np.ndarray, update_cache: bool, who: str | None
+        self,
+        ds: DatasetConfig,
+        missing: np.ndarray,
+        update_cache: bool,
+        who: str | None,
+        heal: Sequence[int] = (),
     ) -> dict[str, str]:
         """The missing-id headers, queueing what the budgets allow
-        (:meth:`_queue_missing`) unless the request or the table says not to."""
+        (:meth:`_queue_missing`) unless the request or the table says not to.
+
+        ``heal``: ids answered from the fallback table with the existing worker's
+        placeholder (it could not compute them). They are answered as it answers them
+        and queued like missing ids, so the switch-over fills them into the new table
+        (the children path computes any id that ever existed)."""
         out = {"X-L2Cache-Missing-Ids": str(missing.size)}
+        if heal:
+            out["X-L2Cache-Fallback-Placeholder-Ids"] = str(len(heal))
+            missing = np.union1d(missing, np.asarray(heal, dtype=np.uint64))
         if ds.existing_cache_table:  # another service owns that table: nothing to queue
             update_cache = False
         if update_cache and missing.size and self._publish_missing is not None:

@@ -159,8 +159,8 @@ def _rows_without_requested_columns(
     """Under an ``attribute_names`` filter a row without those columns is served ``{}``
     (as upstream); its raw row still says computed or placeholder. Returns the ids with
     no row at all."""
-    raw = ctx.store.read_raw(missing)
-    ctx.reads += 1
+    raw = ctx.store.read_raw(missing, with_fallback=True)  # as the lookup serves them
+    ctx.reads += 1 if ctx.store.fallback is None or len(raw) == len(set(missing)) else 2
     left = []
     for node in missing:
         row = raw.get(node)

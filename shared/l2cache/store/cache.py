@@ -44,7 +44,7 @@ from l2cache.domain.lineage import Lineage, utc_now
 from l2cache.gcp.bigtable import WRITE_SCOPE, RowCells, RowReader, data_channel
 from l2cache.gcp.bigtable_write import encode_columns, mutate_entries, timestamp_micros
 from l2cache.store import lineage_rows
-from l2cache.store.rowformat import CURRENT, decode_rows
+from l2cache.store.rowformat import CURRENT, decode_rows, is_placeholder_row
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.instance import Instance
@@ -160,12 +160,19 @@ class CacheStore:
             self._reader = RowReader(self.table.name)
         return self._reader
 
-    def read_raw(self, l2ids: np.ndarray | Iterable[int]) -> dict[int, RowCells]:
-        """Newest cell bytes per family and column, for byte-level checks and tools."""
-        out: dict[int, RowCells] = {}
-        for rows in self._read_batches(idlib.as_uint64(l2ids), None, None):
-            out.update({int(k): v for k, v in rows.items()})
-        return out
+    def read_raw(
+        self, l2ids: np.ndarray | Iterable[int], with_fallback: bool = False
+    ) -> dict[int, RowCells]:
+        """Newest cell bytes per family and column, for byte-level checks and tools;
+        ``with_fallback``: the fallback table's row for ids this table has none for, as
+        the lookup serves them."""
+        ids = idlib.as_uint64(l2ids)
+        rows: dict[bytes, RowCells] = {}
+        for part in self._read_batches(ids, None, None):
+            rows.update(part)
+        if with_fallback:
+            rows.update(self._read_fallback(np.unique(ids), rows, None))
+        return {int(k): v for k, v in rows.items()}
 
     def read_features(
         self,
@@ -174,6 +181,7 @@ class CacheStore:
         int64_as_str: bool = False,
         timings: dict[str, float] | None = None,
         stamps: dict[int, int] | None = None,
+        heal: list[int] | None = None,
     ) -> dict[int, dict[str, Any]]:
         """Features of the layer-2 ids that have rows, as the existing service serves them.
 
@@ -183,7 +191,10 @@ class CacheStore:
         Raises ``KeyError`` for an unknown attribute name (the lookup turns that into a
         400 before reading). ``timings`` receives the seconds spent in ``read`` and
         ``decode``; ``stamps``, when given, each read row's newest cell timestamp
-        (microseconds), from which the lookup makes its ``ETag``.
+        (microseconds), from which the lookup makes its ``ETag``; ``heal``, when given,
+        the ids served from the fallback table whose row is only the existing worker's
+        placeholder (it could not compute them; the children path can, so the lookup
+        queues them into this table while still serving the placeholder).
         """
         names = list(attribute_names) if attribute_names else list(ATTRIBUTE_NAMES)
         for name in names:
@@ -208,6 +219,8 @@ class CacheStore:
         decoded = decode_rows(rows, names, self._own_format, int64_as_str)
         if fallback:  # the ids this table lacks, as the fallback table's service serves them
             decoded.update(decode_rows(fallback, names, self.dataset, int64_as_str))
+            if heal is not None:
+                heal.extend(int(k) for k, row in fallback.items() if is_placeholder_row(row))
             decoded = dict(sorted(decoded.items()))
         if timings is not None:
             timings["read"] = t1 - t0

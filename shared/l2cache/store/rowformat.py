@@ -108,6 +108,15 @@ def decode_rows(
     return dict(zip(out_keys, dicts, strict=True))
 
 
+def is_placeholder_row(row: Mapping[str, Mapping[bytes, bytes]]) -> bool:
+    """Whether a row is the existing worker's placeholder for an id it could not
+    compute: its feature family holds only ``size_nm3``, all zero bytes (8 of them:
+    ``np.uint64(0)``, or 4)."""
+    cells = row.get(FEATURE_FAMILY, _EMPTY)
+    size = cells.get(b"size_nm3")
+    return len(cells) == 1 and size is not None and size.count(0) == len(size) > 0
+
+
 def _is_legacy(row: Mapping[str, Mapping[bytes, bytes]]) -> bool:
     """Whether a row of a ``legacy_nm`` table is in the pre-2022 format: not l2cache's
     (no ``lineage:run`` of the older layout, no u16[3] ``rep_coord_nm``)."""
