@@ -159,3 +159,29 @@ def test_recount_repairs_a_counter_a_killed_worker_left_short(ledger, run):
     counts = read_counts(ledger, record.run_id)
     assert (counts["done"], counts["l2"], counts["compute_ms"]) == (1, 7, 250)
     assert recount(ledger, record) == {}  # exact now: nothing to correct
+
+
+def test_a_runs_table_without_the_index_family_still_records_and_counts_events(
+    bigtable_emulator, caplog
+):
+    """A runs table deployed before the ``idx`` family (not yet ``pulumi up``): a
+    missing-id event's record and count stand; only its ``msg:`` index is lost, logged."""
+    from l2cache.store.ledger import INDEX_FAMILY, LEDGER_FAMILY, message_key
+
+    instance = bigtable_instance("p", "runstate", admin=True)
+    table = create_runs_table(instance, "runs_no_idx")
+    table.column_family(INDEX_FAMILY).delete()
+    assert INDEX_FAMILY not in table.list_column_families()
+    ledger = RunLedger(table)
+    ds = parse_config(MAP).dataset("ds")
+    record = new_run("missing_ids", ds, [0, 0, 0, 4, 4, 2], 32)
+    ledger.create_run(record)
+    with caplog.at_level("WARNING", logger="l2cache.store.ledger"):
+        ledger.record_event(
+            record.run_id, "msg-m1", kind="missing_ids", message_id="m1", status="ok"
+        )
+    event = table.read_row(f"event:{record.run_id}:msg-m1".encode())
+    assert event is not None and b"status" in event.cells[LEDGER_FAMILY]
+    assert table.read_row(message_key("m1")) is None
+    assert any("msg:m1 index not written" in r.getMessage() for r in caplog.records)
+    assert read_counts(ledger, record.run_id)["events"] == 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +48,8 @@ from l2cache.domain.statgrid import StatGrid
 from l2cache.gcp.bigtable import CellFilter, RowCells, read_row, read_rows
 from l2cache.gcp.bigtable_write import Row, check_and_mutate, increment, write_rows
 from l2cache.store import runstate
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # annotations only
     from google.cloud.bigtable.instance import Instance
@@ -706,15 +709,30 @@ class RunLedger:
         row = Row(self._event_key(run_id, event_key))
         for key, value in fields.items():
             row.set_cell(LEDGER_FAMILY, key.encode(), json.dumps(value).encode())
-        rows = [row]
+        write_rows(self.table, [row], "event")
         if fields.get("kind") == "missing_ids" and fields.get("message_id"):
-            # the lookup knows a queued id's message, not the run: it finds the event here
-            index = Row(message_key(str(fields["message_id"])))
-            where = {"run": run_id, "key": event_key}
-            # family idx: GC'd after INDEX_MAX_AGE like the edit index (one per message)
-            rows.append(index.set_cell(INDEX_FAMILY, b"event", json.dumps(where).encode()))
-        write_rows(self.table, rows, "event")
+            self._index_message(str(fields["message_id"]), run_id, event_key)
         self._count_event(run_id, event_key, fields)
+
+    def _index_message(self, message_id: str, run_id: str, event_key: str) -> None:
+        """The lookup knows a queued id's message, not the run: ``msg:<id>`` (family idx,
+        GC'd after INDEX_MAX_AGE) points it at the event. Best effort, apart from the
+        event's own record: a runs table without the family (deployed before it, not yet
+        ``pulumi up``) or a failed write costs the per-id state its ``run``/``event``
+        (it still says pending by the message), never the event's record or count."""
+        where = json.dumps({"run": run_id, "key": event_key}).encode()
+        try:
+            write_rows(
+                self.table,
+                [Row(message_key(message_id)).set_cell(INDEX_FAMILY, b"event", where)],
+                "event index",
+            )
+        except Exception as exc:  # noqa: BLE001 - owned here: logged, the record stands
+            log.warning(
+                "msg:%s index not written (per-id state loses its run and event): %r",
+                message_id,
+                exc,
+            )
 
     def _count_event(self, run_id: str, event_key: str, fields: Mapping[str, Any]) -> None:
         """Count an event once (its first record marks ``counted`` by a conditioned
