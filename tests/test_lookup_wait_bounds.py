@@ -8,7 +8,7 @@ import pytest
 
 from l2cache.config import ConfigError, LookupWaitPolicy, parse_config
 from l2cache.serving import wait
-from l2cache.serving.respond import accepts_json
+from l2cache.serving.respond import accepts_json, accepts_npz
 
 
 def _map(section: dict | None) -> dict:
@@ -135,3 +135,22 @@ def test_a_repeated_parameter_is_refused():
 )
 def test_accepts_json(accept, ok):
     assert accepts_json(accept) is ok
+
+
+@pytest.mark.parametrize(
+    ("accept", "npz"),
+    [
+        (None, False),
+        ("*/*", False),
+        ("application/json", False),
+        ("application/x-npz", True),
+        ("application/x-npz, application/json", True),  # a tie: .npz had to be named
+        ("application/x-npz;q=0.5, application/json;q=0.9", False),  # JSON preferred
+        ("application/json;q=0.5, application/x-npz", True),
+        ("application/x-npz;q=0.8, */*;q=0.9", False),
+        ("application/x-npz;q=0.8, application/*;q=0.1, */*", True),  # most specific match
+        ("application/x-npz;q=0", False),
+    ],
+)
+def test_accepts_npz_honours_the_clients_preference(accept, npz):
+    assert accepts_npz(accept) is npz

@@ -217,9 +217,14 @@ def q_values(header: str | None) -> list[tuple[str, float]]:
 
 
 def accepts_npz(accept: str | None) -> bool:
-    """Whether ``Accept`` asks for the ``.npz`` answer (listed with q > 0). JSON stays
-    the default: ``*/*``, ``application/json`` or no header get JSON."""
-    return next((q > 0 for media, q in q_values(accept) if media == NPZ_MEDIA_TYPE), False)
+    """Whether ``Accept`` prefers the ``.npz`` answer: listed with q > 0 and not below
+    JSON's q (JSON's from its most specific match: ``application/json``, else
+    ``application/*``, else ``*/*``; a tie goes to ``.npz``, which had to be named).
+    JSON stays the default: ``*/*``, ``application/json`` or no header get JSON."""
+    q_of = dict(q_values(accept))
+    q_npz = q_of.get(NPZ_MEDIA_TYPE, 0.0)
+    q_json = next((q_of[m] for m in (JSON_MEDIA_TYPE, "application/*", "*/*") if m in q_of), 0.0)
+    return q_npz > 0 and q_npz >= q_json
 
 
 def accepts_json(accept: str | None) -> bool:
