@@ -38,7 +38,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -64,6 +64,12 @@ _READ_ROWS = "/google.bigtable.v2.Bigtable/ReadRows"
 _ReadRowsRequest = bt_types.ReadRowsRequest.pb()
 _ReadRowsResponse = bt_types.ReadRowsResponse.pb()
 _RowFilter = data_types.RowFilter.pb()
+_RowRange = data_types.RowRange.pb()
+# The most one ReadRows request may serialize to: Bigtable limits a request's size
+# (~512 KiB reported; the emulator enforces none), so a read by many keys is split
+# into requests of at most this many bytes (~11,900 keys of 20 bytes each).
+MAX_REQUEST_BYTES = 256 * 1024
+_ROWSET_OVERHEAD = 8  # the ``rows`` field's own tag and length
 # No message size limit in either direction (-1), as the client library's own channels:
 # gRPC's default 4 MiB receive limit failed the local stack from ~70k chunks ("Received
 # message larger than max (6027702 vs. 4194304)"); Bigtable bounds a row (256 MiB) itself.
@@ -89,6 +95,7 @@ RowVersions = dict[str, dict[bytes, list[tuple[int, bytes]]]]
 KeyRange = tuple[bytes, bytes]  # [start, end); b"" end = to the end of the table
 # What a read fills: RowCells (newest values) or RowVersions (every version), by key.
 _Rows = TypeVar("_Rows", RowCells, RowVersions)
+_T = TypeVar("_T")
 
 
 def bigtable_instance(project: str, instance: str, admin: bool = False) -> Instance:
@@ -388,25 +395,78 @@ class RowReader:
         out: dict[bytes, _Rows],
         stamps: dict[bytes, int] | None = None,
     ) -> None:
-        """Build one request, stream it, and resume it after the last delivered row on
-        a transient failure until the deadline."""
+        """Build the requests of a selection (:meth:`requests`: several when its keys
+        or ranges exceed one request's size) and stream each into ``out``."""
+        requests = self.requests(keys, ranges, prefix, cells, limit)
+        if len(requests) <= 1:
+            for request in requests:
+                self._stream(request, out, versions, stamps)
+            return
+        # several requests: each read on its own, merged in key order, cut to ``limit``
+        parts: dict[bytes, _Rows] = {}
+        for request in requests:
+            self._stream(request, parts, versions, stamps)
+        for key in sorted(parts)[: limit or None]:
+            out[key] = parts[key]
+
+    def requests(
+        self,
+        keys: Sequence[bytes] | None,
+        ranges: Sequence[KeyRange] | None,
+        prefix: bytes | None,
+        cells: CellFilter,
+        limit: int = 0,
+    ) -> list[Message]:
+        """The ReadRows requests of one selection, each at most
+        :data:`MAX_REQUEST_BYTES` serialized: Bigtable refuses a request over ~512 KiB
+        (the emulator does not), and a rollback batch or a prune page names up to ~470,000
+        row keys (10 MB). Keys are sorted and split into runs that fit; ranges likewise.
+        No request for an empty selection; one whole-table request for none given."""
         given = [s for s in (keys, ranges) if s is not None]
         if prefix is None and given and not any(given):
-            return  # an empty selection, not the whole table
-        request = _ReadRowsRequest(table_name=self.table_name, rows_limit=limit)
-        if keys:
-            request.rows.row_keys.extend(keys)
+            return []  # an empty selection, not the whole table
+        base = _ReadRowsRequest(table_name=self.table_name, rows_limit=limit)
+        filt = cells.to_pb()
+        if filt is not None:
+            base.filter.CopyFrom(filt)
+        budget = MAX_REQUEST_BYTES - base.ByteSize() - _ROWSET_OVERHEAD
+        pbranges = []
         for start, end in [
             *(ranges or ()),
             *([prefix_range(prefix)] if prefix is not None else []),
         ]:
-            rng = request.rows.row_ranges.add()
-            rng.start_key_closed = start
+            rng = _RowRange(start_key_closed=start)
             if end:
                 rng.end_key_open = end
-        filt = cells.to_pb()
-        if filt is not None:
-            request.filter.CopyFrom(filt)
+            pbranges.append(rng)
+        key_parts = _split(sorted(set(keys or ())), budget, _item_size)
+        range_parts = _split(pbranges, budget, _item_size)
+        groups: list[tuple[list[bytes], list[Message]]] = [(k, []) for k in key_parts]
+        groups += [([], r) for r in range_parts]
+        if len(key_parts) == len(range_parts) == 1:
+            both = _split([*key_parts[0], *range_parts[0]], budget, _item_size)
+            if len(both) == 1:
+                groups = [(key_parts[0], range_parts[0])]  # one request, as small reads
+        if not groups:
+            groups.append(([], []))  # the whole table
+        out = []
+        for part_keys, part_ranges in groups:
+            request = _ReadRowsRequest()
+            request.CopyFrom(base)
+            request.rows.row_keys.extend(part_keys)
+            request.rows.row_ranges.extend(part_ranges)
+            out.append(request)
+        return out
+
+    def _stream(
+        self,
+        request: Message,
+        out: dict[bytes, _Rows],
+        versions: bool,
+        stamps: dict[bytes, int] | None,
+    ) -> None:
+        """Stream one request, resuming it after the last delivered row on a transient
+        failure until the deadline."""
         backoff = Backoff(self.deadline_s)
         while True:
             progress = _Progress()
@@ -429,6 +489,33 @@ class RowReader:
                     if failure is exc:
                         raise
                     raise failure from exc
+
+
+def _split(items: list[_T], budget: int, size: Callable[[_T], int]) -> list[list[_T]]:
+    """``items`` in runs whose serialized size as repeated fields (tag, length, bytes)
+    stays within ``budget`` (an item bigger than the budget alone in its run)."""
+    out: list[list[_T]] = []
+    part: list[_T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        cost = 1 + _varint_len(n) + n
+        if part and used + cost > budget:
+            out.append(part)
+            part, used = [], 0
+        part.append(item)
+        used += cost
+    if part:
+        out.append(part)
+    return out
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _item_size(item: bytes | Message) -> int:
+    return len(item) if isinstance(item, bytes) else item.ByteSize()
 
 
 def _resume_after(request: Message, last_key: bytes, delivered: int) -> bool:
