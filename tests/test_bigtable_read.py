@@ -299,3 +299,54 @@ def test_other_codes_are_not_retried_and_stay_transient(fake):
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert classify(err.value) == TRANSIENT
     assert len(server.requests) == 1
+
+
+# -- request size: a read by many keys is split under Bigtable's request limit -------
+
+
+def test_a_read_of_100000_keys_is_split_into_requests_under_the_byte_budget():
+    from l2cache.gcp.bigtable import MAX_REQUEST_BYTES
+
+    reader = RowReader("projects/p/instances/i/tables/t", channel=grpc.insecure_channel("x:1"))
+    keys = [b"%020d" % (0x0204_0000_0000_0000 + i) for i in range(100_000)]
+    cells = CellFilter(columns={"0": [b"size_nm3"]}, strip_values=True)
+    requests = reader.requests(keys[::-1], None, None, cells)  # any order in, sorted out
+    sizes = [len(r.SerializeToString()) for r in requests]
+    assert max(sizes) <= MAX_REQUEST_BYTES
+    assert len(requests) == 9  # 100,000 x 22 bytes / 256 KiB, no more
+    got = [k for r in requests for k in r.rows.row_keys]
+    assert got == keys  # every key once, in key order
+    assert all(r.filter == requests[0].filter and r.filter.ByteSize() for r in requests)
+    # ranges are bounded the same way; a small selection stays one request
+    ranges = [(b"%020d" % i, b"%020d" % (i + 1)) for i in range(0, 40_000, 2)]
+    split = reader.requests(None, ranges, None, cells)
+    assert len(split) > 1
+    assert max(len(r.SerializeToString()) for r in split) <= MAX_REQUEST_BYTES
+    assert sum(len(r.rows.row_ranges) for r in split) == len(ranges)
+    assert len(reader.requests(keys[:10], ranges[:5], b"p", cells)) == 1
+    assert reader.requests([], None, None, cells) == []
+    whole = reader.requests(None, None, None, cells)
+    assert len(whole) == 1 and not whole[0].rows.row_keys and not whole[0].rows.row_ranges
+
+
+def test_a_split_read_returns_every_row_once_in_key_order_and_keeps_its_limit(
+    bigtable_emulator, monkeypatch
+):
+    from l2cache.gcp import bigtable as bt
+
+    instance = bigtable_instance("p", "read-test", admin=True)
+    t = instance.table("split")
+    if not t.exists():
+        t.create(column_families={"f": column_family.MaxVersionsGCRule(2)})
+    write_rows(t, [Row(b"%020d" % i).set_cell("f", b"a", b"%d" % i, T0) for i in range(300)], "t")
+    monkeypatch.setattr(bt, "MAX_REQUEST_BYTES", 1024)  # ~40 keys per request
+    reader = RowReader(t)
+    keys = [b"%020d" % i for i in range(0, 600, 2)]  # 300 keys, half of them absent
+    assert len(reader.requests(keys, None, None, bt.NEWEST)) >= 7
+    stamps: dict[bytes, int] = {}
+    rows = reader.read(keys[::-1], stamps=stamps)
+    assert list(rows) == [b"%020d" % i for i in range(0, 300, 2)]
+    assert rows[b"%020d" % 42] == {"f": {b"a": b"42"}}
+    assert set(stamps) == set(rows)
+    limited = reader.rows(keys=keys, ranges=[(b"%020d" % 1, b"%020d" % 4)], limit=5)
+    assert list(limited) == [b"%020d" % i for i in (0, 1, 2, 3, 4)]
