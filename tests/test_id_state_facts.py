@@ -327,6 +327,35 @@ def test_a_retry_leaves_no_failure_and_a_failure_names_the_last_run(stack):
     assert cells["kind"] == "region_reprocess" and cells["permanent"] is False
 
 
+def test_a_graph_that_cannot_date_a_node_never_blames_it_on_a_failed_run(stack):
+    """A graphene server cannot say when a node was made, so an id without a row in a
+    chunk a run failed may be that run's or a later edit's: not claimed failed, the
+    chunk's failure shown beside it."""
+    import dataclasses
+
+    from l2cache.config import GraphSource
+    from l2cache.serving.id_state import StateContext, states
+    from l2cache.serving.wait import runs_reader
+
+    ledger = RunLedger(stack["runs"])
+    coords = (1, 3, 2)
+    cid = chunk_id(dataset_context(stack["config"], "facts"), coords)
+    run = new_run("bulk_ingest", stack["dataset"], region=[0, 0, 0, GRID, GRID, GRID])
+    ledger.create_run(run)
+    ledger.chunk_started(run, cid, coords)
+    ledger.chunk_finished(run, cid, coords, "failed", attempt=1, error="bad", permanent=True)
+    ds = dataclasses.replace(
+        stack["dataset"], graph=GraphSource(kind="graphene", url="https://127.0.0.1/segmentation")
+    )
+    ctx = StateContext(stack["config"], stack["store"], None, runs_reader(stack["config"]))
+    node = l2(coords, 5)
+    (state,) = states(ctx, ds, np.array([node], np.uint64), {}, None).values()
+    assert state["state"] == "unknown", state
+    assert state["in_graph"] is None
+    assert state["chunk_failure"]["by"] == {"run": run.run_id, "kind": "bulk_ingest", "chunk": cid}
+    assert "cannot tell whether the node predates" in state["reason"]
+
+
 def test_an_edit_received_that_never_recorded_an_outcome_is_not_pending_for_ever(stack):
     from l2cache.serving.id_state import EDIT_OUTCOME_WINDOW_S
 

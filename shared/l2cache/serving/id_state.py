@@ -226,8 +226,20 @@ def _missing_states(
         failure = chunk_fails.get(chunk_of[node])
         if created is not None and made is None:
             out[node] = {"state": "unknown", "reason": "not in the graph"}
-        elif failure is not None and (made is None or made <= int(failure.get("snapshot_ms", 0))):
+        elif (
+            failure is not None and made is not None and made <= int(failure.get("snapshot_ms", 0))
+        ):
             out[node] = _chunk_failed(failure, chunk_of[node])
+        elif failure is not None and made is None:  # the graph cannot say when it was made
+            state = _chunk_failed(failure, chunk_of[node])
+            out[node] = {
+                "state": "unknown",
+                "reason": f"its chunk failed in run {failure.get('run')} "
+                f"({state['reason']}); the graph cannot tell whether the node predates "
+                "that run's snapshot",
+                "in_graph": None,
+                "chunk_failure": state,
+            }
         elif made is not None and now_ms - made < window_ms:
             out[node] = {  # an edit l2cache has not received (yet): no l2edit row
                 "state": "pending",
