@@ -34,7 +34,8 @@ ReadRows of PCG's graph for the ids no index row placed (the ``children`` cell's
 does the node exist, when was it made), one ReadRows of the events' and their chunks'
 rows (``event:<run>:<key>``, ``evchunk:<run>:<key>:<chunk>``) and, when an event says
 it ended without the row, one re-read of those cache rows. Each is skipped when nothing
-needs it; none grows with a table: at most 6 reads (5 without an attribute filter).
+needs it; none grows with a table: at most 6 reads (5 without an attribute filter;
+7 with a fallback table, read beside the raw rows).
 
 The state is computed after this request queued what it queues, so an id the request
 itself queued reads ``pending`` (by this request's message).
