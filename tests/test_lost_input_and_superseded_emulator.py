@@ -225,8 +225,9 @@ def test_a_reprocess_recomputes_the_superseded_ids_of_its_chunks(env):
 
 def test_the_superseded_pass_is_bounded_in_ids_and_engine_passes(env, monkeypatch):
     """After the test above the chunk holds 3 superseded rows (a, b, and their merge):
-    with at most 2 ids and 1 pass, the newest 2 are taken, the merged id overlaps the
-    other so it needs a second pass, and is left with the oldest id; all counted."""
+    with at most 2 ids and 1 pass, the newest 2 are taken and the passes are filled
+    newest id first: the merged id (the newest) is computed, the ingest node it overlaps
+    needs a second pass and is left with the oldest id; all counted."""
     import l2cache.compute as compute
 
     ctx = env["ctx"]
@@ -245,4 +246,4 @@ def test_the_superseded_pass_is_bounded_in_ids_and_engine_passes(env, monkeypatc
     (row,) = chunk_rows(ctx.ledger, run.run_id)
     assert row["superseded_left"] == 2 and row["l2_count"] == current.size
     runs = {n: c[b"run"].decode() for n, c in ctx.store.read_lineage(old).items()}
-    assert sorted(n for n, r in runs.items() if r == run.run_id) == [int(old[1])]
+    assert sorted(n for n, r in runs.items() if r == run.run_id) == [int(old[2])]

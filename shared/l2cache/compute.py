@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
@@ -51,6 +51,7 @@ from l2cache.domain.failures import (
 from l2cache.engine.chunk_labels import (
     ChunkLabels,
     IdLabels,
+    disjoint_groups,
     labels_from_children,
     labels_from_supervoxels,
 )
@@ -268,11 +269,47 @@ def check_consistency(
 class ChunkIds:
     """One chunk's input for the ids path: the labels built from the requested ids'
     ``children`` (None when the graph has no children row for any of them), the ids
-    without a row (reported not found, never computed) and the chunk's input counts."""
+    without a row (reported not found, never computed), the chunk's input counts, and
+    the ids whose own children are lost input (:func:`ids_over_ghost_limit`: taken out
+    of the labels, reported failed with ``lost_reason``)."""
 
     labels: IdLabels | None
     no_row: list[int]
     counts: dict[str, int]
+    lost: list[int] = field(default_factory=list)
+    lost_reason: str = ""
+
+    @property
+    def empty(self) -> list[int]:
+        """Ids with a children row none of whose supervoxels has a voxel here (all
+        ghosts, within the limit): the existing worker writes its placeholder for them."""
+        if self.labels is None:
+            return []
+        present = self.labels.sv_ids
+        return [
+            node
+            for node, kids in sorted(self.labels.children.items())
+            if not np.isin(kids, present, assume_unique=True).any()
+        ]
+
+
+def ids_over_ghost_limit(
+    dataset: DatasetConfig, children: dict[int, np.ndarray], present: np.ndarray
+) -> dict[int, tuple[int, int]]:
+    """The requested ids whose own children are lost input: ``{id: (ghosts, children)}``.
+
+    The ids path judges each id by its own supervoxels only (:func:`ghosts_over_limit`
+    with the id's children as the denominator): a chunk that lost all of node A's
+    supervoxels fails A, not an edit's new node B beside it whose children are all
+    there. An id with a few children, all ghosts (within ``input.ghost_sv_allowance``),
+    is not lost input but an id without voxels (the existing worker's placeholder).
+    """
+    out: dict[int, tuple[int, int]] = {}
+    for node, kids in children.items():
+        ghosts = int(kids.size - np.isin(kids, present, assume_unique=True).sum())
+        if ghosts and ghosts_over_limit(dataset, ghosts, int(kids.size)):
+            out[node] = (ghosts, int(kids.size))
+    return out
 
 
 def load_chunk_ids(ctx: DatasetContext, coords: Sequence[int], members: np.ndarray) -> ChunkIds:
@@ -315,8 +352,11 @@ def load_chunk_ids(ctx: DatasetContext, coords: Sequence[int], members: np.ndarr
         counts = {
             "orphan_sv": int(orphans.size),
             "orphan_voxels": labels.voxels_of(orphans),
-            "ghost_sv": int(ghosts.size),
+            "ghost_sv": int(ghosts.size),  # the chunk's, as the ledger counts them
         }
+        # only the requested ids' own ghosts are judged: the chunk's others change no
+        # row this path writes (strict input: any of them fails the chunk, as before)
+        mine = np.setdiff1d(np.unique(kids), labels.sv_ids) if kids.size else kids
         check_input(
             ctx,
             coords,
@@ -324,11 +364,31 @@ def load_chunk_ids(ctx: DatasetContext, coords: Sequence[int], members: np.ndarr
             orphans=orphans,
             orphan_voxels=counts["orphan_voxels"],
             orphans_are="have no row in the graph",
-            ghosts=ghosts,
-            graph_sv=int(expected.size),
+            ghosts=mine if ctx.dataset.strict_input else np.zeros(0, np.uint64),
+            graph_sv=int(np.unique(kids).size),
         )
     check_geometry(ctx.graph, faces, coords, bits)
-    return ChunkIds(labels, no_row, counts)
+    out = ChunkIds(labels, no_row, counts)
+    lost = (
+        {}
+        if ctx.dataset.strict_input
+        else ids_over_ghost_limit(ctx.dataset, labels.children, labels.sv_ids)
+    )
+    if lost:  # taken out of the labels: the other ids are computed
+        ds = ctx.dataset
+        out.lost = sorted(lost)
+        out.lost_reason = (
+            f"chunk {tuple(coords)}: "
+            + ", ".join(f"L2 id {n}: {g} of its {c} supervoxels" for n, (g, c) in lost.items())
+            + " absent from the segmentation; the input is incomplete (over "
+            f"input.ghost_sv_allowance {ds.ghost_sv_allowance} and "
+            f"input.max_ghost_sv_fraction {ds.max_ghost_sv_fraction:g} of the id's "
+            "supervoxels)"
+        )
+        for node in lost:
+            del labels.children[node]
+        labels.groups = disjoint_groups(labels.children)
+    return out
 
 
 def features_of_ids(labels: IdLabels, resolution: Sequence[float]) -> dict[str, np.ndarray]:
@@ -392,7 +452,8 @@ def compute_chunk(
             chunk_facts = (chunk.checksum, int(chunk.dense.size), int(chunk.sv_ids.size))
             l2_now = chunk.l2_ids
             del chunk  # the ids path reads the chunk again: one volume in memory at a time
-            feats, superseded = with_superseded(ctx, coords, l2_now, feats)
+            until = run.cell_timestamp_ms * 1000  # rows newer than the run's version: skipped
+            feats, superseded = with_superseded(ctx, coords, l2_now, feats, until)
             checksum, voxels, supervoxels = chunk_facts
         else:
             checksum, voxels, supervoxels = (
@@ -449,16 +510,24 @@ def compute_chunk(
 # A reprocess also recomputes the ids an edit or missing-id request computed in the chunk
 # that the graph has since replaced (their rows would keep old-parameter values, which
 # pcg_skel still reads at past timestamps). At most this many per chunk, the newest ids
-# first, in at most this many engine passes (ids whose children overlap, as a merged node
-# and its split parts, need one pass each: ~0.5x the chunk's engine per pass); the rest
-# are counted (``superseded_left``) and keep their values.
+# (highest segment ids: PCG allocates them increasing) first, in at most this many engine
+# passes (ids whose children overlap, as a merged node and its split parts, need one pass
+# each: ~0.5x the chunk's engine per pass; the passes are filled newest id first, so an
+# id is left only for newer ones it overlaps); the rest are counted
+# (``superseded_left``) and keep their values. Ids whose row is newer than the run's
+# version (an edit during the run) are not superseded at the run's time: their recomputed
+# version would never be served, so they are skipped (``superseded_newer``).
 REPROCESS_KINDS = ("region_reprocess",)
 SUPERSEDED_MAX_IDS = 1_000
 SUPERSEDED_MAX_PASSES = 4
 
 
 def with_superseded(
-    ctx: DatasetContext, coords: Sequence[int], current: np.ndarray, feats: dict[str, np.ndarray]
+    ctx: DatasetContext,
+    coords: Sequence[int],
+    current: np.ndarray,
+    feats: dict[str, np.ndarray],
+    until_micros: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The chunk's features plus those of its superseded ids, and the counts for the ledger.
 
@@ -470,21 +539,32 @@ def with_superseded(
     chunk's rows in one write: the run's timestamp and lineage row, so a rollback of the
     run takes them back too. Counts: ``superseded`` (written), ``superseded_passes``
     (engine passes spent on them), ``superseded_left`` (over :data:`SUPERSEDED_MAX_IDS`
-    or the passes, not recomputed), ``superseded_not_found`` (no children row, or no
-    voxel here).
+    or the passes, not recomputed), ``superseded_not_found`` (no children row, no
+    voxel here, or its own supervoxels lost), ``superseded_newer`` (a row newer than
+    ``until_micros``, the run's version: an id an edit made after the run began, whose
+    recomputation at the run's earlier version would never be served; not recomputed).
     """
     old = np.setdiff1d(ctx.store.chunk_row_ids(coords), current, assume_unique=True)
+    newer = 0
+    if old.size and until_micros is not None:
+        stamps = ctx.store.row_stamps(old)
+        keep = np.array([stamps.get(int(n), 0) <= until_micros for n in old.tolist()], bool)
+        newer = int((~keep).sum())
+        old = old[keep]
     if old.size == 0:
-        return feats, {"superseded": 0}
+        return feats, {"superseded": 0, **({"superseded_newer": newer} if newer else {})}
     take = old[-SUPERSEDED_MAX_IDS:]
     data = load_chunk_ids(ctx, coords, take)
     counts = {"superseded": 0, "superseded_passes": 0}
+    if newer:
+        counts["superseded_newer"] = newer
     left = int(old.size - take.size)
     if data.labels is None:
         counts["superseded_not_found"] = len(data.no_row)
         if left:
             counts["superseded_left"] = left
         return feats, counts
+    data.labels.groups = disjoint_groups(data.labels.children, newest_first=True)
     groups = data.labels.groups
     if len(groups) > SUPERSEDED_MAX_PASSES:  # the groups past the cap keep their values
         left += sum(int(g.size) for g in groups[SUPERSEDED_MAX_PASSES:])
@@ -495,8 +575,9 @@ def with_superseded(
     counts["superseded_passes"] = len(data.labels.groups)
     if left:
         counts["superseded_left"] = left
-    if len(data.no_row) + tried - counts["superseded"]:
-        counts["superseded_not_found"] = len(data.no_row) + tried - counts["superseded"]
+    missed = len(data.no_row) + len(data.lost) + tried - counts["superseded"]
+    if missed:
+        counts["superseded_not_found"] = missed
     merged = {key: np.concatenate([feats[key], extra[key]]) for key in feats}
     order = np.argsort(merged["l2id"], kind="stable")
     return {key: value[order] for key, value in merged.items()}, counts
@@ -602,8 +683,13 @@ def compute_l2_ids(
     Each id is computed from its own ``children`` cell (:func:`load_chunk_ids`), so the
     result does not depend on ``timestamp`` (kept for the callers' record: the message
     time) and an id an edit has since replaced is still computed. Ids the graph has no
-    children row for are ``not_found`` (nothing is written for them), as are ids none of
-    whose supervoxels has a voxel in the chunk.
+    children row for are ``not_found`` (nothing is written for them). Ids with a row
+    none of whose supervoxels has a voxel in the chunk (all ghosts) are ``empty``: the
+    existing worker's placeholder is written for them (``{size_nm3: 0}``, with the
+    write's lineage), so the lookup serves them as the existing service does and never
+    queues them again. An id whose own children are mostly ghosts
+    (:func:`ids_over_ghost_limit`) is reported in ``failed`` on its own; the chunk's
+    other ids are computed.
 
     Per chunk: a permanent failure (outside the volume, missing/corrupt/inconsistent
     input) is reported in ``failed`` and the other chunks still run; a transient one
@@ -614,6 +700,7 @@ def compute_l2_ids(
     not_layer2, groups = group_by_chunk(ctx.dataset, l2ids)
     done = ctx.ledger.event_chunks_done(run.run_id, event_key) if event_key else {}
     written, not_found, chunks, failed, skipped = 0, [], 0, [], 0
+    empty: list[int] = []
     for chunk, members in groups:
         chunk = np.asarray(chunk)
         cid = chunk_id(ctx, chunk)
@@ -634,20 +721,32 @@ def compute_l2_ids(
                 )
             continue
         chunks += 1
+        if data.lost:  # ids whose own children are lost input: failed, the rest computed
+            failed.append({"chunk": chunk.tolist(), "ids": data.lost, "error": data.lost_reason})
+        not_found.extend(data.no_row)
+        holes = data.empty  # a children row, no voxel: the existing worker's placeholder
+        empty.extend(holes)
         feats = features_of_ids(data.labels, ctx.dataset.resolution)
-        absent = sorted(set(members.tolist()) - set(feats["l2id"].tolist()))
-        not_found.extend(absent)
         lineage = run.lineage(data.labels.checksum, cell_timestamp, input_counts=data.counts)
         mark = ctx.ledger.writing_started(run.run_id, cid, event_key or "")
         try:  # the fence, checked once the in-flight mark a rollback waits on is stored
             ctx.ledger.check_open(run)
-            n = ctx.store.write_features(feats, lineage)
+            n = ctx.store.write_features(feats, lineage, placeholders=holes)
         finally:
             ctx.ledger.writing_ended(mark)
         written += n
         if event_key:
+            extra = {"empty": len(holes)} if holes else {}
+            if data.lost:
+                extra["failed_ids"] = len(data.lost)
             ctx.ledger.event_chunk_done(
-                run.run_id, event_key, cid, written=n, not_found=len(absent), **data.counts
+                run.run_id,
+                event_key,
+                cid,
+                written=n,
+                not_found=len(data.no_row),
+                **extra,
+                **data.counts,
             )
     return {
         "written": written,
@@ -655,5 +754,6 @@ def compute_l2_ids(
         "chunks_skipped": skipped,
         "not_layer2": not_layer2,
         "not_found": not_found,
+        "empty": empty,
         "failed": failed,
     }

@@ -255,13 +255,20 @@ class IdLabels:
         return int(per_seen[1:][np.isin(self.first_seen[1:], sv_ids)].sum())
 
 
-def disjoint_groups(children: dict[int, np.ndarray]) -> list[np.ndarray]:
+def disjoint_groups(
+    children: dict[int, np.ndarray], newest_first: bool = False
+) -> list[np.ndarray]:
     """Partition ids into groups whose children are pairwise disjoint (first fit, ids
     ascending): usually one group; a merged node and its later split parts, which share
-    supervoxels, land in different groups, so each is computed on its own voxels."""
+    supervoxels, land in different groups, so each is computed on its own voxels.
+
+    ``newest_first``: fit the ids from the highest (newest) down, so the first groups
+    hold the newest ids: a caller that computes only the first groups (the superseded
+    pass's cap) leaves an id only for newer ones it overlaps. Each group's ids are
+    ascending either way."""
     groups: list[list[int]] = []
     owned: list[set[int]] = []
-    for node in sorted(children):
+    for node in sorted(children, reverse=newest_first):
         kids = set(np.asarray(children[node]).tolist())
         for members, taken in zip(groups, owned, strict=True):
             if taken.isdisjoint(kids):
@@ -271,7 +278,7 @@ def disjoint_groups(children: dict[int, np.ndarray]) -> list[np.ndarray]:
         else:
             groups.append([node])
             owned.append(kids)
-    return [np.array(g, dtype=np.uint64) for g in groups]
+    return [np.array(sorted(g), dtype=np.uint64) for g in groups]
 
 
 def children_checksum(digest: _Digest, children: dict[int, np.ndarray]) -> str:

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 READ_BATCH = 10_000  # one stream per 10k ids: measured fastest on the emulator (GIL-bound parse)
 READ_THREADS = 4
+# the existing worker's row for an id it could not compute: {SIZE_NM3: np.uint64(0)}
+PLACEHOLDER_CELL = (FEATURE_FAMILY, BY_NAME["size_nm3"].key, bytes(8))
 
 
 def create_cache_table(instance: Instance, table_id: str, max_versions: int = 5) -> Table:
@@ -91,8 +93,19 @@ class CacheStore:
         )
 
     # -- writing ---------------------------------------------------------------
-    def write_features(self, features: dict[str, np.ndarray], lineage: Lineage) -> int:
+    def write_features(
+        self,
+        features: dict[str, np.ndarray],
+        lineage: Lineage,
+        placeholders: np.ndarray | Sequence[int] | None = None,
+    ) -> int:
         """Write one row per node; all cells at ``lineage.cell_timestamp``.
+
+        ``placeholders``: ids that exist in the graph but have no voxel (every supervoxel
+        a ghost), written as the existing worker writes them (``0:size_nm3`` = 8 zero
+        bytes of ``np.uint64(0)``, :func:`.rowformat.is_placeholder_row`), so the lookup
+        serves ``{"size_nm3": 0}`` and never queues them again; the write's lineage rows
+        name them too, so a rollback of the write takes them back. Counted in the result.
 
         The write's lineage rows (one per chunk, :mod:`.lineage_rows`) go first, then
         the feature rows (family ``0`` only). Idempotent: the same features and lineage
@@ -110,14 +123,21 @@ class CacheStore:
                 "existing table another service owns: l2cache does not write it"
             )
         l2ids = np.asarray(features["l2id"], dtype=np.uint64)
+        empty = np.setdiff1d(
+            np.asarray([] if placeholders is None else placeholders, dtype=np.uint64), l2ids
+        )
         n = l2ids.size
-        if n == 0:
+        if n + empty.size == 0:
             return 0
         # the lineage row's key names the version's time: never left to the server
         at = lineage.cell_timestamp or utc_now()
         micros = timestamp_micros(at)
         rows = lineage_rows.lineage_rows(
-            l2ids, lineage.columns(), lineage.run_id, micros, self.dataset.spatial_bits
+            np.union1d(l2ids, empty),
+            lineage.columns(),
+            lineage.run_id,
+            micros,
+            self.dataset.spatial_bits,
         )
         lineage_entries = []
         for key, cells in rows:
@@ -125,10 +145,16 @@ class CacheStore:
             lineage_entries += encode_columns([key], [], shared, at)
         channel = data_channel(WRITE_SCOPE)
         mutate_entries(channel, self.table.name, lineage_entries, "lineage")
-        columns = [(FEATURE_FAMILY, a.key, encode_column(a, features[a.name])) for a in ATTRIBUTES]
-        entries = encode_columns(idlib.row_keys(l2ids), columns, [], at)
+        entries = []
+        if n:
+            columns = [
+                (FEATURE_FAMILY, a.key, encode_column(a, features[a.name])) for a in ATTRIBUTES
+            ]
+            entries += encode_columns(idlib.row_keys(l2ids), columns, [], at)
+        if empty.size:
+            entries += encode_columns(idlib.row_keys(empty), [], [PLACEHOLDER_CELL], at)
         mutate_entries(channel, self.table.name, entries, "cache")
-        return n
+        return n + int(empty.size)
 
     def read_lineage(
         self, l2ids: np.ndarray | Iterable[int], stamps: dict[int, int] | None = None
@@ -151,6 +177,15 @@ class CacheStore:
         end = first + (1 << seg_bits)
         keys = self.reader.keys_in_range(idlib.row_key(first), idlib.row_key(end))
         return np.array([int(k) for k in keys], dtype=np.uint64)
+
+    def row_stamps(self, l2ids: np.ndarray | Iterable[int]) -> dict[int, int]:
+        """Each id's newest cell timestamp in this table (microseconds; ids without a row
+        left out): what a reprocess compares with its own version to skip the ids an edit
+        wrote after the run began."""
+        stamps: dict[bytes, int] = {}
+        for _ in self._read_batches(idlib.as_uint64(l2ids), [FEATURE_FAMILY], None, stamps):
+            pass
+        return {int(k): v for k, v in stamps.items()}
 
     @property
     def reader(self) -> RowReader:
