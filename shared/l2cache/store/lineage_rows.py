@@ -269,14 +269,8 @@ def run_versions(
                 if stamps is None or micros in stamps:
                     found.add(key, value.decode(), micros)
     ranges = [ALL_LINEAGE_ROWS] if feature_ranges is None else key_ranges_for(feature_ranges)
-    cells = CellFilter(
-        key_regex=runs_key_regex(runs),
-        columns={LINEAGE_FAMILY: [IDS_COLUMN]},
-        per_column=1,
-        **window,
-    )
     named: dict[bytes, list[tuple[str, int]]] = {}  # feature row -> (run, micros) named
-    for key, families in reader.versions(ranges=ranges, cells=cells).items():
+    for key, families in _run_lineage_rows(reader, runs, ranges, window):
         found.lineage_rows_read += 1
         got = _named(families, key)
         if got is None or (stamps is not None and got[1] not in stamps):
@@ -299,6 +293,25 @@ def run_versions(
                 found.add(key, run_id, micros)
     _find_collisions(reader, found, runs)
     return found
+
+
+RUNS_PER_READ = 100  # runs per key regex: Bigtable bounds a row filter (~20 KiB)
+
+
+def _run_lineage_rows(
+    reader: RowReader, runs: list[str], ranges: list[KeyRange], window: dict
+) -> Iterable[tuple[bytes, dict]]:
+    """The lineage rows of ``runs`` in ``ranges`` with their ``ids`` cell: one read per
+    :data:`RUNS_PER_READ` runs, so the server-side key regex stays a few KiB whatever
+    the number of runs (a release rollback names one run per ingest)."""
+    for start in range(0, len(runs), RUNS_PER_READ):
+        cells = CellFilter(
+            key_regex=runs_key_regex(runs[start : start + RUNS_PER_READ]),
+            columns={LINEAGE_FAMILY: [IDS_COLUMN]},
+            per_column=1,
+            **window,
+        )
+        yield from reader.versions(ranges=ranges, cells=cells).items()
 
 
 def _find_collisions(reader: RowReader, found: Versions, runs: list[str]) -> None:
@@ -512,6 +525,31 @@ def _migrate_page(
     write_rows(table, deletes, "lineage")
 
 
+def _alive(reader: RowReader, named: dict[bytes, tuple[int, list[bytes]]]) -> dict:
+    """The ``size_nm3`` timestamps of the feature rows ``named`` names, read as key
+    ranges, not by key: each lineage row's ids lie in one chunk, whose row keys are
+    contiguous, so ``[its smallest id, its largest]`` holds them (overlapping spans
+    merged), read keys-and-timestamps only within the page's timestamps. A page of 500
+    lineage rows is at most 500 range scans instead of ~470,000 point reads."""
+    spans = sorted((ks[0], ks[-1] + b"\x00") for _, ks in named.values() if ks)
+    if not spans:
+        return {}
+    merged: list[list[bytes]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    stamps = [micros for micros, _ in named.values()]
+    cells = CellFilter(
+        columns=_SIZE_COLUMN,
+        strip_values=True,
+        start_micros=min(stamps),
+        end_micros=max(stamps) + MS,
+    )
+    return reader.versions(ranges=[(lo, hi) for lo, hi in merged], cells=cells)
+
+
 PRUNE_PAGE = 500  # lineage rows per read: bounded memory whatever the table's size
 PRUNE_GRACE_S = 24 * 3600.0  # far longer than one write's two mutations (or any retry)
 
@@ -549,7 +587,7 @@ def prune_rows(
     versions are gone, landing between this page's read and its delete (the delete
     removes the rewritten cells too) - run prune when no such retry is expected.
     Pages of ``page`` lineage rows, one keys-and-timestamps read of their ids'
-    ``size_nm3`` versions per page.
+    ``size_nm3`` versions per page, over the chunks' key ranges (:func:`_alive`).
     """
     reader = RowReader(table)
     done = Prune()
@@ -571,12 +609,7 @@ def prune_rows(
                 continue
             value = cols.get(IDS_COLUMN, [(0, b"")])[0][1]
             named[key] = (micros, [b"%020d" % n for n in decode_ids(value).tolist()])
-        keys = sorted({k for _, ks in named.values() for k in ks})
-        alive = (
-            reader.versions(keys=keys, cells=CellFilter(columns=_SIZE_COLUMN, strip_values=True))
-            if keys
-            else {}
-        )
+        alive = _alive(reader, named)
         stale = {}
         for key, (micros, ks) in named.items():
             stamps = (
