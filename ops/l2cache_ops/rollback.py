@@ -59,14 +59,17 @@ from l2cache.gcp.bigtable_write import Row, write_rows
 from l2cache.handlers.rollback_task import (
     BATCH_CHUNKS,
     CELLS_PER_VERSION,
+    MAX_COLLIDED,
     MAX_TASK_CHUNKS,
     MS,
     ChunkRollback,
     chunk_key_ranges,
+    collided_pairs,
     delete_version,
     enqueue_rollback,
     own_timestamp_ms,
     record_key,
+    report_collisions,
     rollback_chunks,
 )
 from l2cache.store import lineage_rows
@@ -446,7 +449,9 @@ def queue_enqueuer(tasks: TasksConfig, dataset: str) -> Enqueue:
 def rollback_history(ledger: RunLedger, dataset: str) -> list[dict[str, Any]]:
     """Every recorded rollback of ``dataset``, oldest first, with the fanned-out tasks'
     progress (``tasks_done``, ``queued_versions_deleted``, ``queued_rows_touched``,
-    ``queued_collisions``: counted by the tasks as they finish)."""
+    ``queued_collisions``: counted by the tasks as they finish; ``queued_collided``:
+    the first :data:`MAX_COLLIDED` collided ``[row key, micros, [other runs]]`` the
+    tasks recorded)."""
     out = []
     for _, cells in records(ledger, f"rollback:{dataset}:"):
         if "meta" not in cells:
@@ -456,6 +461,13 @@ def rollback_history(ledger: RunLedger, dataset: str) -> list[dict[str, Any]]:
             if column in cells:
                 done = struct.unpack(">q", cells[column])[0]
                 entry["tasks_done" if column == "tasks_done" else f"queued_{column}"] = done
+        collided = [
+            pair
+            for column in sorted(c for c in cells if c.startswith("collided:"))
+            for pair in json.loads(cells[column])
+        ]
+        if collided:
+            entry["queued_collided"] = sorted(collided)[:MAX_COLLIDED]
         out.append(entry)
     return out
 
@@ -475,31 +487,16 @@ def rollback_run(table: Table | str, run: RunRecord) -> int:
     """Delete every cell version the run wrote, found by a scan of the whole table;
     returns the number of rows touched. O(table): ``runs rollback --full-scan`` only."""
     found = lineage_rows.run_versions(RowReader(table), [run.run_id], None)
-    _report_collisions(run.run_id, found.collisions)
+    report_collisions(run.run_id, found.collisions)
     rows = []
     for key, by_run in found.rows.items():
         row = Row(key)
         for micros in sorted(by_run[run.run_id]):
-            delete_version(row, micros)
+            delete_version(row, micros, found.old_layout_read)
         rows.append(row)
     write_rows(table, rows, "rollback")
     write_rows(table, lineage_rows.delete_lineage_rows(found.lineage), "rollback")
     return len(rows)
-
-
-def _report_collisions(runs: str, collisions: dict[tuple[bytes, int], set[str]]) -> None:
-    """Log the versions a rollback deletes that another run also wrote in the same
-    millisecond (Bigtable kept one of the values, not recorded which): those ids may
-    have lost the other run's value and should be recomputed."""
-    for (key, micros), others in sorted(collisions.items()):
-        log.warning(
-            "rollback of %s: version %s of row %s was also written by %s in the same "
-            "millisecond; one value was kept, deleted anyway",
-            runs,
-            micros,
-            key.decode(),
-            ",".join(sorted(others)),
-        )
 
 
 def _micros(ts: datetime) -> int:
@@ -522,6 +519,8 @@ class RangeRollback:
     versions_deleted: int  # (row, timestamp) versions removed
     runs: dict[str, int]  # run id -> versions deleted
     collisions: int = 0  # of those, also named by another run's lineage (same millisecond)
+    # the first MAX_COLLIDED of them: [row key, micros, [the other runs]], to recompute
+    collided: list[list[Any]] = field(default_factory=list)
 
 
 def versions_in_ranges(
@@ -533,8 +532,12 @@ def versions_in_ranges(
     """Row key -> {run id: timestamps} of the versions one of ``run_ids`` wrote (by
     lineage), newer than ``after``, within ``ranges`` (chunk key ranges) only; plus the
     rows scanned and the lineage rows naming them (to delete after the versions)."""
-    out, scanned, lineage, _ = _versions_in_ranges(table, run_ids, ranges, after)
-    return out, scanned, lineage
+    found = _versions_in_ranges(table, run_ids, ranges, after)
+    out = {
+        key: {run: sorted(stamps) for run, stamps in by_run.items()}
+        for key, by_run in sorted(found.rows.items())
+    }
+    return out, found.scanned, found.lineage
 
 
 def _versions_in_ranges(
@@ -542,17 +545,13 @@ def _versions_in_ranges(
     run_ids: Iterable[str],
     ranges: list[KeyRange],
     after: datetime | None,
-) -> tuple[dict[bytes, dict[str, list[int]]], int, dict[bytes, int], int]:
-    """:func:`versions_in_ranges` and the number of collisions (reported here)."""
+) -> lineage_rows.Versions:
+    """The versions of :func:`versions_in_ranges`, their collisions reported here."""
     start = None if after is None else _micros(after) + MS
     runs = sorted(set(run_ids))
     found = lineage_rows.run_versions(RowReader(table), runs, ranges, start_micros=start)
-    _report_collisions(",".join(runs), found.collisions)
-    out = {
-        key: {run: sorted(stamps) for run, stamps in by_run.items()}
-        for key, by_run in sorted(found.rows.items())
-    }
-    return out, found.scanned, found.lineage, len(found.collisions)
+    report_collisions(",".join(runs), found.collisions)
+    return found
 
 
 def rollback_runs_in_ranges(
@@ -563,18 +562,26 @@ def rollback_runs_in_ranges(
     dry_run: bool = False,
 ) -> RangeRollback:
     """Delete, within ``ranges`` only, every cell version written by one of ``run_ids``
-    (selected by ``lineage:run``), newer than ``after``; ``dry_run`` counts only."""
-    versions, scanned, lineage, collisions = _versions_in_ranges(table, run_ids, ranges, after)
+    (selected by lineage), newer than ``after``; ``dry_run`` counts only."""
+    found = _versions_in_ranges(table, run_ids, ranges, after)
     rows, per_run, deleted = [], {}, 0
-    for key, by_run in versions.items():
+    for key, by_run in sorted(found.rows.items()):
         row = Row(key)
         for run, stamps in by_run.items():
             per_run[run] = per_run.get(run, 0) + len(stamps)
-            for micros in stamps:
-                delete_version(row, micros)
+            for micros in sorted(stamps):
+                delete_version(row, micros, found.old_layout_read)
                 deleted += 1
         rows.append(row)
     if not dry_run:
         write_rows(table, rows, "rollback")
-        write_rows(table, lineage_rows.delete_lineage_rows(lineage), "rollback")
-    return RangeRollback(len(ranges), scanned, len(rows), deleted, per_run, collisions)
+        write_rows(table, lineage_rows.delete_lineage_rows(found.lineage), "rollback")
+    return RangeRollback(
+        len(ranges),
+        found.scanned,
+        len(rows),
+        deleted,
+        per_run,
+        len(found.collisions),
+        collided_pairs(found.collisions),
+    )

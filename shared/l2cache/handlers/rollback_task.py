@@ -24,6 +24,7 @@ selected by lineage alone). A repeated task finds nothing left and deletes nothi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ import numpy as np
 from l2cache.domain.attributes import ATTRIBUTES, FEATURE_FAMILY, LINEAGE_FAMILY
 from l2cache.domain.failures import BadRequest, describe
 from l2cache.domain.ids import SpatialBits, get_layer
-from l2cache.gcp.bigtable import CellFilter, KeyRange, RowReader
+from l2cache.gcp.bigtable import KeyRange, RowReader
 from l2cache.gcp.bigtable_write import Row, increment_many, write_rows
 from l2cache.store import lineage_rows
 from l2cache.store.ledger import RUN_FAMILY
@@ -60,6 +61,7 @@ LINEAGE_COLUMNS = [b"run", b"params", b"code", b"input"]
 # (rows written before lineage rows also held the four LINEAGE_COLUMNS)
 CELLS_PER_VERSION = len(FEATURE_COLUMNS)
 MS = 1000  # Bigtable cell timestamps are whole milliseconds, in microseconds
+MAX_COLLIDED = 1_000  # collided (row, micros) pairs a rollback's record names
 
 
 class BadRollbackTask(BadRequest):
@@ -106,19 +108,6 @@ def own_timestamp_ms(run: RunRecord) -> int | None:
     return run.cell_timestamp_ms if run.kind in BULK_KINDS else None
 
 
-def version_filter(run_ids: Sequence[str], stamps_ms: Sequence[int] | None = None) -> CellFilter:
-    """The ``lineage:run`` versions naming one of ``run_ids`` (the value tells which), within
-    ``[min(stamps_ms), max(stamps_ms)]`` when given: what a rollback deletes."""
-    window: dict[str, int] = {}
-    if stamps_ms:
-        window = {"start_micros": min(stamps_ms) * MS, "end_micros": (max(stamps_ms) + 1) * MS}
-    return CellFilter(
-        columns={LINEAGE_FAMILY: [b"run"]},
-        values=[r.encode() for r in sorted(set(run_ids))],
-        **window,
-    )
-
-
 @dataclass
 class ChunkRollback:
     """What a rollback of some chunks read and deleted (or, dry, would delete)."""
@@ -133,6 +122,8 @@ class ChunkRollback:
     # in the same millisecond, Bigtable kept one of the two values (not recorded which),
     # so the deletion may have removed the other run's value: recompute those ids
     collisions: int = 0
+    # the first MAX_COLLIDED of them: [row key, micros, [the other runs]], to recompute
+    collided: list[list[Any]] = field(default_factory=list)
 
     def add(self, other: ChunkRollback) -> None:
         """Fold another batch's counts in."""
@@ -140,8 +131,37 @@ class ChunkRollback:
             if key == "runs":
                 for run_id, n in value.items():
                     self.runs[run_id] = self.runs.get(run_id, 0) + n
+            elif key == "collided":
+                self.collided.extend(value[: MAX_COLLIDED - len(self.collided)])
             else:
                 setattr(self, key, getattr(self, key) + value)
+
+
+def collided_pairs(
+    collisions: dict[tuple[bytes, int], set[str]], room: int = MAX_COLLIDED
+) -> list[list[Any]]:
+    """The first ``room`` collisions in key order as ``[row key, micros, [other runs]]``
+    (JSON-ready): what a rollback's record names, so the ids to recompute are known
+    without re-reading lineage that the rollback itself deleted."""
+    return [
+        [key.decode(), micros, sorted(others)]
+        for (key, micros), others in sorted(collisions.items())[: max(room, 0)]
+    ]
+
+
+def report_collisions(runs: str, collisions: dict[tuple[bytes, int], set[str]]) -> None:
+    """Log the versions a rollback deletes that another run also wrote in the same
+    millisecond (Bigtable kept one of the values, not recorded which): those ids may
+    have lost the other run's value and should be recomputed."""
+    for (key, micros), others in sorted(collisions.items()):
+        log.warning(
+            "rollback of %s: version %s of row %s was also written by %s in the same "
+            "millisecond; one value was kept, deleted anyway",
+            runs,
+            micros,
+            key.decode(),
+            ",".join(sorted(others)),
+        )
 
 
 def rollback_chunks(
@@ -176,7 +196,7 @@ def rollback_chunks(
         for key, by_run in found.rows.items():
             row = Row(key)
             for micros in sorted(set().union(*by_run.values())):
-                delete_version(row, micros)
+                delete_version(row, micros, found.old_layout_read)
             rows.append(row)
             for run_id, micros_set in by_run.items():
                 done.versions_deleted += len(micros_set)
@@ -191,23 +211,19 @@ def rollback_chunks(
         done.rows_scanned += found.scanned
         done.rows_touched += len(rows)
         done.collisions += len(found.collisions)
-        for (key, micros), others in sorted(found.collisions.items()):
-            log.warning(
-                "rollback of %s: version %s of row %s was also written by %s in the same "
-                "millisecond; one value was kept, deleted anyway",
-                ",".join(run_ids),
-                micros,
-                key.decode(),
-                ",".join(sorted(others)),
-            )
+        done.collided += collided_pairs(found.collisions, MAX_COLLIDED - len(done.collided))
+        report_collisions(",".join(run_ids), found.collisions)
     return done
 
 
-def delete_version(row: Row, micros: int) -> None:
-    """Delete the feature cells of the version at ``micros`` (and the row's own lineage
-    cells, which rows written before lineage rows have)."""
+def delete_version(row: Row, micros: int, old_layout: bool) -> None:
+    """Delete the feature cells of the version at ``micros``, and with ``old_layout``
+    (the table is not marked migrated: :attr:`lineage_rows.Versions.old_layout_read`)
+    the row's own lineage cells, which rows written before lineage rows have: 8
+    mutations per version on a new-layout table instead of 12."""
     row.delete_cells(FEATURE_FAMILY, FEATURE_COLUMNS, micros, micros + MS)
-    row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, micros, micros + MS)
+    if old_layout:
+        row.delete_cells(LINEAGE_FAMILY, LINEAGE_COLUMNS, micros, micros + MS)
 
 
 # -- the task ------------------------------------------------------------------------
@@ -346,6 +362,11 @@ def handle_rollback_task(
                 },
                 what="record",
             )
+            if done.collided:  # one column per task (its first chunk): tasks never race
+                row = Row(task["record"].encode())
+                column = b"collided:%d" % min(task["chunks"])
+                row.set_cell(RUN_FAMILY, column, json.dumps(done.collided).encode())
+                write_rows(ctx.ledger.table, [row], "record")
     except Exception as exc:
         if last:
             log.exception("rollback task of run %s gave up", run.run_id)
