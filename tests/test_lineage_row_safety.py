@@ -101,6 +101,7 @@ def test_two_runs_writing_one_cell_in_one_millisecond_are_both_reported(inst):
     done = rollback_chunks(store.table, ["run-one"], [_chunk(store, a)], bits)
     assert done.versions_deleted == 2
     assert done.collisions == 1  # a's value may have been run-two's: counted, reported
+    assert done.collided == [[(b"%020d" % a).decode(), AT_US, ["run-two"]]]  # and named
     # run-two's lineage row stays (it names a version now gone: prune's to remove)
     keys = list(RowReader(store.table).versions(prefix=lineage_rows.PREFIX))
     assert [lineage_rows.parse_key(k)[2] for k in keys] == ["run-two"]
