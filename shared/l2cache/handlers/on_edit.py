@@ -347,6 +347,7 @@ def handle_message(
         chunks_skipped=result["chunks_skipped"],
         not_found=len(result["not_found"]),
         not_found_sample=result["not_found"][:10],
+        empty=len(result["empty"]),  # placeholders written: a children row, no voxel
         failed_ids=sum(len(f["ids"]) for f in result["failed"]),
         not_layer2=not_layer2,
         errors=[f["error"] for f in result["failed"]][:10],
