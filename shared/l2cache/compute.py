@@ -17,7 +17,10 @@ them unless the map sets ``input: {strict: true}``, which keeps the old contract
 are :class:`~l2cache.domain.failures.InconsistentInput`), or the chunk lost a real share
 of its supervoxels: ghosts over both ``input.ghost_sv_allowance`` and
 ``input.max_ghost_sv_fraction`` of the chunk fail it as incomplete input
-(:func:`check_input`, one verdict for both paths). A region reprocess also recomputes
+(:func:`check_input`); the ids path judges each requested id by its own supervoxels
+instead (:func:`ids_over_ghost_limit`: that id fails, the others are computed), and
+writes the existing worker's placeholder for an id none of whose supervoxels has a
+voxel. A region reprocess also recomputes
 the chunk's superseded ids that have rows (:func:`with_superseded`). A supervoxel whose L2 parent
 belongs to another chunk or layer (a "stray" parent; for the ids path, a child outside
 the id's chunk) is graph/segmentation disagreement and always fails the chunk, as does
@@ -319,7 +322,11 @@ def load_chunk_ids(ctx: DatasetContext, coords: Sequence[int], members: np.ndarr
     at all. Checks, as the whole-chunk path has them: every child must be a supervoxel of
     this chunk (else the graph disagrees with itself: InconsistentInput); orphans (here:
     supervoxels of the segmentation without a graph row) and ghosts (graph supervoxels
-    without a voxel) are counted, or fail the chunk with strict input; the geometry check.
+    without a voxel) are counted chunk-wide, or fail the chunk with strict input (ghosts:
+    those among the requested ids' children); the geometry check. Without strict input
+    the ghost limit is judged per requested id on its own children
+    (:func:`ids_over_ghost_limit`): ids over it are taken out of the labels and returned
+    in ``lost``, so the chunk's other ids are still computed.
     """
     coords = [int(c) for c in coords]
     bits = ctx.dataset.spatial_bits
