@@ -29,6 +29,7 @@ from l2cache.domain import ids as idlib
 from l2cache.domain.lineage import utc_now
 from l2cache.gcp.bigtable import bigtable_instance
 from l2cache.handlers.on_edit import handle_message
+from l2cache.handlers.rollback_task import rollback_chunks
 from l2cache.store.cache import create_cache_table
 from l2cache.store.ledger import create_runs_table, new_run
 from l2cache_ops.ledger import chunk_rows, list_runs
@@ -130,6 +131,12 @@ def test_a_voxel_less_id_gets_the_existing_workers_placeholder_with_lineage(env)
     out = handle_message(cfg, *edit_message(DS, edit), "msg-edit-voxel-less")
     assert out["status"] == "ok" and out["empty"] == [other] and out["written"] == 1, out
     assert ctx.store.read_raw([other])[other]["0"] == PLACEHOLDER
+    # rolling the write back by its lineage rows takes the placeholder back
+    stamp_ms = ctx.store.row_stamps([node])[node] // 1000
+    cid = int(idlib.get_chunk_id(np.array([node], np.uint64), bits)[0])
+    done = rollback_chunks(ctx.store.table, [stream.run_id], [cid], bits, [stamp_ms])
+    assert done.runs == {stream.run_id: 1}
+    assert ctx.store.read_raw([node]) == {}
 
 
 # -- 2: ghosts judged per requested id -------------------------------------------------
