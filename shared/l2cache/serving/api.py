@@ -271,11 +271,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:40] + f"... ({len(text)} chars)"
 
 
-# (window start, its ids, their decoded rows, their newest cell timestamps, phase times)
 # (start, ids, found rows, their stamps, phase seconds, fallback placeholders to heal)
 _Window = tuple[
     int, np.ndarray, dict[int, dict[str, Any]], dict[int, int], dict[str, float], list[int]
 ]
+
+
+@dataclass(frozen=True)
+class AttributeQuery:
+    """One attributes request as parsed: what every stage of its answer (admission,
+    state, wait, reading, encoding) takes, passed as one value."""
+
+    ds: DatasetConfig
+    l2ids: np.ndarray  # distinct, ascending
+    names: list[str] | None
+    int64_as_str: bool
+    update_cache: bool
+    headers: Mapping[str, str]
+    timings: dict[str, float]
 
 
 def _coding_header(coding: str | None) -> dict[str, str]:
@@ -504,23 +517,14 @@ class LookupService:
                 f"{self.config.max_ids_per_request} (split the request)",
             )
         l2ids = np.unique(l2ids)  # upstream answers each id once, in id order
+        q = AttributeQuery(ds, l2ids, names, int64_as_str, update_cache, headers, timings)
         if opts is None:
-            return self._answer(
-                ds, l2ids, names, int64_as_str, update_cache, headers, timings, caller
-            )
-        return self._answer_state(
-            ds, l2ids, names, int64_as_str, update_cache, headers, timings, caller, opts
-        )
+            return self._answer(q, caller)
+        return self._answer_state(q, caller, opts)
 
     def _answer_state(
         self,
-        ds: DatasetConfig,
-        l2ids: np.ndarray,
-        names: list[str] | None,
-        int64_as_str: bool,
-        update_cache: bool,
-        headers: Mapping[str, str],
-        timings: dict[str, float],
+        q: AttributeQuery,
         caller: Caller | None,
         opts: wait.Options,
     ) -> Response:
@@ -533,6 +537,7 @@ class LookupService:
         some); then the ids-in-flight admission as for every answer (429). The slot
         and the admission are held until the answer is built (it is built whole).
         """
+        l2ids = q.l2ids
         limit = wait.max_ids(self.config)
         if l2ids.size > limit:
             raise ApiError(
@@ -551,22 +556,16 @@ class LookupService:
                     raise ApiError(429, exc.message, retry) from None
             self._admit(n)
             held.callback(self.admission.release, n)
-            return self._state_admitted(
-                ds, l2ids, names, int64_as_str, update_cache, headers, timings, who, opts
-            )
+            return self._state_admitted(q, who, opts)
 
     def _state_admitted(
         self,
-        ds: DatasetConfig,
-        l2ids: np.ndarray,
-        names: list[str] | None,
-        int64_as_str: bool,
-        update_cache: bool,
-        headers: Mapping[str, str],
-        timings: dict[str, float],
+        q: AttributeQuery,
         who: str,
         opts: wait.Options,
     ) -> Response:
+        ds, l2ids, names, int64_as_str = q.ds, q.l2ids, q.names, q.int64_as_str
+        update_cache, headers, timings = q.update_cache, q.headers, q.timings
         is_l2 = idlib.get_layer(l2ids) == 2 if l2ids.size else np.zeros(0, bool)
         heal: list[int] = []
         found = self.store(ds.name).read_features(
@@ -584,13 +583,7 @@ class LookupService:
 
     def _answer(
         self,
-        ds: DatasetConfig,
-        l2ids: np.ndarray,
-        names: list[str] | None,
-        int64_as_str: bool,
-        update_cache: bool,
-        headers: Mapping[str, str],
-        timings: dict[str, float],
+        q: AttributeQuery,
         caller: Caller | None,
     ) -> Response:
         """The attributes of ``l2ids`` (distinct, ascending), JSON or ``.npz``, read and
@@ -603,13 +596,12 @@ class LookupService:
         (missing ids, the tag) is not in its headers; its missing ids are still queued,
         once the last window is read.
         """
+        l2ids = q.l2ids
         n = int(l2ids.size)
         self._admit(n)
         streaming = False
         try:
-            response = self._answer_admitted(
-                ds, l2ids, names, int64_as_str, update_cache, headers, timings, caller
-            )
+            response = self._answer_admitted(q, caller)
             streaming = response.stream is not None
             return response
         finally:
@@ -631,15 +623,11 @@ class LookupService:
 
     def _answer_admitted(
         self,
-        ds: DatasetConfig,
-        l2ids: np.ndarray,
-        names: list[str] | None,
-        int64_as_str: bool,
-        update_cache: bool,
-        headers: Mapping[str, str],
-        timings: dict[str, float],
+        q: AttributeQuery,
         caller: Caller | None,
     ) -> Response:
+        ds, l2ids, names, int64_as_str = q.ds, q.l2ids, q.names, q.int64_as_str
+        update_cache, headers, timings = q.update_cache, q.headers, q.timings
         n = int(l2ids.size)
         is_l2 = idlib.get_layer(l2ids) == 2 if n else np.zeros(0, bool)
         binary = accepts_npz(headers.get("Accept"))
