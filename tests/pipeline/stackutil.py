@@ -3,9 +3,12 @@ and proofs that the Cloud Tasks emulator has moved on (instead of fixed sleeps).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -56,6 +59,32 @@ def add_dataset(stack, name: str, volume: np.ndarray, directory: Path) -> dict:
     stack.config_path.write_text(yaml.safe_dump(cfg))
     create_cache_table(instance, cache_table)
     return {"built": built, "instance": instance, "cache_table": cache_table}
+
+
+@contextlib.contextmanager
+def crop_stack(directory: Path, name: str) -> Iterator[dict]:
+    """A local stack (2 compute workers) serving the vendored crop as dataset ``name``:
+    the stack, its map, the dataset's context and lookup URL, and what
+    :func:`add_dataset` made. The process environment the stack set is restored after."""
+    from l2cache.compute import dataset_context
+    from l2cache.config import load_config
+    from l2cache_tools.local.stack import LocalStack
+
+    saved = dict(os.environ)
+    try:
+        with LocalStack(directory, compute_workers=2) as stack:
+            made = add_dataset(stack, name, crop_volume(), directory)
+            config = load_config(stack.config_path)
+            yield {
+                "stack": stack,
+                "config": config,
+                "ctx": dataset_context(config, name),
+                "url": f"{stack.urls['lookup']}/l2cache/api/v1/table/{name}/attributes",
+                **made,
+            }
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def expected_cells(ctx, run, coords, res=RES) -> dict[int, dict[bytes, bytes]]:

@@ -19,37 +19,24 @@ import numpy as np
 import pytest
 import requests
 from google.cloud import pubsub_v1
-from stackutil import CHUNK, add_dataset, crop_volume, wait_for
+from stackutil import CHUNK, crop_stack, wait_for
 
-from l2cache.compute import chunk_id, dataset_context, load_chunk_l2
-from l2cache.config import load_config
+from l2cache.compute import chunk_id, load_chunk_l2
 from l2cache.gcp.bigtable import read_rows
 from l2cache.store.ledger import chunk_failure_key
 from l2cache_ops.ingest import start_ingest
 from l2cache_ops.status import run_status
 from l2cache_tools.dataset import apply_merge, publish_edit
 from l2cache_tools.dataset.edits import pick_merge
-from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
+from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT
 
 DS = "facts_stack"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    saved = dict(os.environ)
-    directory = tmp_path_factory.mktemp("facts_stack")
-    with LocalStack(directory, compute_workers=2) as stack:
-        made = add_dataset(stack, DS, crop_volume(), directory)
-        config = load_config(stack.config_path)
-        yield {
-            "stack": stack,
-            "config": config,
-            "ctx": dataset_context(config, DS),
-            "url": f"{stack.urls['lookup']}/l2cache/api/v1/table/{DS}/attributes",
-            **made,
-        }
-    os.environ.clear()
-    os.environ.update(saved)
+    with crop_stack(tmp_path_factory.mktemp(DS), DS) as made:
+        yield made
 
 
 def chunk_file(env, coords) -> str:

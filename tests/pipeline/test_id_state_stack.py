@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 import requests
 from google.cloud import pubsub_v1
-from stackutil import CHUNK, add_dataset, crop_volume
+from stackutil import CHUNK, crop_stack
 
-from l2cache.compute import dataset_context, load_chunk_l2
-from l2cache.config import load_config
+from l2cache.compute import load_chunk_l2
 from l2cache_tools.dataset import apply_merge, publish_edit
 from l2cache_tools.dataset.edits import pick_merge
-from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT, LocalStack
+from l2cache_tools.local.stack import EDITS_TOPIC, PROJECT
 
 DS = "idstate_stack"
 FIGURES: dict[str, list[tuple[float, int]]] = {"missing": [], "edit": []}
@@ -36,20 +35,8 @@ FIGURES: dict[str, list[tuple[float, int]]] = {"missing": [], "edit": []}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    saved = dict(os.environ)
-    directory = tmp_path_factory.mktemp("idstate_stack")
-    with LocalStack(directory, compute_workers=2) as stack:
-        made = add_dataset(stack, DS, crop_volume(), directory)
-        config = load_config(stack.config_path)
-        yield {
-            "stack": stack,
-            "config": config,
-            "ctx": dataset_context(config, DS),
-            "url": f"{stack.urls['lookup']}/l2cache/api/v1/table/{DS}/attributes",
-            **made,
-        }
-    os.environ.clear()
-    os.environ.update(saved)
+    with crop_stack(tmp_path_factory.mktemp(DS), DS) as made:
+        yield made
     for kind, rows in FIGURES.items():
         if rows:
             each = ", ".join(f"{t:.2f} s/{r} reads" for t, r in rows)
